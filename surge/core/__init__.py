@@ -1,0 +1,1 @@
+"""Scheduling and KV-block bookkeeping. Pure Python: no torch import anywhere in core/."""

@@ -1,0 +1,29 @@
+"""What to run in one step: the only contract between core/ (scheduling) and worker/ (running).
+
+Plain dataclasses so an executor in another process can ship them as they are.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(slots=True)
+class ScheduledRequest:
+    """`token_ids` are computed at positions start_position.. and written into `block_ids`."""
+
+    request_id: str
+    token_ids: list[int]
+    start_position: int
+    block_ids: list[int]
+    sample: bool  # this chunk reaches the end of the known tokens: sample the next one
+
+
+@dataclass(slots=True)
+class SchedulerOutput:
+    requests: list[ScheduledRequest] = field(default_factory=list)
+    finished_request_ids: list[str] = field(default_factory=list)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(len(r.token_ids) for r in self.requests)

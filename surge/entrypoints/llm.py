@@ -1,0 +1,94 @@
+"""Offline API: `LLM(model).generate(prompts, SamplingParams)` and `.chat(messages)`, as in vLLM."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from surge.config import CacheConfig
+from surge.engine.llm_engine import LLMEngine
+from surge.errors import InvalidArgumentError
+from surge.loader import load_model
+from surge.outputs import RequestOutput
+from surge.sampling_params import SamplingParams
+
+Prompt = str | list[int]
+
+
+class LLM:
+    """A model loaded for offline generation; prompts given together are batched continuously.
+
+    model: a .gguf file, a Hugging Face directory, a hub id, or None for the embedded default.
+    dtype: "auto" (bf16 where the hardware runs it natively), "float32", "bfloat16", "float16".
+    """
+
+    def __init__(
+        self,
+        model: str | None = None,
+        dtype: str = "auto",
+        device: str | None = None,
+        kv_cache_memory: int | None = None,
+        block_size: int = 16,
+        max_num_seqs: int = 256,
+        max_num_batched_tokens: int = 8192,
+    ):
+        self.loaded = load_model(model, dtype, device)
+        device = str(next(self.loaded.model.parameters()).device)
+        self.engine = LLMEngine(
+            self.loaded,
+            CacheConfig(block_size=block_size, kv_cache_memory=kv_cache_memory),
+            max_num_seqs=max_num_seqs,
+            max_num_batched_tokens=max_num_batched_tokens,
+            device=device,
+        )
+        self.tokenizer = self.loaded.tokenizer
+
+    def generate(
+        self,
+        prompts: Prompt | Sequence[Prompt],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        on_output: Callable[[RequestOutput], None] | None = None,
+    ) -> list[RequestOutput]:
+        """Generate for every prompt; returns one finished RequestOutput per prompt, in order.
+
+        `on_output`, if given, sees every incremental output (for streaming to a terminal).
+        """
+        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]  # type: ignore[list-item]
+        prompts = list(prompts)  # type: ignore[arg-type]
+        if sampling_params is None or isinstance(sampling_params, SamplingParams):
+            params = [sampling_params or SamplingParams()] * len(prompts)
+        else:
+            params = list(sampling_params)
+            if len(params) != len(prompts):
+                raise InvalidArgumentError(
+                    f"got {len(prompts)} prompts but {len(params)} sampling params; pass one or one each"
+                )
+        ids: list[str] = []
+        try:
+            for prompt, p in zip(prompts, params):
+                ids.append(self.engine.add_request(prompt, p))
+            results: dict[str, RequestOutput] = {}
+            while self.engine.has_unfinished_requests():
+                for out in self.engine.step():
+                    if on_output is not None:
+                        on_output(out)
+                    if out.finished:
+                        results[out.request_id] = out
+        except BaseException:
+            for request_id in ids:  # never leave requests (and their blocks) behind
+                self.engine.abort_request(request_id)
+            raise
+        return [results[i] for i in ids]
+
+    def chat(
+        self,
+        messages: Sequence[dict[str, Any]] | Sequence[Sequence[dict[str, Any]]],
+        sampling_params: SamplingParams | None = None,
+        add_generation_prompt: bool = True,
+        on_output: Callable[[RequestOutput], None] | None = None,
+    ) -> list[RequestOutput]:
+        """Generate replies to one conversation (a list of messages) or to several."""
+        conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
+        prompts = [self.tokenizer.encode_chat(list(c), add_generation_prompt) for c in conversations]
+        return self.generate(prompts, sampling_params, on_output)

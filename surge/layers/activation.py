@@ -1,0 +1,20 @@
+"""Gated activations of the MLP."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from surge.errors import UnsupportedArchitectureError
+
+_ACTIVATIONS = {"silu": F.silu, "gelu": F.gelu, "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh")}
+
+
+def get_activation(name: str):
+    if name not in _ACTIVATIONS:
+        raise UnsupportedArchitectureError(f"activation {name!r} is not supported ({', '.join(_ACTIVATIONS)})")
+    return _ACTIVATIONS[name]
+
+
+def gated(act, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    return act(gate) * up

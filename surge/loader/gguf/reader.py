@@ -1,0 +1,142 @@
+"""Open a GGUF file with the `gguf` package and turn its metadata into surge's ModelConfig."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import gguf
+import numpy as np
+
+from surge.config import ModelConfig, RopeConfig
+from surge.errors import ModelFormatError, UnsupportedArchitectureError
+
+# GGUF `general.architecture` -> the Hugging Face class name surge's registry knows.
+GGUF_ARCHITECTURES = {
+    "llama": "LlamaForCausalLM",
+    "mistral": "MistralForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+}
+
+
+def open_gguf(path: str) -> gguf.GGUFReader:
+    """A memory-mapped reader, or ModelFormatError naming the file if it is not a whole GGUF."""
+    try:
+        reader = gguf.GGUFReader(path, "r")
+    except Exception as exc:  # the reader raises ValueError, struct/index errors on bad bytes
+        raise ModelFormatError(f"{path}: not a valid GGUF file ({type(exc).__name__}: {exc})") from exc
+    size = os.path.getsize(path)
+    for tensor in reader.tensors:
+        end = int(tensor.data_offset) + int(tensor.n_bytes)
+        if end > size:
+            raise ModelFormatError(
+                f"{path}: truncated GGUF file: tensor {tensor.name!r} needs bytes up to {end}, "
+                f"the file has {size}; download it again"
+            )
+    return reader
+
+
+def field_value(reader: gguf.GGUFReader, key: str, default: Any = None) -> Any:
+    """The Python value of a metadata field (str, number, bool or list), or `default`."""
+    field = reader.fields.get(key)
+    if field is None:
+        return default
+    return field.contents()
+
+
+def gguf_architecture(reader: gguf.GGUFReader, path: str) -> tuple[str, str]:
+    """(GGUF architecture name, surge architecture class name) or UnsupportedArchitectureError."""
+    arch = field_value(reader, "general.architecture")
+    if arch is None:
+        raise ModelFormatError(f"{path}: GGUF metadata has no general.architecture")
+    if arch not in GGUF_ARCHITECTURES:
+        raise UnsupportedArchitectureError(
+            f"{path}: architecture {arch!r} is not supported; surge runs "
+            f"{', '.join(sorted(GGUF_ARCHITECTURES))} GGUF files"
+        )
+    return arch, GGUF_ARCHITECTURES[arch]
+
+
+def _rope_from_gguf(reader: gguf.GGUFReader, arch: str) -> RopeConfig:
+    theta = float(field_value(reader, f"{arch}.rope.freq_base", 10000.0))
+    scaling = field_value(reader, f"{arch}.rope.scaling.type", "none")
+    factor = float(field_value(reader, f"{arch}.rope.scaling.factor", 1.0) or 1.0)
+    original = field_value(reader, f"{arch}.rope.scaling.original_context_length")
+    if scaling in ("none", None) or factor == 1.0:
+        # llama3-style scaling is baked into a `rope_freqs` tensor, applied by the model.
+        return RopeConfig(theta=theta)
+    if scaling == "linear":
+        return RopeConfig(theta=theta, rope_type="linear", factor=factor)
+    if scaling == "yarn":
+        return RopeConfig(
+            theta=theta,
+            rope_type="yarn",
+            factor=factor,
+            original_max_position_embeddings=int(original) if original else None,
+            beta_fast=float(field_value(reader, f"{arch}.rope.scaling.yarn_beta_fast", 32.0)),
+            beta_slow=float(field_value(reader, f"{arch}.rope.scaling.yarn_beta_slow", 1.0)),
+        )
+    raise ModelFormatError(f"unsupported RoPE scaling type {scaling!r} in GGUF metadata")
+
+
+def config_from_gguf(reader: gguf.GGUFReader, path: str) -> ModelConfig:
+    """ModelConfig from `{arch}.*` metadata; tied embeddings when the file has no output tensor."""
+    arch, architecture = gguf_architecture(reader, path)
+
+    def need(key: str) -> Any:
+        value = field_value(reader, f"{arch}.{key}")
+        if value is None:
+            raise ModelFormatError(f"{path}: GGUF metadata lacks {arch}.{key}")
+        return value
+
+    names = {t.name for t in reader.tensors}
+    hidden = int(need("embedding_length"))
+    heads = int(need("attention.head_count"))
+    kv_heads = int(field_value(reader, f"{arch}.attention.head_count_kv", heads))
+    head_dim = int(field_value(reader, f"{arch}.attention.key_length", hidden // heads))
+    vocab = field_value(reader, f"{arch}.vocab_size")
+    if vocab is None:
+        tokens = reader.fields.get("tokenizer.ggml.tokens")
+        if tokens is None:
+            raise ModelFormatError(f"{path}: GGUF metadata has neither vocab_size nor tokens")
+        vocab = len(tokens.data)
+    eos = field_value(reader, "tokenizer.ggml.eos_token_id")
+    eot = field_value(reader, "tokenizer.ggml.eot_token_id")
+    eos_ids = tuple(dict.fromkeys(int(t) for t in (eos, eot) if t is not None))
+    bos = field_value(reader, "tokenizer.ggml.bos_token_id")
+    window = field_value(reader, f"{arch}.attention.sliding_window")
+    return ModelConfig(
+        architecture=architecture,
+        hidden_size=hidden,
+        num_hidden_layers=int(need("block_count")),
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        head_dim=head_dim,
+        intermediate_size=int(need("feed_forward_length")),
+        vocab_size=int(vocab),
+        rms_norm_eps=float(field_value(reader, f"{arch}.attention.layer_norm_rms_epsilon", 1e-6)),
+        max_position_embeddings=int(field_value(reader, f"{arch}.context_length", 2048)),
+        tie_word_embeddings="output.weight" not in names,
+        attention_bias="blk.0.attn_q.bias" in names,
+        sliding_window=int(window) if window else None,
+        rope=_rope_from_gguf(reader, arch),
+        bos_token_id=int(bos) if bos is not None else None,
+        eos_token_ids=eos_ids,
+        checkpoint_dtype="float32",
+    )
+
+
+def tokenizer_metadata(reader: gguf.GGUFReader) -> dict[str, Any]:
+    """The `tokenizer.*` fields, keyed without the `tokenizer.ggml.` / `tokenizer.` prefix."""
+    meta: dict[str, Any] = {}
+    for key in reader.fields:
+        if key.startswith("tokenizer.ggml."):
+            meta[key[len("tokenizer.ggml.") :]] = field_value(reader, key)
+        elif key == "tokenizer.chat_template":
+            meta["chat_template"] = field_value(reader, key)
+    return meta
+
+
+def as_numpy(tensor: Any) -> np.ndarray:
+    """The raw (still quantized) data of a reader tensor."""
+    return np.asarray(tensor.data)

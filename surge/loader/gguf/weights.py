@@ -1,0 +1,102 @@
+"""GGUF tensors -> (Hugging Face parameter name, float tensor), dequantized with gguf-py."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+
+import gguf
+import numpy as np
+import torch
+
+from surge.config import ModelConfig
+from surge.errors import ModelFormatError, UnsupportedTensorTypeError
+
+T = gguf.GGMLQuantizationType
+SUPPORTED_TYPES = frozenset(
+    {T.F32, T.F16, T.BF16, T.Q8_0, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K}
+)
+
+_GLOBAL_NAMES = {
+    "token_embd.weight": "model.embed_tokens.weight",
+    "output_norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+    "rope_freqs.weight": "model.rope_freqs",
+}
+_BLOCK_NAMES = {
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "attn_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}
+_BLOCK_RE = re.compile(r"^blk\.(\d+)\.([a-z_]+)\.(weight|bias)$")
+
+
+def hf_name(name: str) -> str | None:
+    """The Hugging Face name of a GGUF tensor, or None for tensors the model does not use."""
+    if name in _GLOBAL_NAMES:
+        return _GLOBAL_NAMES[name]
+    match = _BLOCK_RE.match(name)
+    if match and match.group(2) in _BLOCK_NAMES:
+        layer, part, kind = match.groups()
+        return f"model.layers.{layer}.{_BLOCK_NAMES[part]}.{kind}"
+    return None
+
+
+def unpermute_qk(weight: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """Undo llama.cpp's convert-time permutation of Q/K rows.
+
+    The converter stores each head's rows as [pairs interleaved] so ggml's RoPE can rotate
+    adjacent elements; Hugging Face rotates the two halves of a head instead:
+
+        GGUF rows of a head:  x0 y0 x1 y1 ... (x_i, y_i rotated together)
+        HF rows of a head:    x0 x1 ... | y0 y1 ...
+    """
+    rows = weight.shape[0]
+    head_dim = rows // num_heads
+    rest = weight.shape[1:]
+    return (
+        weight.reshape(num_heads, head_dim // 2, 2, *rest)
+        .transpose(1, 2)
+        .reshape(rows, *rest)
+        .contiguous()
+    )
+
+
+def dequantize(tensor: gguf.ReaderTensor, path: str) -> np.ndarray:
+    """float32 array in the tensor's logical shape (rows, cols) for any supported type."""
+    qtype = T(tensor.tensor_type)
+    if qtype not in SUPPORTED_TYPES:
+        raise UnsupportedTensorTypeError(
+            f"{path}: tensor {tensor.name!r} has type {qtype.name}, which surge cannot load; "
+            f"supported: {', '.join(sorted(t.name for t in SUPPORTED_TYPES))}"
+        )
+    shape = tuple(int(d) for d in reversed(tensor.shape))  # GGUF lists dims fastest-first
+    try:
+        data = gguf.quants.dequantize(np.asarray(tensor.data), qtype)
+    except Exception as exc:
+        raise ModelFormatError(f"{path}: cannot decode tensor {tensor.name!r} ({exc})") from exc
+    return np.array(data, dtype=np.float32).reshape(shape)  # a writable copy, not the mmap
+
+
+def iter_gguf_weights(
+    reader: gguf.GGUFReader, config: ModelConfig, arch: str, path: str, dtype: torch.dtype
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """Every used tensor as (HF name, tensor of `dtype`), with Q/K rows restored for llama."""
+    permuted = arch in ("llama", "mistral")
+    for tensor in reader.tensors:
+        name = hf_name(tensor.name)
+        if name is None:
+            continue
+        weight = torch.from_numpy(dequantize(tensor, path))
+        if permuted and ".self_attn.q_proj." in name:
+            weight = unpermute_qk(weight, config.num_attention_heads)
+        elif permuted and ".self_attn.k_proj." in name:
+            weight = unpermute_qk(weight, config.num_key_value_heads)
+        # rope frequency factors stay float32: they scale angles, not activations.
+        yield name, weight if name == "model.rope_freqs" else weight.to(dtype)

@@ -1,0 +1,72 @@
+"""Hugging Face `config.json` -> ModelConfig."""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+from surge.config import ModelConfig, RopeConfig
+from surge.errors import ModelFormatError, UnsupportedArchitectureError
+from surge.models.registry import supported_architectures
+
+_TORCH_DTYPE_NAMES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
+
+
+def read_json(path: str) -> dict[str, Any]:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except json.JSONDecodeError as exc:
+        raise ModelFormatError(f"{path}: invalid JSON ({exc})") from exc
+
+
+def config_from_hf_dir(directory: str) -> ModelConfig:
+    path = os.path.join(directory, "config.json")
+    if not os.path.isfile(path):
+        raise ModelFormatError(
+            f"{directory}: no config.json; a Hugging Face model directory needs config.json and "
+            "*.safetensors (or pass a .gguf file)"
+        )
+    raw = read_json(path)
+    archs = raw.get("architectures") or []
+    arch = archs[0] if archs else None
+    if arch not in supported_architectures():
+        raise UnsupportedArchitectureError(
+            f"{path}: architecture {arch!r} (model_type {raw.get('model_type')!r}) is not supported; "
+            f"surge runs {', '.join(supported_architectures())}"
+        )
+    try:
+        hidden = int(raw["hidden_size"])
+        heads = int(raw["num_attention_heads"])
+        rope_params = raw.get("rope_parameters") or raw.get("rope_scaling")
+        rope = RopeConfig.from_hf(rope_params, float(raw.get("rope_theta", 10000.0)))
+        eos = raw.get("eos_token_id")
+        eos_ids = tuple(eos) if isinstance(eos, list) else ((eos,) if eos is not None else ())
+        dtype = raw.get("dtype") or raw.get("torch_dtype") or "float32"
+        window = raw.get("sliding_window")
+        if raw.get("use_sliding_window") is False:  # Qwen2 declares a window it does not use
+            window = None
+        return ModelConfig(
+            architecture=arch,
+            hidden_size=hidden,
+            num_hidden_layers=int(raw["num_hidden_layers"]),
+            num_attention_heads=heads,
+            num_key_value_heads=int(raw.get("num_key_value_heads") or heads),
+            head_dim=int(raw.get("head_dim") or hidden // heads),
+            intermediate_size=int(raw["intermediate_size"]),
+            vocab_size=int(raw["vocab_size"]),
+            rms_norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
+            max_position_embeddings=int(raw.get("max_position_embeddings", 2048)),
+            tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
+            attention_bias=bool(raw.get("attention_bias", arch == "Qwen2ForCausalLM")),
+            mlp_bias=bool(raw.get("mlp_bias", False)),
+            hidden_act=str(raw.get("hidden_act", "silu")),
+            sliding_window=int(window) if window else None,
+            rope=rope,
+            bos_token_id=raw.get("bos_token_id"),
+            eos_token_ids=tuple(int(e) for e in eos_ids),
+            checkpoint_dtype=_TORCH_DTYPE_NAMES.get(str(dtype).replace("torch.", ""), "float32"),
+        )
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ModelFormatError(f"{path}: missing or invalid field ({exc})") from exc

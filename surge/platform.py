@@ -1,0 +1,45 @@
+"""What the machine can do: bf16 support on this CPU or GPU, the default device, dtype resolution."""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from surge.config import normalize_dtype
+
+TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@functools.cache
+def cpu_flags() -> frozenset[str]:
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="ignore") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return frozenset()
+
+
+def cpu_has_fast_bf16() -> bool:
+    """AVX512-BF16 or AMX: bf16 GEMMs run natively instead of through float32 conversion."""
+    flags = cpu_flags()
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def resolve_dtype(dtype: str, device: str, checkpoint_dtype: str = "float32") -> str:
+    """A concrete dtype name; "auto" picks bf16 where the hardware runs it natively."""
+    name = normalize_dtype(dtype)
+    if name != "auto":
+        return name
+    if device.startswith("cuda"):
+        if torch.cuda.is_bf16_supported():
+            return "bfloat16"
+        return "float16"
+    return "bfloat16" if cpu_has_fast_bf16() else "float32"

@@ -1,0 +1,1 @@
+"""Runs the model: flat input tensors, slot mapping, block tables, the KV cache tensors."""

@@ -1,0 +1,55 @@
+"""Sizing and allocating the per-layer paged KV cache tensors from a memory budget."""
+
+from __future__ import annotations
+
+import torch
+
+from surge.config import CacheConfig, ModelConfig
+
+DEFAULT_CPU_KV_BYTES = 2 << 30  # what vLLM's CPU backend reserves by default is of this order
+
+
+def available_memory(device: str) -> int:
+    """Bytes free for the cache: MemAvailable on CPU, free device memory on CUDA."""
+    if device.startswith("cuda"):
+        free, _ = torch.cuda.mem_get_info(torch.device(device))
+        return int(free)
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return DEFAULT_CPU_KV_BYTES * 2
+
+
+def bytes_per_block(model: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
+    element = torch.tensor([], dtype=dtype).element_size()
+    return 2 * model.num_hidden_layers * block_size * model.num_key_value_heads * model.head_dim * element
+
+
+def kv_cache_budget(cache: CacheConfig, device: str) -> int:
+    """The configured bytes, or a fraction of free memory (capped at 2 GiB on CPU)."""
+    if cache.kv_cache_memory is not None:
+        return cache.kv_cache_memory
+    budget = int(available_memory(device) * cache.memory_fraction)
+    return budget if device.startswith("cuda") else min(budget, DEFAULT_CPU_KV_BYTES)
+
+
+def num_kv_blocks(model: ModelConfig, cache: CacheConfig, dtype: torch.dtype, device: str) -> int:
+    per_block = bytes_per_block(model, cache.block_size, dtype)
+    blocks = kv_cache_budget(cache, device) // per_block
+    if blocks < 1:
+        raise ValueError(
+            f"the KV cache budget ({kv_cache_budget(cache, device)} bytes) is smaller than one block "
+            f"({per_block} bytes); raise --kv-cache-memory"
+        )
+    return int(blocks)
+
+
+def allocate_kv_caches(
+    model: ModelConfig, num_blocks: int, block_size: int, dtype: torch.dtype, device: str
+) -> list[torch.Tensor]:
+    shape = (2, num_blocks, block_size, model.num_key_value_heads, model.head_dim)
+    return [torch.zeros(shape, dtype=dtype, device=device) for _ in range(model.num_hidden_layers)]
