@@ -1,0 +1,162 @@
+"""The `surge` command: generate, chat. User errors print one clear line and exit with code 2."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from surge.errors import SurgeError
+
+EXIT_USAGE = 2
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", "-m", default=None,
+                   help="a .gguf file, a Hugging Face directory or hub id (default: the embedded SmolLM2-135M-Instruct Q4_1)")
+    p.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 | float16 (default: auto)")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--kv-cache-memory", type=int, default=None, metavar="BYTES",
+                   help="KV cache size in bytes (default: min(2 GiB, half the free memory) on CPU)")
+    p.add_argument("-v", "--verbose", action="store_true", help="log loading and cache details to stderr")
+
+
+def _add_sampling_args(p: argparse.ArgumentParser, max_tokens: int) -> None:
+    p.add_argument("--max-tokens", type=int, default=max_tokens)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--min-p", type=float, default=0.0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+
+
+def _sampling(args: argparse.Namespace) -> Any:
+    from surge.sampling_params import SamplingParams
+
+    return SamplingParams(
+        max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+        min_p=args.min_p, seed=args.seed, stop=args.stop,
+    )
+
+
+def _load(args: argparse.Namespace) -> Any:
+    from surge.entrypoints.llm import LLM
+
+    return LLM(args.model, dtype=args.dtype, device=args.device, kv_cache_memory=args.kv_cache_memory)
+
+
+def _streamer(write: Callable[[str], None]) -> Callable[[Any], None]:
+    """An on_output callback that writes each new piece of text as it arrives."""
+    shown: dict[str, int] = {}
+
+    def on_output(out: Any) -> None:
+        text = out.outputs[0].text
+        start = shown.get(out.request_id, 0)
+        if len(text) > start:
+            write(text[start:])
+            shown[out.request_id] = len(text)
+
+    return on_output
+
+
+def _write(text: str) -> None:
+    sys.stdout.write(text)
+    sys.stdout.flush()
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    params = _sampling(args)
+    llm = _load(args)
+    prompts = args.prompt
+    if args.chat:
+        if len(prompts) == 1:
+            outputs = llm.chat([{"role": "user", "content": prompts[0]}], params,
+                               on_output=None if params.stop else _streamer(_write))
+        else:
+            outputs = llm.chat([[{"role": "user", "content": p}] for p in prompts], params)
+    elif len(prompts) == 1 and not params.stop:
+        _write(prompts[0])
+        outputs = llm.generate(prompts, params, on_output=_streamer(_write))
+    else:
+        outputs = llm.generate(prompts, params)
+    if len(prompts) == 1:
+        if params.stop:
+            _write(("" if args.chat else prompts[0]) + outputs[0].outputs[0].text)
+        _write("\n")
+    else:
+        for prompt, out in zip(prompts, outputs):
+            _write(f"--- {prompt!r}\n{'' if args.chat else prompt}{out.outputs[0].text}\n")
+    return 0
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    params = _sampling(args)
+    llm = _load(args)
+    messages: list[dict[str, str]] = []
+    if args.system:
+        messages.append({"role": "system", "content": args.system})
+    interactive = sys.stdin.isatty()
+    if interactive:
+        print("surge chat: type a message, Enter to send; /reset clears the history, Ctrl-D quits.",
+              file=sys.stderr)
+    while True:
+        if interactive:
+            _write("> ")
+        line = sys.stdin.readline()
+        if not line:
+            break
+        line = line.strip()
+        if not line:
+            continue
+        if line in ("/exit", "/quit"):
+            break
+        if line == "/reset":
+            messages = messages[:1] if args.system else []
+            continue
+        messages.append({"role": "user", "content": line})
+        out = llm.chat(messages, params, on_output=_streamer(_write))[0]
+        _write("\n")
+        messages.append({"role": "assistant", "content": out.outputs[0].text})
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from surge import __version__
+
+    parser = argparse.ArgumentParser(prog="surge", description="Fast LLM inference on PyTorch.")
+    parser.add_argument("--version", action="version", version=f"surge {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    gen = sub.add_parser("generate", help="complete one or more prompts and print the result")
+    _add_model_args(gen)
+    _add_sampling_args(gen, max_tokens=64)
+    gen.add_argument("--chat", action="store_true", help="wrap each prompt in the model's chat template")
+    gen.add_argument("prompt", nargs="+", help="prompt text (several prompts run as one batch)")
+    gen.set_defaults(func=cmd_generate)
+
+    chat = sub.add_parser("chat", help="interactive chat with the model's chat template, streamed")
+    _add_model_args(chat)
+    _add_sampling_args(chat, max_tokens=512)
+    chat.add_argument("--system", default=None, help="system message")
+    chat.set_defaults(func=cmd_chat)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    try:
+        return args.func(args)
+    except SurgeError as exc:
+        print(f"surge: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,50 @@
+"""Test helpers that run surge's model layer directly on token ids."""
+
+from __future__ import annotations
+
+import torch
+
+from surge.core.scheduler_output import ScheduledRequest, SchedulerOutput
+from surge.loader import LoadedModel
+from surge.worker.kv_cache import allocate_kv_caches
+from surge.worker.model_runner import ModelRunner
+
+BLOCK = 16
+
+
+def surge_logits(loaded: LoadedModel, sequences: list[list[int]], chunks: int = 1) -> list[torch.Tensor]:
+    """Logits at every position of each sequence, run as one flat batch through the paged cache.
+
+    With chunks > 1 each sequence is fed in that many pieces, so later pieces attend to
+    context that earlier steps wrote into the cache.
+    """
+    blocks_needed = [-(-len(s) // BLOCK) for s in sequences]
+    caches = allocate_kv_caches(loaded.config, sum(blocks_needed) + 1, BLOCK, loaded.dtype, "cpu")
+    runner = ModelRunner(loaded.model, caches, BLOCK, "cpu")
+    tables, next_block = [], 1  # block 0 stays unused so a zero-padded table cannot alias it
+    for n in blocks_needed:
+        tables.append(list(range(next_block, next_block + n)))
+        next_block += n
+    pieces: list[list[torch.Tensor]] = [[] for _ in sequences]
+    for step in range(chunks):
+        scheduled = []
+        for i, seq in enumerate(sequences):
+            bounds = [len(seq) * k // chunks for k in range(chunks + 1)]
+            lo, hi = bounds[step], bounds[step + 1]
+            if hi > lo:
+                scheduled.append((i, ScheduledRequest(str(i), seq[lo:hi], lo, tables[i], True)))
+        out = SchedulerOutput([r for _, r in scheduled])
+        with torch.inference_mode():
+            ids, positions, meta, _ = runner.prepare(out)
+            hidden = loaded.model(ids, positions, caches, meta)
+            logits = loaded.model.compute_logits(hidden)
+        for (i, _), start, end in zip(scheduled, meta.query_start_loc, meta.query_start_loc[1:]):
+            pieces[i].append(logits[start:end])
+    return [torch.cat(p) for p in pieces]
+
+
+def assert_logits_close(ours: torch.Tensor, ref: torch.Tensor, rel: float = 1e-4) -> None:
+    """Max abs difference within `rel` of the logit scale (the largest |logit|)."""
+    scale = ref.abs().max().item()
+    diff = (ours - ref).abs().max().item()
+    assert diff <= rel * scale, f"max |diff| {diff:.3g} > {rel} * logit scale {scale:.3g}"

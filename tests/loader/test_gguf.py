@@ -1,0 +1,111 @@
+"""GGUF loading: every supported tensor type, llama.cpp's Q/K permutation, the default model's tensors."""
+
+from __future__ import annotations
+
+import gguf
+import numpy as np
+import pytest
+import torch
+
+from surge.loader import load_model
+from surge.loader.gguf import open_gguf
+from surge.loader.gguf.weights import SUPPORTED_TYPES, hf_name, unpermute_qk
+from tests.conftest import build_tiny_model
+from tests.gguf_builder import permute_qk, write_gguf_from_hf
+from tests.helpers import assert_logits_close, surge_logits
+
+T = gguf.GGMLQuantizationType
+
+# Each supported type on at least one tensor of a 2-layer model (K-quants need rows of 256).
+MIXED_TYPES = {
+    "token_embd.weight": T.Q8_0,
+    "output.weight": T.Q6_K,
+    "blk.0.attn_q.weight": T.F16,
+    "blk.0.attn_k.weight": T.BF16,
+    "blk.0.attn_v.weight": T.Q4_0,
+    "blk.0.attn_output.weight": T.Q4_1,
+    "blk.0.ffn_gate.weight": T.Q5_0,
+    "blk.0.ffn_up.weight": T.Q5_1,
+    "blk.0.ffn_down.weight": T.Q2_K,
+    "blk.1.attn_q.weight": T.Q3_K,
+    "blk.1.attn_k.weight": T.Q4_K,
+    "blk.1.attn_v.weight": T.Q5_K,
+    "blk.1.attn_output.weight": T.Q6_K,
+    "blk.1.ffn_gate.weight": T.Q8_0,
+    "blk.1.ffn_up.weight": T.Q4_K,
+    "blk.1.ffn_down.weight": T.F32,
+}
+
+
+def test_every_supported_type_is_covered():
+    assert set(MIXED_TYPES.values()) == set(SUPPORTED_TYPES)
+
+
+@pytest.fixture(scope="module")
+def mixed_gguf(tmp_path_factory, tiny_tokenizer_dir):
+    base = tmp_path_factory.mktemp("mixed")
+    hf = build_tiny_model("llama", base / "hf", tiny_tokenizer_dir, hidden_size=256, intermediate_size=512,
+                          num_attention_heads=4, num_key_value_heads=2, initializer_range=0.05)
+    return write_gguf_from_hf(hf, base / "mixed.gguf", MIXED_TYPES)
+
+
+def test_dequantized_tensors_equal_gguf_py(mixed_gguf):
+    """Each parameter equals gguf-py's dequantization of its tensor (Q/K rows restored)."""
+    loaded = load_model(str(mixed_gguf), "float32", "cpu")
+    params = dict(loaded.model.named_parameters())
+    reader = open_gguf(str(mixed_gguf))
+    cfg = loaded.config
+    for tensor in reader.tensors:
+        want = gguf.quants.dequantize(np.asarray(tensor.data), tensor.tensor_type)
+        want = torch.from_numpy(np.array(want, dtype=np.float32)).reshape(
+            [int(d) for d in reversed(tensor.shape)])
+        name = hf_name(tensor.name)
+        if tensor.name.endswith("attn_q.weight"):
+            want = unpermute_qk(want, cfg.num_attention_heads)
+        elif tensor.name.endswith("attn_k.weight"):
+            want = unpermute_qk(want, cfg.num_key_value_heads)
+        assert torch.equal(params[name].data, want), tensor.name
+
+
+def test_unpermute_inverts_llama_cpp_permutation():
+    w = np.arange(12 * 3, dtype=np.float32).reshape(12, 3)
+    for heads in (1, 2, 3):
+        assert np.array_equal(unpermute_qk(torch.from_numpy(permute_qk(w, heads)), heads).numpy(), w)
+
+
+def test_mixed_type_gguf_matches_transformers(mixed_gguf):
+    """Same file through transformers' own GGUF dequantization and un-permutation: same logits."""
+    import transformers
+
+    ref = transformers.AutoModelForCausalLM.from_pretrained(
+        mixed_gguf.parent, gguf_file=mixed_gguf.name, dtype=torch.float32).eval()
+    loaded = load_model(str(mixed_gguf), "float32", "cpu")
+    g = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(3, 384, (n,), generator=g).tolist() for n in (3, 20, 50)]
+    for ids, got in zip(prompts, surge_logits(loaded, prompts)):
+        with torch.no_grad():
+            want = ref(torch.tensor([ids])).logits[0]
+        assert_logits_close(got, want)
+
+
+def test_default_model_tensors_equal_gguf_py(default_llm, default_gguf_path):
+    """The embedded Q4_1/Q8_0 model: surge's float weights are gguf-py's dequantized values."""
+    params = dict(default_llm.loaded.model.named_parameters())
+    reader = open_gguf(default_gguf_path)
+    cfg = default_llm.loaded.config
+    checked = 0
+    for tensor in reader.tensors:
+        if not (tensor.name.startswith(("blk.0.", "blk.29.", "token_embd", "output_norm"))):
+            continue
+        want = gguf.quants.dequantize(np.asarray(tensor.data), tensor.tensor_type)
+        want = torch.from_numpy(np.array(want, dtype=np.float32)).reshape(
+            [int(d) for d in reversed(tensor.shape)])
+        if tensor.name.endswith("attn_q.weight"):
+            want = unpermute_qk(want, cfg.num_attention_heads)
+        elif tensor.name.endswith("attn_k.weight"):
+            want = unpermute_qk(want, cfg.num_key_value_heads)
+        assert torch.equal(params[hf_name(tensor.name)].data, want), tensor.name
+        checked += 1
+    assert checked == 20
+    model = default_llm.loaded.model
+    assert model.lm_head.weight is model.model.embed_tokens.weight  # tied
