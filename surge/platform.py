@@ -34,12 +34,17 @@ def default_device() -> str:
 
 
 def resolve_dtype(dtype: str, device: str, checkpoint_dtype: str = "float32") -> str:
-    """A concrete dtype name; "auto" picks bf16 where the hardware runs it natively."""
+    """A concrete dtype name; an explicit one wins, "auto" follows the checkpoint and hardware.
+
+    auto: a half-precision checkpoint keeps its dtype where the hardware runs it (fp16 only on
+    GPUs; on CPU fp16 GEMMs are slow, so bf16 instead); a float32 or GGUF checkpoint runs in
+    bf16 where the CPU has AVX512-BF16/AMX or the GPU supports bf16, else in float32.
+    """
     name = normalize_dtype(dtype)
     if name != "auto":
         return name
     if device.startswith("cuda"):
-        if torch.cuda.is_bf16_supported():
-            return "bfloat16"
-        return "float16"
+        if checkpoint_dtype == "float16":
+            return "float16"
+        return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
     return "bfloat16" if cpu_has_fast_bf16() else "float32"

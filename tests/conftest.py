@@ -48,7 +48,9 @@ def tiny_tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-def build_tiny_model(kind: str, path: Path, tokenizer_dir: Path | None = None, **overrides) -> Path:
+def build_tiny_model(
+    kind: str, path: Path, tokenizer_dir: Path | None = None, save_dtype: torch.dtype | None = None, **overrides
+) -> Path:
     """Save a seeded random `kind` (llama, mistral, qwen2) model small enough to run in milliseconds."""
     import shutil
 
@@ -78,6 +80,8 @@ def build_tiny_model(kind: str, path: Path, tokenizer_dir: Path | None = None, *
     kwargs.update(overrides)
     torch.manual_seed(0)
     model = model_cls(config_cls(**kwargs)).eval()
+    if save_dtype is not None:
+        model = model.to(save_dtype)
     model.save_pretrained(path)
     if tokenizer_dir is not None:
         for name in os.listdir(tokenizer_dir):

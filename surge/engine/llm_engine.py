@@ -113,6 +113,7 @@ class LLMEngine:
 
     # ---- stepping -----------------------------------------------------------------------
 
+    @torch.inference_mode()
     def step(self) -> list[RequestOutput]:
         """Run one scheduled batch; return outputs of the requests that got a token."""
         scheduled = self.scheduler.schedule()

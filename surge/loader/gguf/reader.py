@@ -24,7 +24,9 @@ def open_gguf(path: str) -> gguf.GGUFReader:
     try:
         reader = gguf.GGUFReader(path, "r")
     except Exception as exc:  # the reader raises ValueError, struct/index errors on bad bytes
-        raise ModelFormatError(f"{path}: not a valid GGUF file ({type(exc).__name__}: {exc})") from exc
+        raise ModelFormatError(
+            f"{path}: not a valid GGUF file, truncated or corrupt ({type(exc).__name__}: {exc})"
+        ) from exc
     size = os.path.getsize(path)
     for tensor in reader.tensors:
         end = int(tensor.data_offset) + int(tensor.n_bytes)

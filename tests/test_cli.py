@@ -1,0 +1,42 @@
+"""The `surge` command on the embedded default model, as a user runs it."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+
+
+def _surge(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
+    exe = shutil.which("surge")
+    cmd = [exe] if exe else [sys.executable, "-m", "surge.entrypoints.cli"]
+    return subprocess.run(cmd + list(args), input=stdin, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
+
+
+def test_generate_default_model():
+    proc = _surge("generate", "The capital of France is", "--max-tokens", "12")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("The capital of France is")
+    assert "Paris" in proc.stdout
+
+
+def test_generate_several_prompts_with_chat_template():
+    proc = _surge("generate", "--chat", "--max-tokens", "24", "What is the capital of Germany?",
+                  "What is the capital of France?")
+    assert proc.returncode == 0, proc.stderr
+    assert "Berlin" in proc.stdout and "Paris" in proc.stdout
+
+
+def test_chat_keeps_history():
+    proc = _surge("chat", "--max-tokens", "40",
+                  stdin="What is the capital of Germany?\n/reset\nWhat is the capital of France?\n")
+    assert proc.returncode == 0, proc.stderr
+    replies = [line for line in proc.stdout.splitlines() if line.strip()]
+    assert "Berlin" in proc.stdout and "Paris" in proc.stdout, replies
+
+
+def test_usage_errors_exit_2():
+    assert _surge("generate").returncode == 2  # no prompt
+    assert _surge("nonsense").returncode == 2
