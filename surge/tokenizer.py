@@ -7,6 +7,7 @@ split its `pre` type names, or a SentencePiece vocabulary with byte fallback).
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from collections.abc import Sequence
@@ -271,13 +272,9 @@ def _read_optional_json(path: str) -> dict[str, Any]:
         raise ModelFormatError(f"{path}: invalid JSON ({exc})") from exc
 
 
-_TEMPLATE_CACHE: dict[str, Any] = {}
-
-
+@functools.lru_cache(maxsize=16)
 def _compile_template(source: str) -> Any:
     """A sandboxed jinja2 template with the helpers transformers' chat templates rely on."""
-    if source in _TEMPLATE_CACHE:
-        return _TEMPLATE_CACHE[source]
     from jinja2.exceptions import TemplateError
     from jinja2.ext import loopcontrols
     from jinja2.sandbox import ImmutableSandboxedEnvironment
@@ -296,7 +293,6 @@ def _compile_template(source: str) -> Any:
         template = env.from_string(source)
     except TemplateError as exc:
         raise ModelFormatError(f"invalid chat template ({exc})") from exc
-    _TEMPLATE_CACHE[source] = template
     return template
 
 

@@ -26,7 +26,6 @@ class Request:
     request_id: str
     prompt_token_ids: list[int]
     max_tokens: int
-    eos_token_ids: frozenset[int] = frozenset()
     # Opaque to core/: the engine's sampling parameters travel with the request.
     sampling_params: Any = None
     arrival: float = 0.0

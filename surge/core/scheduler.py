@@ -12,6 +12,7 @@ from collections import deque
 from surge.core.block_pool import BlockPool
 from surge.core.request import FinishReason, Request, RequestStatus
 from surge.core.scheduler_output import ScheduledRequest, SchedulerOutput
+from surge.errors import InvalidArgumentError
 
 
 class Scheduler:
@@ -27,9 +28,9 @@ class Scheduler:
     def add_request(self, request: Request) -> None:
         needed = self._blocks_for(len(request.prompt_token_ids) + request.max_tokens)
         if needed > self.pool.num_blocks:
-            raise ValueError(
+            raise InvalidArgumentError(
                 f"request {request.request_id} needs {needed} KV blocks for prompt + max_tokens, "
-                f"the cache has {self.pool.num_blocks}; raise the KV cache memory or lower max_tokens"
+                f"the cache has {self.pool.num_blocks}; raise --kv-cache-memory or lower max_tokens"
             )
         self.waiting.append(request)
 

@@ -94,7 +94,7 @@ class LLMEngine:
         request_id = request_id or f"req-{next(self._ids)}"
         if request_id in self._states:
             raise InvalidArgumentError(f"request id {request_id!r} is already in use")
-        request = Request(request_id, ids, max_tokens, self.eos_ids, params, time.monotonic())
+        request = Request(request_id, ids, max_tokens, params, time.monotonic())
         self.scheduler.add_request(request)
         generator = None
         if params.seed is not None:

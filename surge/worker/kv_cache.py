@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from surge.config import CacheConfig, ModelConfig
+from surge.errors import InvalidArgumentError
 
 DEFAULT_CPU_KV_BYTES = 2 << 30  # what vLLM's CPU backend reserves by default is of this order
 
@@ -41,7 +42,7 @@ def num_kv_blocks(model: ModelConfig, cache: CacheConfig, dtype: torch.dtype, de
     per_block = bytes_per_block(model, cache.block_size, dtype)
     blocks = kv_cache_budget(cache, device) // per_block
     if blocks < 1:
-        raise ValueError(
+        raise InvalidArgumentError(
             f"the KV cache budget ({kv_cache_budget(cache, device)} bytes) is smaller than one block "
             f"({per_block} bytes); raise --kv-cache-memory"
         )

@@ -8,6 +8,7 @@ import pytest
 
 from surge.core.request import FinishReason, Request, RequestStatus
 from surge.core.scheduler import Scheduler
+from surge.errors import InvalidArgumentError
 
 
 def _req(rid: str, n: int, max_tokens: int = 4) -> Request:
@@ -68,5 +69,5 @@ def test_token_budget_and_max_num_seqs():
 
 def test_request_larger_than_cache_is_refused():
     s = Scheduler(num_blocks=2, block_size=4, max_num_seqs=2, max_num_batched_tokens=64)
-    with pytest.raises(ValueError, match="needs 3 KV blocks"):
+    with pytest.raises(InvalidArgumentError, match="needs 3 KV blocks"):
         s.add_request(_req("big", 8, 4))

@@ -176,6 +176,17 @@ def test_prompt_errors_leave_engine_clean(tiny_dir):
     assert llm.generate([[5, 6]], SamplingParams(max_tokens=3))[0].outputs[0].finish_reason
 
 
+def test_kv_cache_too_small(tiny_dir):
+    from surge import LLM
+
+    with pytest.raises(InvalidArgumentError, match="smaller than one block"):
+        LLM(str(tiny_dir), dtype="float32", kv_cache_memory=1000)
+    llm = LLM(str(tiny_dir), dtype="float32", kv_cache_memory=32 << 10)  # 4 blocks of 16 tokens
+    with pytest.raises(InvalidArgumentError, match="--kv-cache-memory"):
+        llm.generate([[5] * 60], SamplingParams(max_tokens=10))
+    assert llm.engine.is_idle_clean()
+
+
 def _cli(*args, env=None):
     return subprocess.run([sys.executable, "-m", "surge.entrypoints.cli", *args], capture_output=True,
                           text=True, timeout=300, env={**os.environ, **(env or {})})
