@@ -329,3 +329,13 @@ class IncrementalDetokenizer:
             self.text += delta
             return delta
         return ""
+
+    def flush(self) -> str:
+        """At the end of a sequence: whatever was held back, even an incomplete character."""
+        decode = self.tokenizer.decode
+        prefix = decode(self.ids[self.prefix_offset : self.read_offset], self.skip_special_tokens)
+        full = decode(self.ids[self.prefix_offset :], self.skip_special_tokens)
+        delta = full[len(prefix) :]
+        self.prefix_offset = self.read_offset = len(self.ids)
+        self.text += delta
+        return delta

@@ -1,119 +1,225 @@
-"""Continuous-batching scheduler: one rule on num_computed_tokens covers prefill and decode.
+"""Continuous-batching scheduler: one rule on num_computed_tokens covers every case.
 
-Every step each running request is given the tokens it has not computed yet (its whole prompt
-on the first step, one token afterwards); waiting requests are admitted in arrival order while
-the token budget, the sequence limit and free KV blocks allow.
+Each step hands out a token budget, first to running requests (in order), then to waiting
+ones (in policy order). A scheduled request advances by the tokens it was given:
+
+    new prompt          computed 0   -> gets min(prompt, budget)    (chunked prefill)
+    prefix-cache hit    computed 400 -> gets the suffix only
+    decoding            computed n-1 -> gets 1
+    resumed (preempted) computed 0   -> recomputes prompt + output so far
+
+When a running request needs a block and none is free, the lowest-priority running request
+(the newest under FCFS) is preempted: its blocks are freed and it waits to be recomputed.
 """
 
 from __future__ import annotations
 
-from collections import deque
+import bisect
+import enum
+import itertools
+from dataclasses import dataclass
 
-from surge.core.block_pool import BlockPool
+from surge.core.kv_cache_manager import KVCacheManager
 from surge.core.request import FinishReason, Request, RequestStatus
-from surge.core.scheduler_output import ScheduledRequest, SchedulerOutput
+from surge.core.scheduler_output import NewRequestData, ScheduledRequest, SchedulerOutput
 from surge.errors import InvalidArgumentError
 
 
+class SchedulingPolicy(str, enum.Enum):
+    FCFS = "fcfs"
+    PRIORITY = "priority"
+
+
+@dataclass(slots=True)
+class SchedulerStats:
+    num_preemptions: int = 0
+    num_prompt_tokens: int = 0  # prompt tokens of admitted requests (cached ones included)
+    num_computed_prompt_tokens: int = 0  # prompt tokens actually run through the model
+    num_generated_tokens: int = 0
+
+
 class Scheduler:
-    def __init__(self, num_blocks: int, block_size: int, max_num_seqs: int, max_num_batched_tokens: int):
-        self.pool = BlockPool(num_blocks)
+    def __init__(
+        self,
+        num_blocks: int,
+        block_size: int,
+        max_num_seqs: int = 256,
+        max_num_batched_tokens: int = 8192,
+        enable_chunked_prefill: bool = True,
+        enable_prefix_caching: bool = True,
+        policy: SchedulingPolicy | str = SchedulingPolicy.FCFS,
+    ):
+        if max_num_seqs < 1 or max_num_batched_tokens < 1:
+            raise InvalidArgumentError("max_num_seqs and max_num_batched_tokens must be positive")
+        self.kv = KVCacheManager(num_blocks, block_size, enable_prefix_caching)
         self.block_size = block_size
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
-        self.waiting: deque[Request] = deque()
+        self.enable_chunked_prefill = enable_chunked_prefill
+        self.policy = SchedulingPolicy(policy)
+        self.waiting: list[Request] = []  # kept sorted by _key
         self.running: list[Request] = []
+        self.stats = SchedulerStats()
+        self._order = itertools.count()
+        self._seq: dict[str, int] = {}
+        self._sent: set[str] = set()  # requests the runner has seen
         self._finished_ids: list[str] = []
 
+    @property
+    def pool(self):
+        return self.kv.pool
+
+    def _key(self, request: Request) -> tuple:
+        seq = self._seq[request.request_id]
+        if self.policy is SchedulingPolicy.PRIORITY:
+            return (request.priority, request.arrival, seq)
+        return (request.arrival, seq)
+
+    # ---- requests -----------------------------------------------------------------------
+
     def add_request(self, request: Request) -> None:
-        needed = self._blocks_for(len(request.prompt_token_ids) + request.max_tokens)
+        lifetime = request.num_prompt_tokens + request.max_tokens
+        needed = self.kv.blocks_for(lifetime)
         if needed > self.pool.num_blocks:
             raise InvalidArgumentError(
-                f"request {request.request_id} needs {needed} KV blocks for prompt + max_tokens, "
-                f"the cache has {self.pool.num_blocks}; raise --kv-cache-memory or lower max_tokens"
+                f"request {request.request_id} needs {needed} KV blocks for prompt + max_tokens "
+                f"({lifetime} tokens), the cache has {self.pool.num_blocks}; raise --kv-cache-memory "
+                "or lower max_tokens"
             )
-        self.waiting.append(request)
+        if not self.enable_chunked_prefill and request.num_prompt_tokens > self.max_num_batched_tokens:
+            raise InvalidArgumentError(
+                f"the prompt has {request.num_prompt_tokens} tokens, more than max_num_batched_tokens "
+                f"({self.max_num_batched_tokens}) without chunked prefill"
+            )
+        self._seq[request.request_id] = next(self._order)
+        self._insert_waiting(request)
+
+    def _insert_waiting(self, request: Request) -> None:
+        bisect.insort(self.waiting, request, key=self._key)
 
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
-
-    def _blocks_for(self, num_tokens: int) -> int:
-        return -(-num_tokens // self.block_size)
-
-    def _grow(self, request: Request, num_tokens: int) -> bool:
-        """Give `request` blocks for `num_tokens` tokens in total; False if the pool is short."""
-        extra = self._blocks_for(num_tokens) - len(request.block_ids)
-        if extra <= 0:
-            return True
-        if extra > self.pool.num_free:
-            return False
-        request.block_ids.extend(self.pool.allocate(extra))
-        return True
-
-    def schedule(self) -> SchedulerOutput:
-        out = SchedulerOutput(finished_request_ids=self._finished_ids)
-        self._finished_ids = []
-        budget = self.max_num_batched_tokens
-        for request in self.running:
-            new = request.num_tokens - request.num_computed_tokens
-            if new <= 0 or budget < new:
-                continue
-            if not self._grow(request, request.num_tokens):
-                raise MemoryError("KV cache exhausted by running requests (preemption is not implemented)")
-            out.requests.append(self._scheduled(request, new))
-            budget -= new
-        while self.waiting and len(self.running) < self.max_num_seqs:
-            request = self.waiting[0]
-            new = request.num_tokens - request.num_computed_tokens
-            # A request's whole lifetime is reserved up front so running ones never run out.
-            lifetime = len(request.prompt_token_ids) + request.max_tokens
-            if new > budget and out.requests:
-                break
-            if self._blocks_for(lifetime) > self.pool.num_free:
-                break
-            self.waiting.popleft()
-            self._grow(request, lifetime)
-            request.status = RequestStatus.RUNNING
-            self.running.append(request)
-            out.requests.append(self._scheduled(request, new))
-            budget -= new
-        return out
-
-    def _scheduled(self, request: Request, new: int) -> ScheduledRequest:
-        start = request.num_computed_tokens
-        return ScheduledRequest(
-            request_id=request.request_id,
-            token_ids=request.all_token_ids[start : start + new],
-            start_position=start,
-            block_ids=list(request.block_ids),
-            sample=True,
-        )
-
-    def update(self, output: SchedulerOutput, sampled: dict[str, int]) -> list[Request]:
-        """Advance computed counts and append sampled tokens; return the requests that changed."""
-        by_id = {r.request_id: r for r in self.running}
-        changed = []
-        for scheduled in output.requests:
-            request = by_id[scheduled.request_id]
-            request.num_computed_tokens += len(scheduled.token_ids)
-            if scheduled.request_id in sampled:
-                request.output_token_ids.append(sampled[scheduled.request_id])
-                changed.append(request)
-        return changed
 
     def finish(self, request: Request, reason: FinishReason) -> None:
         """Mark finished and free its blocks at once."""
         if request.is_finished:
             return
+        if request.status is RequestStatus.RUNNING:
+            self.running.remove(request)
+        else:
+            self.waiting.remove(request)
         request.status = RequestStatus.FINISHED
         request.finish_reason = reason
-        if request in self.running:
-            self.running.remove(request)
-        elif request in self.waiting:
-            self.waiting.remove(request)
-        self.pool.free(request.block_ids)
-        request.block_ids = []
-        self._finished_ids.append(request.request_id)
+        self.kv.free(request)
+        self._seq.pop(request.request_id, None)
+        if request.request_id in self._sent:
+            self._sent.discard(request.request_id)
+            self._finished_ids.append(request.request_id)
+
+    def _preempt(self, request: Request) -> None:
+        self.running.remove(request)
+        self.kv.free(request)
+        request.status = RequestStatus.PREEMPTED
+        request.num_computed_tokens = 0
+        request.num_preemptions += 1
+        self.stats.num_preemptions += 1
+        self._insert_waiting(request)
+
+    # ---- scheduling ---------------------------------------------------------------------
+
+    def _chunk(self, wanted: int, budget: int) -> int:
+        if wanted <= budget:
+            return wanted
+        return budget if self.enable_chunked_prefill else 0
+
+    def schedule(self) -> SchedulerOutput:
+        out = SchedulerOutput(finished_request_ids=self._finished_ids)
+        self._finished_ids = []
+        budget = self.max_num_batched_tokens
+        granted: dict[str, int] = {}  # request id -> tokens scheduled this step
+        preempted: list[Request] = []
+
+        i = 0
+        while i < len(self.running) and budget > 0:
+            request = self.running[i]
+            num_new = self._chunk(request.num_tokens - request.num_computed_tokens, budget)
+            if num_new <= 0:
+                i += 1
+                continue
+            while self.kv.allocate_slots(request, num_new) is None:
+                victim = max(self.running, key=self._key)
+                victim_index = self.running.index(victim)
+                self._preempt(victim)
+                preempted.append(victim)
+                budget += granted.pop(victim.request_id, 0)
+                if victim is request:
+                    break
+                if victim_index < i:
+                    i -= 1
+            else:
+                granted[request.request_id] = num_new
+                budget -= num_new
+                i += 1
+
+        if not preempted:
+            while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+                request = self.waiting[0]
+                computed, num_cached = self.kv.get_computed_blocks(request)
+                num_new = self._chunk(request.num_tokens - num_cached, budget)
+                if num_new <= 0 or self.kv.allocate_slots(request, num_new, computed) is None:
+                    break
+                self.waiting.pop(0)
+                if request.status is RequestStatus.WAITING:  # first admission, not a resume
+                    request.num_cached_tokens = num_cached
+                    self.stats.num_prompt_tokens += request.num_prompt_tokens
+                    self.kv.stats.queries += request.num_prompt_tokens
+                    self.kv.stats.hits += num_cached
+                request.status = RequestStatus.RUNNING
+                request.num_computed_tokens = num_cached
+                self.running.append(request)
+                granted[request.request_id] = num_new
+                budget -= num_new
+
+        for request in self.running:
+            n = granted.get(request.request_id)
+            if n is None:
+                continue
+            start = request.num_computed_tokens
+            new = None
+            if request.request_id not in self._sent:
+                self._sent.add(request.request_id)
+                new = NewRequestData(request.prompt_token_ids, request.sampling_params)
+            prompt_part = max(0, min(start + n, request.num_prompt_tokens) - start)
+            self.stats.num_computed_prompt_tokens += prompt_part
+            out.requests.append(
+                ScheduledRequest(
+                    request_id=request.request_id,
+                    token_ids=request.token_slice(start, start + n),
+                    start_position=start,
+                    block_ids=self.kv.block_ids(request.request_id),
+                    sample=start + n == request.num_tokens,
+                    new=new,
+                )
+            )
+        out.preempted_request_ids = [r.request_id for r in preempted]
+        return out
+
+    def update(self, output: SchedulerOutput, sampled: dict[str, int]) -> list[Request]:
+        """Advance computed counts and append sampled tokens; return the requests that got one."""
+        by_id = {r.request_id: r for r in self.running}
+        changed = []
+        for scheduled in output.requests:
+            request = by_id.get(scheduled.request_id)
+            if request is None:  # finished or preempted meanwhile
+                continue
+            request.num_computed_tokens += len(scheduled.token_ids)
+            token = sampled.get(scheduled.request_id)
+            if token is not None:
+                request.output_token_ids.append(token)
+                self.stats.num_generated_tokens += 1
+                changed.append(request)
+        return changed
 
     def all_blocks_free(self) -> bool:
-        return self.pool.all_free()
+        """Idle self-check: every block is free or evictable and no request holds any."""
+        return not self.kv.req_blocks and self.pool.all_free()

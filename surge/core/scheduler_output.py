@@ -6,6 +6,15 @@ Plain dataclasses so an executor in another process can ship them as they are.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(slots=True)
+class NewRequestData:
+    """Sent the first time a request is scheduled; the runner keeps it until the request finishes."""
+
+    prompt_token_ids: list[int]
+    sampling_params: Any
 
 
 @dataclass(slots=True)
@@ -17,12 +26,15 @@ class ScheduledRequest:
     start_position: int
     block_ids: list[int]
     sample: bool  # this chunk reaches the end of the known tokens: sample the next one
+    new: NewRequestData | None = None
 
 
 @dataclass(slots=True)
 class SchedulerOutput:
     requests: list[ScheduledRequest] = field(default_factory=list)
+    # Requests the runner can forget (finished or aborted since the last step).
     finished_request_ids: list[str] = field(default_factory=list)
+    preempted_request_ids: list[str] = field(default_factory=list)
 
     @property
     def num_tokens(self) -> int:

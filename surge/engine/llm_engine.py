@@ -1,23 +1,30 @@
-"""LLMEngine: add_request / step / abort over the scheduler (core/) and the model runner (worker/)."""
+"""LLMEngine: add_request / step / abort over the scheduler (core/) and the model runner (worker/).
+
+A user request with n > 1 becomes n scheduler requests (its children) over the same prompt;
+prefix caching makes them share the prompt's KV blocks. Outputs are assembled per user
+request, cumulative, as deltas for streaming, or once at the end.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from surge.config import CacheConfig
 from surge.core.request import FinishReason, Request
-from surge.core.scheduler import Scheduler
+from surge.core.scheduler import Scheduler, SchedulingPolicy
 from surge.engine.detokenizer import RequestDetokenizer
 from surge.errors import InvalidArgumentError
-from surge.layers.sampler import Sampler
+from surge.layers.sampler import TokenLogprobs
 from surge.loader import LoadedModel
-from surge.outputs import CompletionOutput, RequestOutput
-from surge.sampling_params import SamplingParams
+from surge.outputs import CompletionOutput, Logprob, PositionLogprobs, RequestOutput
+from surge.sampling_params import RequestOutputKind, SamplingParams
+from surge.tokenizer import Tokenizer
 from surge.worker.kv_cache import allocate_kv_caches, num_kv_blocks
 from surge.worker.model_runner import ModelRunner
 
@@ -25,14 +32,50 @@ logger = logging.getLogger(__name__)
 
 
 @dataclass
-class _RequestState:
-    """Engine-side state of a request that core/ does not need: text, generator, prompt text."""
+class EngineStats:
+    num_running: int
+    num_waiting: int
+    kv_blocks_used: int
+    kv_blocks_total: int
+    kv_cache_usage: float
+    prefix_cache_queries: int  # prompt tokens looked up
+    prefix_cache_hits: int  # of those, found cached
+    prefix_cache_hit_rate: float
+    num_preemptions: int
+    prompt_tokens: int
+    computed_prompt_tokens: int  # prompt tokens actually run through the model (recomputes included)
+    generation_tokens: int
+
+
+@dataclass
+class _Child:
+    """Engine-side state of one completion (one scheduler request)."""
 
     request: Request
-    params: SamplingParams
+    index: int
+    detok: RequestDetokenizer | None
+    logprobs: list[PositionLogprobs] | None
+    cumulative_logprob: float | None
+    sent_text: int = 0
+    sent_tokens: int = 0
+    sent_finished: bool = False
+
+
+@dataclass
+class _Parent:
+    """One user request: its prompt, settings and n children."""
+
+    request_id: str
     prompt: str | None
-    detok: RequestDetokenizer
-    generator: torch.Generator | None
+    prompt_ids: list[int]
+    params: SamplingParams
+    children: list[_Child] = field(default_factory=list)
+    prompt_logprobs: list[PositionLogprobs | None] | None = None
+    prompt_logprobs_sent: bool = False
+
+    @property
+    def finished(self) -> bool:
+        return all(c.request.is_finished for c in self.children)
 
 
 class LLMEngine:
@@ -43,38 +86,44 @@ class LLMEngine:
         max_num_seqs: int = 256,
         max_num_batched_tokens: int = 8192,
         device: str = "cpu",
+        enable_prefix_caching: bool = True,
+        enable_chunked_prefill: bool = True,
+        scheduling_policy: SchedulingPolicy | str = "fcfs",
     ):
         self.loaded = loaded
         self.config = loaded.config
-        self.tokenizer = loaded.tokenizer
+        self.tokenizer: Tokenizer = loaded.tokenizer
         self.max_model_len = loaded.config.max_position_embeddings
         cache = cache or CacheConfig()
         num_blocks = num_kv_blocks(loaded.config, cache, loaded.dtype, device)
         kv_caches = allocate_kv_caches(loaded.config, num_blocks, cache.block_size, loaded.dtype, device)
+        self.block_size = cache.block_size
         self.capacity_tokens = num_blocks * cache.block_size
-        logger.info("KV cache: %d blocks of %d tokens = %d tokens", num_blocks, cache.block_size, self.capacity_tokens)
-        self.runner = ModelRunner(loaded.model, kv_caches, cache.block_size, device)
-        self.scheduler = Scheduler(num_blocks, cache.block_size, max_num_seqs, max_num_batched_tokens)
-        self.sampler = Sampler()
+        logger.info(
+            "KV cache: %d blocks of %d tokens = %d tokens (%s)",
+            num_blocks, cache.block_size, self.capacity_tokens, str(loaded.dtype).removeprefix("torch."),
+        )
         self.eos_ids = frozenset(loaded.config.eos_token_ids) | frozenset(self.tokenizer.eos_token_ids)
+        self.runner = ModelRunner(loaded.model, kv_caches, cache.block_size, device, self.eos_ids)
+        self.scheduler = Scheduler(
+            num_blocks, cache.block_size, max_num_seqs, max_num_batched_tokens,
+            enable_chunked_prefill=enable_chunked_prefill, enable_prefix_caching=enable_prefix_caching,
+            policy=scheduling_policy,
+        )
         self.vocab_size = loaded.config.vocab_size
-        self._states: dict[str, _RequestState] = {}
+        self._parents: dict[str, _Parent] = {}
+        self._child_parent: dict[str, tuple[_Parent, _Child]] = {}
         self._ids = itertools.count()
 
     # ---- requests -----------------------------------------------------------------------
 
-    def add_request(
-        self,
-        prompt: str | list[int],
-        params: SamplingParams | None = None,
-        request_id: str | None = None,
-    ) -> str:
-        """Queue a prompt (text or token ids); returns its request id."""
-        params = params or SamplingParams()
+    def tokenize_prompt(self, prompt: str | list[int]) -> tuple[str | None, list[int]]:
         if isinstance(prompt, str):
-            text, ids = prompt, self.tokenizer.encode(prompt)
-        else:
-            text, ids = None, [int(t) for t in prompt]
+            return prompt, self.tokenizer.encode(prompt)
+        return None, [int(t) for t in prompt]
+
+    def validate(self, ids: list[int], params: SamplingParams) -> int:
+        """Check a prompt against the vocabulary and context; return its effective max_tokens."""
         if not ids:
             raise InvalidArgumentError("the prompt is empty")
         bad = [t for t in ids if not 0 <= t < self.vocab_size]
@@ -91,62 +140,129 @@ class LLMEngine:
                 f"prompt ({len(ids)} tokens) + max_tokens ({max_tokens}) exceeds the model's context "
                 f"of {self.max_model_len} tokens"
             )
+        bad_bias = [t for t in (params.logit_bias or {}) if not 0 <= t < self.vocab_size]
+        if bad_bias:
+            raise InvalidArgumentError(f"logit_bias token id {bad_bias[0]} is outside the vocabulary")
+        return max_tokens
+
+    def add_request(
+        self,
+        prompt: str | list[int],
+        params: SamplingParams | None = None,
+        request_id: str | None = None,
+        priority: int = 0,
+        prompt_text: str | None = None,
+    ) -> str:
+        """Queue a prompt (text or token ids); returns its request id. Raises on bad input,
+        leaving nothing queued. `prompt_text` names the text of a pre-tokenized prompt."""
+        params = params or SamplingParams()
+        text, ids = self.tokenize_prompt(prompt)
+        text = text if text is not None else prompt_text
+        max_tokens = self.validate(ids, params)
         request_id = request_id or f"req-{next(self._ids)}"
-        if request_id in self._states:
+        if request_id in self._parents:
             raise InvalidArgumentError(f"request id {request_id!r} is already in use")
-        request = Request(request_id, ids, max_tokens, params, time.monotonic())
-        self.scheduler.add_request(request)
-        generator = None
-        if params.seed is not None:
-            generator = torch.Generator().manual_seed(params.seed)
-        detok = RequestDetokenizer(self.tokenizer, ids, params)
-        self._states[request_id] = _RequestState(request, params, text, detok, generator)
+        parent = _Parent(request_id, text, ids, params)
+        if params.prompt_logprobs is not None:
+            parent.prompt_logprobs = [None]
+        now = time.monotonic()
+        children = []
+        for i in range(params.n):
+            child_params = params
+            if params.n > 1 and params.seed is not None:
+                child_params = dataclasses.replace(params, seed=params.seed + i)
+            child_id = request_id if params.n == 1 else f"{request_id}#{i}"
+            request = Request(
+                child_id, ids, max_tokens, child_params, now, priority,
+                skip_prefix_cache=(i == 0 and params.prompt_logprobs is not None),
+            )
+            if i > 0:
+                request.sampling_params = dataclasses.replace(child_params, prompt_logprobs=None)
+            needs_text = bool(params.stop) or params.output_kind is not RequestOutputKind.FINAL_ONLY
+            detok = RequestDetokenizer(self.tokenizer, ids, params) if needs_text else None
+            want_lp = params.logprobs is not None
+            children.append(_Child(request, i, detok, [] if want_lp else None, 0.0 if want_lp else None))
+        added: list[Request] = []
+        try:
+            for child in children:
+                self.scheduler.add_request(child.request)
+                added.append(child.request)
+        except BaseException:
+            for request in added:
+                self.scheduler.finish(request, FinishReason.ABORT)
+            raise
+        parent.children = children
+        self._parents[request_id] = parent
+        for child in children:
+            self._child_parent[child.request.request_id] = (parent, child)
         return request_id
 
     def abort_request(self, request_id: str) -> None:
-        state = self._states.pop(request_id, None)
-        if state is not None:
-            self.scheduler.finish(state.request, FinishReason.ABORT)
+        """Stop a request now and free its blocks; unknown ids are ignored."""
+        parent = self._parents.pop(request_id, None)
+        if parent is None:
+            return
+        for child in parent.children:
+            self.scheduler.finish(child.request, FinishReason.ABORT)
+            self._child_parent.pop(child.request.request_id, None)
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished()
+
+    @property
+    def num_unfinished_requests(self) -> int:
+        return len(self._parents)
 
     # ---- stepping -----------------------------------------------------------------------
 
     @torch.inference_mode()
     def step(self) -> list[RequestOutput]:
-        """Run one scheduled batch; return outputs of the requests that got a token."""
+        """Run one scheduled batch; return outputs of the requests that progressed."""
         scheduled = self.scheduler.schedule()
-        sampling = [r for r in scheduled.requests if r.sample]
-        if not sampling:
+        if not scheduled.requests and not scheduled.finished_request_ids:
             return []
-        logits = self.runner.execute(scheduled)
-        states = [self._states[r.request_id] for r in sampling]
-        self._mask_min_tokens(logits, states)
-        tokens = self.sampler(logits, [s.params for s in states], [s.generator for s in states])
-        sampled = {r.request_id: t for r, t in zip(sampling, tokens)}
+        try:
+            result = self.runner.execute(scheduled)
+        except BaseException:
+            # blocks cached for this step may hold garbage now
+            self.scheduler.pool.reset_prefix_cache()
+            raise
+        touched: dict[str, _Parent] = {}
+        for request_id, scores in result.prompt_logprobs.items():
+            parent, _ = self._child_parent[request_id]
+            assert parent.prompt_logprobs is not None
+            parent.prompt_logprobs.extend(self._position_logprobs(s) for s in scores)
+        for request in self.scheduler.update(scheduled, result.sampled):
+            parent, child = self._child_parent[request.request_id]
+            token = request.output_token_ids[-1]
+            lp = result.logprobs.get(request.request_id)
+            if lp is not None and child.logprobs is not None:
+                child.logprobs.append(self._position_logprobs(lp))
+                child.cumulative_logprob = (child.cumulative_logprob or 0.0) + lp.logprob
+            self._check_stop(child, token)
+            touched[parent.request_id] = parent
         outputs = []
-        for request in self.scheduler.update(scheduled, sampled):
-            state = self._states[request.request_id]
-            self._check_stop(state, sampled[request.request_id])
-            outputs.append(self._output(state))
-            if request.is_finished:
-                del self._states[request.request_id]
+        for parent in touched.values():
+            out = self._make_output(parent)
+            if out is not None:
+                outputs.append(out)
+            if parent.finished:
+                self._parents.pop(parent.request_id, None)
+                for child in parent.children:
+                    self._child_parent.pop(child.request.request_id, None)
         return outputs
 
-    def _mask_min_tokens(self, logits: torch.Tensor, states: list[_RequestState]) -> None:
-        """Below min_tokens, EOS and stop tokens cannot be sampled."""
-        for row, state in enumerate(states):
-            if len(state.request.output_token_ids) < state.params.min_tokens:
-                banned = set(state.params.stop_token_ids)
-                if not state.params.ignore_eos:
-                    banned |= self.eos_ids
-                if banned:
-                    logits[row, sorted(t for t in banned if t < logits.shape[1])] = float("-inf")
+    def _position_logprobs(self, lp: TokenLogprobs) -> PositionLogprobs:
+        decode = self.tokenizer.decode
+        out = {lp.token_id: Logprob(lp.logprob, lp.rank, decode([lp.token_id], skip_special_tokens=False))}
+        for rank, (tid, value) in enumerate(zip(lp.top_ids, lp.top_logprobs), start=1):
+            if tid not in out:
+                out[tid] = Logprob(value, rank, decode([tid], skip_special_tokens=False))
+        return out
 
-    def _check_stop(self, state: _RequestState, token: int) -> None:
-        request, params = state.request, state.params
-        stop_string = state.detok.add(token)
+    def _check_stop(self, child: _Child, token: int) -> None:
+        request, params = child.request, child.request.sampling_params
+        stop_string = child.detok.add(token) if child.detok is not None else None
         count = len(request.output_token_ids)
         reason: FinishReason | None = None
         if stop_string is not None:
@@ -158,22 +274,79 @@ class LLMEngine:
         elif count >= request.max_tokens:
             reason = FinishReason.LENGTH
         if reason is not None:
+            if stop_string is None and child.detok is not None:
+                child.detok.finish()
             self.scheduler.finish(request, reason)
 
-    def _output(self, state: _RequestState) -> RequestOutput:
-        request = state.request
-        finish = request.finish_reason.value if request.finish_reason else None
-        completion = CompletionOutput(
-            index=0,
-            text=state.detok.text,
-            token_ids=list(request.output_token_ids),
-            finish_reason=finish,
-            stop_reason=request.stop_reason,
-        )
+    def _final_text(self, parent: _Parent, child: _Child) -> str:
+        if child.detok is not None:
+            return child.detok.text
+        # decode with a little prompt context, as streaming would, so a leading space survives
+        skip = parent.params.skip_special_tokens
+        context = parent.prompt_ids[-6:]
+        head = self.tokenizer.decode(context, skip)
+        return self.tokenizer.decode(context + child.request.output_token_ids, skip)[len(head):]
+
+    def _make_output(self, parent: _Parent) -> RequestOutput | None:
+        kind = parent.params.output_kind
+        finished = parent.finished
+        if kind is RequestOutputKind.FINAL_ONLY and not finished:
+            return None
+        completions = []
+        for child in parent.children:
+            req = child.request
+            done = req.is_finished
+            reason = req.finish_reason.value if req.finish_reason else None
+            if kind is RequestOutputKind.FINAL_ONLY:
+                text, tokens, lps = self._final_text(parent, child), list(req.output_token_ids), child.logprobs
+            else:
+                assert child.detok is not None
+                full = child.detok.emittable(done)
+                if kind is RequestOutputKind.CUMULATIVE:
+                    text, tokens, lps = full, list(req.output_token_ids), child.logprobs
+                else:
+                    if len(full) == child.sent_text and len(req.output_token_ids) == child.sent_tokens \
+                            and (not done or child.sent_finished):
+                        continue
+                    text = full[child.sent_text:]
+                    tokens = req.output_token_ids[child.sent_tokens:]
+                    lps = child.logprobs[child.sent_tokens:] if child.logprobs is not None else None
+                    child.sent_text, child.sent_tokens, child.sent_finished = len(full), len(req.output_token_ids), done
+            completions.append(CompletionOutput(
+                child.index, text, list(tokens), reason, req.stop_reason,
+                list(lps) if lps is not None else None, child.cumulative_logprob,
+            ))
+        if not completions:
+            return None
+        prompt_lps = parent.prompt_logprobs
+        if kind is RequestOutputKind.DELTA and prompt_lps is not None:
+            complete = len(prompt_lps) >= len(parent.prompt_ids)
+            prompt_lps = prompt_lps if complete and not parent.prompt_logprobs_sent else None
+            parent.prompt_logprobs_sent |= complete
         return RequestOutput(
-            request.request_id, state.prompt, request.prompt_token_ids, [completion], request.is_finished
+            parent.request_id, parent.prompt, parent.prompt_ids, completions, finished,
+            prompt_lps, parent.children[0].request.num_cached_tokens,
+        )
+
+    # ---- observability ------------------------------------------------------------------
+
+    def stats(self) -> EngineStats:
+        s, kv = self.scheduler, self.scheduler.kv
+        return EngineStats(
+            num_running=len(s.running),
+            num_waiting=len(s.waiting),
+            kv_blocks_used=kv.pool.num_used,
+            kv_blocks_total=kv.pool.num_blocks,
+            kv_cache_usage=kv.usage(),
+            prefix_cache_queries=kv.stats.queries,
+            prefix_cache_hits=kv.stats.hits,
+            prefix_cache_hit_rate=kv.stats.hit_rate,
+            num_preemptions=s.stats.num_preemptions,
+            prompt_tokens=s.stats.num_prompt_tokens,
+            computed_prompt_tokens=s.stats.num_computed_prompt_tokens,
+            generation_tokens=s.stats.num_generated_tokens,
         )
 
     def is_idle_clean(self) -> bool:
-        """Self-check: with nothing running, every KV block is back in the pool."""
-        return not self.has_unfinished_requests() and self.scheduler.all_blocks_free()
+        """Self-check: with nothing running, every KV block is free or evictable."""
+        return not self.has_unfinished_requests() and not self._parents and self.scheduler.all_blocks_free()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -10,7 +11,7 @@ from surge.engine.llm_engine import LLMEngine
 from surge.errors import InvalidArgumentError
 from surge.loader import load_model
 from surge.outputs import RequestOutput
-from surge.sampling_params import SamplingParams
+from surge.sampling_params import RequestOutputKind, SamplingParams
 
 Prompt = str | list[int]
 
@@ -31,15 +32,24 @@ class LLM:
         block_size: int = 16,
         max_num_seqs: int = 256,
         max_num_batched_tokens: int = 8192,
+        enable_prefix_caching: bool = True,
+        enable_chunked_prefill: bool = True,
+        scheduling_policy: str = "fcfs",
+        kv_cache_memory_fraction: float = 0.5,
     ):
+        cache = CacheConfig(block_size=block_size, kv_cache_memory=kv_cache_memory,
+                            memory_fraction=kv_cache_memory_fraction)
         self.loaded = load_model(model, dtype, device)
         device = str(next(self.loaded.model.parameters()).device)
         self.engine = LLMEngine(
             self.loaded,
-            CacheConfig(block_size=block_size, kv_cache_memory=kv_cache_memory),
+            cache,
             max_num_seqs=max_num_seqs,
             max_num_batched_tokens=max_num_batched_tokens,
             device=device,
+            enable_prefix_caching=enable_prefix_caching,
+            enable_chunked_prefill=enable_chunked_prefill,
+            scheduling_policy=scheduling_policy,
         )
         self.tokenizer = self.loaded.tokenizer
 
@@ -48,10 +58,13 @@ class LLM:
         prompts: Prompt | Sequence[Prompt],
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
         on_output: Callable[[RequestOutput], None] | None = None,
+        priority: Sequence[int] | None = None,
     ) -> list[RequestOutput]:
         """Generate for every prompt; returns one finished RequestOutput per prompt, in order.
 
-        `on_output`, if given, sees every incremental output (for streaming to a terminal).
+        All prompts are queued at once and batched continuously. `on_output`, if given, sees
+        every cumulative output as it grows (for streaming to a terminal); otherwise outputs
+        are assembled only when a request finishes.
         """
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]  # type: ignore[list-item]
@@ -64,10 +77,13 @@ class LLM:
                 raise InvalidArgumentError(
                     f"got {len(prompts)} prompts but {len(params)} sampling params; pass one or one each"
                 )
+        kind = RequestOutputKind.CUMULATIVE if on_output is not None else RequestOutputKind.FINAL_ONLY
+        params = [dataclasses.replace(p, output_kind=kind) for p in params]
+        priorities = list(priority) if priority is not None else [0] * len(prompts)
         ids: list[str] = []
         try:
-            for prompt, p in zip(prompts, params):
-                ids.append(self.engine.add_request(prompt, p))
+            for prompt, p, prio in zip(prompts, params, priorities):
+                ids.append(self.engine.add_request(prompt, p, priority=prio))
             results: dict[str, RequestOutput] = {}
             while self.engine.has_unfinished_requests():
                 for out in self.engine.step():

@@ -1,45 +1,150 @@
-"""Token sampling for a batch of requests, each with its own settings and random generator."""
+"""Token sampling for a batch of requests, each with its own settings and random generator.
+
+Order of operations (vLLM's): logit bias, min-tokens ban, penalties -> greedy argmax, or
+temperature -> min-p -> top-k -> top-p -> sample. Logprobs are those of the raw model
+distribution (before any of it).
+"""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
 from surge.sampling_params import SamplingParams
 
 
-def apply_top_k_top_p_min_p(logits: torch.Tensor, top_k: int, top_p: float, min_p: float) -> torch.Tensor:
-    """Mask (to -inf) the tokens outside top-k, the top-p nucleus and the min-p floor of one row."""
-    if top_k and top_k < logits.shape[-1]:
-        kth = torch.topk(logits, top_k).values[..., -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, descending=True)
-        probs = sorted_logits.softmax(-1)
-        # drop a token when the mass before it already reaches top_p (the top token always stays)
-        drop = (probs.cumsum(-1) - probs) >= top_p
-        logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
-    if min_p > 0.0:
+@dataclass(slots=True)
+class TokenLogprobs:
+    """Logprob and rank (1 = most likely) of one chosen token, plus the top alternatives."""
+
+    token_id: int
+    logprob: float
+    rank: int
+    top_ids: list[int]
+    top_logprobs: list[float]
+
+
+@dataclass(slots=True)
+class SamplingRow:
+    """What the sampler needs of one request: its settings and its tokens so far."""
+
+    params: SamplingParams
+    generator: torch.Generator | None
+    prompt_ids: list[int]
+    output_ids: list[int]
+
+
+def token_logprobs(logprobs: torch.Tensor, token_ids: torch.Tensor, top_n: list[int]) -> list[TokenLogprobs]:
+    """For each row: the chosen token's logprob and rank, and the `top_n[row]` best alternatives."""
+    chosen = logprobs.gather(1, token_ids.view(-1, 1)).squeeze(1)
+    ranks = (logprobs > chosen.unsqueeze(1)).sum(1) + 1
+    k = max(top_n, default=0)
+    top_vals, top_idx = (logprobs.topk(k, dim=1) if k else (None, None))
+    out = []
+    chosen_l, ranks_l, ids_l = chosen.tolist(), ranks.tolist(), token_ids.tolist()
+    top_vals_l = top_vals.tolist() if top_vals is not None else None
+    top_idx_l = top_idx.tolist() if top_idx is not None else None
+    for row, n in enumerate(top_n):
+        out.append(
+            TokenLogprobs(
+                ids_l[row], chosen_l[row], ranks_l[row],
+                top_idx_l[row][:n] if n else [], top_vals_l[row][:n] if n else [],
+            )
+        )
+    return out
+
+
+def apply_penalties(logits: torch.Tensor, rows: list[SamplingRow], eos_ids: frozenset[int]) -> None:
+    """In place: logit bias, min-tokens ban, repetition / presence / frequency penalties."""
+    vocab = logits.shape[1]
+    for i, row in enumerate(rows):
+        p = row.params
+        if p.logit_bias:
+            ids = torch.tensor([t for t in p.logit_bias if 0 <= t < vocab], dtype=torch.long)
+            if ids.numel():
+                bias = torch.tensor([p.logit_bias[t] for t in ids.tolist()], dtype=logits.dtype)
+                logits[i].index_add_(0, ids, bias)
+        if len(row.output_ids) < p.min_tokens:
+            banned = set(p.stop_token_ids) | (set() if p.ignore_eos else set(eos_ids))
+            banned_ids = [t for t in banned if 0 <= t < vocab]
+            if banned_ids:
+                logits[i, banned_ids] = float("-inf")
+        if not p.has_penalties:
+            continue
+        if p.repetition_penalty != 1.0:
+            seen = torch.tensor(sorted(set(row.prompt_ids) | set(row.output_ids)), dtype=torch.long)
+            vals = logits[i, seen]
+            logits[i, seen] = torch.where(vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty)
+        if (p.presence_penalty or p.frequency_penalty) and row.output_ids:
+            counts = torch.bincount(torch.tensor(row.output_ids, dtype=torch.long), minlength=vocab)[:vocab]
+            counts = counts.to(logits.dtype)
+            logits[i] -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(logits.dtype)
+
+
+def filter_logits(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
+    """Mask (to -inf) what min-p, top-k and top-p exclude, row by row; inputs are [R] tensors.
+
+    top_k 0 means no limit. A token is dropped by top-p when the mass of the tokens ranked
+    above it already reaches top_p, so the most likely token always stays.
+    """
+    if bool((min_p > 0).any()):
         probs = logits.softmax(-1)
-        logits = logits.masked_fill(probs < min_p * probs.max(-1, keepdim=True).values, float("-inf"))
-    return logits
+        floor = min_p.unsqueeze(1) * probs.max(-1, keepdim=True).values
+        logits = logits.masked_fill(probs < floor, float("-inf"))
+    need_k = bool((top_k > 0).any())
+    need_p = bool((top_p < 1.0).any())
+    if not (need_k or need_p):
+        return logits
+    sorted_logits, order = logits.sort(dim=-1, descending=True)
+    drop = torch.zeros_like(sorted_logits, dtype=torch.bool)
+    if need_k:
+        ranks = torch.arange(logits.shape[1], device=logits.device).unsqueeze(0)
+        k = torch.where(top_k > 0, top_k, logits.shape[1]).unsqueeze(1)
+        drop |= ranks >= k
+    if need_p:
+        probs = sorted_logits.masked_fill(drop, float("-inf")).softmax(-1)
+        drop |= (probs.cumsum(-1) - probs) >= top_p.unsqueeze(1)
+    return logits.masked_fill(drop.scatter(1, order, drop), float("-inf"))
 
 
 class Sampler:
-    """Samples one token per row of logits [N, vocab]; rows with seeds use their own generator."""
+    """Samples one token per row of logits [N, vocab]."""
 
     def __call__(
-        self,
-        logits: torch.Tensor,
-        params: list[SamplingParams],
-        generators: list[torch.Generator | None],
-    ) -> list[int]:
-        tokens: list[int] = []
-        greedy = logits.argmax(-1).tolist()
-        for row, (p, gen) in enumerate(zip(params, generators)):
-            if p.greedy:
-                tokens.append(greedy[row])
-                continue
-            scaled = apply_top_k_top_p_min_p(logits[row].float() / p.temperature, p.top_k, p.top_p, p.min_p)
-            probs = scaled.softmax(-1)
-            tokens.append(int(torch.multinomial(probs, 1, generator=gen)))
-        return tokens
+        self, logits: torch.Tensor, rows: list[SamplingRow], eos_ids: frozenset[int] = frozenset()
+    ) -> tuple[list[int], list[TokenLogprobs | None]]:
+        logits = logits.float()
+        want_logprobs = [r.params.logprobs is not None for r in rows]
+        raw_logprobs = logits.log_softmax(-1) if any(want_logprobs) else None
+        if any(r.params.logit_bias or r.params.has_penalties or r.params.min_tokens for r in rows):
+            logits = logits.clone()
+            apply_penalties(logits, rows, eos_ids)
+        tokens = logits.argmax(-1)
+        random_rows = [i for i, r in enumerate(rows) if not r.params.greedy]
+        if random_rows:
+            idx = torch.tensor(random_rows, dtype=torch.long)
+            sub = logits[idx] / torch.tensor([rows[i].params.temperature for i in random_rows]).unsqueeze(1)
+            sub = filter_logits(
+                sub,
+                torch.tensor([rows[i].params.top_k for i in random_rows]),
+                torch.tensor([rows[i].params.top_p for i in random_rows]),
+                torch.tensor([rows[i].params.min_p for i in random_rows]),
+            )
+            probs = sub.softmax(-1)
+            unseeded = [j for j, i in enumerate(random_rows) if rows[i].generator is None]
+            if unseeded:
+                picks = torch.multinomial(probs[unseeded], 1).squeeze(1)
+                tokens[idx[unseeded]] = picks
+            for j, i in enumerate(random_rows):
+                gen = rows[i].generator
+                if gen is not None:  # its own stream: the same seed gives the same tokens in any batch
+                    tokens[i] = torch.multinomial(probs[j], 1, generator=gen)[0]
+        logprobs: list[TokenLogprobs | None] = [None] * len(rows)
+        if raw_logprobs is not None:
+            sel = [i for i, w in enumerate(want_logprobs) if w]
+            sel_t = torch.tensor(sel, dtype=torch.long)
+            infos = token_logprobs(raw_logprobs[sel_t], tokens[sel_t], [rows[i].params.logprobs for i in sel])
+            for i, info in zip(sel, infos):
+                logprobs[i] = info
+        return tokens.tolist(), logprobs

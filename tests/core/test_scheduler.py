@@ -1,73 +1,226 @@
-"""Scheduler and block pool, pure Python with exact block ids."""
+"""Scheduler, KV cache manager and block pool: pure Python, exact block ids."""
 
 from __future__ import annotations
 
+import subprocess
 import sys
 
 import pytest
 
+from surge.core.block_pool import BlockPool
+from surge.core.prefix_hash import hash_block_tokens
 from surge.core.request import FinishReason, Request, RequestStatus
 from surge.core.scheduler import Scheduler
 from surge.errors import InvalidArgumentError
 
+BS = 4
 
-def _req(rid: str, n: int, max_tokens: int = 4) -> Request:
-    return Request(rid, list(range(100, 100 + n)), max_tokens)
+
+def req(rid: str, tokens, max_tokens: int = 4, arrival: float = 0.0, priority: int = 0) -> Request:
+    tokens = list(range(100, 100 + tokens)) if isinstance(tokens, int) else list(tokens)
+    return Request(rid, tokens, max_tokens, arrival=arrival, priority=priority)
+
+
+def sched(**kw) -> Scheduler:
+    args = dict(num_blocks=8, block_size=BS, max_num_seqs=8, max_num_batched_tokens=64)
+    args.update(kw)
+    return Scheduler(**args)
+
+
+def run_step(s: Scheduler, token: int = 1):
+    """Schedule, then pretend the model ran: every sampling request gets `token`."""
+    out = s.schedule()
+    s.update(out, {r.request_id: token for r in out.requests if r.sample})
+    return out
+
+
+def layout(out):
+    return [(r.request_id, r.start_position, len(r.token_ids), r.block_ids, r.sample) for r in out.requests]
 
 
 def test_core_does_not_import_torch():
-    import subprocess
-
     code = "import sys, surge.core.scheduler; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
 
 
+# ---- block pool ---------------------------------------------------------------------------
+
+
+def test_pool_allocates_lowest_first_and_frees_to_tail():
+    pool = BlockPool(4)
+    a = pool.allocate(2)
+    assert [b.block_id for b in a] == [0, 1] and pool.num_free == 2
+    pool.free(list(reversed(a)))  # tail first: block 1 then block 0
+    assert [b.block_id for b in pool.allocate(4)] == [2, 3, 1, 0]
+    with pytest.raises(MemoryError):
+        pool.allocate(1)
+
+
+def test_pool_lru_eviction_of_cached_blocks():
+    pool = BlockPool(3)
+    blocks = pool.allocate(3)
+    hashes = []
+    parent = None
+    for i, b in enumerate(blocks):
+        parent = hash_block_tokens(parent, [i] * BS)
+        hashes.append(parent)
+        pool.cache_block(b, parent)
+    pool.free([blocks[2], blocks[1], blocks[0]])
+    assert pool.num_free == 3 and pool.num_cached == 3
+    # the first freed (block 2) is the first evicted
+    (taken,) = pool.allocate(1)
+    assert taken.block_id == 2 and pool.lookup(hashes[2]) is None and pool.num_evictions == 1
+    assert pool.lookup(hashes[0]) is blocks[0]
+    pool.touch([blocks[0]])  # a hit takes it out of the free queue
+    assert pool.num_free == 1 and blocks[0].ref_cnt == 1
+    assert [b.block_id for b in pool.allocate(1)] == [1]
+
+
+def test_hash_lookup_checks_tokens_and_chain():
+    pool = BlockPool(2)
+    (b,) = pool.allocate(1)
+    h = hash_block_tokens(None, [1, 2, 3, 4])
+    pool.cache_block(b, h)
+    assert pool.lookup(hash_block_tokens(None, [1, 2, 3, 4])) is b
+    other_parent = hash_block_tokens(hash_block_tokens(None, [9, 9, 9, 9]), [1, 2, 3, 4])
+    assert pool.lookup(other_parent) is None
+    assert pool.lookup(hash_block_tokens(None, [1, 2, 3, 4], extra="lora-a")) is None
+
+
+# ---- scheduling -----------------------------------------------------------------------------
+
+
 def test_prefill_then_decode_with_exact_blocks():
-    s = Scheduler(num_blocks=8, block_size=4, max_num_seqs=4, max_num_batched_tokens=64)
-    s.add_request(_req("a", 6, max_tokens=3))  # lifetime 9 tokens -> 3 blocks
-    s.add_request(_req("b", 3, max_tokens=1))  # 4 tokens -> 1 block
-    out = s.schedule()
-    assert [(r.request_id, r.start_position, len(r.token_ids), r.block_ids) for r in out.requests] == [
-        ("a", 0, 6, [0, 1, 2]),
-        ("b", 0, 3, [3]),
-    ]
-    changed = s.update(out, {"a": 7, "b": 8})
-    assert [r.request_id for r in changed] == ["a", "b"]
-    s.finish(changed[1], FinishReason.LENGTH)
-    out = s.schedule()
-    assert [(r.request_id, r.token_ids, r.start_position) for r in out.requests] == [("a", [7], 6)]
-    assert out.finished_request_ids == ["b"]
-    assert s.pool.num_free == 5
-    s.finish(changed[0], FinishReason.STOP)
+    s = sched()
+    s.add_request(req("a", 6, max_tokens=3))
+    s.add_request(req("b", 3, max_tokens=1))
+    out = run_step(s, token=7)
+    assert layout(out) == [("a", 0, 6, [0, 1], True), ("b", 0, 3, [2], True)]
+    assert out.requests[0].new is not None
+    out = run_step(s, token=8)  # decode: one token each, a third block for "a" at position 8
+    assert layout(out) == [("a", 6, 1, [0, 1], True), ("b", 3, 1, [2], True)]
+    assert out.requests[0].new is None and out.requests[0].token_ids == [7]
+    a, b = s.running
+    s.finish(b, FinishReason.LENGTH)
+    assert s.schedule().finished_request_ids == ["b"]
+    s.finish(a, FinishReason.STOP)
     assert s.all_blocks_free() and not s.has_unfinished()
 
 
-def test_waiting_request_admitted_when_blocks_free():
-    s = Scheduler(num_blocks=4, block_size=4, max_num_seqs=8, max_num_batched_tokens=64)
-    a, b = _req("a", 8, 4), _req("b", 8, 4)  # 3 blocks each; only one fits
-    s.add_request(a)
-    s.add_request(b)
-    assert [r.request_id for r in s.schedule().requests] == ["a"]
-    assert b.status is RequestStatus.WAITING
-    s.finish(a, FinishReason.ABORT)
-    out = s.schedule()
-    assert [(r.request_id, r.block_ids) for r in out.requests] == [("b", [3, 0, 1])]
+def test_chunked_prefill_within_budget():
+    s = sched(max_num_batched_tokens=5)
+    s.add_request(req("a", 12))
+    s.add_request(req("b", 3))
+    assert layout(run_step(s)) == [("a", 0, 5, [0, 1], False)]
+    assert layout(run_step(s)) == [("a", 5, 5, [0, 1, 2], False)]
+    # a finishes its prompt (2 tokens) and b starts with the 3 left in the budget
+    assert layout(run_step(s)) == [("a", 10, 2, [0, 1, 2], True), ("b", 0, 3, [3], True)]
+    assert layout(run_step(s)) == [("a", 12, 1, [0, 1, 2, 4], True), ("b", 3, 1, [3], True)]
 
 
-def test_token_budget_and_max_num_seqs():
-    s = Scheduler(num_blocks=64, block_size=4, max_num_seqs=2, max_num_batched_tokens=10)
+def test_without_chunking_a_long_prompt_waits_for_budget():
+    s = sched(max_num_batched_tokens=8, enable_chunked_prefill=False)
+    s.add_request(req("a", 6))
+    s.add_request(req("b", range(6)))
+    assert [r.request_id for r in run_step(s).requests] == ["a"]
+    with pytest.raises(InvalidArgumentError, match="max_num_batched_tokens"):
+        s.add_request(req("c", 9))
+
+
+def test_max_num_seqs():
+    s = sched(max_num_seqs=2)
     for i in range(3):
-        s.add_request(_req(str(i), 6))
-    out = s.schedule()
-    assert [r.request_id for r in out.requests] == ["0"]  # 6 + 6 > 10
-    s.update(out, {"0": 1})
-    out = s.schedule()  # "0" decodes 1 token, "1" prefills 6; "2" waits on max_num_seqs
-    assert [(r.request_id, len(r.token_ids)) for r in out.requests] == [("0", 1), ("1", 6)]
-    assert len(s.running) == 2 and len(s.waiting) == 1
+        s.add_request(req(str(i), 2))
+    assert [r.request_id for r in run_step(s).requests] == ["0", "1"]
+    assert [r.request_id for r in s.waiting] == ["2"]
+
+
+def test_prefix_cache_hit_computes_only_suffix_and_shares_blocks():
+    s = sched(num_blocks=10)
+    prompt = list(range(50, 61))  # 11 tokens: blocks [50..53] [54..57] + 3
+    s.add_request(req("a", prompt))
+    run_step(s)
+    s.add_request(req("b", prompt[:8] + [1, 2, 3, 4, 5]))
+    out = run_step(s)
+    assert layout(out)[1] == ("b", 8, 5, [0, 1, 3, 4], True)  # blocks 0 and 1 shared
+    (a, b) = s.running
+    assert b.num_cached_tokens == 8 and s.kv.stats.hits == 8
+    assert [blk.ref_cnt for blk in s.kv.req_blocks["a"][:2]] == [2, 2]
+    s.finish(a, FinishReason.STOP)
+    s.finish(b, FinishReason.STOP)
+    assert s.all_blocks_free() and s.pool.num_cached >= 2
+    # a whole-prompt hit still leaves the last token to compute
+    s.add_request(req("c", prompt[:8]))
+    out = run_step(s)
+    assert layout(out) == [("c", 4, 4, [0, 5], True)]  # never-used block 5 before cached ones
+
+
+def test_same_step_sharing_for_identical_prompts():
+    """Blocks are cached when allocated, so a request later in the same step shares them."""
+    s = sched(num_blocks=10)
+    s.add_request(req("a", 9))
+    s.add_request(req("b", 9))
+    out = run_step(s)
+    assert layout(out) == [("a", 0, 9, [0, 1, 2], True), ("b", 8, 1, [0, 1, 3], True)]
+
+
+def test_prefix_caching_off():
+    s = sched(num_blocks=10, enable_prefix_caching=False)
+    s.add_request(req("a", 9))
+    s.add_request(req("b", 9))
+    assert layout(run_step(s))[1] == ("b", 0, 9, [3, 4, 5], True)
+
+
+def test_preemption_newest_first_and_recompute():
+    s = sched(num_blocks=4)
+    s.add_request(req("old", 4, max_tokens=8, arrival=1.0))
+    s.add_request(req("new", range(200, 204), max_tokens=8, arrival=2.0))
+    assert layout(run_step(s)) == [("old", 0, 4, [0], True), ("new", 0, 4, [1], True)]
+    for _ in range(4):  # positions 4..7: each takes a second block (2, 3)
+        run_step(s)
+    # position 8 needs a third block for "old": none free, so the newest is preempted
+    out = run_step(s)
+    assert out.preempted_request_ids == ["new"]
+    assert layout(out) == [("old", 8, 1, [0, 2, 3], True)]
+    new = s.waiting[0]
+    assert new.status is RequestStatus.PREEMPTED and new.num_computed_tokens == 0
+    assert s.stats.num_preemptions == 1 and len(new.output_token_ids) == 5
+    old = s.running[0]
+    s.finish(old, FinishReason.STOP)
+    out = run_step(s)  # resumed: recomputes prompt + generated tokens (prefix cache hits first)
+    (r,) = out.requests
+    assert r.request_id == "new" and r.start_position + len(r.token_ids) == 9 and r.sample
+    assert r.start_position == 4  # its prompt block survived in the prefix cache
+
+
+def test_priority_policy_orders_waiting_and_picks_victims():
+    s = sched(num_blocks=3, max_num_seqs=1, policy="priority")
+    s.add_request(req("low", 2, arrival=1.0, priority=5))
+    s.add_request(req("high", 2, arrival=2.0, priority=0))
+    s.add_request(req("mid", 2, arrival=0.5, priority=1))
+    assert [r.request_id for r in s.waiting] == ["high", "mid", "low"]
+    assert [r.request_id for r in run_step(s).requests] == ["high"]
+
+    s = sched(num_blocks=3, policy="priority")
+    s.add_request(req("a", 4, max_tokens=8, priority=0))
+    s.add_request(req("b", 4, max_tokens=8, priority=9))
+    s.add_request(req("c", 4, max_tokens=8, priority=1))
+    run_step(s)  # blocks 0,1,2
+    out = run_step(s)  # everyone needs a second block: lowest priority "b" goes first
+    assert out.preempted_request_ids[0] == "b"
+
+
+def test_abort_frees_blocks_at_once():
+    s = sched()
+    s.add_request(req("a", 6))
+    run_step(s)
+    assert s.pool.num_free == 6
+    s.finish(s.running[0], FinishReason.ABORT)
+    assert s.pool.num_free == 8 and s.all_blocks_free()
 
 
 def test_request_larger_than_cache_is_refused():
-    s = Scheduler(num_blocks=2, block_size=4, max_num_seqs=2, max_num_batched_tokens=64)
+    s = sched(num_blocks=2)
     with pytest.raises(InvalidArgumentError, match="needs 3 KV blocks"):
-        s.add_request(_req("big", 8, 4))
+        s.add_request(req("big", 8, 4))

@@ -1,0 +1,129 @@
+"""Sampler: every filter and penalty against a plain reference computation on fixed logits."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from surge.layers.sampler import Sampler, SamplingRow, apply_penalties, filter_logits
+from surge.sampling_params import SamplingParams
+
+LOGITS = [2.0, 1.0, 0.5, 0.0, -1.0, 3.0, -2.0, 1.5, 0.25, -0.5]
+V = len(LOGITS)
+
+
+def softmax(xs):
+    m = max(x for x in xs if x != -math.inf)
+    e = [math.exp(x - m) if x != -math.inf else 0.0 for x in xs]
+    s = sum(e)
+    return [v / s for v in e]
+
+
+def reference_keep(logits, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0):
+    """Indices kept after temperature -> min-p -> top-k -> top-p, computed the obvious way."""
+    xs = [x / temperature for x in logits]
+    keep = set(range(len(xs)))
+    if min_p > 0:
+        probs = softmax(xs)
+        keep = {i for i in keep if probs[i] >= min_p * max(probs)}
+    order = sorted(keep, key=lambda i: -xs[i])
+    if top_k:
+        order = order[:top_k]
+    if top_p < 1.0:
+        probs = softmax([xs[i] if i in order else -math.inf for i in range(len(xs))])
+        kept, mass = [], 0.0
+        for i in order:
+            if mass >= top_p:
+                break
+            kept.append(i)
+            mass += probs[i]
+        order = kept
+    return set(order)
+
+
+def kept(masked: torch.Tensor) -> set[int]:
+    return set(torch.nonzero(torch.isfinite(masked)).flatten().tolist())
+
+
+@pytest.mark.parametrize("top_k, top_p, min_p", [
+    (3, 1.0, 0.0), (0, 0.8, 0.0), (0, 0.5, 0.0), (0, 1.0, 0.2), (4, 0.7, 0.0), (5, 0.9, 0.05), (1, 1.0, 0.0),
+    (0, 0.01, 0.0), (20, 1.0, 0.0),
+])
+def test_filters_match_reference(top_k, top_p, min_p):
+    rows = torch.tensor([LOGITS, [x * 0.5 for x in LOGITS]])
+    out = filter_logits(rows, torch.tensor([top_k, 0]), torch.tensor([top_p, 1.0]), torch.tensor([min_p, 0.0]))
+    assert kept(out[0]) == reference_keep(LOGITS, top_k=top_k, top_p=top_p, min_p=min_p)
+    assert kept(out[1]) == set(range(V))  # a row without filters in the same batch is untouched
+
+
+def _row(prompt=(), output=(), **kw) -> SamplingRow:
+    return SamplingRow(SamplingParams(**kw), None, list(prompt), list(output))
+
+
+def test_penalties_and_bias_match_reference():
+    prompt, output = [0, 1, 1], [1, 5, 5, 5, 7]
+    params = dict(repetition_penalty=1.3, presence_penalty=0.4, frequency_penalty=0.25, logit_bias={3: 2.0, 9: -1.0})
+    logits = torch.tensor([LOGITS])
+    apply_penalties(logits, [_row(prompt, output, **params)], frozenset())
+    want = list(LOGITS)
+    want[3] += 2.0
+    want[9] -= 1.0
+    for t in set(prompt) | set(output):  # repetition: divide positive logits, multiply negative ones
+        want[t] = want[t] / 1.3 if want[t] > 0 else want[t] * 1.3
+    for t in set(output):  # OpenAI presence / frequency on generated tokens only
+        want[t] -= 0.25 * output.count(t) + 0.4
+    assert torch.allclose(logits[0], torch.tensor(want), atol=1e-6)
+
+
+def test_min_tokens_bans_eos_and_stop_tokens():
+    logits = torch.tensor([LOGITS, LOGITS])
+    rows = [_row(output=[1], min_tokens=3, stop_token_ids=[7]), _row(output=[1, 2, 3], min_tokens=3)]
+    apply_penalties(logits, rows, frozenset({5}))
+    assert logits[0, 5] == -math.inf and logits[0, 7] == -math.inf
+    assert torch.equal(logits[1], torch.tensor(LOGITS))  # reached min_tokens: nothing banned
+
+
+def test_greedy_uses_penalised_logits():
+    sampler = Sampler()
+    tokens, _ = sampler(torch.tensor([LOGITS] * 2), [_row(temperature=0), _row(temperature=0, logit_bias={2: 10.0})])
+    assert tokens == [5, 2]
+
+
+def test_seeded_sampling_is_per_request():
+    sampler = Sampler()
+    logits = torch.tensor([LOGITS] * 3)
+
+    def seeded(seed):
+        return SamplingRow(SamplingParams(temperature=1.0, seed=seed), torch.Generator().manual_seed(seed), [], [])
+
+    a, b = seeded(7), seeded(7)
+    alone = [sampler(logits[:1], [a])[0][0] for _ in range(30)]
+    mixed = [sampler(logits, [_row(temperature=0.7), b, _row(temperature=0)])[0][1] for _ in range(30)]
+    assert alone == mixed and len(set(alone)) > 2
+
+
+def test_sampling_frequencies_follow_filtered_distribution():
+    sampler = Sampler()
+    row = SamplingRow(SamplingParams(temperature=0.8, top_k=4, top_p=0.9), torch.Generator().manual_seed(0), [], [])
+    counts = torch.zeros(V)
+    n = 4000
+    for t in sampler(torch.tensor([LOGITS] * n), [row] * n)[0]:
+        counts[t] += 1
+    keep = reference_keep(LOGITS, 0.8, 4, 0.9)
+    probs = softmax([x / 0.8 if i in keep else -math.inf for i, x in enumerate(LOGITS)])
+    assert set(torch.nonzero(counts).flatten().tolist()) <= keep
+    assert torch.allclose(counts / n, torch.tensor(probs), atol=0.03)
+
+
+def test_logprobs_are_raw_with_ranks():
+    sampler = Sampler()
+    tokens, lps = sampler(torch.tensor([LOGITS]), [_row(temperature=0, logprobs=3, logit_bias={2: 10.0})])
+    raw = torch.tensor(LOGITS).log_softmax(-1)
+    info = lps[0]
+    assert tokens == [2] and info.token_id == 2
+    assert info.logprob == pytest.approx(raw[2].item())
+    assert info.rank == 1 + sum(1 for x in LOGITS if x > LOGITS[2])
+    assert info.top_ids == [5, 0, 7]
+    assert info.top_logprobs == pytest.approx(raw[[5, 0, 7]].tolist())
