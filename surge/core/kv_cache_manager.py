@@ -26,6 +26,7 @@ class KVCacheManager:
         self.enable_prefix_caching = enable_prefix_caching
         self.pool = BlockPool(num_blocks, enable_prefix_caching)
         self.req_blocks: dict[str, list[KVBlock]] = {}
+        self._num_hashed: dict[str, int] = {}  # leading blocks of a request already in the cache
         self.stats = PrefixCacheStats()
 
     def blocks_for(self, num_tokens: int) -> int:
@@ -76,8 +77,10 @@ class KVCacheManager:
     def _cache_full_blocks(self, request: Request, blocks: list[KVBlock], num_tokens: int) -> None:
         request.update_block_hashes(self.block_size)
         full = min(num_tokens // self.block_size, len(request.block_hashes))
-        for i in range(full):
+        done = self._num_hashed.get(request.request_id, 0)
+        for i in range(done, full):
             self.pool.cache_block(blocks[i], request.block_hashes[i])
+        self._num_hashed[request.request_id] = max(done, full)
 
     def block_ids(self, request_id: str) -> list[int]:
         return [b.block_id for b in self.req_blocks.get(request_id, [])]
@@ -85,6 +88,7 @@ class KVCacheManager:
     def free(self, request: Request) -> None:
         """Return the request's blocks, tail first, so the tail is evicted before the shared head."""
         blocks = self.req_blocks.pop(request.request_id, [])
+        self._num_hashed.pop(request.request_id, None)
         self.pool.free(list(reversed(blocks)))
 
     def usage(self) -> float:

@@ -20,6 +20,15 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--kv-cache-memory", type=int, default=None, metavar="BYTES",
                    help="KV cache size in bytes (default: min(2 GiB, half the free memory) on CPU)")
+    p.add_argument("--kv-cache-fraction", type=float, default=0.5, metavar="F",
+                   help="without --kv-cache-memory: this fraction of free memory (capped at 2 GiB on CPU)")
+    p.add_argument("--block-size", type=int, default=16, help="tokens per KV-cache block")
+    p.add_argument("--max-num-seqs", type=int, default=256, help="sequences batched together at most")
+    p.add_argument("--max-num-batched-tokens", type=int, default=8192,
+                   help="tokens computed per step at most (longer prompts are prefilled in chunks)")
+    p.add_argument("--no-prefix-caching", action="store_true", help="do not reuse KV blocks of shared prefixes")
+    p.add_argument("--no-chunked-prefill", action="store_true", help="prefill each prompt in one step")
+    p.add_argument("--scheduling-policy", choices=["fcfs", "priority"], default="fcfs")
     p.add_argument("-v", "--verbose", action="store_true", help="log loading and cache details to stderr")
 
 
@@ -31,6 +40,9 @@ def _add_sampling_args(p: argparse.ArgumentParser, max_tokens: int) -> None:
     p.add_argument("--min-p", type=float, default=0.0)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--presence-penalty", type=float, default=0.0)
+    p.add_argument("--frequency-penalty", type=float, default=0.0)
 
 
 def _sampling(args: argparse.Namespace) -> Any:
@@ -38,14 +50,21 @@ def _sampling(args: argparse.Namespace) -> Any:
 
     return SamplingParams(
         max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-        min_p=args.min_p, seed=args.seed, stop=args.stop,
+        min_p=args.min_p, seed=args.seed, stop=args.stop, repetition_penalty=args.repetition_penalty,
+        presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty,
     )
 
 
 def _load(args: argparse.Namespace) -> Any:
     from surge.entrypoints.llm import LLM
 
-    return LLM(args.model, dtype=args.dtype, device=args.device, kv_cache_memory=args.kv_cache_memory)
+    return LLM(
+        args.model, dtype=args.dtype, device=args.device, kv_cache_memory=args.kv_cache_memory,
+        kv_cache_memory_fraction=args.kv_cache_fraction, block_size=args.block_size,
+        max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+        enable_prefix_caching=not args.no_prefix_caching, enable_chunked_prefill=not args.no_chunked_prefill,
+        scheduling_policy=args.scheduling_policy,
+    )
 
 
 def _streamer(write: Callable[[str], None]) -> Callable[[Any], None]:
