@@ -86,11 +86,13 @@ class AsyncEngine:
         params: SamplingParams,
         request_id: str | None = None,
         priority: int = 0,
+        prompt_text: str | None = None,
     ) -> AsyncIterator[RequestOutput]:
         """Outputs of one request as the engine produces them; closing the iterator aborts it."""
         if not self.is_running:
             raise EngineDeadError(f"the engine is not running ({self.error or 'shut down'})")
         text, ids = self.engine.tokenize_prompt(prompt)
+        text = text if text is not None else prompt_text
         self.engine.validate(ids, params)  # raises InvalidArgumentError before anything is queued
         loop = asyncio.get_running_loop()
         request_id = request_id or f"async-{next(self._ids)}"

@@ -8,7 +8,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from surge.errors import SurgeError
+from surge.errors import InvalidArgumentError, SurgeError
 
 EXIT_USAGE = 2
 
@@ -142,6 +142,28 @@ def cmd_chat(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from surge.loader.hub import resolve_model
+    from surge.server.app import ServerSettings
+    from surge.server.serve import ServeOptions, serve
+
+    source = resolve_model(args.model)  # a bad path fails here, before the server starts
+    for name, value in (("--max-queue", args.max_queue), ("--request-timeout", args.request_timeout)):
+        if value is not None and value <= 0:
+            raise InvalidArgumentError(f"{name} must be positive, got {value}")
+    name = args.served_model_name or source.name
+
+    def describe(engine: Any) -> str:
+        dtype = str(engine.loaded.dtype).removeprefix("torch.")
+        return (f"model {name} ({engine.config.architecture}, {source.kind} {source.path}), dtype {dtype}, "
+                f"quantization none, KV cache {engine.capacity_tokens} tokens "
+                f"({engine.scheduler.pool.num_blocks} blocks of {engine.block_size})")
+
+    settings = ServerSettings(api_key=args.api_key, max_queue=args.max_queue, request_timeout=args.request_timeout)
+    options = ServeOptions(args.host, args.port, args.shutdown_grace, args.log_level)
+    return serve(lambda: _load(args).engine, name, settings, options, describe)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from surge import __version__
 
@@ -161,12 +183,28 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sampling_args(chat, max_tokens=512)
     chat.add_argument("--system", default=None, help="system message")
     chat.set_defaults(func=cmd_chat)
+
+    srv = sub.add_parser("serve", help="OpenAI-compatible HTTP server (completions, chat, streaming, metrics)")
+    _add_model_args(srv)
+    srv.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    srv.add_argument("--port", type=int, default=8000)
+    srv.add_argument("--served-model-name", default=None, help="the model name clients send (default: the file name)")
+    srv.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 and tokenize routes")
+    srv.add_argument("--max-queue", type=int, default=None, metavar="N",
+                     help="requests allowed to wait beyond --max-num-seqs; more get 429 (default: unbounded)")
+    srv.add_argument("--request-timeout", type=float, default=None, metavar="S",
+                     help="abort a request after S seconds with a timeout error (default: none)")
+    srv.add_argument("--shutdown-grace", type=float, default=30.0, metavar="S",
+                     help="on SIGTERM, seconds to let in-flight requests finish (default: 30)")
+    srv.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    srv.set_defaults(func=cmd_serve)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+    verbose = args.verbose or args.command == "serve"
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     try:
         return args.func(args)

@@ -1,0 +1,107 @@
+"""Live `surge serve` processes on free ports, for tests that talk HTTP to them."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+
+import httpx
+import pytest
+
+MODEL_NAME = "smollm2"
+API_KEY = "test-key"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class LiveServer:
+    proc: subprocess.Popen
+    port: int
+    log_path: str
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def log(self) -> str:
+        with open(self.log_path, encoding="utf-8", errors="replace") as f:
+            return f.read()
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+
+
+def start_server(tmp_path, *extra: str, wait: bool = True) -> LiveServer:
+    port = free_port()
+    exe = shutil.which("surge")
+    cmd = ([exe] if exe else [sys.executable, "-m", "surge.entrypoints.cli"]) + [
+        "serve", "--port", str(port), "--dtype", "float32", "--kv-cache-memory", str(384 << 20),
+        "--served-model-name", MODEL_NAME, *extra,
+    ]
+    log_path = str(tmp_path / f"server-{port}.log")
+    log = open(log_path, "w")
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    server = LiveServer(proc, port, log_path)
+    if wait:
+        wait_ready(server)
+    return server
+
+
+def wait_ready(server: LiveServer, timeout: float = 180.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if server.proc.poll() is not None:
+            raise RuntimeError(f"server exited with {server.proc.returncode}:\n{server.log()}")
+        try:
+            if httpx.get(f"{server.url}/health", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    server.stop()
+    raise RuntimeError(f"server not ready after {timeout}s:\n{server.log()}")
+
+
+@pytest.fixture(scope="session")
+def server(tmp_path_factory):
+    srv = start_server(tmp_path_factory.mktemp("server"), "--api-key", API_KEY)
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="session")
+def limited_server(tmp_path_factory):
+    """One running slot, one waiting place, two-second timeout: for 429 and timeout tests."""
+    srv = start_server(tmp_path_factory.mktemp("limited"), "--max-num-seqs", "1", "--max-queue", "1",
+                       "--request-timeout", "2")
+    yield srv
+    srv.stop()
+
+
+def metric(text: str, name: str, **labels: str) -> float | None:
+    """The value of one sample in Prometheus text format."""
+    for line in text.splitlines():
+        if line.startswith("#") or not line.startswith(name):
+            continue
+        head, _, value = line.rpartition(" ")
+        metric_name = head.split("{", 1)[0]
+        if metric_name != name:
+            continue
+        if all(f'{k}="{v}"' in head for k, v in labels.items()):
+            return float(value)
+    return None
