@@ -215,6 +215,15 @@ def sse(payload: dict | str) -> str:
     return f"data: {payload if isinstance(payload, str) else json.dumps(payload, ensure_ascii=False)}\n\n"
 
 
+def sse_chunk(state: ServerState, rid: str, created: int, obj: str, choice: dict, include_usage: bool) -> str:
+    """One streamed chunk; with include_usage every chunk carries "usage": null, as OpenAI's do."""
+    payload: dict[str, Any] = {"id": rid, "object": obj, "created": created, "model": state.model_name,
+                               "choices": [choice]}
+    if include_usage:
+        payload["usage"] = None
+    return sse(payload)
+
+
 def stream_error(exc: BaseException) -> str:
     if isinstance(exc, APIError):
         return sse({"error": {"message": exc.message, "type": exc.type, "param": exc.param, "code": exc.code}})
@@ -511,13 +520,8 @@ async def _stream_completion(
     completion_tokens = 0
 
     def chunk(index: int, text: str, logprobs: Any, finish: str | None) -> str:
-        payload: dict[str, Any] = {
-            "id": rid, "object": "text_completion", "created": created, "model": state.model_name,
-            "choices": [{"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish}],
-        }
-        if include_usage:
-            payload["usage"] = None
-        return sse(payload)
+        choice = {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish}
+        return sse_chunk(state, rid, created, "text_completion", choice, include_usage)
 
     try:
         async for i, out in merged(gens, deadline):
@@ -558,21 +562,14 @@ async def _stream_chat(
 ) -> AsyncIterator[str]:
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
     track = _Track(time.monotonic())
-    started: set[int] = set()
     completion_tokens = 0
 
     def chunk(index: int, delta: dict, logprobs: Any, finish: str | None) -> str:
-        payload: dict[str, Any] = {
-            "id": rid, "object": "chat.completion.chunk", "created": created, "model": state.model_name,
-            "choices": [{"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}],
-        }
-        if include_usage:
-            payload["usage"] = None
-        return sse(payload)
+        choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
+        return sse_chunk(state, rid, created, "chat.completion.chunk", choice, include_usage)
 
     try:
         for index in range(body.n):  # the role comes first, as OpenAI sends it
-            started.add(index)
             yield chunk(index, {"role": "assistant", "content": ""}, None, None)
         async for _, out in merged([gen], deadline):
             track.saw(sum(len(c.token_ids) for c in out.outputs))
