@@ -91,10 +91,10 @@ def build_tiny_model(
 
 @pytest.fixture(scope="session")
 def default_llm():
-    """The embedded default model in float32, shared by the tests that need it."""
+    """The embedded default model dequantized to float32 (the reference's weights), shared."""
     from surge import LLM
 
-    return LLM(dtype="float32", kv_cache_memory=256 << 20)
+    return LLM(dtype="float32", kv_cache_memory=256 << 20, quantization="none")
 
 
 @pytest.fixture(scope="session")

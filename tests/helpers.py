@@ -48,3 +48,22 @@ def assert_logits_close(ours: torch.Tensor, ref: torch.Tensor, rel: float = 1e-4
     scale = ref.abs().max().item()
     diff = (ours - ref).abs().max().item()
     assert diff <= rel * scale, f"max |diff| {diff:.3g} > {rel} * logit scale {scale:.3g}"
+
+
+def hf_weight(model: torch.nn.Module, name: str) -> torch.Tensor:
+    """A checkpoint tensor by its Hugging Face name, read back from surge's fused modules."""
+    from surge.layers.linear import QuantLinear
+
+    shard, fused = 0, name
+    for part, (target, index) in model.STACKED.items():
+        if part in name:
+            fused, shard = name.replace(part, target), index
+            break
+    module_name, _, attr = fused.rpartition(".")
+    module = model.get_submodule(module_name)
+    full = module.dequantize() if isinstance(module, QuantLinear) else getattr(module, attr).detach().float()
+    sizes = model._shards(fused)
+    if not sizes[0]:
+        return full
+    start = sum(sizes[:shard])
+    return full[start : start + sizes[shard]]

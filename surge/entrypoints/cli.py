@@ -20,6 +20,10 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--kv-cache-memory", type=int, default=None, metavar="BYTES",
                    help="KV cache size in bytes (default: min(2 GiB, half the free memory) on CPU)")
+    p.add_argument("--quantization", "-q", default="auto", choices=["auto", "none", "int8", "int4"],
+                   help="auto: a GGUF's Q4/Q8 weights run as int4/int8; int8/int4: quantize a float model")
+    p.add_argument("--group-size", type=int, default=32, help="int4 group size (32, 64 or 128)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: PyTorch's choice)")
     p.add_argument("--kv-cache-fraction", type=float, default=0.5, metavar="F",
                    help="without --kv-cache-memory: this fraction of free memory (capped at 2 GiB on CPU)")
     p.add_argument("--block-size", type=int, default=16, help="tokens per KV-cache block")
@@ -63,7 +67,8 @@ def _load(args: argparse.Namespace) -> Any:
         kv_cache_memory_fraction=args.kv_cache_fraction, block_size=args.block_size,
         max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
         enable_prefix_caching=not args.no_prefix_caching, enable_chunked_prefill=not args.no_chunked_prefill,
-        scheduling_policy=args.scheduling_policy,
+        scheduling_policy=args.scheduling_policy, quantization=args.quantization,
+        quantization_group_size=args.group_size, threads=args.threads,
     )
 
 
@@ -156,7 +161,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     def describe(engine: Any) -> str:
         dtype = str(engine.loaded.dtype).removeprefix("torch.")
         return (f"model {name} ({engine.config.architecture}, {source.kind} {source.path}), dtype {dtype}, "
-                f"quantization none, KV cache {engine.capacity_tokens} tokens "
+                f"quantization {engine.loaded.quantization}, KV cache {engine.capacity_tokens} tokens "
                 f"({engine.scheduler.pool.num_blocks} blocks of {engine.block_size})")
 
     settings = ServerSettings(api_key=args.api_key, max_queue=args.max_queue, request_timeout=args.request_timeout)

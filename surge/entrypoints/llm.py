@@ -6,6 +6,8 @@ import dataclasses
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import torch
+
 from surge.config import CacheConfig
 from surge.engine.llm_engine import LLMEngine
 from surge.errors import InvalidArgumentError
@@ -21,6 +23,7 @@ class LLM:
 
     model: a .gguf file, a Hugging Face directory, a hub id, or None for the embedded default.
     dtype: "auto" (bf16 where the hardware runs it natively), "float32", "bfloat16", "float16".
+    quantization: "auto" (a GGUF's Q4/Q8 weights stay 4/8-bit), "none", "int8", "int4".
     """
 
     def __init__(
@@ -36,10 +39,17 @@ class LLM:
         enable_chunked_prefill: bool = True,
         scheduling_policy: str = "fcfs",
         kv_cache_memory_fraction: float = 0.5,
+        quantization: str = "auto",
+        quantization_group_size: int = 32,
+        threads: int | None = None,
     ):
         cache = CacheConfig(block_size=block_size, kv_cache_memory=kv_cache_memory,
                             memory_fraction=kv_cache_memory_fraction)
-        self.loaded = load_model(model, dtype, device)
+        if threads is not None:
+            if threads < 1:
+                raise InvalidArgumentError(f"threads must be at least 1, got {threads}")
+            torch.set_num_threads(threads)
+        self.loaded = load_model(model, dtype, device, quantization, quantization_group_size)
         device = str(next(self.loaded.model.parameters()).device)
         self.engine = LLMEngine(
             self.loaded,

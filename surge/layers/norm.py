@@ -1,4 +1,4 @@
-"""RMSNorm computed in float32, as the reference does, whatever the activation dtype."""
+"""RMSNorm computed in float32, as the reference does, with the residual add fused in."""
 
 from __future__ import annotations
 
@@ -12,8 +12,11 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(hidden_size))
         self.eps = eps
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(norm(x + residual), x + residual); without a residual, x itself is the new residual."""
+        if residual is not None:
+            x = x + residual
         dtype = x.dtype
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(dtype)
+        return self.weight * x32.to(dtype), x

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import torch
 
 from surge.config import ModelConfig
+from surge.errors import InvalidArgumentError
 from surge.loader.hub import ModelSource, resolve_model
 from surge.models.registry import get_model_class
 from surge.tokenizer import Tokenizer
@@ -23,6 +24,7 @@ class LoadedModel:
     model: torch.nn.Module
     tokenizer: Tokenizer
     dtype: torch.dtype
+    quantization: str = "none"
 
 
 def read_config(source: ModelSource) -> ModelConfig:
@@ -35,12 +37,30 @@ def read_config(source: ModelSource) -> ModelConfig:
     return config_from_hf_dir(source.path)
 
 
-def load_model(model: str | None, dtype: str = "auto", device: str | None = None) -> LoadedModel:
-    """Load model and tokenizer from a GGUF file, a HF directory, a hub id, or the default."""
+QUANTIZATIONS = ("auto", "none", "int8", "int4")
+
+
+def load_model(
+    model: str | None,
+    dtype: str = "auto",
+    device: str | None = None,
+    quantization: str = "auto",
+    group_size: int = 32,
+) -> LoadedModel:
+    """Load model and tokenizer from a GGUF file, a HF directory, a hub id, or the default.
+
+    quantization: "auto" runs a GGUF's Q4_0/Q4_1 weights as int4 and Q8_0 as int8 (other
+    types and float checkpoints in float); "int4"/"int8" quantize every linear; "none"
+    dequantizes everything to `dtype`.
+    """
     from surge.platform import TORCH_DTYPES, default_device, resolve_dtype
 
     start = time.perf_counter()
+    if quantization not in QUANTIZATIONS:
+        raise InvalidArgumentError(f"unknown quantization {quantization!r}: choose one of {', '.join(QUANTIZATIONS)}")
     device = device or default_device()
+    if device.startswith("cuda") and quantization != "none":
+        quantization = "none"  # the packed int4/int8 kernels used here are CPU kernels
     source = resolve_model(model)
     if source.kind == "gguf":
         from surge.loader.gguf import config_from_gguf, iter_gguf_weights, open_gguf, tokenizer_metadata
@@ -51,7 +71,8 @@ def load_model(model: str | None, dtype: str = "auto", device: str | None = None
         torch_dtype = TORCH_DTYPES[resolve_dtype(dtype, device, config.checkpoint_dtype)]
         arch, _ = gguf_architecture(reader, source.path)
         tokenizer = Tokenizer.from_gguf_metadata(tokenizer_metadata(reader), source.path)
-        weights = iter_gguf_weights(reader, config, arch, source.path, torch_dtype)
+        weights = iter_gguf_weights(reader, config, arch, source.path, torch_dtype,
+                                    keep_quantized=quantization != "none")
     else:
         from surge.loader.hf_config import config_from_hf_dir
         from surge.loader.safetensors_dir import iter_safetensors_weights
@@ -67,12 +88,26 @@ def load_model(model: str | None, dtype: str = "auto", device: str | None = None
     net = net.to(dtype=torch_dtype).to_empty(device=device)
     net.tie_weights()  # to_empty gives each module its own tensor; share them again
     net.load_weights(weights, source.path)
+    net.finalize(quantization, group_size)
     net.eval()
     logger.info(
         "loaded %s (%s, %s) in %.1fs", source.name, config.architecture, str(torch_dtype).removeprefix("torch."),
         time.perf_counter() - start,
     )
-    return LoadedModel(source, config, net, tokenizer, torch_dtype)
+    return LoadedModel(source, config, net, tokenizer, torch_dtype, describe_quantization(net))
+
+
+def describe_quantization(net: torch.nn.Module) -> str:
+    """"int4-g32 (210 linears), int8 (1 linears)" or "none"."""
+    from collections import Counter
+
+    from surge.layers.linear import QuantLinear
+
+    kinds = Counter(
+        f"{m.kind.removesuffix('g')}-g{m.group_size}" if m.group_size else m.kind
+        for m in net.modules() if isinstance(m, QuantLinear)
+    )
+    return ", ".join(f"{k} ({n} linears)" for k, n in sorted(kinds.items())) or "none"
 
 
 __all__ = ["LoadedModel", "ModelSource", "load_model", "read_config", "resolve_model"]

@@ -15,8 +15,20 @@ from surge.config import ModelConfig
 from surge.errors import ModelFormatError
 from surge.layers.activation import get_activation
 from surge.layers.attention import AttentionMetadata, paged_attention, write_kv
+from surge.layers.linear import QuantLinear
 from surge.layers.norm import RMSNorm
 from surge.layers.rotary import RotaryEmbedding
+from surge.quant.formats import (
+    Int4Weight,
+    Int8GroupWeight,
+    Int8Weight,
+    check_group_size,
+    quantize_int4,
+    quantize_int8,
+    quantize_int8_groups,
+)
+
+QuantizedWeight = Int4Weight | Int8Weight | Int8GroupWeight
 
 
 class LlamaAttention(nn.Module):
@@ -25,12 +37,12 @@ class LlamaAttention(nn.Module):
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = config.num_key_value_heads
         self.head_dim = config.head_dim
+        self.q_size, self.kv_size = config.q_size, config.kv_size
         self.scale = self.head_dim**-0.5
         self.sliding_window = config.sliding_window
         bias = config.attention_bias
-        self.q_proj = nn.Linear(config.hidden_size, config.q_size, bias=bias)
-        self.k_proj = nn.Linear(config.hidden_size, config.kv_size, bias=bias)
-        self.v_proj = nn.Linear(config.hidden_size, config.kv_size, bias=bias)
+        # q, k and v as one GEMM; checkpoints' q_proj/k_proj/v_proj load into its row ranges.
+        self.qkv_proj = nn.Linear(config.hidden_size, config.q_size + 2 * config.kv_size, bias=bias)
         # Qwen2 has biases on q/k/v only; Llama's `attention_bias` covers o_proj too.
         o_bias = bias and config.architecture != "Qwen2ForCausalLM"
         self.o_proj = nn.Linear(config.q_size, config.hidden_size, bias=o_bias)
@@ -40,9 +52,10 @@ class LlamaAttention(nn.Module):
         self, x: torch.Tensor, positions: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata
     ) -> torch.Tensor:
         tokens = x.shape[0]
-        q = self.q_proj(x).view(tokens, self.num_heads, self.head_dim)
-        k = self.k_proj(x).view(tokens, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x).view(tokens, self.num_kv_heads, self.head_dim)
+        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = q.view(tokens, self.num_heads, self.head_dim)
+        k = k.view(tokens, self.num_kv_heads, self.head_dim)
+        v = v.view(tokens, self.num_kv_heads, self.head_dim)
         q, k = self.rotary(positions, q, k)
         write_kv(kv_cache, k, v, meta.slot_mapping)
         out = paged_attention(q, kv_cache, meta, self.scale, self.sliding_window)
@@ -53,13 +66,14 @@ class LlamaMLP(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
         h, i, bias = config.hidden_size, config.intermediate_size, config.mlp_bias
-        self.gate_proj = nn.Linear(h, i, bias=bias)
-        self.up_proj = nn.Linear(h, i, bias=bias)
+        self.intermediate_size = i
+        self.gate_up_proj = nn.Linear(h, 2 * i, bias=bias)  # gate and up as one GEMM
         self.down_proj = nn.Linear(i, h, bias=bias)
         self.act = get_activation(config.hidden_act)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = self.gate_up_proj(x).split(self.intermediate_size, dim=-1)
+        return self.down_proj(self.act(gate) * up)
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -71,10 +85,18 @@ class LlamaDecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
     def forward(
-        self, x: torch.Tensor, positions: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata
-    ) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), positions, kv_cache, meta)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        self,
+        x: torch.Tensor,
+        residual: torch.Tensor | None,
+        positions: torch.Tensor,
+        kv_cache: torch.Tensor,
+        meta: AttentionMetadata,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(output, residual) kept apart so each residual add fuses into the next norm."""
+        h, residual = self.input_layernorm(x, residual)
+        h = self.self_attn(h, positions, kv_cache, meta)
+        h, residual = self.post_attention_layernorm(h, residual)
+        return self.mlp(h), residual
 
 
 class LlamaModel(nn.Module):
@@ -93,9 +115,10 @@ class LlamaModel(nn.Module):
         meta: AttentionMetadata,
     ) -> torch.Tensor:
         x = self.embed_tokens(input_ids)
+        residual = None
         for layer, kv_cache in zip(self.layers, kv_caches):
-            x = layer(x, positions, kv_cache, meta)
-        return self.norm(x)
+            x, residual = layer(x, residual, positions, kv_cache, meta)
+        return self.norm(x, residual)[0]
 
 
 class LlamaForCausalLM(nn.Module):
@@ -124,30 +147,114 @@ class LlamaForCausalLM(nn.Module):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden).float()
 
-    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]], source: str = "checkpoint") -> None:
-        """Copy (HF name, tensor) pairs into the parameters; every parameter must be given."""
+    # checkpoint name part -> (fused module name part, shard index)
+    STACKED = {
+        ".self_attn.q_proj.": (".self_attn.qkv_proj.", 0),
+        ".self_attn.k_proj.": (".self_attn.qkv_proj.", 1),
+        ".self_attn.v_proj.": (".self_attn.qkv_proj.", 2),
+        ".mlp.gate_proj.": (".mlp.gate_up_proj.", 0),
+        ".mlp.up_proj.": (".mlp.gate_up_proj.", 1),
+    }
+
+    def _shards(self, fused_param: str) -> list[int]:
+        """Row counts of the checkpoint tensors stacked into a fused parameter."""
+        c = self.config
+        if ".qkv_proj." in fused_param:
+            return [c.q_size, c.kv_size, c.kv_size]
+        if ".gate_up_proj." in fused_param:
+            return [c.intermediate_size, c.intermediate_size]
+        return [0]
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor | QuantizedWeight]],
+                     source: str = "checkpoint") -> None:
+        """Copy (HF name, tensor) pairs into the parameters; every parameter must be given.
+
+        Quantized tensors (from GGUF Q4/Q8 blocks) are kept aside for `finalize` instead of
+        being expanded to float; the embedding table is the exception (it is looked up).
+        """
         params = dict(self.named_parameters())
-        loaded: set[str] = set()
+        loaded: set[tuple[str, int]] = set()
+        self._quantized: dict[str, dict[int, QuantizedWeight]] = {}
         for name, tensor in weights:
             if name == "model.rope_freqs":
                 self.model.rotary.set_frequency_factors(tensor)
                 continue
             if name == "lm_head.weight" and self.config.tie_word_embeddings:
                 continue
+            shard = 0
+            for part, (fused, index) in self.STACKED.items():
+                if part in name:
+                    name, shard = name.replace(part, fused), index
+                    break
             param = params.get(name)
             if param is None:
                 continue  # e.g. rotary inv_freq buffers saved by old checkpoints
-            if tuple(param.shape) != tuple(tensor.shape):
+            sizes = self._shards(name)
+            if isinstance(tensor, (Int4Weight, Int8Weight, Int8GroupWeight)):
+                if name == "model.embed_tokens.weight":
+                    if self.config.tie_word_embeddings:
+                        self._quantized.setdefault("lm_head", {})[0] = tensor
+                        loaded.add(("lm_head.weight", 0))
+                    tensor = tensor.dequantize()
+                else:
+                    self._quantized.setdefault(name.rsplit(".", 1)[0], {})[shard] = tensor
+                    loaded.add((name, shard))
+                    continue
+            rows = slice(sum(sizes[:shard]), sum(sizes[: shard + 1])) if sizes[0] else slice(None)
+            target = param.data[rows]
+            if tuple(target.shape) != tuple(tensor.shape):
                 raise ModelFormatError(
-                    f"{source}: tensor {name!r} has shape {tuple(tensor.shape)}, the model expects "
-                    f"{tuple(param.shape)}"
+                    f"{source}: tensor {name!r} (shard {shard}) has shape {tuple(tensor.shape)}, the model "
+                    f"expects {tuple(target.shape)}"
                 )
             with torch.no_grad():
-                param.copy_(tensor)
-            loaded.add(name)
+                target.copy_(tensor)
+            loaded.add((name, shard))
         if self.config.tie_word_embeddings:
-            loaded.add("lm_head.weight")
-        missing = sorted(set(params) - loaded)
+            loaded.add(("lm_head.weight", 0))
+        expected = {(n, i) for n in params for i in range(len(self._shards(n)))}
+        missing = sorted(f"{n}" + (f"[{i}]" if len(self._shards(n)) > 1 else "") for n, i in expected - loaded)
         if missing:
             more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
             raise ModelFormatError(f"{source}: missing weights {', '.join(missing[:3])}{more}")
+
+    def finalize(self, scheme: str = "auto", group_size: int = 32, keep_dense: bool = True) -> None:
+        """Turn linears into quantized ones: "auto" keeps a GGUF's Q4/Q8 weights as int4/int8,
+        "int4"/"int8" quantize every linear (the LM head to int8), "none" keeps float."""
+        dtype = self.model.embed_tokens.weight.dtype
+        pending = getattr(self, "_quantized", {})
+        for path, module in list(self.named_modules()):
+            if not isinstance(module, nn.Linear):
+                continue
+            parts = pending.get(path)
+            weight: QuantizedWeight | None = None
+            if parts is not None:
+                ordered = [parts[i] for i in sorted(parts)]
+                same = len({type(p) for p in ordered}) == 1
+                weight = type(ordered[0]).cat(ordered) if same else None  # type: ignore[attr-defined]
+                if weight is None or scheme == "none":
+                    dense = torch.cat([p.dequantize() for p in ordered])
+                    with torch.no_grad():
+                        module.weight.copy_(dense)
+                    weight = None
+            if scheme in ("int4", "int8"):
+                # the LM head is the most sensitive matrix: per-channel int8 flips ~3% of the
+                # top-1 tokens of the default model, int8 in groups of 32 none, so it gets that
+                target = "int8g" if path == "lm_head" else scheme
+                current = {Int4Weight: "int4", Int8Weight: "int8", Int8GroupWeight: "int8g"}.get(type(weight))
+                if current != target or (target == "int4" and weight.group_size != group_size):  # type: ignore[union-attr]
+                    source = weight.dequantize() if weight is not None else module.weight.detach().float()
+                    if target == "int4":
+                        check_group_size(group_size, source.shape[1], path)
+                        weight = quantize_int4(source, group_size)
+                    elif target == "int8g":
+                        weight = quantize_int8_groups(source)
+                    else:
+                        weight = quantize_int8(source)
+            if weight is None or scheme == "none":
+                continue
+            bias = module.bias.detach() if module.bias is not None else None
+            parent_path, _, attr = path.rpartition(".")
+            parent = self.get_submodule(parent_path) if parent_path else self
+            setattr(parent, attr, QuantLinear(weight, bias, dtype, keep_dense))
+        self._quantized = {}

@@ -86,7 +86,7 @@ def test_preemption_with_kv_for_two_sequences(model, request, tiny_path, default
     # room for about two sequences of prompt + output (~200 tokens each)
     per_block = llm.engine.runner.kv_caches[0][0, 0].numel() * 2 * 4 * len(llm.engine.runner.kv_caches)
     path = str(tiny_path) if model == "tiny" else default_gguf_path
-    small = LLM(path, dtype="float32", kv_cache_memory=per_block * 26)
+    small = LLM(path, dtype="float32", kv_cache_memory=per_block * 26, quantization="none")
     outs = small.generate(prompts, params)
     stats = small.engine.stats()
     assert stats.num_preemptions > 0, "the budget did not force preemption"

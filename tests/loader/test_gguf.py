@@ -12,7 +12,7 @@ from surge.loader.gguf import open_gguf
 from surge.loader.gguf.weights import SUPPORTED_TYPES, hf_name, unpermute_qk
 from tests.conftest import build_tiny_model
 from tests.gguf_builder import permute_qk, write_gguf_from_hf
-from tests.helpers import assert_logits_close, surge_logits
+from tests.helpers import assert_logits_close, hf_weight, surge_logits
 
 T = gguf.GGMLQuantizationType
 
@@ -51,8 +51,7 @@ def mixed_gguf(tmp_path_factory, tiny_tokenizer_dir):
 
 def test_dequantized_tensors_equal_gguf_py(mixed_gguf):
     """Each parameter equals gguf-py's dequantization of its tensor (Q/K rows restored)."""
-    loaded = load_model(str(mixed_gguf), "float32", "cpu")
-    params = dict(loaded.model.named_parameters())
+    loaded = load_model(str(mixed_gguf), "float32", "cpu", quantization="none")
     reader = open_gguf(str(mixed_gguf))
     cfg = loaded.config
     for tensor in reader.tensors:
@@ -64,7 +63,7 @@ def test_dequantized_tensors_equal_gguf_py(mixed_gguf):
             want = unpermute_qk(want, cfg.num_attention_heads)
         elif tensor.name.endswith("attn_k.weight"):
             want = unpermute_qk(want, cfg.num_key_value_heads)
-        assert torch.equal(params[name].data, want), tensor.name
+        assert torch.equal(hf_weight(loaded.model, name), want), tensor.name
 
 
 def test_unpermute_inverts_llama_cpp_permutation():
@@ -79,7 +78,7 @@ def test_mixed_type_gguf_matches_transformers(mixed_gguf):
 
     ref = transformers.AutoModelForCausalLM.from_pretrained(
         mixed_gguf.parent, gguf_file=mixed_gguf.name, dtype=torch.float32).eval()
-    loaded = load_model(str(mixed_gguf), "float32", "cpu")
+    loaded = load_model(str(mixed_gguf), "float32", "cpu", quantization="none")
     g = torch.Generator().manual_seed(3)
     prompts = [torch.randint(3, 384, (n,), generator=g).tolist() for n in (3, 20, 50)]
     for ids, got in zip(prompts, surge_logits(loaded, prompts)):
@@ -90,7 +89,6 @@ def test_mixed_type_gguf_matches_transformers(mixed_gguf):
 
 def test_default_model_tensors_equal_gguf_py(default_llm, default_gguf_path):
     """The embedded Q4_1/Q8_0 model: surge's float weights are gguf-py's dequantized values."""
-    params = dict(default_llm.loaded.model.named_parameters())
     reader = open_gguf(default_gguf_path)
     cfg = default_llm.loaded.config
     checked = 0
@@ -104,7 +102,7 @@ def test_default_model_tensors_equal_gguf_py(default_llm, default_gguf_path):
             want = unpermute_qk(want, cfg.num_attention_heads)
         elif tensor.name.endswith("attn_k.weight"):
             want = unpermute_qk(want, cfg.num_key_value_heads)
-        assert torch.equal(params[hf_name(tensor.name)].data, want), tensor.name
+        assert torch.equal(hf_weight(default_llm.loaded.model, hf_name(tensor.name)), want), tensor.name
         checked += 1
     assert checked == 20
     model = default_llm.loaded.model

@@ -50,7 +50,8 @@ def start_server(tmp_path, *extra: str, wait: bool = True) -> LiveServer:
     port = free_port()
     exe = shutil.which("surge")
     cmd = ([exe] if exe else [sys.executable, "-m", "surge.entrypoints.cli"]) + [
-        "serve", "--port", str(port), "--dtype", "float32", "--kv-cache-memory", str(384 << 20),
+        "serve", "--port", str(port), "--dtype", "float32", "--quantization", "none",
+        "--kv-cache-memory", str(384 << 20),
         "--served-model-name", MODEL_NAME, *extra,
     ]
     log_path = str(tmp_path / f"server-{port}.log")

@@ -11,6 +11,7 @@ import torch
 
 from surge.config import ModelConfig
 from surge.errors import ModelFormatError, UnsupportedTensorTypeError
+from surge.quant.formats import Int4Weight, Int8GroupWeight, gguf_to_int4, gguf_to_int8
 
 T = gguf.GGMLQuantizationType
 SUPPORTED_TYPES = frozenset(
@@ -84,19 +85,42 @@ def dequantize(tensor: gguf.ReaderTensor, path: str) -> np.ndarray:
     return np.array(data, dtype=np.float32).reshape(shape)  # a writable copy, not the mmap
 
 
+def _unpermute_any(weight, heads: int):
+    if isinstance(weight, Int4Weight):
+        return Int4Weight(unpermute_qk(weight.q, heads), unpermute_qk(weight.scale, heads),
+                          unpermute_qk(weight.zero, heads), weight.group_size)
+    if isinstance(weight, Int8GroupWeight):
+        return Int8GroupWeight(unpermute_qk(weight.q, heads), unpermute_qk(weight.scale, heads), weight.group_size)
+    return unpermute_qk(weight, heads)
+
+
 def iter_gguf_weights(
-    reader: gguf.GGUFReader, config: ModelConfig, arch: str, path: str, dtype: torch.dtype
-) -> Iterator[tuple[str, torch.Tensor]]:
-    """Every used tensor as (HF name, tensor of `dtype`), with Q/K rows restored for llama."""
+    reader: gguf.GGUFReader, config: ModelConfig, arch: str, path: str, dtype: torch.dtype,
+    keep_quantized: bool = False,
+) -> Iterator[tuple[str, torch.Tensor | Int4Weight | Int8GroupWeight]]:
+    """Every used tensor as (HF name, tensor of `dtype`), with Q/K rows restored for llama.
+
+    With `keep_quantized`, Q4_0/Q4_1 matrices come as Int4Weight and Q8_0 as Int8GroupWeight,
+    repacked from their blocks without expanding to float.
+    """
     permuted = arch in ("llama", "mistral")
     for tensor in reader.tensors:
         name = hf_name(tensor.name)
         if name is None:
             continue
-        weight = torch.from_numpy(dequantize(tensor, path))
+        qtype = T(tensor.tensor_type)
+        rows = int(tensor.shape[1]) if len(tensor.shape) == 2 else 0
+        weight: torch.Tensor | Int4Weight | Int8GroupWeight
+        if keep_quantized and rows and qtype in (T.Q4_0, T.Q4_1):
+            weight = gguf_to_int4(np.asarray(tensor.data), qtype, rows)
+        elif keep_quantized and rows and qtype == T.Q8_0:
+            weight = gguf_to_int8(np.asarray(tensor.data), qtype, rows)
+        else:
+            weight = torch.from_numpy(dequantize(tensor, path))
+            # rope frequency factors stay float32: they scale angles, not activations.
+            weight = weight if name == "model.rope_freqs" else weight.to(dtype)
         if permuted and ".self_attn.q_proj." in name:
-            weight = unpermute_qk(weight, config.num_attention_heads)
+            weight = _unpermute_any(weight, config.num_attention_heads)
         elif permuted and ".self_attn.k_proj." in name:
-            weight = unpermute_qk(weight, config.num_key_value_heads)
-        # rope frequency factors stay float32: they scale angles, not activations.
-        yield name, weight if name == "model.rope_freqs" else weight.to(dtype)
+            weight = _unpermute_any(weight, config.num_key_value_heads)
+        yield name, weight

@@ -1,0 +1,169 @@
+"""Quantized weight formats and their conversions (round-to-nearest and exact GGUF repacking).
+
+int4 group-wise, the layout of PyTorch's `_weight_int4pack_mm_for_cpu` ("tinygemm"):
+
+    w[n, k] = (q[n, k] - 8) * scale[k // G, n] + zero[k // G, n]      q in 0..15
+
+GGUF's Q4_0 (w = d * (q - 8)) and Q4_1 (w = d * q + m) blocks of 32 map onto it exactly:
+scale = d, zero = 0 for Q4_0 and zero = m + 8 d for Q4_1.
+
+int8 per output channel, the layout of `_weight_int8pack_mm`:  w[n, k] = q[n, k] * scale[n].
+int8 per group of 32 (GGUF's Q8_0) runs as two int4 planes (see Int8GroupWeight).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import gguf
+import numpy as np
+import torch
+
+from surge.errors import InvalidArgumentError
+
+T = gguf.GGMLQuantizationType
+INT4_GROUP_SIZES = (32, 64, 128)
+
+
+@dataclass
+class Int4Weight:
+    """Unpacked int4 group-wise weight: q [N, K] int32 in 0..15, scale/zero [N, K // group] float32."""
+
+    q: torch.Tensor
+    scale: torch.Tensor
+    zero: torch.Tensor
+    group_size: int
+
+    def dequantize(self) -> torch.Tensor:
+        g = self.group_size
+        return (self.q.float() - 8) * self.scale.repeat_interleave(g, 1) + self.zero.repeat_interleave(g, 1)
+
+    @staticmethod
+    def cat(parts: list["Int4Weight"]) -> "Int4Weight":
+        """Stack along output rows (fusing q/k/v or gate/up)."""
+        assert len({p.group_size for p in parts}) == 1
+        return Int4Weight(torch.cat([p.q for p in parts]), torch.cat([p.scale for p in parts]),
+                          torch.cat([p.zero for p in parts]), parts[0].group_size)
+
+
+@dataclass
+class Int8Weight:
+    """int8 per-channel weight: q [N, K] int8, scale [N] float32."""
+
+    q: torch.Tensor
+    scale: torch.Tensor
+
+    def dequantize(self) -> torch.Tensor:
+        return self.q.float() * self.scale.unsqueeze(1)
+
+    @staticmethod
+    def cat(parts: list["Int8Weight"]) -> "Int8Weight":
+        return Int8Weight(torch.cat([p.q for p in parts]), torch.cat([p.scale for p in parts]))
+
+
+@dataclass
+class Int8GroupWeight:
+    r"""int8 with a scale per group of 32 (GGUF's Q8_0): q [N, K] int8, scale [N, K // 32] float32.
+
+    No packed kernel takes int8 groups, so it runs as two int4 planes on the int4 kernel,
+    exactly: q = 16 h + l with h in -8..7 and l in 0..15, so
+
+        w = d q = [(h + 8) - 8] * 16 d  +  [(l - 8) * d + 8 d]
+                  \___ plane "h": scale 16d, zero 0 __/  \___ plane "l": scale d, zero 8d _/
+    """
+
+    q: torch.Tensor
+    scale: torch.Tensor
+    group_size: int = 32
+
+    def dequantize(self) -> torch.Tensor:
+        return self.q.float() * self.scale.repeat_interleave(self.group_size, 1)
+
+    def planes(self) -> Int4Weight:
+        """[high plane; low plane] stacked on the output rows (2N rows)."""
+        q = self.q.to(torch.int32)
+        high = torch.div(q, 16, rounding_mode="floor")
+        low = q - 16 * high
+        zeros = torch.zeros_like(self.scale)
+        return Int4Weight(torch.cat([high + 8, low]), torch.cat([16 * self.scale, self.scale]),
+                          torch.cat([zeros, 8 * self.scale]), self.group_size)
+
+    @staticmethod
+    def cat(parts: list["Int8GroupWeight"]) -> "Int8GroupWeight":
+        return Int8GroupWeight(torch.cat([p.q for p in parts]), torch.cat([p.scale for p in parts]),
+                               parts[0].group_size)
+
+
+def quantize_int8_groups(w: torch.Tensor, group_size: int = 32) -> Int8GroupWeight:
+    """Symmetric int8 per group (Q8_0's scheme): scale = max|w| / 127 within each group."""
+    n, k = w.shape
+    check_group_size(group_size, k)
+    groups = w.float().reshape(n, k // group_size, group_size)
+    scale = (groups.abs().amax(-1) / 127).clamp(min=1e-8)
+    q = torch.round(groups / scale.unsqueeze(-1)).clamp(-127, 127).to(torch.int8)
+    return Int8GroupWeight(q.reshape(n, k), scale, group_size)
+
+
+def check_group_size(group_size: int, in_features: int, name: str = "weight") -> None:
+    if group_size not in INT4_GROUP_SIZES:
+        raise InvalidArgumentError(f"int4 group size must be one of {INT4_GROUP_SIZES}, got {group_size}")
+    if in_features % group_size:
+        raise InvalidArgumentError(
+            f"{name}: group size {group_size} does not divide its input dimension {in_features}")
+
+
+def quantize_int4(w: torch.Tensor, group_size: int) -> Int4Weight:
+    """Asymmetric min-max round-to-nearest per group."""
+    n, k = w.shape
+    check_group_size(group_size, k)
+    groups = w.float().reshape(n, k // group_size, group_size)
+    lo, hi = groups.amin(-1), groups.amax(-1)
+    scale = ((hi - lo) / 15).clamp(min=1e-8)
+    q = torch.round((groups - lo.unsqueeze(-1)) / scale.unsqueeze(-1)).clamp(0, 15).to(torch.int32)
+    return Int4Weight(q.reshape(n, k), scale, lo + 8 * scale, group_size)
+
+
+def quantize_int8(w: torch.Tensor) -> Int8Weight:
+    """Symmetric per output channel: scale = max|w| / 127."""
+    w = w.float()
+    scale = (w.abs().amax(1) / 127).clamp(min=1e-8)
+    q = torch.round(w / scale.unsqueeze(1)).clamp(-127, 127).to(torch.int8)
+    return Int8Weight(q, scale)
+
+
+def _blocks(raw: np.ndarray, rows: int, block_bytes: int) -> np.ndarray:
+    data = np.ascontiguousarray(raw).view(np.uint8).reshape(rows, -1)
+    return data.reshape(rows, -1, block_bytes)
+
+
+def _nibbles(qs: np.ndarray) -> np.ndarray:
+    """GGUF packs element j in the low nibble of byte j and element j + 16 in the high nibble."""
+    return np.concatenate([qs & 0x0F, qs >> 4], axis=-1).astype(np.int32)
+
+
+def gguf_to_int4(raw: np.ndarray, qtype: T, rows: int) -> Int4Weight:
+    """Q4_0 / Q4_1 blocks -> the int4 layout, exactly (no float round trip of the weights)."""
+    if qtype == T.Q4_0:
+        b = _blocks(raw, rows, 18)
+        d = b[..., :2].copy().view(np.float16)[..., 0].astype(np.float32)
+        q = _nibbles(b[..., 2:])
+        zero = np.zeros_like(d)
+    elif qtype == T.Q4_1:
+        b = _blocks(raw, rows, 20)
+        d = b[..., :2].copy().view(np.float16)[..., 0].astype(np.float32)
+        m = b[..., 2:4].copy().view(np.float16)[..., 0].astype(np.float32)
+        q = _nibbles(b[..., 4:])
+        zero = m + 8 * d
+    else:
+        raise ValueError(f"{qtype.name} is not an int4 GGUF type")
+    return Int4Weight(torch.from_numpy(q.reshape(rows, -1)), torch.from_numpy(d), torch.from_numpy(zero), 32)
+
+
+def gguf_to_int8(raw: np.ndarray, qtype: T, rows: int) -> Int8GroupWeight:
+    """Q8_0 blocks (int8 with a scale per 32) -> Int8GroupWeight, exactly."""
+    if qtype != T.Q8_0:
+        raise ValueError(f"{qtype.name} is not Q8_0")
+    b = _blocks(raw, rows, 34)
+    d = b[..., :2].copy().view(np.float16)[..., 0].astype(np.float32)
+    q = b[..., 2:].copy().view(np.int8)
+    return Int8GroupWeight(torch.from_numpy(q.reshape(rows, -1)), torch.from_numpy(d), 32)
