@@ -28,10 +28,35 @@ class AttentionMetadata:
     query_start_loc: list[int]  # [num_seqs + 1] offsets of each sequence's tokens in the batch
     seq_lens: list[int]  # [num_seqs] context length after this step (computed + new)
     block_size: int
+    # Sequences with a single new token (decoding) are attended together in one batched op.
+    decode_seqs: torch.Tensor | None = None  # [D] indices into the sequences
+    decode_rows: torch.Tensor | None = None  # [D] their token rows in the flat batch
+    decode_seq_lens: torch.Tensor | None = None  # [D] their context lengths
+    decode_tables: torch.Tensor | None = None  # [D, blocks to cover the longest] their block tables
+    decode_width: int = 0  # the longest context among them
+    prefill_seqs: list[int] | None = None  # the other sequences, looped over
 
     @property
     def num_seqs(self) -> int:
         return len(self.seq_lens)
+
+    def split_decode(self) -> None:
+        """Fill the decode / prefill split from query_start_loc and seq_lens."""
+        starts = self.query_start_loc
+        decode = [i for i in range(self.num_seqs) if starts[i + 1] - starts[i] == 1]
+        if len(decode) < 2:  # one sequence alone is faster through SDPA (measured: 82 vs 211 us)
+            decode = []
+        dev = self.block_tables.device
+        chosen = set(decode)
+        self.prefill_seqs = [i for i in range(self.num_seqs) if starts[i + 1] > starts[i] and i not in chosen]
+        if decode:
+            self.decode_seqs = torch.tensor(decode, dtype=torch.int64, device=dev)
+            self.decode_rows = torch.tensor([starts[i] for i in decode], dtype=torch.int64, device=dev)
+            lens = [self.seq_lens[i] for i in decode]
+            self.decode_seq_lens = torch.tensor(lens, dtype=torch.int64, device=dev)
+            self.decode_width = max(lens)
+            blocks = -(-self.decode_width // self.block_size)
+            self.decode_tables = self.block_tables[self.decode_seqs, :blocks]
 
 
 def write_kv(kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor) -> None:
@@ -40,6 +65,36 @@ def write_kv(kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapp
     flat = kv_cache.view(2, num_blocks * block_size, *kv_cache.shape[3:])
     flat[0].index_copy_(0, slot_mapping, k.to(kv_cache.dtype))
     flat[1].index_copy_(0, slot_mapping, v.to(kv_cache.dtype))
+
+
+def paged_decode_attention(
+    q: torch.Tensor,
+    kv_cache: torch.Tensor,
+    tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    width: int,
+    scale: float,
+    sliding_window: int | None = None,
+) -> torch.Tensor:
+    """One query token per sequence, all sequences at once: q [B, Hq, D] -> [B, Hq, D].
+
+    Gathers each sequence's blocks (`tables` [B, ceil(width / block_size)]) into
+    [B, width, Hk, D], masks the slots past its length, and attends with grouped heads
+    (Hq = G * Hk) in two batched matmuls.
+    """
+    b, hq, d = q.shape
+    hk = kv_cache.shape[3]
+    k = kv_cache[0][tables].reshape(b, -1, hk, d)[:, :width]  # [B, L, Hk, D]
+    v = kv_cache[1][tables].reshape(b, -1, hk, d)[:, :width]
+    qg = q.view(b, hk, hq // hk, d).to(k.dtype)
+    scores = torch.einsum("bhgd,blhd->bhgl", qg, k).float() * scale
+    pos = torch.arange(width, device=q.device)
+    keep = pos.unsqueeze(0) < seq_lens.unsqueeze(1)
+    if sliding_window is not None:
+        keep &= pos.unsqueeze(0) > (seq_lens.unsqueeze(1) - 1 - sliding_window)
+    scores = scores.masked_fill(~keep[:, None, None, :], float("-inf"))
+    probs = scores.softmax(-1).to(v.dtype)
+    return torch.einsum("bhgl,blhd->bhgd", probs, v).reshape(b, hq, d).to(q.dtype)
 
 
 def paged_attention(
@@ -51,18 +106,27 @@ def paged_attention(
 ) -> torch.Tensor:
     """Causal attention of q [T, Hq, D] over each sequence's cached context -> [T, Hq, D].
 
-    Reference implementation: gathers each sequence's blocks and calls SDPA. Query token j of a
-    sequence with n new tokens and context length L sits at position L - n + j and sees keys
-    0..L-n+j (and only the last `sliding_window` of them when the model has a window).
+    Decoding sequences (one new token) go through `paged_decode_attention` together; the
+    others gather their blocks and call SDPA one by one. Query token j of a sequence with n
+    new tokens and context length L sits at position L - n + j and sees keys 0..L-n+j (and
+    only the last `sliding_window` of them when the model has a window).
     """
-    out = torch.empty_like(q)
+    if meta.prefill_seqs is None:
+        meta.split_decode()
+    if meta.decode_seqs is not None:
+        decode = (kv_cache, meta.decode_tables, meta.decode_seq_lens, meta.decode_width, scale, sliding_window)
+        if not meta.prefill_seqs:
+            return paged_decode_attention(q, *decode)
+        out = torch.empty_like(q)
+        out[meta.decode_rows] = paged_decode_attention(q[meta.decode_rows], *decode)
+    else:
+        out = torch.empty_like(q)
     block_size = meta.block_size
     num_kv_heads, head_dim = kv_cache.shape[3], kv_cache.shape[4]
-    for i, seq_len in enumerate(meta.seq_lens):
+    for i in meta.prefill_seqs or ():
+        seq_len = meta.seq_lens[i]
         start, end = meta.query_start_loc[i], meta.query_start_loc[i + 1]
         n = end - start
-        if n == 0:
-            continue
         num_blocks = -(-seq_len // block_size)
         blocks = meta.block_tables[i, :num_blocks]
         k = kv_cache[0, blocks].reshape(-1, num_kv_heads, head_dim)[:seq_len]

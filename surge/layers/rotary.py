@@ -94,12 +94,17 @@ class RotaryEmbedding:
             self._sin = (emb.sin() * self.scaling).to(dtype)
         return self._cos, self._sin
 
-    def __call__(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """q [T, Hq, D], k [T, Hk, D] rotated by the angles of `positions` [T]."""
+    def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin [T, 1, rot] for `positions`; looked up once per step, shared by every layer."""
         needed = int(positions.max()) + 1 if positions.numel() else 1
-        cos_table, sin_table = self._table(needed, q.device, q.dtype)
-        cos = cos_table[positions].unsqueeze(1)
-        sin = sin_table[positions].unsqueeze(1)
+        cos_table, sin_table = self._table(needed, positions.device, dtype)
+        return cos_table[positions].unsqueeze(1), sin_table[positions].unsqueeze(1)
+
+    def __call__(
+        self, cos_sin: tuple[torch.Tensor, torch.Tensor], q: torch.Tensor, k: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """q [T, Hq, D], k [T, Hk, D] rotated by the angles of `cos_sin` (from `cos_sin`)."""
+        cos, sin = cos_sin
         rot = cos.shape[-1]
         if rot == q.shape[-1]:
             return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
