@@ -40,3 +40,18 @@ def test_chat_keeps_history():
 def test_usage_errors_exit_2():
     assert _surge("generate").returncode == 2  # no prompt
     assert _surge("nonsense").returncode == 2
+
+
+def test_bench_latency_and_throughput_report_numbers():
+    import json
+
+    proc = _surge("bench", "latency", "--input-len", "16", "--output-len", "4", "--iters", "1", "--json")
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout)
+    assert result["quantization"].startswith("int4-g32") and result["input_len"] == 16
+    assert result["prefill_tok_s"] > 0 and result["decode_tok_s"] > 0
+    proc = _surge("bench", "throughput", "--num-prompts", "3", "--input-len", "8", "--output-len", "4", "--json")
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["output_tok_s"] > 0
+    bad = _surge("bench", "latency", "--input-len", "0")
+    assert bad.returncode == 2 and "input-len" in bad.stderr

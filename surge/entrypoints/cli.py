@@ -203,6 +203,11 @@ def build_parser() -> argparse.ArgumentParser:
                      help="on SIGTERM, seconds to let in-flight requests finish (default: 30)")
     srv.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     srv.set_defaults(func=cmd_serve)
+
+    from surge.entrypoints.bench import add_bench_parser, cmd_bench
+
+    add_bench_parser(sub, _add_model_args)
+    sub.choices["bench"].set_defaults(func=lambda args: cmd_bench(args, _load))
     return parser
 
 

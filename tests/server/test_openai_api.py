@@ -148,3 +148,18 @@ def test_32_concurrent_streams_equal_offline(server, default_llm):
     texts = asyncio.run(run())
     offline = default_llm.generate(prompts, SamplingParams(max_tokens=24, temperature=0))
     assert texts == [o.outputs[0].text for o in offline]
+
+
+def test_bench_serve_against_live_server(server):
+    import json
+    import subprocess
+    import sys
+
+    proc = subprocess.run(
+        [sys.executable, "-m", "surge.entrypoints.cli", "bench", "serve", "--url", server.url, "--api-key", API_KEY,
+         "--model", MODEL_NAME, "--concurrency", "4", "--num-prompts", "6", "--prompt-words", "5-20",
+         "--output-len", "8", "--json"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr + proc.stdout
+    result = json.loads(proc.stdout)
+    assert result["completed"] == 6 and result["errors"] == 0
+    assert result["output_tok_s"] > 0 and result["ttft_s"]["p99"] >= result["ttft_s"]["p50"] > 0

@@ -1,0 +1,167 @@
+"""Side-by-side speed of surge, llama.cpp (llama-cpp-python) and transformers on the same model.
+
+    python benchmarks/compare.py [--threads 2] [--skip-llama-cpp] [--skip-transformers] [--json OUT]
+
+Everything runs in this one process, one engine at a time, on the same GGUF file (the
+default model unless --gguf is given) and the same token ids, and the script prints each
+number and the ratios docs/performance.md records. llama-cpp-python is installed from its
+source distribution when missing (it compiles llama.cpp: about 4 minutes on 2 cores); nothing
+built from llama.cpp belongs in the repository.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import random
+import subprocess
+import sys
+import time
+
+import torch
+
+DECODE_TOKENS = 128
+PREFILL_TOKENS = 512
+BATCH = 32
+BATCH_TOKENS = 64
+
+
+def ensure_llama_cpp() -> bool:
+    try:
+        import llama_cpp  # noqa: F401
+
+        return True
+    except ImportError as exc:
+        if exc.name != "llama_cpp":  # installed, but a dependency is missing
+            subprocess.run([sys.executable, "-m", "pip", "install", "llama-cpp-python==0.3.36"])
+            return True
+    print("installing llama-cpp-python from source (compiles llama.cpp, ~4 min)...", file=sys.stderr)
+    env = {**os.environ, "CMAKE_ARGS": "-DGGML_NATIVE=ON"}
+    proc = subprocess.run([sys.executable, "-m", "pip", "install", "--no-binary", "llama-cpp-python",
+                           "llama-cpp-python==0.3.36"], env=env)
+    return proc.returncode == 0
+
+
+def prompt_ids(vocab: int, n: int, seed: int) -> list[int]:
+    rng = random.Random(seed)
+    return [rng.randrange(3, vocab) for _ in range(n)]
+
+
+def bench_surge(gguf: str, threads: int, dtype: str, quantization: str) -> dict[str, float]:
+    from surge import LLM, SamplingParams
+    from surge.entrypoints.bench import bench_latency
+
+    llm = LLM(gguf, dtype=dtype, quantization=quantization, threads=threads)
+    vocab = llm.engine.vocab_size
+    lat = bench_latency(llm, PREFILL_TOKENS, DECODE_TOKENS, iters=2)
+    decode_b1 = bench_latency(llm, 8, DECODE_TOKENS, iters=2)["decode_tok_s"]
+    prompts = [prompt_ids(vocab, 16 + 4 * i, i) for i in range(BATCH)]
+    params = SamplingParams(max_tokens=BATCH_TOKENS, temperature=0, ignore_eos=True)
+    llm.generate(prompts[:2], SamplingParams(max_tokens=4))
+    start = time.perf_counter()
+    llm.generate(prompts, params)
+    batch = BATCH * BATCH_TOKENS / (time.perf_counter() - start)
+    del llm
+    gc.collect()
+    return {"decode_b1": decode_b1, "prefill_512": lat["prefill_tok_s"], "decode_b32": batch}
+
+
+def bench_llama_cpp(gguf: str, threads: int) -> dict[str, float]:
+    from llama_cpp import Llama
+
+    llm = Llama(model_path=gguf, n_threads=threads, n_threads_batch=threads, n_ctx=2048, n_batch=512,
+                verbose=False)
+    vocab = llm.n_vocab()
+    out = {}
+    ids = prompt_ids(vocab, PREFILL_TOKENS, 0)
+    llm.reset()
+    llm.eval(ids[:16])  # warm up
+    llm.reset()
+    start = time.perf_counter()
+    llm.eval(ids)
+    out["prefill_512"] = PREFILL_TOKENS / (time.perf_counter() - start)
+    llm.reset()
+    llm.eval(prompt_ids(vocab, 8, 1))
+    start = time.perf_counter()
+    for _ in range(DECODE_TOKENS):
+        token = llm.sample(temp=0.0)
+        llm.eval([token])
+    out["decode_b1"] = DECODE_TOKENS / (time.perf_counter() - start)
+    del llm
+    gc.collect()
+    return out
+
+
+def bench_transformers(gguf: str, threads: int) -> dict[str, float]:
+    from transformers import AutoModelForCausalLM
+
+    torch.set_num_threads(threads)
+    model = AutoModelForCausalLM.from_pretrained(os.path.dirname(gguf), gguf_file=os.path.basename(gguf),
+                                                 dtype=torch.bfloat16).eval()
+    vocab = model.config.vocab_size
+    out = {}
+    with torch.no_grad():
+        ids = torch.tensor([prompt_ids(vocab, 8, 1)])
+        model.generate(ids, max_new_tokens=4, do_sample=False)
+        start = time.perf_counter()
+        model.generate(ids, max_new_tokens=DECODE_TOKENS, min_new_tokens=DECODE_TOKENS, do_sample=False)
+        out["decode_b1"] = DECODE_TOKENS / (time.perf_counter() - start)
+        batch = torch.tensor([prompt_ids(vocab, 48, i) for i in range(BATCH)])
+        start = time.perf_counter()
+        model.generate(batch, attention_mask=torch.ones_like(batch), max_new_tokens=BATCH_TOKENS,
+                       min_new_tokens=BATCH_TOKENS, do_sample=False)
+        out["decode_b32"] = BATCH * BATCH_TOKENS / (time.perf_counter() - start)
+    del model
+    gc.collect()
+    return out
+
+
+def main() -> int:
+    from surge.loader.hub import default_model_path
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--gguf", default=None, help="GGUF file (default: the embedded default model)")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--skip-llama-cpp", action="store_true")
+    ap.add_argument("--skip-transformers", action="store_true")
+    ap.add_argument("--json", default=None, help="also write the results to this file")
+    args = ap.parse_args()
+    gguf = args.gguf or default_model_path()
+    torch.set_num_threads(args.threads)
+    results: dict[str, dict[str, float]] = {}
+    results["surge_4bit_bf16"] = bench_surge(gguf, args.threads, "bfloat16", "auto")
+    results["surge_bf16"] = bench_surge(gguf, args.threads, "bfloat16", "none")
+    if not args.skip_llama_cpp and ensure_llama_cpp():
+        results["llama_cpp_python"] = bench_llama_cpp(gguf, args.threads)
+    if not args.skip_transformers:
+        results["transformers_bf16"] = bench_transformers(gguf, args.threads)
+
+    print(f"\nmodel {os.path.basename(gguf)}, {args.threads} threads, torch {torch.__version__}")
+    print(f"{'engine':<20}{'decode b1 tok/s':>17}{'prefill 512 tok/s':>19}{'decode b32 tok/s':>18}")
+    for name, r in results.items():
+        cells = [f"{r[k]:.1f}" if k in r else "-" for k in ("decode_b1", "prefill_512", "decode_b32")]
+        print(f"{name:<20}{cells[0]:>17}{cells[1]:>19}{cells[2]:>18}")
+    ratios = {}
+    s4, s16 = results["surge_4bit_bf16"], results["surge_bf16"]
+    if "llama_cpp_python" in results:
+        lc = results["llama_cpp_python"]
+        ratios["decode_b1 surge-4bit / llama.cpp"] = s4["decode_b1"] / lc["decode_b1"]
+        ratios["prefill_512 surge-4bit / llama.cpp"] = s4["prefill_512"] / lc["prefill_512"]
+    if "transformers_bf16" in results:
+        tf = results["transformers_bf16"]
+        for key in ("decode_b1", "decode_b32"):
+            ratios[f"{key} surge-bf16 / transformers-bf16"] = s16[key] / tf[key]
+            ratios[f"{key} surge-4bit / transformers-bf16"] = s4[key] / tf[key]
+    print()
+    for name, value in ratios.items():
+        print(f"{name:<48}{value:6.2f}x")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"results": results, "ratios": ratios, "threads": args.threads}, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

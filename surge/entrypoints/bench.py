@@ -1,0 +1,211 @@
+"""`surge bench latency | throughput | serve`: the numbers docs/performance.md is made of.
+
+latency: one prompt of --input-len tokens, prefill time and decode tokens/s (batch 1).
+throughput: --num-prompts prompts through LLM.generate at once (offline, continuous batching).
+serve: a load generator against any OpenAI-compatible URL (surge, llama-server, vLLM) at a
+fixed concurrency, streaming; TTFT / TPOT / end-to-end percentiles and output tokens/s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import random
+import statistics
+import sys
+import time
+from typing import Any
+
+WORDS = ("time person year way day thing man world life hand part child eye woman place work week case "
+         "point government company number group problem fact river mountain music science garden window "
+         "history language market energy ocean forest letter story picture kitchen morning question answer").split()
+
+
+def synthetic_prompt(rng: random.Random, words: int) -> str:
+    return " ".join(rng.choice(WORDS) for _ in range(words))
+
+
+def percentiles(values: list[float]) -> dict[str, float]:
+    if not values:
+        return {}
+    xs = sorted(values)
+
+    def pct(p: float) -> float:
+        return xs[min(len(xs) - 1, int(round(p / 100 * (len(xs) - 1))))]
+
+    return {"mean": statistics.fmean(xs), "p50": pct(50), "p90": pct(90), "p99": pct(99)}
+
+
+def _emit(result: dict[str, Any], as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(result, indent=2))
+        return
+    for key, value in result.items():
+        if isinstance(value, dict):
+            inner = ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in value.items())
+            print(f"{key}: {inner}")
+        else:
+            print(f"{key}: {value:.4g}" if isinstance(value, float) else f"{key}: {value}")
+
+
+def bench_latency(llm: Any, input_len: int, output_len: int, iters: int) -> dict[str, Any]:
+    from surge.sampling_params import RequestOutputKind, SamplingParams
+
+    rng = random.Random(0)
+    vocab = llm.engine.vocab_size
+    engine = llm.engine
+    prefill, decode = [], []
+    for it in range(iters + 1):  # the first run warms up
+        ids = [rng.randrange(3, vocab) for _ in range(input_len)]
+        params = SamplingParams(max_tokens=output_len, temperature=0, ignore_eos=True,
+                                output_kind=RequestOutputKind.DELTA)
+        start = time.perf_counter()
+        engine.add_request(ids, params)
+        first = None
+        while engine.has_unfinished_requests():
+            for _ in engine.step():
+                if first is None:
+                    first = time.perf_counter()
+        end = time.perf_counter()
+        if it:
+            prefill.append(first - start)
+            decode.append((output_len - 1) / (end - first))
+    return {"input_len": input_len, "output_len": output_len, "prefill_s": statistics.median(prefill),
+            "prefill_tok_s": input_len / statistics.median(prefill), "decode_tok_s": statistics.median(decode)}
+
+
+def bench_throughput(llm: Any, num_prompts: int, input_len: int, output_len: int) -> dict[str, Any]:
+    from surge.sampling_params import SamplingParams
+
+    rng = random.Random(1)
+    vocab = llm.engine.vocab_size
+    prompts = [[rng.randrange(3, vocab) for _ in range(input_len)] for _ in range(num_prompts)]
+    params = SamplingParams(max_tokens=output_len, temperature=0, ignore_eos=True)
+    llm.generate(prompts[:2], SamplingParams(max_tokens=4))  # warm up
+    start = time.perf_counter()
+    outs = llm.generate(prompts, params)
+    elapsed = time.perf_counter() - start
+    generated = sum(len(o.outputs[0].token_ids) for o in outs)
+    return {"num_prompts": num_prompts, "input_len": input_len, "output_len": output_len, "elapsed_s": elapsed,
+            "output_tok_s": generated / elapsed, "total_tok_s": (generated + num_prompts * input_len) / elapsed}
+
+
+async def _serve_load(url: str, model: str | None, concurrency: int, num_prompts: int, words: tuple[int, int],
+                      output_len: int, api_key: str | None, timeout: float) -> dict[str, Any]:
+    import httpx
+
+    rng = random.Random(2)
+    prompts = [synthetic_prompt(rng, rng.randint(*words)) for _ in range(num_prompts)]
+    queue: asyncio.Queue = asyncio.Queue()
+    for p in prompts:
+        queue.put_nowait(p)
+    ttft, tpot, e2e, tokens, errors = [], [], [], [], []
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+
+    async def worker(client: httpx.AsyncClient) -> None:
+        while not queue.empty():
+            prompt = queue.get_nowait()
+            body = {"prompt": prompt, "max_tokens": output_len, "temperature": 0, "stream": True,
+                    "ignore_eos": True, "stream_options": {"include_usage": True}}
+            if model:
+                body["model"] = model
+            start = time.perf_counter()
+            first = None
+            count = 0
+            usage = None
+            try:
+                async with client.stream("POST", f"{url.rstrip('/')}/v1/completions", json=body,
+                                         headers=headers) as r:
+                    if r.status_code != 200:
+                        errors.append(f"HTTP {r.status_code}: {(await r.aread())[:200]!r}")
+                        continue
+                    async for line in r.aiter_lines():
+                        if not line.startswith("data:") or line.strip() == "data: [DONE]":
+                            continue
+                        chunk = json.loads(line[5:])
+                        if chunk.get("usage"):
+                            usage = chunk["usage"]
+                        for choice in chunk.get("choices") or []:
+                            if choice.get("text"):
+                                count += 1
+                                if first is None:
+                                    first = time.perf_counter()
+            except httpx.HTTPError as exc:
+                errors.append(f"{type(exc).__name__}: {exc}")
+                continue
+            end = time.perf_counter()
+            n = usage["completion_tokens"] if usage else count
+            tokens.append(n)
+            e2e.append(end - start)
+            if first is not None:
+                ttft.append(first - start)
+                if n > 1:
+                    tpot.append((end - first) / (n - 1))
+
+    start = time.perf_counter()
+    async with httpx.AsyncClient(timeout=timeout) as client:
+        await asyncio.gather(*(worker(client) for _ in range(concurrency)))
+    elapsed = time.perf_counter() - start
+    return {"url": url, "concurrency": concurrency, "completed": len(e2e), "errors": len(errors),
+            "elapsed_s": elapsed, "output_tok_s": sum(tokens) / elapsed,
+            "ttft_s": percentiles(ttft), "tpot_s": percentiles(tpot), "e2e_s": percentiles(e2e),
+            **({"first_error": errors[0]} if errors else {})}
+
+
+def add_bench_parser(sub: Any, add_model_args: Any) -> None:
+    bench = sub.add_parser("bench", help="measure latency, offline throughput, or a server under load")
+    kinds = bench.add_subparsers(dest="bench", required=True)
+    lat = kinds.add_parser("latency", help="batch-1 prefill time and decode tokens/s")
+    add_model_args(lat)
+    lat.add_argument("--input-len", type=int, default=512)
+    lat.add_argument("--output-len", type=int, default=128)
+    lat.add_argument("--iters", type=int, default=3)
+    lat.add_argument("--json", action="store_true")
+    thr = kinds.add_parser("throughput", help="offline generation over many prompts")
+    add_model_args(thr)
+    thr.add_argument("--num-prompts", type=int, default=32)
+    thr.add_argument("--input-len", type=int, default=128)
+    thr.add_argument("--output-len", type=int, default=64)
+    thr.add_argument("--json", action="store_true")
+    srv = kinds.add_parser("serve", help="load generator against an OpenAI-compatible server")
+    srv.add_argument("--url", default="http://127.0.0.1:8000")
+    srv.add_argument("--model", default=None, help="model name to send (default: none)")
+    srv.add_argument("--api-key", default=None)
+    srv.add_argument("--concurrency", type=int, default=32)
+    srv.add_argument("--num-prompts", type=int, default=64)
+    srv.add_argument("--prompt-words", default="20-200", help="prompt length range in words, e.g. 20-200")
+    srv.add_argument("--output-len", type=int, default=64)
+    srv.add_argument("--timeout", type=float, default=600.0)
+    srv.add_argument("--json", action="store_true")
+
+
+def cmd_bench(args: argparse.Namespace, load: Any) -> int:
+    from surge.errors import InvalidArgumentError
+
+    if args.bench == "serve":
+        try:
+            lo, hi = (int(x) for x in args.prompt_words.split("-"))
+        except ValueError as exc:
+            raise InvalidArgumentError(f"--prompt-words must look like 20-200, got {args.prompt_words!r}") from exc
+        if args.concurrency < 1 or args.num_prompts < 1 or not 0 < lo <= hi:
+            raise InvalidArgumentError("--concurrency, --num-prompts and --prompt-words must be positive")
+        result = asyncio.run(_serve_load(args.url, args.model, args.concurrency, args.num_prompts, (lo, hi),
+                                         args.output_len, args.api_key, args.timeout))
+    else:
+        for name in ("input_len", "output_len", "iters", "num_prompts"):
+            if getattr(args, name, 1) < 1:
+                raise InvalidArgumentError(f"--{name.replace('_', '-')} must be at least 1")
+        llm = load(args)
+        if args.bench == "latency":
+            result = bench_latency(llm, args.input_len, args.output_len, args.iters)
+        else:
+            result = bench_throughput(llm, args.num_prompts, args.input_len, args.output_len)
+        result = {"model": llm.loaded.source.name, "dtype": str(llm.loaded.dtype).removeprefix("torch."),
+                  "quantization": llm.loaded.quantization, **result}
+    _emit(result, args.json)
+    return 0 if not result.get("errors") else 1
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit("use `surge bench`")
