@@ -222,7 +222,8 @@ class LlamaForCausalLM(nn.Module):
 
     def finalize(self, scheme: str = "auto", group_size: int = 32, keep_dense: bool = True) -> None:
         """Turn linears into quantized ones: "auto" keeps a GGUF's Q4/Q8 weights as int4/int8,
-        "int4"/"int8" quantize every linear (the LM head to int8), "none" keeps float."""
+        "int4"/"int8" quantize every linear (the LM head to int8 in groups of 32), "none"
+        keeps float."""
         dtype = self.model.embed_tokens.weight.dtype
         pending = getattr(self, "_quantized", {})
         for path, module in list(self.named_modules()):
