@@ -1,6 +1,6 @@
 """Side-by-side speed of surge, llama.cpp (llama-cpp-python) and transformers on the same model.
 
-    python benchmarks/compare.py [--threads 2] [--skip-llama-cpp] [--skip-transformers] [--json OUT]
+    python benchmarks/compare.py [--threads 2] [--skip-llama-cpp] [--skip-transformers] [--serve] [--json OUT]
 
 Everything runs in this one process, one engine at a time, on the same GGUF file (the
 default model unless --gguf is given) and the same token ids, and the script prints each
@@ -118,6 +118,84 @@ def bench_transformers(gguf: str, threads: int) -> dict[str, float]:
     return out
 
 
+LLAMA_CPP_VERSION = "0.3.36"
+CACHE = os.path.expanduser("~/.cache/surge-bench")
+
+
+def ensure_llama_server() -> str | None:
+    """Build llama.cpp's llama-server from the llama-cpp-python sdist (which vendors llama.cpp)."""
+    import glob
+    import shutil
+    import tarfile
+
+    src = os.path.join(CACHE, f"llama_cpp_python-{LLAMA_CPP_VERSION}", "vendor", "llama.cpp")
+    build = os.path.join(src, "build")
+    exe = os.path.join(build, "bin", "llama-server")
+    if os.path.exists(exe):
+        return exe
+    if shutil.which("cmake") is None:
+        print("cmake not found: skipping llama-server", file=sys.stderr)
+        return None
+    os.makedirs(CACHE, exist_ok=True)
+    subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
+                    f"llama-cpp-python=={LLAMA_CPP_VERSION}", "-d", CACHE], check=True)
+    (sdist,) = glob.glob(os.path.join(CACHE, f"llama_cpp_python-{LLAMA_CPP_VERSION}.tar.gz"))
+    with tarfile.open(sdist) as tar:
+        tar.extractall(CACHE, filter="data")
+    print("building llama-server (several minutes)...", file=sys.stderr)
+    subprocess.run(["cmake", "-B", build, "-DGGML_NATIVE=ON", "-DLLAMA_CURL=OFF", "-DLLAMA_BUILD_TESTS=OFF",
+                    "-DLLAMA_BUILD_SERVER=ON", "-DCMAKE_BUILD_TYPE=Release"], cwd=src, check=True)
+    subprocess.run(["cmake", "--build", build, "--target", "llama-server", "-j", str(os.cpu_count() or 2)],
+                   cwd=src, check=True)
+    return exe
+
+
+def _wait_http(url: str, proc: subprocess.Popen, timeout: float = 300) -> None:
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}")
+        try:
+            if httpx.get(url, timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise RuntimeError(f"{url} not ready after {timeout}s")
+
+
+def bench_serving(gguf: str, threads: int, concurrency: int = 32, num_prompts: int = 64) -> dict[str, dict]:
+    """The same load (streams of 20-200-word prompts, 64 tokens, ignore_eos) against llama-server
+    with `concurrency` slots and against `surge serve`, one after the other."""
+    import asyncio
+
+    from surge.entrypoints.bench import _serve_load
+
+    out: dict[str, dict] = {}
+    servers = {}
+    exe = ensure_llama_server()
+    if exe:
+        servers["llama_server"] = ([exe, "-m", gguf, "--port", "8731", "-t", str(threads), "-tb", str(threads),
+                                    "-np", str(concurrency), "-c", str(concurrency * 512), "--host", "127.0.0.1"],
+                                   "http://127.0.0.1:8731", "/health")
+    servers["surge"] = ([sys.executable, "-m", "surge.entrypoints.cli", "serve", "--model", gguf, "--port", "8732",
+                         "--threads", str(threads), "--log-level", "warning"], "http://127.0.0.1:8732", "/health")
+    for name, (cmd, url, health) in servers.items():
+        # llama-server finds its shared libraries next to it
+        env = {**os.environ, "LD_LIBRARY_PATH": os.path.dirname(cmd[0])} if name == "llama_server" else None
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+        try:
+            _wait_http(url + health, proc)
+            asyncio.run(_serve_load(url, None, 4, 4, (20, 40), 8, None, 300))  # warm up
+            out[name] = asyncio.run(_serve_load(url, None, concurrency, num_prompts, (20, 200), 64, None, 600))
+        finally:
+            proc.terminate()
+            proc.wait(60)
+    return out
+
+
 def main() -> int:
     from surge.loader.hub import default_model_path
 
@@ -126,6 +204,8 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--skip-llama-cpp", action="store_true")
     ap.add_argument("--skip-transformers", action="store_true")
+    ap.add_argument("--serve", action="store_true",
+                    help="also compare serving (32 streams) against llama-server, built from source if needed")
     ap.add_argument("--json", default=None, help="also write the results to this file")
     args = ap.parse_args()
     gguf = args.gguf or default_model_path()
@@ -154,12 +234,23 @@ def main() -> int:
         for key in ("decode_b1", "decode_b32"):
             ratios[f"{key} surge-bf16 / transformers-bf16"] = s16[key] / tf[key]
             ratios[f"{key} surge-4bit / transformers-bf16"] = s4[key] / tf[key]
+    serving = bench_serving(gguf, args.threads) if args.serve else {}
+    for name, r in serving.items():
+        print(f"serving {name:<14} output {r['output_tok_s']:.1f} tok/s, TTFT p50 {r['ttft_s'].get('p50', 0):.2f} s "
+              f"p99 {r['ttft_s'].get('p99', 0):.2f} s, TPOT p50 {r['tpot_s'].get('p50', 0) * 1000:.0f} ms, "
+              f"{r['completed']} done, {r['errors']} errors")
+    if "llama_server" in serving and "surge" in serving:
+        ratios["serving output tok/s surge / llama-server"] = (
+            serving["surge"]["output_tok_s"] / serving["llama_server"]["output_tok_s"])
+        ratios["serving TTFT p99 llama-server / surge"] = (
+            serving["llama_server"]["ttft_s"]["p99"] / serving["surge"]["ttft_s"]["p99"])
     print()
     for name, value in ratios.items():
         print(f"{name:<48}{value:6.2f}x")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"results": results, "ratios": ratios, "threads": args.threads}, f, indent=2)
+            json.dump({"results": results, "serving": serving, "ratios": ratios, "threads": args.threads}, f,
+                      indent=2)
     return 0
 
 
