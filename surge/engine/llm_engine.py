@@ -209,10 +209,6 @@ class LLMEngine:
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished()
 
-    @property
-    def num_unfinished_requests(self) -> int:
-        return len(self._parents)
-
     # ---- stepping -----------------------------------------------------------------------
 
     @torch.inference_mode()

@@ -25,7 +25,7 @@ from starlette.background import BackgroundTask
 from surge.engine.async_engine import AsyncEngine, EngineDeadError
 from surge.engine.llm_engine import EngineStats, LLMEngine
 from surge.errors import SurgeError
-from surge.outputs import CompletionOutput, PositionLogprobs, RequestOutput
+from surge.outputs import PositionLogprobs, RequestOutput
 from surge.sampling_params import SamplingParams
 from surge.server.errors import APIError, bad_request, error_response
 from surge.server.metrics import ServerMetrics
