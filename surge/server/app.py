@@ -233,10 +233,10 @@ def stream_error(exc: BaseException) -> str:
 # ---- logprob formats ------------------------------------------------------------------------
 
 
-def _token_text(state_engine: LLMEngine, token_id: int, lp: PositionLogprobs | None) -> str:
+def _token_text(engine: LLMEngine, token_id: int, lp: PositionLogprobs | None) -> str:
     if lp is not None and token_id in lp and lp[token_id].decoded_token is not None:
         return lp[token_id].decoded_token  # type: ignore[return-value]
-    return state_engine.tokenizer.decode([token_id], skip_special_tokens=False)
+    return engine.tokenizer.decode([token_id], skip_special_tokens=False)
 
 
 def completion_logprobs(
@@ -427,11 +427,10 @@ def build_app(state: ServerState) -> FastAPI:
                     lps = None
                     if body.logprobs is not None:
                         ids, positions = c.token_ids, list(c.logprobs or [])
-                        offset = 0
                         if body.echo:
                             ids = prompts[i][1] + ids
                             positions = list(out.prompt_logprobs or [None] * len(prompts[i][1])) + positions
-                        lps = completion_logprobs(engine, ids, positions, body.logprobs, offset)
+                        lps = completion_logprobs(engine, ids, positions, body.logprobs, 0)
                     if body.echo:
                         text = prompt_text(i) + text
                     completion_tokens += len(c.token_ids)
