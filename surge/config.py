@@ -11,7 +11,6 @@ from typing import Any
 
 from surge.errors import InvalidArgumentError
 
-DTYPES = ("float32", "bfloat16", "float16")
 DTYPE_ALIASES = {
     "auto": "auto",
     "float32": "float32",
@@ -135,15 +134,3 @@ class CacheConfig:
             raise InvalidArgumentError(
                 f"memory_fraction must be in (0, 1], got {self.memory_fraction}"
             )
-
-
-@dataclass(frozen=True)
-class EngineConfig:
-    """Everything an engine needs, composed; built by the entry points from user arguments."""
-
-    model: ModelConfig
-    dtype: str
-    cache: CacheConfig = field(default_factory=CacheConfig)
-    device: str = "cpu"
-    max_num_seqs: int = 256
-    max_num_batched_tokens: int = 4096

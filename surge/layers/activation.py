@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 
 from surge.errors import UnsupportedArchitectureError
@@ -15,6 +14,3 @@ def get_activation(name: str):
         raise UnsupportedArchitectureError(f"activation {name!r} is not supported ({', '.join(_ACTIVATIONS)})")
     return _ACTIVATIONS[name]
 
-
-def gated(act, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    return act(gate) * up

@@ -111,8 +111,6 @@ def paged_attention(
     new tokens and context length L sits at position L - n + j and sees keys 0..L-n+j (and
     only the last `sliding_window` of them when the model has a window).
     """
-    if meta.prefill_seqs is None:
-        meta.split_decode()
     if meta.decode_seqs is not None:
         decode = (kv_cache, meta.decode_tables, meta.decode_seq_lens, meta.decode_width, scale, sliding_window)
         if not meta.prefill_seqs:
@@ -135,16 +133,14 @@ def paged_attention(
         ki = k.transpose(0, 1).unsqueeze(0).to(q.dtype)  # [1, Hk, L, D]
         vi = v.transpose(0, 1).unsqueeze(0).to(q.dtype)
         mask = None
-        causal = False
-        if sliding_window is not None and seq_len > sliding_window:
+        windowed = sliding_window is not None and seq_len > sliding_window
+        causal = not windowed and n == seq_len and n > 1
+        if windowed or (n > 1 and n < seq_len):
             q_pos = torch.arange(seq_len - n, seq_len, device=q.device).unsqueeze(1)
             k_pos = torch.arange(seq_len, device=q.device).unsqueeze(0)
-            mask = (k_pos <= q_pos) & (k_pos > q_pos - sliding_window)
-        elif n == seq_len:
-            causal = n > 1
-        elif n > 1:
-            q_pos = torch.arange(seq_len - n, seq_len, device=q.device).unsqueeze(1)
-            mask = torch.arange(seq_len, device=q.device).unsqueeze(0) <= q_pos
+            mask = k_pos <= q_pos
+            if windowed:
+                mask &= k_pos > q_pos - sliding_window
         o = F.scaled_dot_product_attention(
             qi, ki, vi, attn_mask=mask, is_causal=causal, scale=scale, enable_gqa=ki.shape[1] != qi.shape[1]
         )

@@ -27,16 +27,6 @@ class LoadedModel:
     quantization: str = "none"
 
 
-def read_config(source: ModelSource) -> ModelConfig:
-    if source.kind == "gguf":
-        from surge.loader.gguf import config_from_gguf, open_gguf
-
-        return config_from_gguf(open_gguf(source.path), source.path)
-    from surge.loader.hf_config import config_from_hf_dir
-
-    return config_from_hf_dir(source.path)
-
-
 QUANTIZATIONS = ("auto", "none", "int8", "int4")
 
 
@@ -110,4 +100,4 @@ def describe_quantization(net: torch.nn.Module) -> str:
     return ", ".join(f"{k} ({n} linears)" for k, n in sorted(kinds.items())) or "none"
 
 
-__all__ = ["LoadedModel", "ModelSource", "load_model", "read_config", "resolve_model"]
+__all__ = ["LoadedModel", "ModelSource", "load_model", "resolve_model"]

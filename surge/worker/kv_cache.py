@@ -40,10 +40,11 @@ def kv_cache_budget(cache: CacheConfig, device: str) -> int:
 
 def num_kv_blocks(model: ModelConfig, cache: CacheConfig, dtype: torch.dtype, device: str) -> int:
     per_block = bytes_per_block(model, cache.block_size, dtype)
-    blocks = kv_cache_budget(cache, device) // per_block
+    budget = kv_cache_budget(cache, device)
+    blocks = budget // per_block
     if blocks < 1:
         raise InvalidArgumentError(
-            f"the KV cache budget ({kv_cache_budget(cache, device)} bytes) is smaller than one block "
+            f"the KV cache budget ({budget} bytes) is smaller than one block "
             f"({per_block} bytes); raise --kv-cache-memory"
         )
     return int(blocks)

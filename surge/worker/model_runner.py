@@ -74,6 +74,7 @@ class ModelRunner:
             seq_lens=seq_lens,
             block_size=bs,
         )
+        meta.split_decode()
         return (
             torch.tensor(ids, dtype=torch.int64, device=dev),
             torch.tensor(positions, dtype=torch.int64, device=dev),

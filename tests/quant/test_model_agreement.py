@@ -6,33 +6,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import torch
 
-from surge.core.scheduler_output import ScheduledRequest, SchedulerOutput
 from surge.loader import load_model
-from surge.worker.kv_cache import allocate_kv_caches
-from surge.worker.model_runner import ModelRunner
 from tests.helpers import surge_logits
 
 TEXT = (Path(__file__).resolve().parents[2] / "README.md").read_text()
 STEP = 8  # rows per step: below DENSE_MIN_ROWS, so the packed kernels run
-
-
-def teacher_forced(loaded, ids: list[int], step: int) -> torch.Tensor:
-    """Logits at every position, feeding the text `step` tokens at a time through the cache."""
-    bs = 16
-    blocks = list(range(1, -(-len(ids) // bs) + 1))
-    caches = allocate_kv_caches(loaded.config, len(blocks) + 1, bs, loaded.dtype, "cpu")
-    runner = ModelRunner(loaded.model, caches, bs, "cpu")
-    out = []
-    with torch.inference_mode():
-        for start in range(0, len(ids), step):
-            chunk = ids[start:start + step]
-            sched = SchedulerOutput([ScheduledRequest("r", chunk, start, blocks, True)])
-            tokens, positions, meta, _ = runner.prepare(sched)
-            hidden = loaded.model(tokens, positions, caches, meta)
-            out.append(loaded.model.compute_logits(hidden))
-    return torch.cat(out)
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +29,8 @@ def test_top1_agreement_with_float(reference, quantization):
     ids, want = reference
     loaded = load_model(None, "float32", "cpu", quantization=quantization, group_size=32)
     assert loaded.quantization != "none"
-    decode = teacher_forced(loaded, ids, STEP).argmax(-1)
+    (decode,) = surge_logits(loaded, [ids], chunks=-(-len(ids) // STEP))  # at most STEP rows a step
+    decode = decode.argmax(-1)
     (prefill,) = surge_logits(loaded, [ids])
     for got in (decode, prefill.argmax(-1)):
         agreement = (got[:256] == want[:256]).float().mean().item()

@@ -6,7 +6,6 @@ import os
 from typing import Any
 
 import gguf
-import numpy as np
 
 from surge.config import ModelConfig, RopeConfig
 from surge.errors import ModelFormatError, UnsupportedArchitectureError
@@ -138,7 +137,3 @@ def tokenizer_metadata(reader: gguf.GGUFReader) -> dict[str, Any]:
             meta["chat_template"] = field_value(reader, key)
     return meta
 
-
-def as_numpy(tensor: Any) -> np.ndarray:
-    """The raw (still quantized) data of a reader tensor."""
-    return np.asarray(tensor.data)
