@@ -49,7 +49,8 @@ def tiny_tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def build_tiny_model(
-    kind: str, path: Path, tokenizer_dir: Path | None = None, save_dtype: torch.dtype | None = None, **overrides
+    kind: str, path: Path, tokenizer_dir: Path | None = None, save_dtype: torch.dtype | None = None,
+    seed: int = 0, **overrides
 ) -> Path:
     """Save a seeded random `kind` (llama, mistral, qwen2) model small enough to run in milliseconds."""
     import shutil
@@ -78,7 +79,7 @@ def build_tiny_model(
         tie_word_embeddings=False,
     )
     kwargs.update(overrides)
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     model = model_cls(config_cls(**kwargs)).eval()
     if save_dtype is not None:
         model = model.to(save_dtype)

@@ -21,7 +21,11 @@ from dataclasses import dataclass
 
 from surge.core.kv_cache_manager import KVCacheManager
 from surge.core.request import FinishReason, Request, RequestStatus
-from surge.core.scheduler_output import NewRequestData, ScheduledRequest, SchedulerOutput
+from surge.core.scheduler_output import (
+    NewRequestData,
+    ScheduledRequest,
+    SchedulerOutput,
+)
 from surge.errors import InvalidArgumentError
 
 

@@ -16,8 +16,9 @@ from dataclasses import dataclass, field
 import torch
 
 from surge.config import CacheConfig
+from surge.core.kv_cache_manager import PrefixCacheStats
 from surge.core.request import FinishReason, Request
-from surge.core.scheduler import Scheduler, SchedulingPolicy
+from surge.core.scheduler import Scheduler, SchedulerStats, SchedulingPolicy
 from surge.engine.detokenizer import RequestDetokenizer
 from surge.errors import InvalidArgumentError
 from surge.layers.sampler import TokenLogprobs
@@ -45,6 +46,22 @@ class EngineStats:
     prompt_tokens: int
     computed_prompt_tokens: int  # prompt tokens actually run through the model (recomputes included)
     generation_tokens: int
+
+
+@dataclass
+class WarmupReport:
+    prefill_lengths: list[int]
+    decode_batch_sizes: list[int]
+    seconds: float
+
+
+def decode_buckets(max_num_seqs: int) -> list[int]:
+    """Batch sizes a decode step is shaped for: powers of two up to max_num_seqs, and it."""
+    sizes, b = [], 1
+    while b < max_num_seqs:
+        sizes.append(b)
+        b *= 2
+    return sizes + [max_num_seqs]
 
 
 @dataclass
@@ -323,6 +340,52 @@ class LLMEngine:
             parent.request_id, parent.prompt, parent.prompt_ids, completions, finished,
             prompt_lps, parent.children[0].request.num_cached_tokens,
         )
+
+    # ---- warm-up ------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def warm_up(self, prefill_lengths: tuple[int, ...] = (16, 128, 512)) -> WarmupReport:
+        """Run every decode batch bucket and some prefill shapes once, then forget them.
+
+        The first call of a shape pays for kernel selection, allocator growth and (where the
+        runner compiles) compilation; doing it here keeps that off the first users' latency.
+        Must run before the engine serves: it drives step() itself and resets the counters.
+        """
+        if self.has_unfinished_requests():
+            raise RuntimeError("warm_up() must run on an idle engine")
+        start = time.perf_counter()
+        greedy = SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True,
+                                output_kind=RequestOutputKind.FINAL_ONLY)
+        seeds = itertools.count(1)
+
+        def prompt(n: int) -> list[int]:  # distinct prompts, so no prefix-cache hit shortens one
+            first = next(seeds) * 7919
+            return [(first + i) % self.vocab_size for i in range(n)]
+
+        limit = min(self.max_model_len - 2, self.scheduler.max_num_batched_tokens,
+                    self.capacity_tokens - self.block_size)
+        prefills = sorted({min(n, limit) for n in prefill_lengths if n > 0})
+        for n in prefills:
+            self._run_to_end([prompt(n)], greedy)
+        # decode buckets: as many sequences as the bucket, one block each, while the cache holds them
+        length = max(1, min(8, self.block_size - 2))
+        buckets = [b for b in decode_buckets(self.scheduler.max_num_seqs) if b <= self.scheduler.pool.num_blocks]
+        for b in buckets:
+            self._run_to_end([prompt(length) for _ in range(b)], greedy)
+        self.scheduler.pool.reset_prefix_cache()
+        self.scheduler.stats = SchedulerStats()
+        self.scheduler.kv.stats = PrefixCacheStats()
+        return WarmupReport(prefills, buckets, time.perf_counter() - start)
+
+    def _run_to_end(self, prompts: list[list[int]], params: SamplingParams) -> None:
+        ids = [self.add_request(p, params, request_id=f"warmup-{next(self._ids)}") for p in prompts]
+        try:
+            while self.has_unfinished_requests():
+                self.step()
+        except BaseException:
+            for request_id in ids:
+                self.abort_request(request_id)
+            raise
 
     # ---- observability ------------------------------------------------------------------
 

@@ -18,8 +18,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    help="a .gguf file, a Hugging Face directory or hub id (default: the embedded SmolLM2-135M-Instruct Q4_1)")
     p.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 | float16 (default: auto)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    p.add_argument("--kv-cache-memory", type=int, default=None, metavar="BYTES",
-                   help="KV cache size in bytes (default: min(2 GiB, half the free memory) on CPU)")
+    p.add_argument("--kv-cache-memory", type=_size("--kv-cache-memory"), default=None, metavar="SIZE",
+                   help="KV cache size: bytes or 512MiB, 2GiB ... (default: min(2 GiB, half the free memory) on CPU)")
     p.add_argument("--quantization", "-q", default="auto", choices=["auto", "none", "int8", "int4"],
                    help="auto: a GGUF's Q4/Q8 weights run as int4/int8; int8/int4: quantize a float model")
     p.add_argument("--group-size", type=int, default=32, help="int4 group size (32, 64 or 128)")
@@ -34,6 +34,18 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-chunked-prefill", action="store_true", help="prefill each prompt in one step")
     p.add_argument("--scheduling-policy", choices=["fcfs", "priority"], default="fcfs")
     p.add_argument("-v", "--verbose", action="store_true", help="log loading and cache details to stderr")
+
+
+def _size(flag: str) -> Callable[[str], int]:
+    def parse(value: str) -> int:
+        from surge.engine.args import parse_bytes
+
+        try:
+            return parse_bytes(value, flag)
+        except InvalidArgumentError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from exc
+
+    return parse
 
 
 def _add_sampling_args(p: argparse.ArgumentParser, max_tokens: int) -> None:
@@ -59,17 +71,23 @@ def _sampling(args: argparse.Namespace) -> Any:
     )
 
 
+def _engine_args(args: argparse.Namespace) -> Any:
+    from surge.engine.args import EngineArgs
+
+    return EngineArgs(
+        dtype=args.dtype, device=args.device, quantization=args.quantization, group_size=args.group_size,
+        kv_cache_memory=args.kv_cache_memory, kv_cache_fraction=args.kv_cache_fraction,
+        block_size=args.block_size, max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens, enable_prefix_caching=not args.no_prefix_caching,
+        enable_chunked_prefill=not args.no_chunked_prefill, scheduling_policy=args.scheduling_policy,
+        warmup=not getattr(args, "no_warmup", False),
+    )
+
+
 def _load(args: argparse.Namespace) -> Any:
     from surge.entrypoints.llm import LLM
 
-    return LLM(
-        args.model, dtype=args.dtype, device=args.device, kv_cache_memory=args.kv_cache_memory,
-        kv_cache_memory_fraction=args.kv_cache_fraction, block_size=args.block_size,
-        max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-        enable_prefix_caching=not args.no_prefix_caching, enable_chunked_prefill=not args.no_chunked_prefill,
-        scheduling_policy=args.scheduling_policy, quantization=args.quantization,
-        quantization_group_size=args.group_size, threads=args.threads,
-    )
+    return LLM(args.model, threads=args.threads, **_engine_args(args).llm_kwargs())
 
 
 def _streamer(write: Callable[[str], None]) -> Callable[[Any], None]:
@@ -148,25 +166,53 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from surge.loader.hub import resolve_model
-    from surge.server.app import ServerSettings
-    from surge.server.serve import ServeOptions, serve
+    import torch
 
-    source = resolve_model(args.model)  # a bad path fails here, before the server starts
-    for name, value in (("--max-queue", args.max_queue), ("--request-timeout", args.request_timeout)):
+    from surge.entrypoints.llm import LLM
+    from surge.loader.hub import resolve_model
+    from surge.loader.memory import MemoryBudget
+    from surge.platform import default_device
+    from surge.server.app import ServerSettings
+    from surge.server.repository import ModelRepository
+    from surge.server.serve import ServeOptions, serve
+    from surge.worker.kv_cache import available_memory
+
+    for name, value in (("--max-queue", args.max_queue), ("--request-timeout", args.request_timeout),
+                        ("--repository-poll-interval", args.repository_poll_interval)):
         if value is not None and value <= 0:
             raise InvalidArgumentError(f"{name} must be positive, got {value}")
-    name = args.served_model_name or source.name
+    if args.response_cache_size < 0:
+        raise InvalidArgumentError(f"--response-cache-size must be 0 (off) or more, got {args.response_cache_size}")
+    if args.threads is not None:
+        if args.threads < 1:
+            raise InvalidArgumentError(f"--threads must be at least 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
+    defaults = _engine_args(args)
+    budget_bytes = args.memory_budget or int(available_memory(args.device or default_device()) * 0.9)
+    budget = MemoryBudget(budget_bytes)
 
-    def describe(engine: Any) -> str:
-        dtype = str(engine.loaded.dtype).removeprefix("torch.")
-        return (f"model {name} ({engine.config.architecture}, {source.kind} {source.path}), dtype {dtype}, "
-                f"quantization {engine.loaded.quantization}, KV cache {engine.capacity_tokens} tokens "
-                f"({engine.scheduler.pool.num_blocks} blocks of {engine.block_size})")
+    def factory(path: str | None, engine_args: Any, reserve: Any) -> Any:
+        return LLM(path, reserve=reserve, **engine_args.llm_kwargs()).engine
 
-    settings = ServerSettings(api_key=args.api_key, max_queue=args.max_queue, request_timeout=args.request_timeout)
+    if args.model_repository is not None:
+        if args.model is not None or args.served_model_name is not None:
+            raise InvalidArgumentError("give either --model (and --served-model-name) or --model-repository, not both")
+        repository = ModelRepository.from_directory(args.model_repository, factory, defaults, budget)
+        if not repository.scan():
+            logging.getLogger("surge.serve").warning(
+                "the model repository %s holds no model yet (expected <name>/<version>/ directories)",
+                repository.root)
+    else:
+        if args.repository_poll_interval is not None:
+            raise InvalidArgumentError("--repository-poll-interval needs --model-repository")
+        source = resolve_model(args.model)  # a bad path fails here, before the server starts
+        repository = ModelRepository(factory, defaults, budget)
+        repository.add_model(args.served_model_name or source.name, None if args.model is None else source.path)
+    settings = ServerSettings(api_key=args.api_key, admin_key=args.admin_key, max_queue=args.max_queue,
+                              request_timeout=args.request_timeout, response_cache_size=args.response_cache_size)
     options = ServeOptions(args.host, args.port, args.shutdown_grace, args.log_level)
-    return serve(lambda: _load(args).engine, name, settings, options, describe)
+    return serve(repository, settings, options, args.repository_poll_interval,
+                 exit_on_load_failure=args.model_repository is None)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -202,6 +248,20 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--shutdown-grace", type=float, default=30.0, metavar="S",
                      help="on SIGTERM, seconds to let in-flight requests finish (default: 30)")
     srv.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    srv.add_argument("--model-repository", default=None, metavar="DIR",
+                     help="serve every model in DIR/<name>/<version>/ (instead of --model)")
+    srv.add_argument("--repository-poll-interval", type=float, default=None, metavar="S",
+                     help="rescan the repository every S seconds: load new versions, switch them in when ready")
+    srv.add_argument("--admin-key", default=None,
+                     help="require 'Authorization: Bearer KEY' on the model control API (/v2/repository)")
+    srv.add_argument("--memory-budget", type=_size("--memory-budget"), default=None, metavar="SIZE",
+                     help="memory for all loaded models (weights + KV caches); a load beyond it is refused "
+                          "(default: 90%% of the memory available at start)")
+    srv.add_argument("--response-cache-size", type=int, default=0, metavar="N",
+                     help="keep the last N finished deterministic generations and answer repeats from them "
+                          "(default: 0, off)")
+    srv.add_argument("--no-warmup", action="store_true",
+                     help="serve without first running each decode batch size and some prefill shapes")
     srv.set_defaults(func=cmd_serve)
 
     from surge.entrypoints.bench import add_bench_parser, cmd_bench

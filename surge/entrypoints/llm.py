@@ -11,7 +11,7 @@ import torch
 from surge.config import CacheConfig
 from surge.engine.llm_engine import LLMEngine
 from surge.errors import InvalidArgumentError
-from surge.loader import load_model
+from surge.loader import ReserveHook, load_model
 from surge.outputs import RequestOutput
 from surge.sampling_params import RequestOutputKind, SamplingParams
 
@@ -24,6 +24,8 @@ class LLM:
     model: a .gguf file, a Hugging Face directory, a hub id, or None for the embedded default.
     dtype: "auto" (bf16 where the hardware runs it natively), "float32", "bfloat16", "float16".
     quantization: "auto" (a GGUF's Q4/Q8 weights stay 4/8-bit), "none", "int8", "int4".
+    reserve: called with the estimated weight bytes before the weights are loaded (a model
+    repository checks its memory budget there).
     """
 
     def __init__(
@@ -42,6 +44,7 @@ class LLM:
         quantization: str = "auto",
         quantization_group_size: int = 32,
         threads: int | None = None,
+        reserve: ReserveHook | None = None,
     ):
         cache = CacheConfig(block_size=block_size, kv_cache_memory=kv_cache_memory,
                             memory_fraction=kv_cache_memory_fraction)
@@ -49,7 +52,7 @@ class LLM:
             if threads < 1:
                 raise InvalidArgumentError(f"threads must be at least 1, got {threads}")
             torch.set_num_threads(threads)
-        self.loaded = load_model(model, dtype, device, quantization, quantization_group_size)
+        self.loaded = load_model(model, dtype, device, quantization, quantization_group_size, reserve)
         device = str(next(self.loaded.model.parameters()).device)
         self.engine = LLMEngine(
             self.loaded,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -29,6 +30,10 @@ class LoadedModel:
 
 QUANTIZATIONS = ("auto", "none", "int8", "int4")
 
+# Called once the config is read and before any weight is materialized, with the estimated
+# weight bytes, the config, the dtype and the device; raising there stops the load.
+ReserveHook = Callable[[int, ModelConfig, torch.dtype, str], None]
+
 
 def load_model(
     model: str | None,
@@ -36,6 +41,7 @@ def load_model(
     device: str | None = None,
     quantization: str = "auto",
     group_size: int = 32,
+    reserve: ReserveHook | None = None,
 ) -> LoadedModel:
     """Load model and tokenizer from a GGUF file, a HF directory, a hub id, or the default.
 
@@ -53,7 +59,12 @@ def load_model(
         quantization = "none"  # the packed int4/int8 kernels used here are CPU kernels
     source = resolve_model(model)
     if source.kind == "gguf":
-        from surge.loader.gguf import config_from_gguf, iter_gguf_weights, open_gguf, tokenizer_metadata
+        from surge.loader.gguf import (
+            config_from_gguf,
+            iter_gguf_weights,
+            open_gguf,
+            tokenizer_metadata,
+        )
         from surge.loader.gguf.reader import gguf_architecture
 
         reader = open_gguf(source.path)
@@ -75,6 +86,10 @@ def load_model(
     cls = get_model_class(config.architecture)
     with torch.device("meta"):
         net = cls(config)
+    if reserve is not None:
+        from surge.loader.memory import estimate_weight_bytes
+
+        reserve(estimate_weight_bytes(net, torch_dtype, quantization), config, torch_dtype, device)
     net = net.to(dtype=torch_dtype).to_empty(device=device)
     net.tie_weights()  # to_empty gives each module its own tensor; share them again
     net.load_weights(weights, source.path)
@@ -100,4 +115,4 @@ def describe_quantization(net: torch.nn.Module) -> str:
     return ", ".join(f"{k} ({n} linears)" for k, n in sorted(kinds.items())) or "none"
 
 
-__all__ = ["LoadedModel", "ModelSource", "load_model", "resolve_model"]
+__all__ = ["LoadedModel", "ModelSource", "ReserveHook", "load_model", "resolve_model"]

@@ -18,15 +18,17 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ValidationError
 from starlette.background import BackgroundTask
 
 from surge.engine.async_engine import AsyncEngine, EngineDeadError
 from surge.engine.llm_engine import EngineStats, LLMEngine
 from surge.errors import SurgeError
+from surge.loader.memory import MemoryBudgetError
 from surge.outputs import PositionLogprobs, RequestOutput
-from surge.sampling_params import SamplingParams
+from surge.sampling_params import RequestOutputKind, SamplingParams
+from surge.server.dashboard import StatsHistory, dashboard_html
 from surge.server.errors import APIError, bad_request, error_response
 from surge.server.metrics import ServerMetrics
 from surge.server.protocol import (
@@ -35,17 +37,33 @@ from surge.server.protocol import (
     DetokenizeRequest,
     TokenizeRequest,
 )
+from surge.server.repository import (
+    ModelLoadError,
+    ModelRepository,
+    ModelRequiredError,
+    ModelUnavailableError,
+    RepositoryConflictError,
+)
+from surge.server.response_cache import (
+    ResponseCache,
+    cache_key,
+    is_deterministic,
+    replay,
+)
 
 logger = logging.getLogger(__name__)
 
 PROTECTED_PREFIXES = ("/v1/", "/tokenize", "/detokenize")
+ADMIN_PREFIX = "/v2/"
 
 
 @dataclass
 class ServerSettings:
     api_key: str | None = None
-    max_queue: int | None = None  # requests allowed to wait beyond the running slots
+    admin_key: str | None = None  # guards /v2 (the model control API); the api key does when unset
+    max_queue: int | None = None  # requests allowed to wait beyond the running slots, per model
     request_timeout: float | None = None  # seconds
+    response_cache_size: int = 0  # finished deterministic generations kept; 0: off
     retry_after_s: int = 1
 
 
@@ -53,21 +71,29 @@ class ServerSettings:
 class ServerState:
     """What the routes share; `status` is loading -> ready -> draining (or failed)."""
 
-    model_name: str
+    repository: ModelRepository
     settings: ServerSettings
     status: str = "loading"
-    engine: LLMEngine | None = None
-    async_engine: AsyncEngine | None = None
     load_error: str | None = None
-    in_flight: int = 0
     created: int = field(default_factory=lambda: int(time.time()))
     metrics: ServerMetrics = field(init=False)
+    history: StatsHistory = field(init=False)
+    response_cache: ResponseCache | None = field(init=False)
 
     def __post_init__(self) -> None:
-        self.metrics = ServerMetrics(self.model_name, self.stats)
+        self.metrics = ServerMetrics(self.engine_stats)
+        self.history = StatsHistory(self.engine_stats)
+        self.metrics.listeners.append(self.history.record_request)
+        size = self.settings.response_cache_size
+        self.response_cache = ResponseCache(size) if size > 0 else None
+        if self.response_cache is not None:
+            self.repository.on_unloaded.append(self.response_cache.drop_version)
 
-    def stats(self) -> EngineStats | None:
-        return self.async_engine.stats() if self.async_engine is not None else None
+    def engine_stats(self) -> list[tuple[str, str, EngineStats]]:
+        return [(d.name, d.version, d.async_engine.stats()) for d in self.repository.deployments()]
+
+    def in_flight(self) -> int:
+        return self.repository.in_flight()
 
 
 # ---- request plumbing ---------------------------------------------------------------------
@@ -89,18 +115,63 @@ async def parse_body(request: Request, model: type[BaseModel]) -> Any:
         raise bad_request(f"invalid value for '{loc}': {err['msg']}", param=loc or None) from exc
 
 
-def check_model(state: ServerState, name: str | None) -> None:
-    if name is not None and name != state.model_name:
-        raise APIError(404, f"The model `{name}` does not exist; this server serves `{state.model_name}`.",
-                       "invalid_request_error", "model", "model_not_found")
+class Lease:
+    """A request's hold on the deployment it is routed to: taken before anything is queued,
+    returned when the response has been sent, so a retired version unloads only after it."""
 
+    def __init__(self, state: ServerState, requested: str | None):
+        if state.status != "ready":
+            raise APIError(503, f"the server is {state.status}; retry later", "service_unavailable")
+        try:
+            self.deployment, self.model = state.repository.acquire(requested)
+        except ModelUnavailableError as exc:
+            raise APIError(404, str(exc), "invalid_request_error", "model", "model_not_found") from exc
+        except ModelRequiredError as exc:
+            raise bad_request(str(exc), "model") from exc
+        self.state = state
+        self.released = False
+        self.engine: LLMEngine = self.deployment.engine
+        self.aengine: AsyncEngine = self.deployment.async_engine
+        if not self.aengine.is_running:
+            self.release()
+            raise APIError(503, f"the engine of {self.deployment.key} has stopped: {self.aengine.error}",
+                           "service_unavailable")
+        limit = state.settings.max_queue
+        if limit is not None and self.deployment.in_flight > self.engine.scheduler.max_num_seqs + limit:
+            self.release()
+            raise APIError(429, f"{self.model} is at capacity ({self.deployment.in_flight - 1} requests in flight, "
+                                f"waiting room of {limit}); retry later", "rate_limit_exceeded",
+                           headers={"Retry-After": str(state.settings.retry_after_s)})
 
-def engine_of(state: ServerState) -> tuple[LLMEngine, AsyncEngine]:
-    if state.status != "ready" or state.engine is None or state.async_engine is None:
-        raise APIError(503, f"the server is {state.status}; retry later", "service_unavailable")
-    if not state.async_engine.is_running:
-        raise APIError(503, f"the engine has stopped: {state.async_engine.error}", "service_unavailable")
-    return state.engine, state.async_engine
+    @property
+    def fingerprint(self) -> str:
+        """Which version answered, as OpenAI's `system_fingerprint` and the X-Surge-Model-Version header."""
+        return self.deployment.key
+
+    def release(self) -> None:
+        if not self.released:
+            self.released = True
+            self.state.repository.release(self.deployment)
+
+    def __enter__(self) -> "Lease":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+    def generate(self, ids: list[int], params: SamplingParams, request_id: str, priority: int,
+                 prompt_text: str | None = None) -> AsyncIterator[RequestOutput]:
+        """The engine's stream for one prompt, or a replay from the response cache."""
+        cache = self.state.response_cache
+        if cache is None or not is_deterministic(params):
+            return self.aengine.generate(ids, params, request_id, priority, prompt_text=prompt_text)
+        key = cache_key(self.deployment.key, ids, params)
+        hit = cache.get(key)
+        self.state.metrics.record_cache(self.deployment.name, hit is not None)
+        if hit is not None:
+            return replay(hit, request_id)
+        stream = self.aengine.generate(ids, params, request_id, priority, prompt_text=prompt_text)
+        return cache.through(key, stream, cumulative=params.output_kind is RequestOutputKind.CUMULATIVE)
 
 
 def sampling(build: Callable[[], SamplingParams]) -> SamplingParams:
@@ -117,25 +188,6 @@ def prepare_prompt(engine: LLMEngine, prompt: str | list[int], params: SamplingP
     except SurgeError as exc:
         raise bad_request(str(exc), param="prompt") from exc
     return text, ids
-
-
-class Admission:
-    """Counts a request in flight; refuses it with 429 when the waiting room is full."""
-
-    def __init__(self, state: ServerState, engine: LLMEngine):
-        self.state = state
-        limit = state.settings.max_queue
-        if limit is not None and state.in_flight >= engine.scheduler.max_num_seqs + limit:
-            raise APIError(429, f"the server is at capacity ({state.in_flight} requests in flight, "
-                                f"waiting room of {limit}); retry later", "rate_limit_exceeded",
-                           headers={"Retry-After": str(state.settings.retry_after_s)})
-        state.in_flight += 1
-        self.released = False
-
-    def release(self) -> None:
-        if not self.released:
-            self.released = True
-            self.state.in_flight -= 1
 
 
 @dataclass
@@ -215,10 +267,10 @@ def sse(payload: dict | str) -> str:
     return f"data: {payload if isinstance(payload, str) else json.dumps(payload, ensure_ascii=False)}\n\n"
 
 
-def sse_chunk(state: ServerState, rid: str, created: int, obj: str, choice: dict, include_usage: bool) -> str:
+def sse_chunk(lease: "Lease", rid: str, created: int, obj: str, choice: dict, include_usage: bool) -> str:
     """One streamed chunk; with include_usage every chunk carries "usage": null, as OpenAI's do."""
-    payload: dict[str, Any] = {"id": rid, "object": obj, "created": created, "model": state.model_name,
-                               "choices": [choice]}
+    payload: dict[str, Any] = {"id": rid, "object": obj, "created": created, "model": lease.model,
+                               "system_fingerprint": lease.fingerprint, "choices": [choice]}
     if include_usage:
         payload["usage"] = None
     return sse(payload)
@@ -286,7 +338,8 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
 
 
 class AuthAndStatusMiddleware:
-    """Checks the bearer key on protected routes and counts responses by status.
+    """Checks bearer keys (the API key on /v1 and the tokenizer routes, the admin key on /v2)
+    and counts responses by status.
 
     Plain ASGI (not BaseHTTPMiddleware), so endpoints still see the client's disconnect.
     """
@@ -295,19 +348,26 @@ class AuthAndStatusMiddleware:
         self.app = app
         self.state = state
 
+    def _required_key(self, path: str) -> str | None:
+        settings = self.state.settings
+        if path.startswith(ADMIN_PREFIX):
+            return settings.admin_key or settings.api_key
+        return settings.api_key
+
     async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
         path: str = scope["path"]
-        if not path.startswith(PROTECTED_PREFIXES):
+        if not path.startswith((*PROTECTED_PREFIXES, ADMIN_PREFIX)):
             await self.app(scope, receive, send)
             return
-        key = self.state.settings.api_key
+        key = self._required_key(path)
         if key is not None:
             headers = dict(scope.get("headers") or [])
             if headers.get(b"authorization", b"").decode("latin-1") != f"Bearer {key}":
-                response = error_response(401, "missing or invalid API key: send 'Authorization: Bearer <key>'",
+                which = "admin key" if path.startswith(ADMIN_PREFIX) and self.state.settings.admin_key else "API key"
+                response = error_response(401, f"missing or invalid {which}: send 'Authorization: Bearer <key>'",
                                           "authentication_error", code="invalid_api_key")
                 self.state.metrics.record_status(path, 401)
                 await response(scope, receive, send)
@@ -324,6 +384,23 @@ class AuthAndStatusMiddleware:
             await self.app(scope, receive, send_and_note)
         finally:
             self.state.metrics.record_status(path, status)
+
+
+def repository_error(exc: Exception, name: str) -> APIError:
+    """The HTTP answer to a failed model control operation."""
+    if isinstance(exc, ModelUnavailableError):
+        return APIError(404, str(exc), "invalid_request_error", "name", "model_not_found")
+    if isinstance(exc, RepositoryConflictError):
+        return APIError(409, str(exc), "conflict_error", code="conflict")
+    if isinstance(exc, MemoryBudgetError):
+        return APIError(507, str(exc), "insufficient_memory_error", code="memory_budget_exceeded")
+    if isinstance(exc, ModelLoadError):
+        return APIError(500, f"loading {name} failed: {exc}", "server_error", code="load_failed")
+    return APIError(400, f"loading {name} failed: {exc}", "invalid_request_error", code="load_failed")
+
+
+def version_headers(lease: Lease) -> dict[str, str]:
+    return {"X-Surge-Model-Version": lease.fingerprint}
 
 
 def build_app(state: ServerState) -> FastAPI:
@@ -343,64 +420,137 @@ def build_app(state: ServerState) -> FastAPI:
 
     @app.get("/health")
     async def health() -> Response:
-        if state.status == "ready" and state.async_engine is not None and state.async_engine.is_running:
-            return JSONResponse({"status": "ok"})
-        return JSONResponse({"status": state.status, "error": state.load_error}, status_code=503)
+        serving = [d for d in state.repository.serving() if d.async_engine.is_running]
+        if state.status == "ready" and serving:
+            return JSONResponse({"status": "ok", "models": sorted(d.key for d in serving)})
+        return JSONResponse({"status": state.status if state.status != "ready" else "no model ready",
+                             "error": state.load_error}, status_code=503)
 
     @app.get("/metrics")
     async def metrics() -> Response:
         return Response(state.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
+    # ---- model control (Triton's repository API) -------------------------------------------
+
+    @app.api_route("/v2/repository/index", methods=["GET", "POST"])
+    async def repository_index() -> JSONResponse:
+        return JSONResponse(state.repository.index())
+
+    async def control_body(request: Request) -> dict:
+        raw = await request.body()
+        if not raw.strip():
+            return {}
+        try:
+            body = json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise bad_request(f"malformed JSON body: {exc}") from exc
+        if not isinstance(body, dict):
+            raise bad_request("the request body must be a JSON object")
+        return body
+
+    @app.post("/v2/repository/models/{name}/load")
+    async def load_model(name: str, request: Request) -> JSONResponse:
+        body = await control_body(request)
+        version = body.get("version")
+        if version is not None and (isinstance(version, bool) or not str(version).isdigit()):
+            raise bad_request(f"'version' must be a positive integer, got {version!r}", "version")
+        try:
+            record = await asyncio.to_thread(state.repository.load, name, None if version is None else str(version))
+        except SurgeError as exc:
+            raise repository_error(exc, f"{name}:{version or 'newest'}") from exc
+        return JSONResponse({"name": name, "version": record.version, "state": record.state.value,
+                             "serving": True})
+
+    @app.post("/v2/repository/models/{name}/unload")
+    async def unload_model(name: str, request: Request) -> JSONResponse:
+        await control_body(request)
+        try:
+            await asyncio.to_thread(state.repository.unload, name)
+        except SurgeError as exc:
+            raise repository_error(exc, name) from exc
+        return JSONResponse({"name": name, "state": "UNAVAILABLE"})
+
+    @app.post("/v2/repository/models/{name}/rollback")
+    async def rollback_model(name: str, request: Request) -> JSONResponse:
+        await control_body(request)
+        try:
+            record = await asyncio.to_thread(state.repository.rollback, name)
+        except SurgeError as exc:
+            raise repository_error(exc, name) from exc
+        return JSONResponse({"name": name, "version": record.version, "state": record.state.value,
+                             "serving": True})
+
+    # ---- dashboard ---------------------------------------------------------------------------
+
+    @app.get("/dashboard")
+    async def dashboard() -> HTMLResponse:
+        return HTMLResponse(dashboard_html())
+
+    @app.get("/dashboard/data")
+    async def dashboard_data(since: float | None = None) -> JSONResponse:
+        data = state.history.data(since)
+        data["repository"] = [{k: v for k, v in row.items() if k != "path"} for row in state.repository.index()]
+        cache = state.response_cache
+        data["response_cache"] = None if cache is None else {
+            "size": len(cache), "capacity": cache.capacity, "hits": cache.hits, "misses": cache.misses}
+        data["status"] = state.status
+        return JSONResponse(data)
+
+    # ---- OpenAI API ----------------------------------------------------------------------------
+
     @app.get("/v1/models")
     async def models() -> dict:
-        engine, _ = engine_of(state)
-        return {"object": "list", "data": [{
-            "id": state.model_name, "object": "model", "created": state.created, "owned_by": "surge",
-            "max_model_len": engine.max_model_len,
-        }]}
+        data = []
+        for dep in sorted(state.repository.serving(), key=lambda d: d.name):
+            data.append({"id": dep.name, "object": "model", "created": state.created, "owned_by": "surge",
+                         "max_model_len": dep.engine.max_model_len, "version": dep.version})
+        return {"object": "list", "data": data}
 
     @app.post("/tokenize")
     async def tokenize(request: Request) -> dict:
         body = await parse_body(request, TokenizeRequest)
-        check_model(state, body.model)
-        engine, _ = engine_of(state)
-        if (body.prompt is None) == (body.messages is None):
-            raise bad_request("give exactly one of 'prompt' or 'messages'")
-        try:
-            if body.messages is not None:
-                ids = engine.tokenizer.encode_chat([m.as_template_dict() for m in body.messages],
-                                                   body.add_generation_prompt)
-            else:
-                ids = engine.tokenizer.encode(body.prompt or "", add_special_tokens=body.add_special_tokens)
-        except SurgeError as exc:
-            raise bad_request(str(exc)) from exc
-        return {"tokens": ids, "count": len(ids), "max_model_len": engine.max_model_len}
+        with Lease(state, body.model) as lease:
+            engine = lease.engine
+            if (body.prompt is None) == (body.messages is None):
+                raise bad_request("give exactly one of 'prompt' or 'messages'")
+            try:
+                if body.messages is not None:
+                    ids = engine.tokenizer.encode_chat([m.as_template_dict() for m in body.messages],
+                                                       body.add_generation_prompt)
+                else:
+                    ids = engine.tokenizer.encode(body.prompt or "", add_special_tokens=body.add_special_tokens)
+            except SurgeError as exc:
+                raise bad_request(str(exc)) from exc
+            return {"tokens": ids, "count": len(ids), "max_model_len": engine.max_model_len}
 
     @app.post("/detokenize")
     async def detokenize(request: Request) -> dict:
         body = await parse_body(request, DetokenizeRequest)
-        check_model(state, body.model)
-        engine, _ = engine_of(state)
-        bad = [t for t in body.tokens if not 0 <= t < engine.vocab_size]
-        if bad:
-            raise bad_request(f"token id {bad[0]} is outside the vocabulary [0, {engine.vocab_size})", "tokens")
-        return {"prompt": engine.tokenizer.decode(body.tokens, skip_special_tokens=False)}
+        with Lease(state, body.model) as lease:
+            engine = lease.engine
+            bad = [t for t in body.tokens if not 0 <= t < engine.vocab_size]
+            if bad:
+                raise bad_request(f"token id {bad[0]} is outside the vocabulary [0, {engine.vocab_size})", "tokens")
+            return {"prompt": engine.tokenizer.decode(body.tokens, skip_special_tokens=False)}
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
         body = await parse_body(request, CompletionRequest)
-        check_model(state, body.model)
-        engine, aengine = engine_of(state)
-        want_prompt_lps = body.echo and body.logprobs is not None
-        params = sampling(lambda: body.sampling_params(body.max_tokens, body.logprobs,
-                                                       body.logprobs if want_prompt_lps else None))
-        prompts = [prepare_prompt(engine, p, params) for p in body.prompts()]
-        admission = Admission(state, engine)
-        rid = f"cmpl-{uuid.uuid4().hex}"
-        created = int(time.time())
-        deadline = _deadline(state)
-        gens = [aengine.generate(ids, params, f"{rid}-{i}", body.priority, prompt_text=text)
-                for i, (text, ids) in enumerate(prompts)]
+        lease = Lease(state, body.model)
+        try:
+            engine = lease.engine
+            want_prompt_lps = body.echo and body.logprobs is not None
+            params = sampling(lambda: body.sampling_params(body.max_tokens, body.logprobs,
+                                                           body.logprobs if want_prompt_lps else None))
+            prompts = [prepare_prompt(engine, p, params) for p in body.prompts()]
+            rid = f"cmpl-{uuid.uuid4().hex}"
+            created = int(time.time())
+            deadline = _deadline(state)
+            gens = [lease.generate(ids, params, f"{rid}-{i}", body.priority, prompt_text=text)
+                    for i, (text, ids) in enumerate(prompts)]
+        except BaseException:
+            lease.release()
+            raise
         n = params.n
 
         def prompt_text(i: int) -> str:
@@ -409,8 +559,9 @@ def build_app(state: ServerState) -> FastAPI:
 
         if body.stream:
             return StreamingResponse(
-                _stream_completion(state, engine, body, gens, prompts, prompt_text, rid, created, deadline, admission),
-                media_type="text/event-stream", background=BackgroundTask(admission.release))
+                _stream_completion(state, lease, body, gens, prompts, prompt_text, rid, created, deadline),
+                media_type="text/event-stream", background=BackgroundTask(lease.release),
+                headers=version_headers(lease))
 
         async def collect() -> dict:
             finals: dict[int, RequestOutput] = {}
@@ -436,41 +587,47 @@ def build_app(state: ServerState) -> FastAPI:
                     completion_tokens += len(c.token_ids)
                     choices.append({"index": i * n + c.index, "text": text, "logprobs": lps,
                                     "finish_reason": c.finish_reason})
-                    state.metrics.record_finish(c.finish_reason)
+                    state.metrics.record_finish(lease.deployment.name, c.finish_reason)
                 end = time.monotonic()
-                state.metrics.record_request(tracks[i].start, tracks[i].first, end, tracks[i].tokens)
-            return {"id": rid, "object": "text_completion", "created": created, "model": state.model_name,
-                    "choices": choices, "usage": usage(sum(len(p[1]) for p in prompts), completion_tokens)}
+                state.metrics.record_request(lease.deployment.name, tracks[i].start, tracks[i].first, end,
+                                             tracks[i].tokens)
+            return {"id": rid, "object": "text_completion", "created": created, "model": lease.model,
+                    "system_fingerprint": lease.fingerprint, "choices": choices,
+                    "usage": usage(sum(len(p[1]) for p in prompts), completion_tokens)}
 
         try:
-            return JSONResponse(await until_disconnect(request, collect()))
+            return JSONResponse(await until_disconnect(request, collect()), headers=version_headers(lease))
         finally:
-            admission.release()
+            lease.release()
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
         body = await parse_body(request, ChatCompletionRequest)
-        check_model(state, body.model)
-        engine, aengine = engine_of(state)
-        if body.top_logprobs is not None and not body.logprobs:
-            raise bad_request("'top_logprobs' requires 'logprobs' to be true", "top_logprobs")
-        top_n = (body.top_logprobs or 0) if body.logprobs else None
-        params = sampling(lambda: body.sampling_params(body.effective_max_tokens(), top_n, None))
+        lease = Lease(state, body.model)
         try:
-            ids = engine.tokenizer.encode_chat([m.as_template_dict() for m in body.messages],
-                                               body.add_generation_prompt)
-        except SurgeError as exc:
-            raise bad_request(str(exc), "messages") from exc
-        _, ids = prepare_prompt(engine, ids, params)
-        admission = Admission(state, engine)
-        rid = f"chatcmpl-{uuid.uuid4().hex}"
-        created = int(time.time())
-        deadline = _deadline(state)
-        gens = [aengine.generate(ids, params, rid, body.priority)]
+            engine = lease.engine
+            if body.top_logprobs is not None and not body.logprobs:
+                raise bad_request("'top_logprobs' requires 'logprobs' to be true", "top_logprobs")
+            top_n = (body.top_logprobs or 0) if body.logprobs else None
+            params = sampling(lambda: body.sampling_params(body.effective_max_tokens(), top_n, None))
+            try:
+                ids = engine.tokenizer.encode_chat([m.as_template_dict() for m in body.messages],
+                                                   body.add_generation_prompt)
+            except SurgeError as exc:
+                raise bad_request(str(exc), "messages") from exc
+            _, ids = prepare_prompt(engine, ids, params)
+            rid = f"chatcmpl-{uuid.uuid4().hex}"
+            created = int(time.time())
+            deadline = _deadline(state)
+            gens = [lease.generate(ids, params, rid, body.priority)]
+        except BaseException:
+            lease.release()
+            raise
         if body.stream:
             return StreamingResponse(
-                _stream_chat(state, engine, body, gens[0], len(ids), rid, created, deadline, admission, top_n),
-                media_type="text/event-stream", background=BackgroundTask(admission.release))
+                _stream_chat(state, lease, body, gens[0], len(ids), rid, created, deadline, top_n),
+                media_type="text/event-stream", background=BackgroundTask(lease.release),
+                headers=version_headers(lease))
 
         async def collect() -> dict:
             final: RequestOutput | None = None
@@ -488,16 +645,18 @@ def build_app(state: ServerState) -> FastAPI:
                     if top_n is not None else None,
                     "finish_reason": c.finish_reason,
                 })
-                state.metrics.record_finish(c.finish_reason)
-            state.metrics.record_request(track.start, track.first, time.monotonic(), track.tokens)
+                state.metrics.record_finish(lease.deployment.name, c.finish_reason)
+            state.metrics.record_request(lease.deployment.name, track.start, track.first, time.monotonic(),
+                                         track.tokens)
             completion_tokens = sum(len(c.token_ids) for c in final.outputs)
-            return {"id": rid, "object": "chat.completion", "created": created, "model": state.model_name,
-                    "choices": choices, "usage": usage(len(ids), completion_tokens)}
+            return {"id": rid, "object": "chat.completion", "created": created, "model": lease.model,
+                    "system_fingerprint": lease.fingerprint, "choices": choices,
+                    "usage": usage(len(ids), completion_tokens)}
 
         try:
-            return JSONResponse(await until_disconnect(request, collect()))
+            return JSONResponse(await until_disconnect(request, collect()), headers=version_headers(lease))
         finally:
-            admission.release()
+            lease.release()
 
     return app
 
@@ -508,10 +667,12 @@ def _deadline(state: ServerState) -> float | None:
 
 
 async def _stream_completion(
-    state: ServerState, engine: LLMEngine, body: CompletionRequest, gens: list, prompts: list,
-    prompt_text: Callable[[int], str], rid: str, created: int, deadline: float | None, admission: Admission,
+    state: ServerState, lease: Lease, body: CompletionRequest, gens: list, prompts: list,
+    prompt_text: Callable[[int], str], rid: str, created: int, deadline: float | None,
 ) -> AsyncIterator[str]:
     n = body.n
+    engine = lease.engine
+    model = lease.deployment.name
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
     tracks = [_Track(time.monotonic()) for _ in prompts]
     echoed: set[int] = set()
@@ -520,7 +681,7 @@ async def _stream_completion(
 
     def chunk(index: int, text: str, logprobs: Any, finish: str | None) -> str:
         choice = {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish}
-        return sse_chunk(state, rid, created, "text_completion", choice, include_usage)
+        return sse_chunk(lease, rid, created, "text_completion", choice, include_usage)
 
     try:
         async for i, out in merged(gens, deadline):
@@ -541,31 +702,35 @@ async def _stream_completion(
                     offsets[index] = offsets.get(index, 0) + sum(len(t) for t in lps["tokens"])
                 completion_tokens += len(c.token_ids)
                 if c.finish_reason is not None:
-                    state.metrics.record_finish(c.finish_reason)
+                    state.metrics.record_finish(model, c.finish_reason)
                 yield chunk(index, text, lps, c.finish_reason)
             if out.finished:
-                state.metrics.record_request(tracks[i].start, tracks[i].first, time.monotonic(), tracks[i].tokens)
+                state.metrics.record_request(model, tracks[i].start, tracks[i].first, time.monotonic(),
+                                             tracks[i].tokens)
         if include_usage:
-            yield sse({"id": rid, "object": "text_completion", "created": created, "model": state.model_name,
-                       "choices": [], "usage": usage(sum(len(p[1]) for p in prompts), completion_tokens)})
+            yield sse({"id": rid, "object": "text_completion", "created": created, "model": lease.model,
+                       "system_fingerprint": lease.fingerprint, "choices": [],
+                       "usage": usage(sum(len(p[1]) for p in prompts), completion_tokens)})
     except (APIError, EngineDeadError) as exc:
         yield stream_error(exc)
     finally:
-        admission.release()
+        lease.release()
     yield sse("[DONE]")
 
 
 async def _stream_chat(
-    state: ServerState, engine: LLMEngine, body: ChatCompletionRequest, gen: Any, prompt_tokens: int,
-    rid: str, created: int, deadline: float | None, admission: Admission, top_n: int | None,
+    state: ServerState, lease: Lease, body: ChatCompletionRequest, gen: Any, prompt_tokens: int,
+    rid: str, created: int, deadline: float | None, top_n: int | None,
 ) -> AsyncIterator[str]:
+    engine = lease.engine
+    model = lease.deployment.name
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
     track = _Track(time.monotonic())
     completion_tokens = 0
 
     def chunk(index: int, delta: dict, logprobs: Any, finish: str | None) -> str:
         choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
-        return sse_chunk(state, rid, created, "chat.completion.chunk", choice, include_usage)
+        return sse_chunk(lease, rid, created, "chat.completion.chunk", choice, include_usage)
 
     try:
         for index in range(body.n):  # the role comes first, as OpenAI sends it
@@ -579,14 +744,15 @@ async def _stream_chat(
                     if c.text or lps:
                         yield chunk(c.index, {"content": c.text}, lps, None)
                 if c.finish_reason is not None:
-                    state.metrics.record_finish(c.finish_reason)
+                    state.metrics.record_finish(model, c.finish_reason)
                     yield chunk(c.index, {}, None, c.finish_reason)
-        state.metrics.record_request(track.start, track.first, time.monotonic(), track.tokens)
+        state.metrics.record_request(model, track.start, track.first, time.monotonic(), track.tokens)
         if include_usage:
-            yield sse({"id": rid, "object": "chat.completion.chunk", "created": created,
-                       "model": state.model_name, "choices": [], "usage": usage(prompt_tokens, completion_tokens)})
+            yield sse({"id": rid, "object": "chat.completion.chunk", "created": created, "model": lease.model,
+                       "system_fingerprint": lease.fingerprint, "choices": [],
+                       "usage": usage(prompt_tokens, completion_tokens)})
     except (APIError, EngineDeadError) as exc:
         yield stream_error(exc)
     finally:
-        admission.release()
+        lease.release()
     yield sse("[DONE]")

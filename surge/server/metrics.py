@@ -8,6 +8,7 @@ preemption counts) is read from the engine's stats snapshot at scrape time.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -21,46 +22,45 @@ TPOT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1.0, 2.5)
 
 
 class _EngineCollector(Collector):
-    def __init__(self, stats: Callable[[], EngineStats | None], model: str):
-        self.stats = stats
-        self.model = model
+    """Engine state of every loaded deployment, read at scrape time, labelled by model and version."""
+
+    def __init__(self, deployments: Callable[[], list[tuple[str, str, EngineStats]]]):
+        self.deployments = deployments
 
     def collect(self) -> Iterator:
-        s = self.stats()
-        if s is None:
-            return
-        labels = ["model"]
+        rows = self.deployments()
+        labels = ["model", "version"]
 
-        def gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
-            g = GaugeMetricFamily(name, doc, labels=labels)
-            g.add_metric([self.model], value)
-            return g
+        def family(kind: type, name: str, doc: str, value: Callable[[EngineStats], float]) -> Any:
+            metric = kind(name, doc, labels=labels)
+            for model, version, stats in rows:
+                metric.add_metric([model, version], value(stats))
+            return metric
 
-        def counter(name: str, doc: str, value: float) -> CounterMetricFamily:
-            c = CounterMetricFamily(name, doc, labels=labels)
-            c.add_metric([self.model], value)
-            return c
-
-        yield gauge("surge_num_requests_running", "Requests being computed", s.num_running)
-        yield gauge("surge_num_requests_waiting", "Requests waiting for a slot", s.num_waiting)
-        yield gauge("surge_kv_cache_usage_ratio", "Fraction of KV-cache blocks in use", s.kv_cache_usage)
-        yield gauge("surge_kv_cache_blocks_total", "KV-cache blocks", s.kv_blocks_total)
-        yield gauge("surge_prefix_cache_hit_rate", "Prompt tokens found in the prefix cache / looked up",
-                    s.prefix_cache_hit_rate)
-        yield counter("surge_prefix_cache_queries", "Prompt tokens looked up in the prefix cache",
-                      s.prefix_cache_queries)
-        yield counter("surge_prefix_cache_hits", "Prompt tokens found in the prefix cache", s.prefix_cache_hits)
-        yield counter("surge_num_preemptions", "Requests preempted for lack of KV blocks", s.num_preemptions)
-        yield counter("surge_prompt_tokens", "Prompt tokens of admitted requests", s.prompt_tokens)
-        yield counter("surge_generation_tokens", "Generated tokens", s.generation_tokens)
+        G, C = GaugeMetricFamily, CounterMetricFamily
+        yield family(G, "surge_num_requests_running", "Requests being computed", lambda s: s.num_running)
+        yield family(G, "surge_num_requests_waiting", "Requests waiting for a slot", lambda s: s.num_waiting)
+        yield family(G, "surge_kv_cache_usage_ratio", "Fraction of KV-cache blocks in use", lambda s: s.kv_cache_usage)
+        yield family(G, "surge_kv_cache_blocks_total", "KV-cache blocks", lambda s: s.kv_blocks_total)
+        yield family(G, "surge_prefix_cache_hit_rate", "Prompt tokens found in the prefix cache / looked up",
+                     lambda s: s.prefix_cache_hit_rate)
+        yield family(C, "surge_prefix_cache_queries", "Prompt tokens looked up in the prefix cache",
+                     lambda s: s.prefix_cache_queries)
+        yield family(C, "surge_prefix_cache_hits", "Prompt tokens found in the prefix cache",
+                     lambda s: s.prefix_cache_hits)
+        yield family(C, "surge_num_preemptions", "Requests preempted for lack of KV blocks",
+                     lambda s: s.num_preemptions)
+        yield family(C, "surge_prompt_tokens", "Prompt tokens of admitted requests", lambda s: s.prompt_tokens)
+        yield family(C, "surge_generation_tokens", "Generated tokens", lambda s: s.generation_tokens)
 
 
 class ServerMetrics:
-    def __init__(self, model: str, stats: Callable[[], EngineStats | None]):
-        self.model = model
+    """Per-request measurements, labelled by the model name a request was routed to."""
+
+    def __init__(self, deployments: Callable[[], list[tuple[str, str, EngineStats]]]):
         self.registry = CollectorRegistry()
         self.requests = Counter(
-            "surge_requests", "HTTP requests by endpoint and status code", ["model", "endpoint", "status"],
+            "surge_requests", "HTTP requests by endpoint and status code", ["endpoint", "status"],
             registry=self.registry,
         )
         self.finished = Counter(
@@ -73,20 +73,32 @@ class ServerMetrics:
                               buckets=TTFT_BUCKETS, registry=self.registry)
         self.tpot = Histogram("surge_time_per_output_token_seconds", "Time per output token after the first",
                               ["model"], buckets=TPOT_BUCKETS, registry=self.registry)
-        self.registry.register(_EngineCollector(stats, model))
+        self.cache = Counter("surge_response_cache", "Response-cache lookups of deterministic requests",
+                             ["model", "result"], registry=self.registry)
+        self.registry.register(_EngineCollector(deployments))
+        self.listeners: list[Callable[[str, float, float | None, float | None], None]] = []
 
     def record_status(self, endpoint: str, status: int) -> None:
-        self.requests.labels(self.model, endpoint, str(status)).inc()
+        self.requests.labels(endpoint, str(status)).inc()
 
-    def record_request(self, start: float, first_token: float | None, end: float, num_tokens: int) -> None:
-        self.e2e.labels(self.model).observe(end - start)
+    def record_request(self, model: str, start: float, first_token: float | None, end: float,
+                       num_tokens: int) -> None:
+        self.e2e.labels(model).observe(end - start)
+        ttft = tpot = None
         if first_token is not None:
-            self.ttft.labels(self.model).observe(first_token - start)
+            ttft = first_token - start
+            self.ttft.labels(model).observe(ttft)
             if num_tokens > 1:
-                self.tpot.labels(self.model).observe((end - first_token) / (num_tokens - 1))
+                tpot = (end - first_token) / (num_tokens - 1)
+                self.tpot.labels(model).observe(tpot)
+        for listener in self.listeners:
+            listener(model, end, ttft, tpot)
 
-    def record_finish(self, reason: str | None) -> None:
-        self.finished.labels(self.model, reason or "unknown").inc()
+    def record_finish(self, model: str, reason: str | None) -> None:
+        self.finished.labels(model, reason or "unknown").inc()
+
+    def record_cache(self, model: str, hit: bool) -> None:
+        self.cache.labels(model, "hit" if hit else "miss").inc()
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -1,6 +1,6 @@
-"""`surge serve`: load the model in the background (health says 503 meanwhile), serve with
-uvicorn, and on SIGTERM drain: refuse new work, finish in-flight requests within a grace
-period, then exit 0."""
+"""`surge serve`: load the model (or a repository of models) in the background (health says
+503 meanwhile), serve with uvicorn, and on SIGTERM drain: refuse new work, finish in-flight
+requests within a grace period, then exit 0."""
 
 from __future__ import annotations
 
@@ -9,14 +9,13 @@ import logging
 import signal
 import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from types import FrameType
 
 import uvicorn
 
-from surge.engine.async_engine import AsyncEngine
 from surge.server.app import ServerSettings, ServerState, build_app
+from surge.server.repository import ModelRepository
 
 logger = logging.getLogger("surge.serve")
 
@@ -51,57 +50,50 @@ class _DrainingServer(uvicorn.Server):
 
     def _drain(self) -> None:
         deadline = time.monotonic() + self.grace
-        engine = self.state.async_engine
         while time.monotonic() < deadline:
-            busy = self.state.in_flight or (engine is not None and engine.num_unfinished())
-            if not busy:
+            if not self.state.in_flight():
                 break
             time.sleep(0.05)
         else:
-            logger.warning("grace period over with %d requests in flight; aborting them", self.state.in_flight)
+            logger.warning("grace period over with %d requests in flight; aborting them", self.state.in_flight())
         self.should_exit = True
 
 
-def _load(state: ServerState, load: Callable[[], object], on_fail: Callable[[], None]) -> None:
-    try:
-        engine = load()
-        state.engine = engine  # type: ignore[assignment]
-        aengine = AsyncEngine(engine)  # type: ignore[arg-type]
-        aengine.start()
-        state.async_engine = aengine
-        if state.status == "loading":
-            state.status = "ready"
-    except BaseException as exc:  # noqa: BLE001 - reported through health and the exit code
-        state.status = "failed"
-        state.load_error = f"{type(exc).__name__}: {exc}"
-        logger.error("loading the model failed: %s", state.load_error)
-        on_fail()
-
-
-def serve(load: Callable[[], object], model_name: str, settings: ServerSettings, options: ServeOptions,
-          describe: Callable[[object], str]) -> int:
-    """Serve until stopped; returns the process exit code (0 after a drain, 2 if loading failed)."""
-    state = ServerState(model_name, settings)
+def serve(repository: ModelRepository, settings: ServerSettings, options: ServeOptions,
+          poll_interval: float | None = None, exit_on_load_failure: bool = False) -> int:
+    """Serve until stopped; returns the process exit code: 0 after a drain, 2 if a model given
+    on the command line failed to load (`exit_on_load_failure`)."""
+    state = ServerState(repository, settings)
     app = build_app(state)
     config = uvicorn.Config(app, host=options.host, port=options.port, log_level=options.log_level,
                             timeout_graceful_shutdown=max(1, int(options.shutdown_grace)), access_log=False)
     server = _DrainingServer(config, state, options.shutdown_grace)
 
-    def on_fail() -> None:
-        server.should_exit = True
+    def load() -> None:
+        try:
+            repository.start(poll_interval)
+        except BaseException as exc:  # noqa: BLE001 - reported through health and the exit code
+            state.status, state.load_error = "failed", f"{type(exc).__name__}: {exc}"
+        failed = [f"{row['name']}:{row['version']}: {row['reason']}" for row in repository.index()
+                  if row["state"] == "FAILED"]
+        if exit_on_load_failure and (failed or not repository.serving()):
+            state.status = "failed"
+            state.load_error = state.load_error or "; ".join(failed) or "no model loaded"
+            logger.error("loading the model failed: %s", state.load_error)
+            server.should_exit = True
+            return
+        if state.status == "loading":
+            state.status = "ready"
+        state.history.start()
+        names = ", ".join(d.key for d in repository.serving()) or "no model yet"
+        logger.info("serving %s at http://%s:%d/v1 (health: /health, metrics: /metrics, dashboard: /dashboard)",
+                    names, options.host, options.port)
 
-    def after_load() -> None:
-        _load(state, load, on_fail)
-        if state.status == "ready":
-            logger.info("%s", describe(state.engine))
-            logger.info("serving %s at http://%s:%d/v1 (health: /health, metrics: /metrics)",
-                        model_name, options.host, options.port)
-
-    loader = threading.Thread(target=after_load, name="surge-load", daemon=True)
+    loader = threading.Thread(target=load, name="surge-load", daemon=True)
     loader.start()
     try:
         asyncio.run(server.serve())
     finally:
-        if state.async_engine is not None:
-            state.async_engine.shutdown()
+        state.history.stop()
+        repository.shutdown()
     return 2 if state.status == "failed" else 0

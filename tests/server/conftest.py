@@ -47,16 +47,20 @@ class LiveServer:
 
 
 def start_server(tmp_path, *extra: str, wait: bool = True) -> LiveServer:
+    """The default model in float32 under MODEL_NAME, with `extra` flags."""
+    return launch(tmp_path, "--dtype", "float32", "--quantization", "none", "--kv-cache-memory", str(384 << 20),
+                  "--served-model-name", MODEL_NAME, *extra, wait=wait)
+
+
+def launch(tmp_path, *args: str, wait: bool = True, env: dict[str, str] | None = None) -> LiveServer:
+    """`surge serve ARGS` on a free port, logging to a file under tmp_path."""
     port = free_port()
     exe = shutil.which("surge")
-    cmd = ([exe] if exe else [sys.executable, "-m", "surge.entrypoints.cli"]) + [
-        "serve", "--port", str(port), "--dtype", "float32", "--quantization", "none",
-        "--kv-cache-memory", str(384 << 20),
-        "--served-model-name", MODEL_NAME, *extra,
-    ]
+    cmd = ([exe] if exe else [sys.executable, "-m", "surge.entrypoints.cli"]) + ["serve", "--port", str(port), *args]
     log_path = str(tmp_path / f"server-{port}.log")
     log = open(log_path, "w")
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})})
     server = LiveServer(proc, port, log_path)
     if wait:
         wait_ready(server)
