@@ -40,3 +40,4 @@ class RequestOutput:
     finished: bool = False
     prompt_logprobs: list[PositionLogprobs | None] | None = None
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
+    first_token_time: float | None = None  # time.monotonic() of the first generated token

@@ -45,6 +45,7 @@ class Request:
     finish_reason: FinishReason | None = None
     stop_reason: int | str | None = None
     num_preemptions: int = 0
+    first_token_time: float | None = None  # when the first output token was sampled (monotonic)
 
     @property
     def num_tokens(self) -> int:

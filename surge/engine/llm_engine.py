@@ -245,7 +245,10 @@ class LLMEngine:
             parent, _ = self._child_parent[request_id]
             assert parent.prompt_logprobs is not None
             parent.prompt_logprobs.extend(self._position_logprobs(s) for s in scores)
+        now = time.monotonic()
         for request in self.scheduler.update(scheduled, result.sampled):
+            if request.first_token_time is None:
+                request.first_token_time = now
             parent, child = self._child_parent[request.request_id]
             token = request.output_token_ids[-1]
             lp = result.logprobs.get(request.request_id)
@@ -336,9 +339,10 @@ class LLMEngine:
             complete = len(prompt_lps) >= len(parent.prompt_ids)
             prompt_lps = prompt_lps if complete and not parent.prompt_logprobs_sent else None
             parent.prompt_logprobs_sent |= complete
+        firsts = [c.request.first_token_time for c in parent.children if c.request.first_token_time is not None]
         return RequestOutput(
             parent.request_id, parent.prompt, parent.prompt_ids, completions, finished,
-            prompt_lps, parent.children[0].request.num_cached_tokens,
+            prompt_lps, parent.children[0].request.num_cached_tokens, min(firsts, default=None),
         )
 
     # ---- warm-up ------------------------------------------------------------------------
@@ -367,11 +371,11 @@ class LLMEngine:
         prefills = sorted({min(n, limit) for n in prefill_lengths if n > 0})
         for n in prefills:
             self._run_to_end([prompt(n)], greedy)
-        # decode buckets: as many sequences as the bucket, one block each, while the cache holds them
-        length = max(1, min(8, self.block_size - 2))
+        # decode buckets: as many one-token prompts as the bucket (one block each, while the cache
+        # holds them), so the step after their prefill decodes exactly that batch size
         buckets = [b for b in decode_buckets(self.scheduler.max_num_seqs) if b <= self.scheduler.pool.num_blocks]
         for b in buckets:
-            self._run_to_end([prompt(length) for _ in range(b)], greedy)
+            self._run_to_end([prompt(1) for _ in range(b)], greedy)
         self.scheduler.pool.reset_prefix_cache()
         self.scheduler.stats = SchedulerStats()
         self.scheduler.kv.stats = PrefixCacheStats()

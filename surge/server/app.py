@@ -198,9 +198,12 @@ class _Track:
     first: float | None = None
     tokens: int = 0
 
-    def saw(self, count: int) -> None:
+    def saw(self, out: RequestOutput) -> None:
+        """Count an output's tokens; the first token's time is the engine's when it knows it
+        (a non-streaming request only sees its output at the end)."""
+        count = sum(len(c.token_ids) for c in out.outputs)
         if count and self.first is None:
-            self.first = time.monotonic()
+            self.first = out.first_token_time if out.first_token_time is not None else time.monotonic()
         self.tokens += count
 
 
@@ -567,7 +570,7 @@ def build_app(state: ServerState) -> FastAPI:
             finals: dict[int, RequestOutput] = {}
             tracks = [_Track(time.monotonic()) for _ in prompts]
             async for i, out in merged(gens, deadline):
-                tracks[i].saw(sum(len(c.token_ids) for c in out.outputs))
+                tracks[i].saw(out)
                 finals[i] = out
             choices = []
             completion_tokens = 0
@@ -633,7 +636,7 @@ def build_app(state: ServerState) -> FastAPI:
             final: RequestOutput | None = None
             track = _Track(time.monotonic())
             async for _, out in merged(gens, deadline):
-                track.saw(sum(len(c.token_ids) for c in out.outputs))
+                track.saw(out)
                 final = out
             assert final is not None
             choices = []
@@ -685,7 +688,7 @@ async def _stream_completion(
 
     try:
         async for i, out in merged(gens, deadline):
-            tracks[i].saw(sum(len(c.token_ids) for c in out.outputs))
+            tracks[i].saw(out)
             for c in out.outputs:
                 index = i * n + c.index
                 text = c.text
@@ -736,7 +739,7 @@ async def _stream_chat(
         for index in range(body.n):  # the role comes first, as OpenAI sends it
             yield chunk(index, {"role": "assistant", "content": ""}, None, None)
         async for _, out in merged([gen], deadline):
-            track.saw(sum(len(c.token_ids) for c in out.outputs))
+            track.saw(out)
             for c in out.outputs:
                 completion_tokens += len(c.token_ids)
                 if c.text or c.token_ids:

@@ -8,6 +8,7 @@ replayed as one finished output, so the streaming and the non-streaming paths bo
 from __future__ import annotations
 
 import dataclasses
+import threading
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Hashable
 from dataclasses import dataclass, field
@@ -102,13 +103,14 @@ class _Recorder:
 
 
 class ResponseCache:
-    """An LRU of finished generations; used from the event loop only."""
+    """An LRU of finished generations (thread-safe: versions are dropped from drain threads)."""
 
     def __init__(self, capacity: int):
         if capacity < 1:
             raise ValueError("the response cache needs a capacity of at least 1")
         self.capacity = capacity
         self._entries: OrderedDict[Hashable, CachedGeneration] = OrderedDict()
+        self._lock = threading.Lock()
         self.hits = 0
         self.misses = 0
 
@@ -116,24 +118,27 @@ class ResponseCache:
         return len(self._entries)
 
     def get(self, key: Hashable) -> CachedGeneration | None:
-        entry = self._entries.get(key)
-        if entry is None:
-            self.misses += 1
-            return None
-        self._entries.move_to_end(key)
-        self.hits += 1
-        return entry
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is None:
+                self.misses += 1
+                return None
+            self._entries.move_to_end(key)
+            self.hits += 1
+            return entry
 
     def put(self, key: Hashable, entry: CachedGeneration) -> None:
-        self._entries[key] = entry
-        self._entries.move_to_end(key)
-        while len(self._entries) > self.capacity:
-            self._entries.popitem(last=False)
+        with self._lock:
+            self._entries[key] = entry
+            self._entries.move_to_end(key)
+            while len(self._entries) > self.capacity:
+                self._entries.popitem(last=False)
 
     def drop_version(self, version_key: str) -> None:
         """Forget an unloaded version's entries (they can never be hit again)."""
-        for key in [k for k in self._entries if k[0] == version_key]:  # type: ignore[index]
-            del self._entries[key]
+        with self._lock:
+            for key in [k for k in self._entries if k[0] == version_key]:  # type: ignore[index]
+                del self._entries[key]
 
     async def through(self, key: Hashable, gen: AsyncIterator[RequestOutput], cumulative: bool
                       ) -> AsyncIterator[RequestOutput]:

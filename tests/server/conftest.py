@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import httpx
 import pytest
@@ -110,3 +111,23 @@ def metric(text: str, name: str, **labels: str) -> float | None:
         if all(f'{k}="{v}"' in head for k, v in labels.items()):
             return float(value)
     return None
+
+
+@pytest.fixture(scope="session")
+def tiny_versions(tmp_path_factory, tiny_tokenizer_dir) -> dict[int, Path]:
+    """Three different tiny Llama checkpoints (seeds 0, 1, 2), built outside any repository."""
+    from tests.conftest import build_tiny_model
+
+    base = tmp_path_factory.mktemp("tiny_versions")
+    return {v: build_tiny_model("llama", base / f"v{v}", tiny_tokenizer_dir, seed=v - 1) for v in (1, 2, 3)}
+
+
+def put(repo: Path, name: str, version: int, source: Path) -> Path:
+    """Copy a checkpoint into a model repository as <name>/<version>, atomically (built aside,
+    then renamed into place, as an operator should)."""
+    staging = repo / f".staging-{name}-{version}"
+    shutil.copytree(source, staging)
+    target = repo / name / str(version)
+    target.parent.mkdir(exist_ok=True)
+    os.rename(staging, target)
+    return target

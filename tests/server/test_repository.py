@@ -3,7 +3,6 @@ failed loads, memory budget, settings files, routing and draining."""
 
 from __future__ import annotations
 
-import os
 import shutil
 import time
 from pathlib import Path
@@ -20,33 +19,15 @@ from surge.server.repository import (
     ModelRequiredError,
     ModelUnavailableError,
     RepositoryConflictError,
-    State,
 )
 from surge.worker.kv_cache import bytes_per_block
-from tests.conftest import build_tiny_model
+from tests.server.conftest import put
 
 ARGS = EngineArgs(dtype="float32", quantization="none", kv_cache_memory=8 * MiB, max_num_seqs=8)
 
 
 def factory(path, args, reserve):
     return LLM(path, reserve=reserve, **args.llm_kwargs()).engine
-
-
-@pytest.fixture(scope="session")
-def tiny_versions(tmp_path_factory, tiny_tokenizer_dir) -> dict[int, Path]:
-    """Three different tiny Llama checkpoints (seeds 0, 1, 2), built outside any repository."""
-    base = tmp_path_factory.mktemp("tiny_versions")
-    return {v: build_tiny_model("llama", base / f"v{v}", tiny_tokenizer_dir, seed=v - 1) for v in (1, 2, 3)}
-
-
-def put(repo: Path, name: str, version: int, source: Path) -> Path:
-    """Copy a checkpoint in as <name>/<version>, atomically (built aside, then renamed)."""
-    staging = repo / f".staging-{name}-{version}"
-    shutil.copytree(source, staging)
-    target = repo / name / str(version)
-    target.parent.mkdir(exist_ok=True)
-    os.rename(staging, target)
-    return target
 
 
 def greedy(dep, prompt="Hello, world.") -> list[int]:
@@ -270,3 +251,4 @@ def test_warmup_runs_every_bucket_and_leaves_a_clean_engine(tiny_versions):
     out = llm.generate("Hello, world.", SamplingParams(max_tokens=8, temperature=0, ignore_eos=True))
     assert out[0].outputs[0].token_ids == before
     assert out[0].num_cached_tokens == 0  # nothing of the warm-up is left in the prefix cache
+    assert out[0].first_token_time is not None  # the engine's clock, for TTFT of non-streaming requests
