@@ -423,10 +423,13 @@ class ModelRepository:
         record.state, record.reason = State.UNLOADING, reason
         record.loaded_at = None
         assert deployment is not None
-        threading.Thread(target=self._drain, args=(record, deployment, reason), name="surge-drain-version",
+        # the thread gets the record, not the deployment, so nothing keeps the engine alive after it
+        threading.Thread(target=self._drain, args=(record, reason), name="surge-drain-version",
                          daemon=True).start()
 
-    def _drain(self, record: VersionRecord, dep: Deployment, reason: str) -> None:
+    def _drain(self, record: VersionRecord, reason: str) -> None:
+        dep = record.deployment  # a new load of this version waits for `drained`, so it is still ours
+        assert dep is not None
         deadline = time.monotonic() + self.drain_timeout
         while (dep.in_flight or dep.async_engine.num_unfinished()) and time.monotonic() < deadline:
             time.sleep(0.05)
@@ -438,12 +441,14 @@ class ModelRepository:
             if record.deployment is dep:
                 record.deployment = None
                 record.state, record.reason = State.UNAVAILABLE, f"unloaded: {reason}"
-        self.budget.release(dep.key)
+        key, drained = dep.key, dep.drained
+        del dep
+        gc.collect()  # the engine's tensors go now, not at some later collection
+        self.budget.release(key)
         for callback in self.on_unloaded:
-            callback(dep.key)
-        gc.collect()
-        logger.info("unloaded %s (%s)", dep.key, reason)
-        dep.drained.set()
+            callback(key)
+        logger.info("unloaded %s (%s)", key, reason)
+        drained.set()
 
     # ---- routing -------------------------------------------------------------------------
 

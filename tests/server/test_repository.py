@@ -3,8 +3,10 @@ failed loads, memory budget, settings files, routing and draining."""
 
 from __future__ import annotations
 
+import gc
 import shutil
 import time
+import weakref
 from pathlib import Path
 
 import pytest
@@ -117,7 +119,11 @@ def test_switch_rollback_and_drain(make_repo, tiny_versions):
     time.sleep(0.2)
     assert states(repo, "tiny")["1"] == "UNLOADING"
     repo.release(v1)
+    engine = weakref.ref(v1.engine)
+    del v1
     wait_for(lambda: states(repo, "tiny")["1"] == "UNAVAILABLE")
+    # nothing keeps an unloaded version's weights and KV cache alive
+    wait_for(lambda: gc.collect() >= 0 and engine() is None)
     assert set(repo.budget.holdings()) == {"tiny:2"}  # version 1's memory is returned
     repo.sync()
     assert states(repo, "tiny") == {"1": "UNAVAILABLE", "2": "READY"}  # no reload of anything
