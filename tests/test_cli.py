@@ -50,8 +50,11 @@ def test_bench_latency_and_throughput_report_numbers():
     result = json.loads(proc.stdout)
     assert result["quantization"].startswith("int4-g32") and result["input_len"] == 16
     assert result["prefill_tok_s"] > 0 and result["decode_tok_s"] > 0
+    step = result["step"]  # one prefill step and three decode steps were timed, split by part
+    assert step["steps"] == 4 and step["forward_ms"] > 0 and 0 < step["overhead_pct"] < 100
     proc = _surge("bench", "throughput", "--num-prompts", "3", "--input-len", "8", "--output-len", "4", "--json")
     assert proc.returncode == 0, proc.stderr
-    assert json.loads(proc.stdout)["output_tok_s"] > 0
+    result = json.loads(proc.stdout)
+    assert result["output_tok_s"] > 0 and result["step"]["steps"] >= 4
     bad = _surge("bench", "latency", "--input-len", "0")
     assert bad.returncode == 2 and "input-len" in bad.stderr

@@ -27,7 +27,7 @@ from surge.outputs import CompletionOutput, Logprob, PositionLogprobs, RequestOu
 from surge.sampling_params import RequestOutputKind, SamplingParams
 from surge.tokenizer import Tokenizer
 from surge.worker.kv_cache import allocate_kv_caches, num_kv_blocks
-from surge.worker.model_runner import ModelRunner
+from surge.worker.model_runner import ModelRunner, StepTimings
 
 logger = logging.getLogger(__name__)
 
@@ -231,15 +231,20 @@ class LLMEngine:
     @torch.inference_mode()
     def step(self) -> list[RequestOutput]:
         """Run one scheduled batch; return outputs of the requests that progressed."""
+        t0 = time.perf_counter()
         scheduled = self.scheduler.schedule()
         if not scheduled.requests and not scheduled.finished_request_ids:
             return []
+        clock = self.runner.timings
+        t1 = time.perf_counter()
+        clock.schedule += t1 - t0
         try:
             result = self.runner.execute(scheduled)
         except BaseException:
             # blocks cached for this step may hold garbage now
             self.scheduler.pool.reset_prefix_cache()
             raise
+        t2 = time.perf_counter()
         touched: dict[str, _Parent] = {}
         for request_id, scores in result.prompt_logprobs.items():
             parent, _ = self._child_parent[request_id]
@@ -266,6 +271,8 @@ class LLMEngine:
                 self._parents.pop(parent.request_id, None)
                 for child in parent.children:
                     self._child_parent.pop(child.request.request_id, None)
+        clock.postprocess += time.perf_counter() - t2
+        clock.steps += 1
         return outputs
 
     def _position_logprobs(self, lp: TokenLogprobs) -> PositionLogprobs:
@@ -379,6 +386,7 @@ class LLMEngine:
         self.scheduler.pool.reset_prefix_cache()
         self.scheduler.stats = SchedulerStats()
         self.scheduler.kv.stats = PrefixCacheStats()
+        self.runner.timings = StepTimings()
         return WarmupReport(prefills, buckets, time.perf_counter() - start)
 
     def _run_to_end(self, prompts: list[list[int]], params: SamplingParams) -> None:

@@ -51,12 +51,15 @@ def _emit(result: dict[str, Any], as_json: bool) -> None:
 
 def bench_latency(llm: Any, input_len: int, output_len: int, iters: int) -> dict[str, Any]:
     from surge.sampling_params import RequestOutputKind, SamplingParams
+    from surge.worker.model_runner import StepTimings
 
     rng = random.Random(0)
     vocab = llm.engine.vocab_size
     engine = llm.engine
     prefill, decode = [], []
     for it in range(iters + 1):  # the first run warms up
+        if it == 1:
+            engine.runner.timings = StepTimings()
         ids = [rng.randrange(3, vocab) for _ in range(input_len)]
         params = SamplingParams(max_tokens=output_len, temperature=0, ignore_eos=True,
                                 output_kind=RequestOutputKind.DELTA)
@@ -72,23 +75,27 @@ def bench_latency(llm: Any, input_len: int, output_len: int, iters: int) -> dict
             prefill.append(first - start)
             decode.append((output_len - 1) / (end - first))
     return {"input_len": input_len, "output_len": output_len, "prefill_s": statistics.median(prefill),
-            "prefill_tok_s": input_len / statistics.median(prefill), "decode_tok_s": statistics.median(decode)}
+            "prefill_tok_s": input_len / statistics.median(prefill), "decode_tok_s": statistics.median(decode),
+            "step": engine.runner.timings.summary()}
 
 
 def bench_throughput(llm: Any, num_prompts: int, input_len: int, output_len: int) -> dict[str, Any]:
     from surge.sampling_params import SamplingParams
+    from surge.worker.model_runner import StepTimings
 
     rng = random.Random(1)
     vocab = llm.engine.vocab_size
     prompts = [[rng.randrange(3, vocab) for _ in range(input_len)] for _ in range(num_prompts)]
     params = SamplingParams(max_tokens=output_len, temperature=0, ignore_eos=True)
     llm.generate(prompts[:2], SamplingParams(max_tokens=4))  # warm up
+    llm.engine.runner.timings = StepTimings()
     start = time.perf_counter()
     outs = llm.generate(prompts, params)
     elapsed = time.perf_counter() - start
     generated = sum(len(o.outputs[0].token_ids) for o in outs)
     return {"num_prompts": num_prompts, "input_len": input_len, "output_len": output_len, "elapsed_s": elapsed,
-            "output_tok_s": generated / elapsed, "total_tok_s": (generated + num_prompts * input_len) / elapsed}
+            "output_tok_s": generated / elapsed, "total_tok_s": (generated + num_prompts * input_len) / elapsed,
+            "step": llm.engine.runner.timings.summary()}
 
 
 async def _serve_load(url: str, model: str | None, concurrency: int, num_prompts: int, words: tuple[int, int],

@@ -8,6 +8,7 @@ resumes its random stream where it stopped.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -15,6 +16,31 @@ import torch
 from surge.core.scheduler_output import SchedulerOutput
 from surge.layers.attention import AttentionMetadata
 from surge.layers.sampler import Sampler, SamplingRow, TokenLogprobs, token_logprobs
+
+
+@dataclass
+class StepTimings:
+    """Where steps spend their wall time (seconds, summed): the model forward (with the LM
+    head; synchronous on CPU) against the Python around it. Filled by the runner and the engine."""
+
+    steps: int = 0
+    schedule: float = 0.0  # Scheduler.schedule
+    prepare: float = 0.0  # input tensors and attention metadata
+    forward: float = 0.0  # the model and the LM head
+    sample: float = 0.0  # sampler and prompt logprobs
+    postprocess: float = 0.0  # Scheduler.update, stop checks, detokenization, outputs
+
+    @property
+    def total(self) -> float:
+        return self.schedule + self.prepare + self.forward + self.sample + self.postprocess
+
+    def summary(self) -> dict[str, float]:
+        """Per-step milliseconds of each part and the share of the step outside the forward."""
+        n = max(self.steps, 1)
+        parts = {k: 1000 * getattr(self, k) / n for k in ("schedule", "prepare", "forward", "sample", "postprocess")}
+        total = self.total
+        return {**{f"{k}_ms": v for k, v in parts.items()}, "steps": self.steps,
+                "overhead_pct": 100 * (total - self.forward) / total if total else 0.0}
 
 
 @dataclass(slots=True)
@@ -43,6 +69,7 @@ class ModelRunner:
         self.eos_ids = eos_ids
         self.sampler = Sampler()
         self.requests: dict[str, SamplingRow] = {}
+        self.timings = StepTimings()
 
     def prepare(self, output: SchedulerOutput) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, list[int]]:
         """(input ids, positions, attention metadata, rows of the tokens to sample from)."""
@@ -99,15 +126,23 @@ class ModelRunner:
         result = ModelRunnerOutput()
         if not output.requests:
             return result
+        clock = self.timings
+        t0 = time.perf_counter()
         input_ids, positions, meta, sample_rows = self.prepare(output)
+        t1 = time.perf_counter()
         hidden = self.model(input_ids, positions, self.kv_caches, meta)
-        self._prompt_logprobs(output, hidden, meta, result)
         sampled = [r for r in output.requests if r.sample]
-        if not sampled:
+        logits = self.model.compute_logits(hidden[sample_rows]).cpu() if sampled else None
+        t2 = time.perf_counter()
+        clock.prepare += t1 - t0
+        clock.forward += t2 - t1
+        self._prompt_logprobs(output, hidden, meta, result)
+        if logits is None:
+            clock.sample += time.perf_counter() - t2
             return result
-        logits = self.model.compute_logits(hidden[sample_rows]).cpu()
         rows = [self.requests[r.request_id] for r in sampled]
         tokens, logprobs = self.sampler(logits, rows, self.eos_ids)
+        clock.sample += time.perf_counter() - t2
         for r, row, token, lp in zip(sampled, rows, tokens, logprobs):
             row.output_ids.append(token)
             result.sampled[r.request_id] = token
