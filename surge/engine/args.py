@@ -53,6 +53,7 @@ class EngineArgs:
     enable_chunked_prefill: bool = True
     scheduling_policy: str = "fcfs"
     warmup: bool = True  # run every decode bucket and some prefill shapes before serving
+    compile: bool = False  # the forward under torch.compile (Inductor)
 
     def llm_kwargs(self) -> dict[str, Any]:
         """Keyword arguments of `LLM(...)`."""
@@ -62,7 +63,7 @@ class EngineArgs:
             max_num_seqs=self.max_num_seqs, max_num_batched_tokens=self.max_num_batched_tokens,
             enable_prefix_caching=self.enable_prefix_caching, enable_chunked_prefill=self.enable_chunked_prefill,
             scheduling_policy=self.scheduling_policy, quantization=self.quantization,
-            quantization_group_size=self.group_size,
+            quantization_group_size=self.group_size, compile=self.compile,
         )
 
     def updated(self, mapping: dict[str, Any], source: str) -> "EngineArgs":

@@ -46,6 +46,7 @@ class EngineStats:
     prompt_tokens: int
     computed_prompt_tokens: int  # prompt tokens actually run through the model (recomputes included)
     generation_tokens: int
+    num_compiles: int = 0  # graphs compiled for the forward (with --compile)
 
 
 @dataclass
@@ -106,6 +107,7 @@ class LLMEngine:
         enable_prefix_caching: bool = True,
         enable_chunked_prefill: bool = True,
         scheduling_policy: SchedulingPolicy | str = "fcfs",
+        compile: bool = False,
     ):
         self.loaded = loaded
         self.config = loaded.config
@@ -121,7 +123,13 @@ class LLMEngine:
             num_blocks, cache.block_size, self.capacity_tokens, str(loaded.dtype).removeprefix("torch."),
         )
         self.eos_ids = frozenset(loaded.config.eos_token_ids) | frozenset(self.tokenizer.eos_token_ids)
-        self.runner = ModelRunner(loaded.model, kv_caches, cache.block_size, device, self.eos_ids)
+        model = loaded.model
+        if compile:
+            from surge.worker.compiled import CompiledModel
+
+            model = CompiledModel(loaded.model, self.max_model_len)  # type: ignore[assignment]
+        self.compiled = model if compile else None
+        self.runner = ModelRunner(model, kv_caches, cache.block_size, device, self.eos_ids)
         self.scheduler = Scheduler(
             num_blocks, cache.block_size, max_num_seqs, max_num_batched_tokens,
             enable_chunked_prefill=enable_chunked_prefill, enable_prefix_caching=enable_prefix_caching,
@@ -387,6 +395,8 @@ class LLMEngine:
         self.scheduler.stats = SchedulerStats()
         self.scheduler.kv.stats = PrefixCacheStats()
         self.runner.timings = StepTimings()
+        if self.compiled is not None:
+            self.compiled.serving = True  # type: ignore[attr-defined]
         return WarmupReport(prefills, buckets, time.perf_counter() - start)
 
     def _run_to_end(self, prompts: list[list[int]], params: SamplingParams) -> None:
@@ -416,6 +426,7 @@ class LLMEngine:
             prompt_tokens=s.stats.num_prompt_tokens,
             computed_prompt_tokens=s.stats.num_computed_prompt_tokens,
             generation_tokens=s.stats.num_generated_tokens,
+            num_compiles=self.compiled.num_compiles if self.compiled is not None else 0,  # type: ignore[attr-defined]
         )
 
     def is_idle_clean(self) -> bool:

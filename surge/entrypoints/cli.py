@@ -33,6 +33,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-prefix-caching", action="store_true", help="do not reuse KV blocks of shared prefixes")
     p.add_argument("--no-chunked-prefill", action="store_true", help="prefill each prompt in one step")
     p.add_argument("--scheduling-policy", choices=["fcfs", "priority"], default="fcfs")
+    p.add_argument("--compile", action="store_true",
+                   help="run the forward under torch.compile (first use of each shape class compiles; "
+                        "cached on disk under ~/.cache/surge/inductor)")
     p.add_argument("-v", "--verbose", action="store_true", help="log loading and cache details to stderr")
 
 
@@ -80,7 +83,7 @@ def _engine_args(args: argparse.Namespace) -> Any:
         block_size=args.block_size, max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens, enable_prefix_caching=not args.no_prefix_caching,
         enable_chunked_prefill=not args.no_chunked_prefill, scheduling_policy=args.scheduling_policy,
-        warmup=not getattr(args, "no_warmup", False),
+        warmup=not getattr(args, "no_warmup", False), compile=args.compile,
     )
 
 

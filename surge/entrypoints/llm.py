@@ -26,6 +26,8 @@ class LLM:
     quantization: "auto" (a GGUF's Q4/Q8 weights stay 4/8-bit), "none", "int8", "int4".
     reserve: called with the estimated weight bytes before the weights are loaded (a model
     repository checks its memory budget there).
+    compile: run the forward under torch.compile (Inductor); the first steps of each shape
+    class compile (minutes on a small CPU, cached on disk for the next start).
     """
 
     def __init__(
@@ -45,6 +47,7 @@ class LLM:
         quantization_group_size: int = 32,
         threads: int | None = None,
         reserve: ReserveHook | None = None,
+        compile: bool = False,
     ):
         cache = CacheConfig(block_size=block_size, kv_cache_memory=kv_cache_memory,
                             memory_fraction=kv_cache_memory_fraction)
@@ -63,6 +66,7 @@ class LLM:
             enable_prefix_caching=enable_prefix_caching,
             enable_chunked_prefill=enable_chunked_prefill,
             scheduling_policy=scheduling_policy,
+            compile=compile,
         )
         self.tokenizer = self.loaded.tokenizer
 

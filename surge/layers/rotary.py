@@ -94,8 +94,16 @@ class RotaryEmbedding:
             self._sin = (emb.sin() * self.scaling).to(dtype)
         return self._cos, self._sin
 
+    def prepare(self, positions: int, device: torch.device, dtype: torch.dtype) -> None:
+        """Build the table for `positions` now (a compiled forward only looks it up)."""
+        self._table(positions, device, dtype)
+
     def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """cos/sin [T, 1, rot] for `positions`; looked up once per step, shared by every layer."""
+        if torch.compiler.is_compiling():  # no data-dependent growth in a graph: prepare() built it
+            assert self._cos is not None and self._sin is not None
+            cos_table, sin_table = self._cos, self._sin
+            return cos_table[positions].unsqueeze(1), sin_table[positions].unsqueeze(1)
         needed = int(positions.max()) + 1 if positions.numel() else 1
         cos_table, sin_table = self._table(needed, positions.device, dtype)
         return cos_table[positions].unsqueeze(1), sin_table[positions].unsqueeze(1)

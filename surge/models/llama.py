@@ -13,6 +13,7 @@ from torch import nn
 
 from surge.config import ModelConfig
 from surge.errors import ModelFormatError
+from surge.layers import forward_context  # noqa: F401 - registers torch.ops.surge.attention
 from surge.layers.activation import get_activation
 from surge.layers.attention import AttentionMetadata, paged_attention, write_kv
 from surge.layers.linear import QuantLinear
@@ -50,7 +51,7 @@ class LlamaAttention(nn.Module):
 
     def forward(
         self, x: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor], kv_cache: torch.Tensor,
-        meta: AttentionMetadata,
+        meta: AttentionMetadata | None,
     ) -> torch.Tensor:
         tokens = x.shape[0]
         q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
@@ -58,8 +59,12 @@ class LlamaAttention(nn.Module):
         k = k.view(tokens, self.num_kv_heads, self.head_dim)
         v = v.view(tokens, self.num_kv_heads, self.head_dim)
         q, k = self.rotary(cos_sin, q, k)
-        write_kv(kv_cache, k, v, meta.slot_mapping)
-        out = paged_attention(q, kv_cache, meta, self.scale, self.sliding_window)
+        if meta is None:  # compiled: one opaque op that reads the step's metadata from the forward context
+            window = -1 if self.sliding_window is None else self.sliding_window
+            out = torch.ops.surge.attention(q, k, v, kv_cache, self.scale, window)
+        else:
+            write_kv(kv_cache, k, v, meta.slot_mapping)
+            out = paged_attention(q, kv_cache, meta, self.scale, self.sliding_window)
         return self.o_proj(out.reshape(tokens, -1))
 
 
@@ -91,7 +96,7 @@ class LlamaDecoderLayer(nn.Module):
         residual: torch.Tensor | None,
         cos_sin: tuple[torch.Tensor, torch.Tensor],
         kv_cache: torch.Tensor,
-        meta: AttentionMetadata,
+        meta: AttentionMetadata | None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(output, residual) kept apart so each residual add fuses into the next norm."""
         h, residual = self.input_layernorm(x, residual)
@@ -113,7 +118,7 @@ class LlamaModel(nn.Module):
         input_ids: torch.Tensor,
         positions: torch.Tensor,
         kv_caches: list[torch.Tensor],
-        meta: AttentionMetadata,
+        meta: AttentionMetadata | None,
     ) -> torch.Tensor:
         x = self.embed_tokens(input_ids)
         residual = None
@@ -142,12 +147,17 @@ class LlamaForCausalLM(nn.Module):
         input_ids: torch.Tensor,
         positions: torch.Tensor,
         kv_caches: list[torch.Tensor],
-        meta: AttentionMetadata,
+        meta: AttentionMetadata | None,
     ) -> torch.Tensor:
         return self.model(input_ids, positions, kv_caches, meta)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden).float()
+
+    def prepare_compile(self, max_positions: int) -> None:
+        """Build what a compiled forward must find ready (RoPE's table for every position)."""
+        dtype = self.model.embed_tokens.weight.dtype
+        self.model.rotary.prepare(max_positions, self.model.embed_tokens.weight.device, dtype)
 
     # checkpoint name part -> (fused module name part, shard index)
     STACKED = {

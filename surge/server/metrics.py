@@ -52,6 +52,8 @@ class _EngineCollector(Collector):
                      lambda s: s.num_preemptions)
         yield family(C, "surge_prompt_tokens", "Prompt tokens of admitted requests", lambda s: s.prompt_tokens)
         yield family(C, "surge_generation_tokens", "Generated tokens", lambda s: s.generation_tokens)
+        yield family(C, "surge_compilations", "Graphs compiled for the forward (--compile); growth while "
+                     "serving means a shape outside the warmed-up buckets", lambda s: s.num_compiles)
 
 
 class ServerMetrics:

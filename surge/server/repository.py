@@ -94,6 +94,7 @@ class VersionRecord:
     stable: bool = False  # unchanged between the last two scans (a copy into place has finished)
     tried: tuple | None = None  # the signature at the last load attempt; polling retries only new files
     loaded_at: float | None = None
+    draining: threading.Event | None = None  # set once a retired deployment of this version is gone
 
 
 @dataclass(eq=False)
@@ -297,9 +298,9 @@ class ModelRepository:
                 if record.state is State.READY and record.deployment is not None:
                     self._switch(entry, record, record.deployment, f"replaced by version {record.version}", True)
                     return record
-                draining = record.deployment if record.state is State.UNLOADING else None
+                draining = record.draining
             if draining is not None:  # one deployment per version at a time
-                draining.drained.wait(self.drain_timeout)
+                draining.wait(self.drain_timeout)
             deployment = self._build(entry, record)
             with self._lock:
                 self._switch(entry, record, deployment, f"replaced by version {record.version}", True)
@@ -320,8 +321,9 @@ class ModelRepository:
                 if record is None:
                     raise ModelUnavailableError(f"model {name!r}: version {target} is no longer in the repository")
                 current = entry.serving
-            if record.deployment is not None and record.state is State.UNLOADING:
-                record.deployment.drained.wait(self.drain_timeout)  # one deployment per version at a time
+                draining = record.draining
+            if draining is not None:  # one deployment per version at a time
+                draining.wait(self.drain_timeout)
             deployment = record.deployment if record.state is State.READY else self._build(entry, record)
             assert deployment is not None
             with self._lock:
@@ -420,9 +422,10 @@ class ModelRepository:
     def _retire(self, record: VersionRecord, reason: str) -> None:
         """Stop routing to `record` (under the lock) and unload it once its requests are done."""
         deployment = record.deployment
+        assert deployment is not None
         record.state, record.reason = State.UNLOADING, reason
         record.loaded_at = None
-        assert deployment is not None
+        record.draining = deployment.drained
         # the thread gets the record, not the deployment, so nothing keeps the engine alive after it
         threading.Thread(target=self._drain, args=(record, reason), name="surge-drain-version",
                          daemon=True).start()
@@ -440,13 +443,15 @@ class ModelRepository:
         with self._lock:
             if record.deployment is dep:
                 record.deployment = None
-                record.state, record.reason = State.UNAVAILABLE, f"unloaded: {reason}"
         key, drained = dep.key, dep.drained
         del dep
         gc.collect()  # the engine's tensors go now, not at some later collection
         self.budget.release(key)
         for callback in self.on_unloaded:
             callback(key)
+        with self._lock:  # UNAVAILABLE once its memory is returned
+            if record.draining is drained:
+                record.state, record.reason, record.draining = State.UNAVAILABLE, f"unloaded: {reason}", None
         logger.info("unloaded %s (%s)", key, reason)
         drained.set()
 

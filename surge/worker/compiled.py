@@ -1,0 +1,74 @@
+"""The model forward under torch.compile (Inductor), with its compilations counted and logged.
+
+Attention runs as the opaque `surge::attention` op reading the step's metadata from the
+forward context, so the graph depends only on tensor shapes; with dynamic shapes a handful
+of graphs (one token, a few, many: the quantized linears switch kernels at 9 rows) cover
+every batch. Warm-up runs each decode bucket so they are compiled before serving; a
+compilation after that is logged as a recompile. Inductor's on-disk cache is kept under
+~/.cache/surge/inductor (unless TORCHINDUCTOR_CACHE_DIR says otherwise), so a restart
+reuses the compiled kernels. The wrapper that calls the kernels is C++ (`cpp_wrapper`) unless
+TORCHINDUCTOR_CPP_WRAPPER says otherwise.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from surge.layers.attention import AttentionMetadata
+from surge.layers.forward_context import forward_context
+
+logger = logging.getLogger(__name__)
+
+
+def _configure_inductor() -> None:
+    if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(os.path.expanduser("~"), ".cache", "surge", "inductor")
+    if "TORCHINDUCTOR_CPP_WRAPPER" not in os.environ:
+        # the graph's kernel calls from C++ rather than Python: batch-1 decode of the default
+        # model 70 -> 80 tok/s, for about twice the compile time (docs/performance.md)
+        import torch._inductor.config as inductor_config
+
+        inductor_config.cpp_wrapper = True
+
+
+class CompiledModel:
+    """Drop-in for the model in the runner: same call, same compute_logits."""
+
+    def __init__(self, model: torch.nn.Module, max_positions: int):
+        _configure_inductor()
+        model.prepare_compile(max_positions)  # type: ignore[operator]
+        self.model = model
+        self.compute_logits: Callable[[torch.Tensor], torch.Tensor] = model.compute_logits  # type: ignore[assignment]
+        self.num_compiles = 0
+        self.compile_seconds = 0.0
+        self.serving = False  # set after warm-up: a compilation from then on is a recompile
+        self._fn = torch.compile(self._forward, backend=self._backend, dynamic=True, fullgraph=True)
+
+    def _forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[torch.Tensor]) -> Any:
+        return self.model(input_ids, positions, kv_caches, None)
+
+    def _backend(self, gm: torch.fx.GraphModule, example_inputs: list[Any]) -> Callable:
+        from torch._inductor.compile_fx import compile_fx
+
+        self.num_compiles += 1
+        tokens = next((t.shape[0] for t in example_inputs if isinstance(t, torch.Tensor) and t.dim() == 1), "?")
+        log = logger.warning if self.serving else logger.info
+        log("compiling the forward (graph %d, first seen with %s tokens)%s", self.num_compiles, tokens,
+            " while serving: a shape outside the warmed-up buckets" if self.serving else "")
+        return compile_fx(gm, example_inputs)
+
+    def __call__(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[torch.Tensor],
+                 meta: AttentionMetadata) -> torch.Tensor:
+        before = self.num_compiles
+        start = time.perf_counter()
+        with forward_context(meta):
+            out = self._fn(input_ids, positions, kv_caches)
+        if self.num_compiles != before:
+            self.compile_seconds += time.perf_counter() - start
+        return out

@@ -1,0 +1,47 @@
+"""The forward under torch.compile: same tokens and logits as eager on a tiny model, a fixed set
+of graphs after warm-up (no recompiles for new batch sizes or context lengths)."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+from surge import LLM, SamplingParams
+from tests.conftest import build_tiny_model
+
+PROMPTS = ["Hello, world. How are you", "The quick brown fox", "def main(argv):", "Numbers 12345 and 3.14159"]
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory, tiny_tokenizer_dir):
+    return build_tiny_model("llama", tmp_path_factory.mktemp("compiled"), tiny_tokenizer_dir)
+
+
+@pytest.mark.slow
+def test_compiled_forward_equals_eager_without_recompiles(tiny_dir, caplog):
+    kwargs = dict(dtype="float32", quantization="none", kv_cache_memory=8 << 20, max_num_seqs=8)
+    eager = LLM(str(tiny_dir), **kwargs)
+    compiled = LLM(str(tiny_dir), compile=True, **kwargs)
+    with caplog.at_level(logging.INFO, logger="surge.worker.compiled"):
+        report = compiled.engine.warm_up()
+    warm_graphs = compiled.engine.stats().num_compiles
+    assert report.decode_batch_sizes == [1, 2, 4, 8] and 1 <= warm_graphs <= 8
+    assert "compiling the forward" in caplog.text
+
+    params = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True, logprobs=3)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="surge.worker.compiled"):
+        for batch in (PROMPTS[:1], PROMPTS, PROMPTS[:3] * 2):  # batch sizes 1, 4, 6 and new context lengths
+            want = eager.generate(batch, params)
+            got = compiled.generate(batch, params)
+            for w, g in zip(want, got):
+                assert g.outputs[0].token_ids == w.outputs[0].token_ids
+                for wl, gl in zip(w.outputs[0].logprobs, g.outputs[0].logprobs):
+                    for tid, lp in wl.items():
+                        assert gl[tid].logprob == pytest.approx(lp.logprob, abs=1e-4)
+    assert compiled.engine.stats().num_compiles == warm_graphs  # nothing recompiled while "serving"
+    assert "while serving" not in caplog.text
+    assert compiled.engine.is_idle_clean()
+    torch._dynamo.reset()
