@@ -49,11 +49,11 @@ def prompt_ids(vocab: int, n: int, seed: int) -> list[int]:
     return [rng.randrange(3, vocab) for _ in range(n)]
 
 
-def bench_surge(gguf: str, threads: int, dtype: str, quantization: str) -> dict[str, float]:
+def bench_surge(gguf: str, threads: int, dtype: str, quantization: str, compile: bool = False) -> dict[str, float]:
     from surge import LLM, SamplingParams
     from surge.entrypoints.bench import bench_latency
 
-    llm = LLM(gguf, dtype=dtype, quantization=quantization, threads=threads)
+    llm = LLM(gguf, dtype=dtype, quantization=quantization, threads=threads, compile=compile)
     vocab = llm.engine.vocab_size
     lat = bench_latency(llm, PREFILL_TOKENS, DECODE_TOKENS, iters=2)
     decode_b1 = bench_latency(llm, 8, DECODE_TOKENS, iters=2)["decode_tok_s"]
@@ -166,7 +166,8 @@ def _wait_http(url: str, proc: subprocess.Popen, timeout: float = 300) -> None:
     raise RuntimeError(f"{url} not ready after {timeout}s")
 
 
-def bench_serving(gguf: str, threads: int, concurrency: int = 32, num_prompts: int = 64) -> dict[str, dict]:
+def bench_serving(gguf: str, threads: int, concurrency: int = 32, num_prompts: int = 64,
+                  compile: bool = False) -> dict[str, dict]:
     """The same load (streams of 20-200-word prompts, 64 tokens, ignore_eos) against llama-server
     with `concurrency` slots and against `surge serve`, one after the other."""
     import asyncio
@@ -181,7 +182,8 @@ def bench_serving(gguf: str, threads: int, concurrency: int = 32, num_prompts: i
                                     "-np", str(concurrency), "-c", str(concurrency * 512), "--host", "127.0.0.1"],
                                    "http://127.0.0.1:8731", "/health")
     servers["surge"] = ([sys.executable, "-m", "surge.entrypoints.cli", "serve", "--model", gguf, "--port", "8732",
-                         "--threads", str(threads), "--log-level", "warning"], "http://127.0.0.1:8732", "/health")
+                         "--threads", str(threads), "--log-level", "warning", *(["--compile"] if compile else [])],
+                        "http://127.0.0.1:8732", "/health")
     for name, (cmd, url, health) in servers.items():
         # llama-server finds its shared libraries next to it
         env = {**os.environ, "LD_LIBRARY_PATH": os.path.dirname(cmd[0])} if name == "llama_server" else None
@@ -206,13 +208,16 @@ def main() -> int:
     ap.add_argument("--skip-transformers", action="store_true")
     ap.add_argument("--serve", action="store_true",
                     help="also compare serving (32 streams) against llama-server, built from source if needed")
+    ap.add_argument("--compile", action="store_true", help="surge with --compile (torch.compile, C++ wrapper)")
+    ap.add_argument("--skip-surge-bf16", action="store_true", help="skip surge with dequantized bf16 weights")
     ap.add_argument("--json", default=None, help="also write the results to this file")
     args = ap.parse_args()
     gguf = args.gguf or default_model_path()
     torch.set_num_threads(args.threads)
     results: dict[str, dict[str, float]] = {}
-    results["surge_4bit_bf16"] = bench_surge(gguf, args.threads, "bfloat16", "auto")
-    results["surge_bf16"] = bench_surge(gguf, args.threads, "bfloat16", "none")
+    results["surge_4bit_bf16"] = bench_surge(gguf, args.threads, "bfloat16", "auto", args.compile)
+    if not args.skip_surge_bf16:
+        results["surge_bf16"] = bench_surge(gguf, args.threads, "bfloat16", "none", args.compile)
     if not args.skip_llama_cpp and ensure_llama_cpp():
         results["llama_cpp_python"] = bench_llama_cpp(gguf, args.threads)
     if not args.skip_transformers:
@@ -224,7 +229,7 @@ def main() -> int:
         cells = [f"{r[k]:.1f}" if k in r else "-" for k in ("decode_b1", "prefill_512", "decode_b32")]
         print(f"{name:<20}{cells[0]:>17}{cells[1]:>19}{cells[2]:>18}")
     ratios = {}
-    s4, s16 = results["surge_4bit_bf16"], results["surge_bf16"]
+    s4, s16 = results["surge_4bit_bf16"], results.get("surge_bf16")
     if "llama_cpp_python" in results:
         lc = results["llama_cpp_python"]
         ratios["decode_b1 surge-4bit / llama.cpp"] = s4["decode_b1"] / lc["decode_b1"]
@@ -232,9 +237,10 @@ def main() -> int:
     if "transformers_bf16" in results:
         tf = results["transformers_bf16"]
         for key in ("decode_b1", "decode_b32"):
-            ratios[f"{key} surge-bf16 / transformers-bf16"] = s16[key] / tf[key]
+            if s16 is not None:
+                ratios[f"{key} surge-bf16 / transformers-bf16"] = s16[key] / tf[key]
             ratios[f"{key} surge-4bit / transformers-bf16"] = s4[key] / tf[key]
-    serving = bench_serving(gguf, args.threads) if args.serve else {}
+    serving = bench_serving(gguf, args.threads, compile=args.compile) if args.serve else {}
     for name, r in serving.items():
         print(f"serving {name:<14} output {r['output_tok_s']:.1f} tok/s, TTFT p50 {r['ttft_s'].get('p50', 0):.2f} s "
               f"p99 {r['ttft_s'].get('p99', 0):.2f} s, TPOT p50 {r['tpot_s'].get('p50', 0) * 1000:.0f} ms, "
