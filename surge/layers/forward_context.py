@@ -43,8 +43,7 @@ def attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: to
     """Write this step's K/V into `kv_cache` and attend; `sliding_window` < 0 means none."""
     meta = current_metadata()
     write_kv(kv_cache, k, v, meta.slot_mapping)
-    out = paged_attention(q, kv_cache, meta, scale, sliding_window if sliding_window >= 0 else None)
-    return out if out is not q else out.clone()
+    return paged_attention(q, kv_cache, meta, scale, sliding_window if sliding_window >= 0 else None)
 
 
 @attention_op.register_fake

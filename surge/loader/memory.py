@@ -52,11 +52,6 @@ class MemoryBudget:
     _held: dict[str, int] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
-    @property
-    def used(self) -> int:
-        with self._lock:
-            return sum(self._held.values())
-
     def reserve(self, owner: str, nbytes: int, what: str) -> None:
         """Set `nbytes` aside for `owner` (replacing what it held), or refuse with the numbers."""
         with self._lock:

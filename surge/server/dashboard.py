@@ -85,7 +85,9 @@ class StatsHistory:
         for model, version, stats in self.deployments():
             per_model[model].append((f"{model}:{version}", stats))
         wall = time.time()
+        live = {key for rows in per_model.values() for key, _ in rows}
         with self._lock:
+            self._last_tokens = {k: v for k, v in self._last_tokens.items() if k in live}
             for model in set(per_model) | set(self._models):
                 series = self._models[model]
                 rows = per_model.get(model, [])

@@ -227,7 +227,9 @@ class ModelRepository:
         found = self.scan()
         with self._lock:
             for name, versions in found.items():
-                entry = self.models.setdefault(name, ModelEntry(name, os.path.join(self.root or "", name)))
+                entry = self.models.get(name)
+                if entry is None:
+                    entry = self.models[name] = ModelEntry(name, os.path.join(self.root or "", name))
                 for version, path in versions.items():
                     signature = directory_signature(path)
                     record = entry.versions.get(version)
