@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import torch
 
 from surge.core.scheduler_output import SchedulerOutput
-from surge.layers.attention import AttentionMetadata
+from surge.layers.attention import AttentionMetadata, native_decode
 from surge.layers.sampler import Sampler, SamplingRow, TokenLogprobs, token_logprobs
 
 
@@ -70,6 +70,8 @@ class ModelRunner:
         self.sampler = Sampler()
         self.requests: dict[str, SamplingRow] = {}
         self.timings = StepTimings()
+        # Builds (or loads from its cache) the native decode kernel now, at load, not in the first step.
+        self.native_decode = bool(kv_caches) and native_decode(kv_caches[0])
 
     def prepare(self, output: SchedulerOutput) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, list[int]]:
         """(input ids, positions, attention metadata, rows of the tokens to sample from)."""
@@ -101,7 +103,7 @@ class ModelRunner:
             seq_lens=seq_lens,
             block_size=bs,
         )
-        meta.split_decode()
+        meta.split_decode(native=self.native_decode)
         return (
             torch.tensor(ids, dtype=torch.int64, device=dev),
             torch.tensor(positions, dtype=torch.int64, device=dev),

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from surge.layers import attention
 from surge.layers.attention import AttentionMetadata, paged_attention
 
 HQ, HK, D, BS = 9, 3, 16, 4
@@ -26,6 +27,7 @@ def reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq_len: int, w
     return torch.einsum("hnl,lhd->nhd", scores.softmax(-1), vv)
 
 
+@pytest.mark.parametrize("native", [True, False], ids=["native", "torch"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("window", [None, 6])
 @pytest.mark.parametrize("layout", [
@@ -36,7 +38,9 @@ def reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq_len: int, w
     [(7, 7), (1, 30)],  # a prompt beside one decoding sequence
     [(3, 12), (5, 40), (1, 9), (1, 18)],  # chunks and decodes mixed
 ])
-def test_paged_attention_matches_dense_reference(layout, window, dtype):
+def test_paged_attention_matches_dense_reference(layout, window, dtype, native, monkeypatch):
+    if not native:  # the PyTorch path, as on GPUs or where the kernel cannot be built
+        monkeypatch.setattr(attention, "native_decode", lambda kv_cache: False)
     gen = torch.Generator().manual_seed(0)
     num_blocks = 64
     cache = torch.zeros(2, num_blocks, BS, HK, D, dtype=dtype)
@@ -60,7 +64,7 @@ def test_paged_attention_matches_dense_reference(layout, window, dtype):
         block_tables=torch.tensor([t + [0] * (width - len(t)) for t in tables]),
         query_start_loc=starts, seq_lens=seq_lens, block_size=BS,
     )
-    meta.split_decode()
+    meta.split_decode(native=native)
     out = paged_attention(torch.cat(qs), cache, meta, D**-0.5, window)
     assert out.dtype == dtype and out.shape == (starts[-1], HQ, D)
     tol = 1e-5 if dtype == torch.float32 else 2e-2

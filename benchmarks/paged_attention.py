@@ -1,0 +1,114 @@
+"""Micro-benchmark of decode attention over the paged KV cache, one query token per sequence.
+
+Three implementations on the same random cache and block tables (the default model's heads:
+9 query heads, 3 KV heads, head size 64; block size 16):
+
+  gather+sdpa   per sequence: gather its blocks, F.scaled_dot_product_attention (the baseline)
+  gather+bmm    all sequences: one gathered copy [B, L, Hk, D], masked, two batched einsums
+                (surge's batched decode path before the native kernel)
+  native        surge_native.paged_decode_attention: reads the blocks in place (csrc/)
+
+    python benchmarks/paged_attention.py [--threads 2] [--dtype bfloat16] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+import torch.nn.functional as F
+
+from surge.layers.attention import gathered_decode_attention
+from surge.layers.native import native_ops
+
+HQ, HK, D, BS = 9, 3, 64, 16
+SHAPES = [(1, 128), (1, 512), (1, 2048), (8, 128), (8, 1024), (32, 256), (32, 1024)]
+
+
+def make_case(batch: int, context: int, dtype: torch.dtype, gen: torch.Generator):
+    blocks_per_seq = -(-context // BS)
+    num_blocks = batch * blocks_per_seq + 8
+    cache = torch.randn(2, num_blocks, BS, HK, D, generator=gen).to(dtype)
+    tables = torch.randperm(num_blocks, generator=gen)[: batch * blocks_per_seq].view(batch, blocks_per_seq)
+    # Lengths spread over the last quarter of the context, as in a serving batch.
+    lens = torch.randint(max(1, context * 3 // 4), context + 1, (batch,), generator=gen)
+    q = torch.randn(batch, HQ, D, generator=gen).to(dtype)
+    return q, cache, tables, lens
+
+
+def gather_sdpa(q, cache, tables, lens, scale):
+    out = torch.empty_like(q)
+    for i in range(q.shape[0]):
+        n = int(lens[i])
+        blocks = tables[i, : -(-n // BS)]
+        k = cache[0, blocks].reshape(-1, HK, D)[:n].transpose(0, 1).unsqueeze(0)
+        v = cache[1, blocks].reshape(-1, HK, D)[:n].transpose(0, 1).unsqueeze(0)
+        o = F.scaled_dot_product_attention(q[i][None, :, None], k, v, scale=scale, enable_gqa=True)
+        out[i] = o[0, :, 0]
+    return out
+
+
+def gather_bmm(q, cache, tables, lens, scale):
+    width = int(lens.max())
+    return gathered_decode_attention(q, cache, tables[:, : -(-width // BS)], lens, width, scale)
+
+
+def native(q, cache, tables, lens, scale):
+    return native_ops().paged_decode_attention(q, cache, tables, lens, scale, -1)
+
+
+def reference(q, cache, tables, lens, scale):
+    out = torch.empty(q.shape, dtype=torch.float64)
+    for i in range(q.shape[0]):
+        n = int(lens[i])
+        blocks = tables[i, : -(-n // BS)]
+        k = cache[0, blocks].reshape(-1, HK, D)[:n].double().repeat_interleave(HQ // HK, 1)
+        v = cache[1, blocks].reshape(-1, HK, D)[:n].double().repeat_interleave(HQ // HK, 1)
+        p = (torch.einsum("hd,lhd->hl", q[i].double(), k) * scale).softmax(-1)
+        out[i] = torch.einsum("hl,lhd->hd", p, v)
+    return out
+
+
+def time_us(fn, *args, min_time: float = 0.3) -> float:
+    fn(*args)
+    n, start = 0, time.perf_counter()
+    while time.perf_counter() - start < min_time or n < 3:
+        fn(*args)
+        n += 1
+    return (time.perf_counter() - start) / n * 1e6
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    ap.add_argument("--json", help="write the rows here")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    dtype = getattr(torch, args.dtype)
+    if native_ops() is None:
+        raise SystemExit("the native kernels could not be built (see the warning above)")
+    gen = torch.Generator().manual_seed(0)
+    scale = D**-0.5
+    rows = []
+    print(f"{'batch x context':>16} {'gather+sdpa us':>15} {'gather+bmm us':>14} {'native us':>10} "
+          f"{'vs sdpa':>8} {'vs bmm':>7} {'native err':>10} {'sdpa err':>8}")
+    for batch, context in SHAPES:
+        case = make_case(batch, context, dtype, gen)
+        ref = reference(*case, scale)
+        # Error of each against float64; the native kernel computes in float32 like gather+bmm.
+        errs = {fn.__name__: (fn(*case, scale).double() - ref).abs().max().item() for fn in (gather_sdpa, gather_bmm, native)}
+        err = errs["native"]
+        t = {fn.__name__: time_us(fn, *case, scale) for fn in (gather_sdpa, gather_bmm, native)}
+        rows.append({"batch": batch, "context": context, "us": t, "max_abs_err": errs})
+        print(f"{batch:>7} x {context:<6} {t['gather_sdpa']:>15.0f} {t['gather_bmm']:>14.0f} {t['native']:>10.0f} "
+              f"{t['gather_sdpa'] / t['native']:>7.1f}x {t['gather_bmm'] / t['native']:>6.1f}x {err:>10.1e} {errs['gather_sdpa']:>8.1e}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"threads": args.threads, "dtype": args.dtype, "rows": rows}, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,300 @@
+// Paged decode attention for CPU: one query token per sequence, read straight from the
+// block-paged KV cache (no gathered copy), float32 math, vectorized with ATen's Vectorized.
+//
+//   q            [B, Hq, D] (any strides)     bf16 / fp16 / fp32
+//   kv_cache     [2, num_blocks, block_size, Hk, D]  (K then V), bf16 / fp16 / fp32
+//   block_tables [B, >= ceil(len / block_size)] int64, row b = sequence b's blocks
+//   seq_lens     [B] int64, context length (the query is the token at seq_len - 1)
+//   window       keys at positions >= seq_len - window only; < 0 means no window
+//
+// Work is split into (sequence, partition of the context) items so that one long
+// sequence still spreads over every thread (split-K, as flash-decoding does); each item
+// keeps its partial softmax (max, sum) and unnormalized output, and a second pass merges
+// the partitions. Grouped query heads (Hq = G * Hk) share each K/V load; for the common
+// shapes the group's queries and outputs are held in vector registers.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <type_traits>
+#include <vector>
+
+namespace {
+
+using Vec = at::vec::Vectorized<float>;
+
+template <typename T>
+inline Vec load_float(const T* p) {
+  if constexpr (std::is_same_v<T, float>) {
+    return Vec::loadu(p);
+  } else {
+    Vec out;
+    at::vec::load_to_float<T>(p, out);
+    return out;
+  }
+}
+
+// Where one item's inputs and outputs live.
+template <typename KT>
+struct Item {
+  const KT* keys;        // this sequence's K cache base (token t of block blk at blk * BS + t % BS)
+  const KT* values;
+  const int64_t* table;  // its block table
+  int64_t block_size, token_stride, t0, t1;
+  const float* q;        // [Hq, D], pre-scaled
+  float* scores;         // [Hq, part] scratch
+  int64_t part;
+  float* out;            // [Hq, D] unnormalized output
+  float* max;            // [Hq]
+  float* sum;            // [Hq]
+
+  const KT* key(int64_t t) const { return keys + (table[t / block_size] * block_size + t % block_size) * token_stride; }
+  const KT* value(int64_t t) const { return values + (table[t / block_size] * block_size + t % block_size) * token_stride; }
+
+};
+
+// exp(s - max) in place over each head's scores; records max and sum.
+template <typename KT>
+void softmax_numerators(const Item<KT>& it, int64_t Hq) {
+  const int64_t n = it.t1 - it.t0;
+  for (int64_t hq = 0; hq < Hq; ++hq) {
+    float* s = it.scores + hq * it.part;
+    const float m = at::vec::reduce_all<float>([](Vec x, Vec y) { return at::vec::maximum(x, y); }, s, n);
+    at::vec::map([m](Vec x) { return (x - Vec(m)).exp_u20(); }, s, s, n);
+    it.max[hq] = m;
+    it.sum[hq] = at::vec::reduce_all<float>([](Vec x, Vec y) { return x + y; }, s, n);
+  }
+}
+
+// The common shapes: the group size G and head size NV * Vec::size() known at compile time,
+// so a head's query rows and output accumulators live in vector registers. Tokens are taken
+// a block at a time and every head is done before the next block: the block's K (or V) is
+// then read from DRAM once and reused from L1 by the other heads.
+template <typename KT, int G, int NV>
+void attend_fixed(const Item<KT>& it, int64_t Hk) {
+  constexpr int64_t D = NV * Vec::size();
+  const int64_t BS = it.block_size;
+  for (int64_t c0 = it.t0; c0 < it.t1; c0 = (c0 / BS + 1) * BS) {
+    const int64_t c1 = std::min(it.t1, (c0 / BS + 1) * BS);
+    const KT* block = it.key(c0) - (c0 % BS) * it.token_stride;
+    for (int64_t h = 0; h < Hk; ++h) {
+      Vec qv[G][NV];
+      for (int g = 0; g < G; ++g)
+        for (int j = 0; j < NV; ++j) qv[g][j] = Vec::loadu(it.q + (h * G + g) * D + j * Vec::size());
+      float* scores = it.scores + h * G * it.part - it.t0;
+      for (int64_t t = c0; t < c1; ++t) {
+        const KT* key = block + (t % BS) * it.token_stride + h * D;
+        Vec acc[G];
+        for (int j = 0; j < NV; ++j) {
+          const Vec kv = load_float(key + j * Vec::size());
+          for (int g = 0; g < G; ++g) acc[g] = j == 0 ? qv[g][0] * kv : at::vec::fmadd(qv[g][j], kv, acc[g]);
+        }
+        for (int g = 0; g < G; ++g) scores[g * it.part + t] = acc[g].reduce_add();
+      }
+    }
+  }
+  softmax_numerators(it, Hk * G);
+  std::fill(it.out, it.out + Hk * G * D, 0.f);
+  for (int64_t c0 = it.t0; c0 < it.t1; c0 = (c0 / BS + 1) * BS) {
+    const int64_t c1 = std::min(it.t1, (c0 / BS + 1) * BS);
+    const KT* block = it.value(c0) - (c0 % BS) * it.token_stride;
+    for (int64_t h = 0; h < Hk; ++h) {
+      float* out = it.out + h * G * D;
+      Vec ov[G][NV];
+      for (int g = 0; g < G; ++g)
+        for (int j = 0; j < NV; ++j) ov[g][j] = Vec::loadu(out + g * D + j * Vec::size());
+      const float* probs = it.scores + h * G * it.part - it.t0;
+      for (int64_t t = c0; t < c1; ++t) {
+        const KT* value = block + (t % BS) * it.token_stride + h * D;
+        Vec p[G];
+        for (int g = 0; g < G; ++g) p[g] = Vec(probs[g * it.part + t]);
+        for (int j = 0; j < NV; ++j) {
+          const Vec vv = load_float(value + j * Vec::size());
+          for (int g = 0; g < G; ++g) ov[g][j] = at::vec::fmadd(p[g], vv, ov[g][j]);
+        }
+      }
+      for (int g = 0; g < G; ++g)
+        for (int j = 0; j < NV; ++j) ov[g][j].store(out + g * D + j * Vec::size());
+    }
+  }
+}
+
+// Any other shape: scalar loops (head sizes that are not a multiple of the vector width, large groups).
+template <typename KT>
+void attend_generic(const Item<KT>& it, int64_t Hk, int64_t G, int64_t D) {
+  for (int64_t t = it.t0; t < it.t1; ++t) {
+    const KT* key = it.key(t);
+    for (int64_t hq = 0; hq < Hk * G; ++hq) {
+      const KT* k = key + (hq / G) * D;
+      float s = 0.f;
+      for (int64_t d = 0; d < D; ++d) s += it.q[hq * D + d] * static_cast<float>(k[d]);
+      it.scores[hq * it.part + t - it.t0] = s;
+    }
+  }
+  softmax_numerators(it, Hk * G);
+  std::fill(it.out, it.out + Hk * G * D, 0.f);
+  for (int64_t t = it.t0; t < it.t1; ++t) {
+    const KT* value = it.value(t);
+    for (int64_t hq = 0; hq < Hk * G; ++hq) {
+      const KT* v = value + (hq / G) * D;
+      const float p = it.scores[hq * it.part + t - it.t0];
+      for (int64_t d = 0; d < D; ++d) it.out[hq * D + d] += p * static_cast<float>(v[d]);
+    }
+  }
+}
+
+template <typename KT>
+using AttendFn = void (*)(const Item<KT>&, int64_t);
+
+template <typename KT, int NV>
+AttendFn<KT> pick_group(int64_t G) {
+  switch (G) {
+    case 1: return &attend_fixed<KT, 1, NV>;
+    case 2: return &attend_fixed<KT, 2, NV>;
+    case 3: return &attend_fixed<KT, 3, NV>;
+    case 4: return &attend_fixed<KT, 4, NV>;
+    case 5: return &attend_fixed<KT, 5, NV>;
+    case 6: return &attend_fixed<KT, 6, NV>;
+    case 7: return &attend_fixed<KT, 7, NV>;
+    case 8: return &attend_fixed<KT, 8, NV>;
+    default: return nullptr;
+  }
+}
+
+template <typename KT>
+AttendFn<KT> pick_fixed(int64_t G, int64_t D) {
+  if (D == 4 * Vec::size()) return pick_group<KT, 4>(G);
+  if (D == 8 * Vec::size()) return pick_group<KT, 8>(G);
+  return nullptr;
+}
+
+template <typename QT, typename KT>
+void decode_kernel(const at::Tensor& q, const at::Tensor& kv_cache, const at::Tensor& block_tables,
+                   const at::Tensor& seq_lens, double scale, int64_t window, at::Tensor& out) {
+  const int64_t B = q.size(0), Hq = q.size(1), D = q.size(2);
+  const int64_t NB = kv_cache.size(1), BS = kv_cache.size(2), Hk = kv_cache.size(3);
+  const int64_t G = Hq / Hk;
+  const KT* kp = kv_cache.data_ptr<KT>();
+  const int64_t* tables = block_tables.data_ptr<int64_t>();
+  const int64_t* lens = seq_lens.data_ptr<int64_t>();
+
+  // First visible key of each sequence; its context span.
+  std::vector<int64_t> first(B);
+  int64_t longest = 0, total = 0;
+  for (int64_t b = 0; b < B; ++b) {
+    const int64_t len = lens[b];
+    TORCH_CHECK(len >= 1, "paged_decode_attention: seq_len must be >= 1");
+    TORCH_CHECK((len + BS - 1) / BS <= block_tables.size(1), "paged_decode_attention: block table too short");
+    first[b] = (window >= 0 && len > window) ? len - window : 0;
+    longest = std::max(longest, len - first[b]);
+    total += len - first[b];
+  }
+  // Partition length: enough items to keep every thread busy, short enough that a partition's
+  // K and V stay in L2 across the heads, long enough to amortize the merge.
+  const int64_t threads = at::get_num_threads();
+  int64_t part = (total + 4 * threads - 1) / (4 * threads);
+  part = std::clamp<int64_t>((part + 31) / 32 * 32, 64, 512);
+  const int64_t parts = (longest + part - 1) / part;
+
+  // Partials per (sequence, partition, query head): max, sum and the unnormalized output.
+  std::vector<float> qf(B * Hq * D);
+  const QT* qp = q.data_ptr<QT>();
+  const int64_t s0 = q.stride(0), s1 = q.stride(1), s2 = q.stride(2);  // q may be a view of the fused QKV
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t hq = 0; hq < Hq; ++hq)
+      for (int64_t d = 0; d < D; ++d)
+        qf[(b * Hq + hq) * D + d] = static_cast<float>(qp[b * s0 + hq * s1 + d * s2]) * static_cast<float>(scale);
+  std::vector<float> pmax(B * parts * Hq, -std::numeric_limits<float>::infinity());
+  std::vector<float> psum(B * parts * Hq, 0.f);
+  std::vector<float> pout(B * parts * Hq * D, 0.f);
+  const AttendFn<KT> fixed = pick_fixed<KT>(G, D);
+
+  // An item is one partition of one sequence, all heads.
+  at::parallel_for(0, B * parts, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> scores(Hq * part);
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t b = item / parts, pi = item % parts;
+      const int64_t t0 = first[b] + pi * part;
+      const int64_t t1 = std::min(t0 + part, lens[b]);
+      if (t0 >= t1) continue;
+      const int64_t base = (b * parts + pi) * Hq;
+      const Item<KT> it{kp, kp + NB * BS * Hk * D, tables + b * block_tables.stride(0), BS, Hk * D, t0, t1,
+                        &qf[b * Hq * D], scores.data(), part, &pout[base * D], &pmax[base], &psum[base]};
+      if (fixed != nullptr) {
+        fixed(it, Hk);
+      } else {
+        attend_generic(it, Hk, G, D);
+      }
+    }
+  });
+
+  // Merge the partitions of each (sequence, query head).
+  QT* op = out.data_ptr<QT>();
+  at::parallel_for(0, B * Hq, 16, [&](int64_t begin, int64_t end) {
+    std::vector<float> row(D);
+    for (int64_t bh = begin; bh < end; ++bh) {
+      const int64_t b = bh / Hq, hq = bh % Hq;
+      float m = -std::numeric_limits<float>::infinity();
+      for (int64_t pi = 0; pi < parts; ++pi) m = std::max(m, pmax[(b * parts + pi) * Hq + hq]);
+      std::fill(row.begin(), row.end(), 0.f);
+      float denom = 0.f;
+      for (int64_t pi = 0; pi < parts; ++pi) {
+        const int64_t idx = (b * parts + pi) * Hq + hq;
+        if (psum[idx] == 0.f) continue;  // an empty partition of a shorter sequence
+        const float w = std::exp(pmax[idx] - m);
+        denom += w * psum[idx];
+        const float* src = &pout[idx * D];
+        for (int64_t d = 0; d < D; ++d) row[d] += w * src[d];
+      }
+      QT* dst = op + bh * D;
+      for (int64_t d = 0; d < D; ++d) dst[d] = static_cast<QT>(row[d] / denom);
+    }
+  });
+}
+
+// Calls f with a value of the C++ type of a float32 / bfloat16 / float16 dtype.
+template <typename F>
+void dispatch_float(at::ScalarType type, F&& f) {
+  switch (type) {
+    case at::kFloat: return f(float{});
+    case at::kBFloat16: return f(c10::BFloat16{});
+    case at::kHalf: return f(c10::Half{});
+    default: TORCH_CHECK(false, "paged_decode_attention: unsupported dtype ", type);
+  }
+}
+
+at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& kv_cache, const at::Tensor& block_tables,
+                                  const at::Tensor& seq_lens, double scale, int64_t window) {
+  TORCH_CHECK(q.dim() == 3, "paged_decode_attention: q must be [B, Hq, D]");
+  TORCH_CHECK(kv_cache.dim() == 5 && kv_cache.size(0) == 2 && kv_cache.is_contiguous(),
+              "paged_decode_attention: kv_cache must be contiguous [2, blocks, block_size, Hk, D]");
+  TORCH_CHECK(kv_cache.size(4) == q.size(2), "paged_decode_attention: head sizes differ");
+  TORCH_CHECK(q.size(1) % kv_cache.size(3) == 0, "paged_decode_attention: query heads must be a multiple of KV heads");
+  TORCH_CHECK(block_tables.scalar_type() == at::kLong && block_tables.dim() == 2 && block_tables.stride(1) == 1,
+              "paged_decode_attention: block_tables must be int64 [B, blocks] with contiguous rows");
+  TORCH_CHECK(seq_lens.scalar_type() == at::kLong && seq_lens.is_contiguous() && seq_lens.numel() == q.size(0),
+              "paged_decode_attention: seq_lens must be int64 [B]");
+  TORCH_CHECK(block_tables.size(0) == q.size(0), "paged_decode_attention: one block table row per sequence");
+  at::Tensor out = at::empty({q.size(0), q.size(1), q.size(2)}, q.options());
+  if (q.size(0) == 0) return out;
+  dispatch_float(q.scalar_type(), [&](auto q_tag) {
+    dispatch_float(kv_cache.scalar_type(), [&](auto kv_tag) {
+      decode_kernel<decltype(q_tag), decltype(kv_tag)>(q, kv_cache, block_tables, seq_lens, scale, window, out);
+    });
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY(surge_native, m) {
+  m.def("paged_decode_attention(Tensor q, Tensor kv_cache, Tensor block_tables, Tensor seq_lens, float scale, "
+        "int window) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(surge_native, CPU, m) { m.impl("paged_decode_attention", &paged_decode_attention); }

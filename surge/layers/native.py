@@ -1,0 +1,76 @@
+"""surge's C++ CPU kernels (csrc/), built on first use with PyTorch's extension builder.
+
+The kernels are compiled for the machine they run on (its vector ISA, as Inductor picks it)
+and cached under ~/.cache/surge/native, so a process pays the build (~30-60 s on 2 cores)
+once per machine and source version. Where no compiler is available, or with
+SURGE_NATIVE_KERNELS=0, `native_ops()` returns None and callers keep their PyTorch path.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from pathlib import Path
+from typing import Any
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+_SOURCES = [Path(__file__).parent / "csrc" / "paged_attention.cpp"]
+_lock = threading.Lock()
+_state: dict[str, Any] = {}
+
+
+def _isa_flags() -> list[str]:
+    """Compiler flags for the vector ISA ATen's Vectorized should target on this CPU."""
+    capability = torch.backends.cpu.get_cpu_capability()
+    if capability.startswith("AVX512"):
+        return ["-mavx512f", "-mavx512dq", "-mavx512vl", "-mavx512bw", "-mfma", "-DCPU_CAPABILITY_AVX512"]
+    if capability == "AVX2":
+        return ["-mavx2", "-mfma", "-DCPU_CAPABILITY_AVX2"]
+    return []
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("SURGE_NATIVE_CACHE", Path.home() / ".cache" / "surge" / "native"))
+
+
+def native_ops() -> Any | None:
+    """torch.ops.surge_native once built and loaded; None where it cannot be (reason logged once)."""
+    if "ops" in _state:
+        return _state["ops"]
+    with _lock:
+        if "ops" in _state:
+            return _state["ops"]
+        ops = None
+        if os.environ.get("SURGE_NATIVE_KERNELS", "1") == "0":
+            logger.info("native kernels disabled by SURGE_NATIVE_KERNELS=0")
+        elif not torch.backends.cpu.get_cpu_capability():
+            logger.warning("native kernels unavailable: unknown CPU capability")
+        else:
+            try:
+                ops = _build()
+            except Exception as exc:  # no compiler, no ninja, a broken toolchain: keep the torch path
+                logger.warning("native kernels unavailable, using the PyTorch path (%s)", str(exc).splitlines()[-1:])
+        _state["ops"] = ops
+        return ops
+
+
+def _build() -> Any:
+    from torch.utils import cpp_extension
+
+    build_dir = cache_dir()
+    build_dir.mkdir(parents=True, exist_ok=True)
+    cpp_extension.load(
+        name="surge_native",
+        sources=[str(p) for p in _SOURCES],
+        # OpenMP: at::parallel_for is inlined into the kernel and runs on torch's own libgomp.
+        extra_cflags=["-O3", "-fopenmp", *_isa_flags()],
+        extra_ldflags=["-fopenmp"],
+        build_directory=str(build_dir),
+        is_python_module=False,
+        verbose=False,
+    )
+    return torch.ops.surge_native

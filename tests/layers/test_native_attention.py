@@ -1,0 +1,136 @@
+"""The native paged decode kernel (csrc/paged_attention.cpp) against a dense float64 reference:
+every group size it specializes, head sizes on and off its vector path, contexts split into
+several partitions, sliding windows, mixed dtypes, a strided query; and its input checks."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from surge.layers.native import native_ops
+
+BS = 16
+
+
+@pytest.fixture(scope="module")
+def ops():
+    built = native_ops()
+    if os.environ.get("SURGE_NATIVE_KERNELS") == "0":
+        pytest.skip("native kernels disabled by SURGE_NATIVE_KERNELS=0")
+    assert built is not None, "the native kernels did not build (see the log: compiler, ninja)"
+    return built
+
+
+def make(batch: int, hq: int, hk: int, d: int, lens: list[int], q_dtype, kv_dtype, seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    width = max(-(-n // BS) for n in lens)
+    num_blocks = batch * width + 3
+    cache = torch.randn(2, num_blocks, BS, hk, d, generator=gen).to(kv_dtype)
+    tables = torch.randperm(num_blocks, generator=gen)[: batch * width].view(batch, width)
+    q = torch.randn(batch, hq, d, generator=gen).to(q_dtype)
+    return q, cache, tables, torch.tensor(lens, dtype=torch.int64)
+
+
+def reference(q, cache, tables, lens, scale, window):
+    b, hq, d = q.shape
+    hk = cache.shape[3]
+    out = torch.empty(b, hq, d, dtype=torch.float64)
+    for i in range(b):
+        n = int(lens[i])
+        first = n - window if window >= 0 and n > window else 0
+        k = cache[0, tables[i]].reshape(-1, hk, d)[first:n].double().repeat_interleave(hq // hk, 1)
+        v = cache[1, tables[i]].reshape(-1, hk, d)[first:n].double().repeat_interleave(hq // hk, 1)
+        p = (torch.einsum("hd,lhd->hl", q[i].double(), k) * scale).softmax(-1)
+        out[i] = torch.einsum("hl,lhd->hd", p, v)
+    return out
+
+
+@pytest.mark.parametrize("group", [1, 2, 3, 4, 5, 6, 7, 8, 12])  # 12: beyond the specialized sizes
+@pytest.mark.parametrize("head_dim", [64, 128, 40])  # 40: not a multiple of the vector width
+def test_group_and_head_sizes(ops, group, head_dim):
+    hk = 2
+    q, cache, tables, lens = make(3, hk * group, hk, head_dim, [1, 37, 70], torch.float32, torch.float32)
+    scale = head_dim**-0.5
+    out = ops.paged_decode_attention(q, cache, tables, lens, scale, -1)
+    torch.testing.assert_close(out.double(), reference(q, cache, tables, lens, scale, -1), atol=2e-5, rtol=2e-5)
+
+
+@pytest.mark.parametrize("window", [-1, 1, 50, 700])
+def test_long_contexts_in_partitions_and_windows(ops, window):
+    # 3000 tokens is several partitions of one sequence; the others end inside a partition.
+    lens = [3000, 513, 17, 1200]
+    q, cache, tables, lens_t = make(4, 9, 3, 64, lens, torch.float32, torch.float32, seed=1)
+    out = ops.paged_decode_attention(q, cache, tables, lens_t, 0.125, window)
+    torch.testing.assert_close(out.double(), reference(q, cache, tables, lens_t, 0.125, window), atol=2e-5, rtol=2e-5)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_same_result_on_any_thread_count(ops, threads):
+    q, cache, tables, lens = make(5, 9, 3, 64, [900, 1, 300, 64, 1000], torch.bfloat16, torch.bfloat16, seed=2)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        out = ops.paged_decode_attention(q, cache, tables, lens, 0.125, -1)
+    finally:
+        torch.set_num_threads(before)
+    torch.testing.assert_close(out.double(), reference(q, cache, tables, lens, 0.125, -1), atol=1e-2, rtol=1e-2)
+
+
+@pytest.mark.parametrize("q_dtype,kv_dtype", [
+    (torch.bfloat16, torch.bfloat16), (torch.float16, torch.float16), (torch.bfloat16, torch.float32),
+    (torch.float32, torch.bfloat16),
+])
+def test_dtypes(ops, q_dtype, kv_dtype):
+    q, cache, tables, lens = make(3, 9, 3, 64, [5, 200, 64], q_dtype, kv_dtype, seed=3)
+    out = ops.paged_decode_attention(q, cache, tables, lens, 0.125, -1)
+    assert out.dtype == q_dtype and out.shape == q.shape
+    # Exact float32 math on the stored values: only the output's rounding to q's dtype remains.
+    torch.testing.assert_close(out.double(), reference(q, cache, tables, lens, 0.125, -1), atol=8e-3, rtol=8e-3)
+
+
+def test_strided_query_and_table_rows(ops):
+    # q as the model has it: a view of the fused QKV projection; table rows a slice of a wider table.
+    q, cache, tables, lens = make(3, 9, 3, 64, [40, 2, 90], torch.float32, torch.float32, seed=4)
+    qkv = torch.cat([q.reshape(3, -1), torch.randn(3, 2 * 3 * 64)], dim=1)
+    q_view = qkv[:, : 9 * 64].view(3, 9, 64)
+    assert not q_view.is_contiguous()
+    wide = torch.cat([tables, torch.zeros(3, 4, dtype=torch.int64)], dim=1)
+    out = ops.paged_decode_attention(q_view, cache, wide, lens, 0.125, -1)
+    torch.testing.assert_close(out.double(), reference(q, cache, tables, lens, 0.125, -1), atol=2e-5, rtol=2e-5)
+
+
+def test_empty_batch(ops):
+    q, cache, tables, lens = make(1, 9, 3, 64, [4], torch.float32, torch.float32)
+    out = ops.paged_decode_attention(q[:0], cache, tables[:0], lens[:0], 0.125, -1)
+    assert out.shape == (0, 9, 64)
+
+
+@pytest.mark.parametrize("case,message", [
+    ("short_table", "block table too short"),
+    ("zero_len", "seq_len must be >= 1"),
+    ("heads", "multiple of KV heads"),
+    ("head_dim", "head sizes differ"),
+    ("int_table", "block_tables must be int64"),
+    ("lens_count", "seq_lens must be int64"),
+    ("int8_cache", "unsupported dtype"),
+])
+def test_bad_inputs_raise_clear_errors(ops, case, message):
+    q, cache, tables, lens = make(2, 9, 3, 64, [20, 40], torch.float32, torch.float32)
+    if case == "short_table":
+        lens = torch.tensor([20, 40 + BS * 10])
+    elif case == "zero_len":
+        lens = torch.tensor([0, 40])
+    elif case == "heads":
+        q = torch.randn(2, 8, 64)
+    elif case == "head_dim":
+        q = torch.randn(2, 9, 32)
+    elif case == "int_table":
+        tables = tables.int()
+    elif case == "lens_count":
+        lens = lens[:1]
+    elif case == "int8_cache":
+        cache = cache.to(torch.int8)
+    with pytest.raises(RuntimeError, match=message):
+        ops.paged_decode_attention(q, cache, tables, lens, 0.125, -1)
