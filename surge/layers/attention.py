@@ -14,6 +14,7 @@ boundaries), so prefill chunks and single decode tokens mix in one step.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -26,6 +27,15 @@ _NATIVE_CACHE_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 def native_decode(kv_cache: torch.Tensor) -> bool:
     """True where surge_native.paged_decode_attention serves this cache (CPU, float dtypes, built)."""
     return kv_cache.device.type == "cpu" and kv_cache.dtype in _NATIVE_CACHE_DTYPES and native_ops() is not None
+
+
+class DecodeBatch(NamedTuple):
+    """A step in which every sequence has exactly one new token, as tensors only: all the native
+    kernel needs (`surge_native.paged_decode_step`), and all a compiled graph may depend on."""
+
+    slot_mapping: torch.Tensor  # [B] int64
+    block_tables: torch.Tensor  # [B, >= 2 blocks] int64 (never one column: a compiled graph would specialize on it)
+    seq_lens: torch.Tensor  # [B] int64
 
 
 @dataclass(slots=True)
@@ -70,6 +80,24 @@ class AttentionMetadata:
             self.decode_width = max(lens)
             blocks = -(-self.decode_width // self.block_size)
             self.decode_tables = self.block_tables[self.decode_seqs, :blocks]
+
+    def decode_batch(self) -> DecodeBatch | None:
+        """The step as a DecodeBatch when every sequence decodes (after split_decode), else None."""
+        if self.decode_seqs is None or self.prefill_seqs or len(self.decode_seqs) != self.num_seqs:
+            return None
+        tables = self.decode_tables
+        if tables.shape[1] < 2:
+            tables = torch.nn.functional.pad(tables, (0, 2 - tables.shape[1]))
+        return DecodeBatch(self.slot_mapping, tables, self.decode_seq_lens)
+
+
+def decode_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, batch: DecodeBatch,
+                scale: float, sliding_window: int | None) -> torch.Tensor:
+    """Write the step's K/V and attend, one native call per layer (a DecodeBatch exists only
+    where the native kernel serves the cache)."""
+    window = -1 if sliding_window is None else sliding_window
+    return torch.ops.surge_native.paged_decode_step(q, k, v, kv_cache, batch.slot_mapping, batch.block_tables,
+                                                    batch.seq_lens, scale, window)
 
 
 def write_kv(kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor) -> None:

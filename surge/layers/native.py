@@ -73,4 +73,18 @@ def _build() -> Any:
         is_python_module=False,
         verbose=False,
     )
+    _register_fakes()
     return torch.ops.surge_native
+
+
+def _register_fakes() -> None:
+    """Shapes of the outputs, for tracing under torch.compile (the kernels run on real tensors only)."""
+
+    def attention_fake(q, kv_cache, block_tables, seq_lens, scale, window):  # noqa: ANN001, ANN202
+        return q.new_empty(q.shape)
+
+    def step_fake(q, k, v, kv_cache, slot_mapping, block_tables, seq_lens, scale, window):  # noqa: ANN001, ANN202
+        return q.new_empty(q.shape)
+
+    torch.library.register_fake("surge_native::paged_decode_attention", attention_fake)
+    torch.library.register_fake("surge_native::paged_decode_step", step_fake)

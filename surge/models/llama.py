@@ -15,7 +15,7 @@ from surge.config import ModelConfig
 from surge.errors import ModelFormatError
 from surge.layers import forward_context  # noqa: F401 - registers torch.ops.surge.attention
 from surge.layers.activation import get_activation
-from surge.layers.attention import AttentionMetadata, paged_attention, write_kv
+from surge.layers.attention import AttentionMetadata, DecodeBatch, decode_step, paged_attention, write_kv
 from surge.layers.linear import QuantLinear
 from surge.layers.norm import RMSNorm
 from surge.layers.rotary import RotaryEmbedding
@@ -51,7 +51,7 @@ class LlamaAttention(nn.Module):
 
     def forward(
         self, x: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor], kv_cache: torch.Tensor,
-        meta: AttentionMetadata | None,
+        meta: AttentionMetadata | DecodeBatch | None,
     ) -> torch.Tensor:
         tokens = x.shape[0]
         q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
@@ -59,7 +59,9 @@ class LlamaAttention(nn.Module):
         k = k.view(tokens, self.num_kv_heads, self.head_dim)
         v = v.view(tokens, self.num_kv_heads, self.head_dim)
         q, k = self.rotary(cos_sin, q, k)
-        if meta is None:  # compiled: one opaque op that reads the step's metadata from the forward context
+        if isinstance(meta, DecodeBatch):  # every sequence decodes: one native call writes and attends
+            out = decode_step(q, k, v, kv_cache, meta, self.scale, self.sliding_window)
+        elif meta is None:  # compiled: one opaque op that reads the step's metadata from the forward context
             window = -1 if self.sliding_window is None else self.sliding_window
             out = torch.ops.surge.attention(q, k, v, kv_cache, self.scale, window)
         else:
@@ -96,7 +98,7 @@ class LlamaDecoderLayer(nn.Module):
         residual: torch.Tensor | None,
         cos_sin: tuple[torch.Tensor, torch.Tensor],
         kv_cache: torch.Tensor,
-        meta: AttentionMetadata | None,
+        meta: AttentionMetadata | DecodeBatch | None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(output, residual) kept apart so each residual add fuses into the next norm."""
         h, residual = self.input_layernorm(x, residual)
@@ -118,7 +120,7 @@ class LlamaModel(nn.Module):
         input_ids: torch.Tensor,
         positions: torch.Tensor,
         kv_caches: list[torch.Tensor],
-        meta: AttentionMetadata | None,
+        meta: AttentionMetadata | DecodeBatch | None,
     ) -> torch.Tensor:
         x = self.embed_tokens(input_ids)
         residual = None
@@ -147,7 +149,7 @@ class LlamaForCausalLM(nn.Module):
         input_ids: torch.Tensor,
         positions: torch.Tensor,
         kv_caches: list[torch.Tensor],
-        meta: AttentionMetadata | None,
+        meta: AttentionMetadata | DecodeBatch | None,
     ) -> torch.Tensor:
         return self.model(input_ids, positions, kv_caches, meta)
 

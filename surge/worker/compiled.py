@@ -1,7 +1,9 @@
 """The model forward under torch.compile (Inductor), with its compilations counted and logged.
 
-Attention runs as the opaque `surge::attention` op reading the step's metadata from the
-forward context, so the graph depends only on tensor shapes; with dynamic shapes a handful
+Attention of a decode-only step is the native `surge_native::paged_decode_step` fed with the
+step's tensors (a DecodeBatch); any other step runs attention as the opaque `surge::attention`
+op reading the step's metadata from the forward context. Either way the graph depends only on
+tensor shapes; with dynamic shapes a handful
 of graphs (one token, a few, many: the quantized linears switch kernels at 9 rows) cover
 every batch. Warm-up runs each decode bucket so they are compiled before serving; a
 compilation after that is logged as a recompile. Inductor's on-disk cache is kept under
@@ -20,7 +22,7 @@ from typing import Any
 
 import torch
 
-from surge.layers.attention import AttentionMetadata
+from surge.layers.attention import AttentionMetadata, DecodeBatch
 from surge.layers.forward_context import forward_context
 
 logger = logging.getLogger(__name__)
@@ -48,10 +50,14 @@ class CompiledModel:
         self.num_compiles = 0
         self.compile_seconds = 0.0
         self.serving = False  # set after warm-up: a compilation from then on is a recompile
-        self._fn = torch.compile(self._forward, backend=self._backend, dynamic=True, fullgraph=True)
+        # No guards on the model's parameters: they are never replaced while it serves (a new
+        # version is a new model), and checking ~300 of them cost ~1 ms per step.
+        options = {"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe}
+        self._fn = torch.compile(self._forward, backend=self._backend, dynamic=True, fullgraph=True, options=options)
 
-    def _forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[torch.Tensor]) -> Any:
-        return self.model(input_ids, positions, kv_caches, None)
+    def _forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[torch.Tensor],
+                 batch: DecodeBatch | None) -> Any:
+        return self.model(input_ids, positions, kv_caches, batch)
 
     def _backend(self, gm: torch.fx.GraphModule, example_inputs: list[Any]) -> Callable:
         from torch._inductor.compile_fx import compile_fx
@@ -64,11 +70,14 @@ class CompiledModel:
         return compile_fx(gm, example_inputs)
 
     def __call__(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[torch.Tensor],
-                 meta: AttentionMetadata) -> torch.Tensor:
+                 meta: AttentionMetadata | DecodeBatch) -> torch.Tensor:
         before = self.num_compiles
         start = time.perf_counter()
-        with forward_context(meta):
-            out = self._fn(input_ids, positions, kv_caches)
+        if isinstance(meta, DecodeBatch):  # the graph calls the native kernel with the step's tensors
+            out = self._fn(input_ids, positions, kv_caches, meta)
+        else:
+            with forward_context(meta):
+                out = self._fn(input_ids, positions, kv_caches, None)
         if self.num_compiles != before:
             self.compile_seconds += time.perf_counter() - start
         return out

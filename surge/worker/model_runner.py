@@ -132,7 +132,9 @@ class ModelRunner:
         t0 = time.perf_counter()
         input_ids, positions, meta, sample_rows = self.prepare(output)
         t1 = time.perf_counter()
-        hidden = self.model(input_ids, positions, self.kv_caches, meta)
+        # A decode-only step goes to the native kernel as tensors (no Python per layer).
+        batch = meta.decode_batch() if self.native_decode else None
+        hidden = self.model(input_ids, positions, self.kv_caches, meta if batch is None else batch)
         sampled = [r for r in output.requests if r.sample]
         logits = self.model.compute_logits(hidden[sample_rows]).cpu() if sampled else None
         t2 = time.perf_counter()

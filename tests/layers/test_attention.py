@@ -71,3 +71,25 @@ def test_paged_attention_matches_dense_reference(layout, window, dtype, native, 
     for i, (q, (k, v)) in enumerate(zip(qs, contexts)):
         expected = reference(q, k, v, seq_lens[i], window)
         torch.testing.assert_close(out[starts[i]:starts[i + 1]].double(), expected, atol=tol, rtol=tol)
+
+
+def test_decode_batch_only_for_decode_only_steps():
+    def meta(layout: list[tuple[int, int]]) -> AttentionMetadata:
+        starts = [0]
+        for n, _ in layout:
+            starts.append(starts[-1] + n)
+        m = AttentionMetadata(slot_mapping=torch.arange(starts[-1]), block_tables=torch.arange(12).view(3, 4)[: len(layout)],
+                              query_start_loc=starts, seq_lens=[s for _, s in layout], block_size=BS)
+        m.split_decode(native=True)
+        return m
+
+    assert meta([(3, 12), (1, 9)]).decode_batch() is None  # a prompt chunk in the step
+    batch = meta([(1, 3), (1, 2)]).decode_batch()  # one block each: padded to two columns
+    assert batch is not None and batch.block_tables.tolist() == [[0, 0], [4, 0]]
+    assert batch.seq_lens.tolist() == [3, 2] and batch.slot_mapping.tolist() == [0, 1]
+    wide = meta([(1, 9), (1, 11), (1, 5)]).decode_batch()  # the longest needs 3 blocks of 4
+    assert wide is not None and wide.block_tables.tolist() == [[0, 1, 2], [4, 5, 6], [8, 9, 10]]
+    assert meta([(1, 5)]).decode_batch() is not None  # a lone decoding sequence too
+    lone = meta([(1, 5)])
+    lone.split_decode(native=False)  # without the kernel a lone one keeps the float32 matmul path
+    assert lone.decode_batch() is None

@@ -134,3 +134,41 @@ def test_bad_inputs_raise_clear_errors(ops, case, message):
         cache = cache.to(torch.int8)
     with pytest.raises(RuntimeError, match=message):
         ops.paged_decode_attention(q, cache, tables, lens, 0.125, -1)
+
+
+def test_decode_step_writes_kv_then_attends(ops):
+    # Each sequence's new K/V lands at its slot (converted to the cache dtype) and is attended.
+    q, cache, tables, lens = make(3, 9, 3, 64, [1, 20, 33], torch.bfloat16, torch.bfloat16, seed=5)
+    k_new, v_new = torch.randn(3, 3, 64), torch.randn(3, 3, 64)  # float32 in, bf16 cache
+    last = lens - 1
+    slots = tables[torch.arange(3), last // BS] * BS + last % BS
+    expected_cache = cache.clone().view(2, -1, 3, 64)
+    expected_cache[0, slots] = k_new.bfloat16()
+    expected_cache[1, slots] = v_new.bfloat16()
+    out = ops.paged_decode_step(q, k_new, v_new, cache, slots, tables, lens, 0.125, -1)
+    assert torch.equal(cache.view(2, -1, 3, 64), expected_cache)
+    torch.testing.assert_close(out.double(), reference(q, cache, tables, lens, 0.125, -1), atol=1e-2, rtol=1e-2)
+
+
+@pytest.mark.parametrize("case,message", [
+    ("slot_outside", "outside the cache"),
+    ("kv_shapes", "k and v must be"),
+    ("kv_heads", "match the cache"),
+    ("slot_count", "slot_mapping must be int64"),
+])
+def test_decode_step_bad_inputs(ops, case, message):
+    q, cache, tables, lens = make(2, 9, 3, 64, [20, 40], torch.float32, torch.float32)
+    k, v = torch.randn(2, 3, 64), torch.randn(2, 3, 64)
+    slots = torch.tensor([19, 39])
+    if case == "slot_outside":
+        slots = torch.tensor([19, cache.shape[1] * BS])
+    elif case == "kv_shapes":
+        v = torch.randn(2, 3, 32)
+    elif case == "kv_heads":
+        k, v = torch.randn(2, 2, 64), torch.randn(2, 2, 64)
+    elif case == "slot_count":
+        slots = slots[:1]
+    before = cache.clone()
+    with pytest.raises(RuntimeError, match=message):
+        ops.paged_decode_step(q, k, v, cache, slots, tables, lens, 0.125, -1)
+    assert torch.equal(cache, before)  # checked before anything is written

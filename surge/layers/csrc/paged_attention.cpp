@@ -290,11 +290,60 @@ at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& kv_cach
   return out;
 }
 
+// Stores this step's K and V [T, Hk, D] (any strides, any float dtype) at their cache slots.
+template <typename KT>
+void write_kv_kernel(const at::Tensor& k, const at::Tensor& v, at::Tensor& kv_cache, const at::Tensor& slot_mapping) {
+  const int64_t T = k.size(0), Hk = k.size(1), D = k.size(2);
+  const int64_t slots = kv_cache.size(1) * kv_cache.size(2);
+  KT* keys = kv_cache.data_ptr<KT>();
+  KT* values = keys + slots * Hk * D;
+  const int64_t* slot = slot_mapping.data_ptr<int64_t>();
+  for (int64_t t = 0; t < T; ++t)
+    TORCH_CHECK(slot[t] >= 0 && slot[t] < slots, "paged_decode_step: slot ", slot[t], " outside the cache");
+  dispatch_float(k.scalar_type(), [&](auto tag) {
+    using IT = decltype(tag);
+    const IT* kp = k.data_ptr<IT>();
+    const IT* vp = v.data_ptr<IT>();
+    for (int64_t t = 0; t < T; ++t)
+      for (int64_t h = 0; h < Hk; ++h)
+        for (int64_t d = 0; d < D; ++d) {
+          const int64_t dst = (slot[t] * Hk + h) * D + d;
+          keys[dst] = static_cast<KT>(static_cast<float>(kp[t * k.stride(0) + h * k.stride(1) + d * k.stride(2)]));
+          values[dst] = static_cast<KT>(static_cast<float>(vp[t * v.stride(0) + h * v.stride(1) + d * v.stride(2)]));
+        }
+  });
+}
+
+// A decode step's attention for one layer in one call: write each sequence's new K/V, then
+// attend. Under torch.compile this is the whole attention of a decode-only step, with no
+// Python between the compiled kernels.
+at::Tensor paged_decode_step(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor& kv_cache,
+                             const at::Tensor& slot_mapping, const at::Tensor& block_tables,
+                             const at::Tensor& seq_lens, double scale, int64_t window) {
+  TORCH_CHECK(k.dim() == 3 && v.sizes() == k.sizes() && k.scalar_type() == v.scalar_type(),
+              "paged_decode_step: k and v must be [T, Hk, D] of one dtype");
+  TORCH_CHECK(kv_cache.dim() == 5 && kv_cache.is_contiguous() && k.size(1) == kv_cache.size(3) &&
+                  k.size(2) == kv_cache.size(4),
+              "paged_decode_step: k and v must match the cache's [Hk, D]");
+  TORCH_CHECK(slot_mapping.scalar_type() == at::kLong && slot_mapping.is_contiguous() &&
+                  slot_mapping.numel() == k.size(0),
+              "paged_decode_step: slot_mapping must be int64 [T]");
+  dispatch_float(kv_cache.scalar_type(), [&](auto tag) {
+    write_kv_kernel<decltype(tag)>(k, v, kv_cache, slot_mapping);
+  });
+  return paged_decode_attention(q, kv_cache, block_tables, seq_lens, scale, window);
+}
+
 }  // namespace
 
 TORCH_LIBRARY(surge_native, m) {
   m.def("paged_decode_attention(Tensor q, Tensor kv_cache, Tensor block_tables, Tensor seq_lens, float scale, "
         "int window) -> Tensor");
+  m.def("paged_decode_step(Tensor q, Tensor k, Tensor v, Tensor(a!) kv_cache, Tensor slot_mapping, "
+        "Tensor block_tables, Tensor seq_lens, float scale, int window) -> Tensor");
 }
 
-TORCH_LIBRARY_IMPL(surge_native, CPU, m) { m.impl("paged_decode_attention", &paged_decode_attention); }
+TORCH_LIBRARY_IMPL(surge_native, CPU, m) {
+  m.impl("paged_decode_attention", &paged_decode_attention);
+  m.impl("paged_decode_step", &paged_decode_step);
+}
