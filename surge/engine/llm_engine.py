@@ -363,12 +363,14 @@ class LLMEngine:
     # ---- warm-up ------------------------------------------------------------------------
 
     @torch.inference_mode()
-    def warm_up(self, prefill_lengths: tuple[int, ...] = (16, 128, 512)) -> WarmupReport:
+    def warm_up(self, prefill_lengths: tuple[int, ...] = (4, 16, 128, 512)) -> WarmupReport:
         """Run every decode batch bucket and some prefill shapes once, then forget them.
 
         The first call of a shape pays for kernel selection, allocator growth and (where the
         runner compiles) compilation; doing it here keeps that off the first users' latency.
         Must run before the engine serves: it drives step() itself and resets the counters.
+        A prefill of 4 tokens is there because steps of at most 8 rows take the packed
+        quantized kernels, a graph of their own under --compile.
         """
         if self.has_unfinished_requests():
             raise RuntimeError("warm_up() must run on an idle engine")

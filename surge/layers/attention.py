@@ -119,9 +119,9 @@ def paged_decode_attention(
 ) -> torch.Tensor:
     """One query token per sequence, all sequences at once: q [B, Hq, D] -> [B, Hq, D].
 
-    On CPU the native kernel reads the blocks in place (csrc/paged_attention.cpp; 16-36x
-    faster than gather + SDPA per sequence, 7-30x than the gathered path: benchmarks/paged_attention.py); elsewhere
-    `gathered_decode_attention`.
+    On CPU the native kernel reads the blocks in place (csrc/paged_attention.cpp): 16-36x
+    faster than gather + SDPA per sequence and 7-30x than the gathered path
+    (benchmarks/paged_attention.py). Elsewhere `gathered_decode_attention`.
     """
     if native_decode(kv_cache):
         window = sliding_window if sliding_window is not None else -1

@@ -250,7 +250,7 @@ def test_warmup_runs_every_bucket_and_leaves_a_clean_engine(tiny_versions):
     llm = LLM(str(tiny_versions[1]), dtype="float32", quantization="none", kv_cache_memory=8 * MiB, max_num_seqs=12)
     before = offline(tiny_versions[1])
     report = llm.engine.warm_up()
-    assert report.decode_batch_sizes == [1, 2, 4, 8, 12] and report.prefill_lengths == [16, 128, 512]
+    assert report.decode_batch_sizes == [1, 2, 4, 8, 12] and report.prefill_lengths == [4, 16, 128, 512]
     stats = llm.engine.stats()
     assert (stats.generation_tokens, stats.prompt_tokens, stats.prefix_cache_queries) == (0, 0, 0)
     assert llm.engine.is_idle_clean()
