@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import threading
 from pathlib import Path
 from typing import Any
@@ -58,9 +59,22 @@ def native_ops() -> Any | None:
         return ops
 
 
+def _ninja_on_path() -> None:
+    """PyTorch's builder runs `ninja` from PATH: put the `ninja` package's binary there for
+    processes started without their virtual environment's bin/ on PATH."""
+    if shutil.which("ninja") is not None:
+        return
+    try:
+        import ninja
+    except ImportError:
+        return
+    os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
+
+
 def _build() -> Any:
     from torch.utils import cpp_extension
 
+    _ninja_on_path()
     build_dir = cache_dir()
     build_dir.mkdir(parents=True, exist_ok=True)
     cpp_extension.load(

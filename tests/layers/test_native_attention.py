@@ -172,3 +172,33 @@ def test_decode_step_bad_inputs(ops, case, message):
     with pytest.raises(RuntimeError, match=message):
         ops.paged_decode_step(q, k, v, cache, slots, tables, lens, 0.125, -1)
     assert torch.equal(cache, before)  # checked before anything is written
+
+
+def test_ninja_found_without_the_venv_on_path(monkeypatch):
+    # `.venv/bin/surge serve` from a shell where the venv is not activated: the builder still finds ninja.
+    import ninja
+
+    from surge.layers import native
+
+    monkeypatch.setenv("PATH", "/nonexistent")
+    native._ninja_on_path()
+    assert os.environ["PATH"].split(os.pathsep)[0] == ninja.BIN_DIR
+    assert native.shutil.which("ninja") is not None
+
+
+@pytest.mark.parametrize("case", ["no_compiler", "disabled"])
+def test_without_the_kernel_surge_keeps_the_torch_path(monkeypatch, caplog, case):
+    from surge.layers import attention, native
+
+    monkeypatch.setattr(native, "_state", {})  # forget the loaded kernel for this test only
+    if case == "no_compiler":
+        def fail() -> None:
+            raise RuntimeError("Error building extension 'surge_native'\nc++: command not found")
+
+        monkeypatch.setattr(native, "_build", fail)
+    else:
+        monkeypatch.setenv("SURGE_NATIVE_KERNELS", "0")
+    with caplog.at_level("INFO", logger="surge.layers.native"):
+        assert native.native_ops() is None
+    assert ("c++: command not found" in caplog.text) if case == "no_compiler" else ("disabled" in caplog.text)
+    assert not attention.native_decode(torch.zeros(2, 1, BS, 3, 64))
