@@ -54,7 +54,9 @@ def native_ops() -> Any | None:
             try:
                 ops = _build()
             except Exception as exc:  # no compiler, no ninja, a broken toolchain: keep the torch path
-                logger.warning("native kernels unavailable, using the PyTorch path (%s)", str(exc).splitlines()[-1:])
+                lines = str(exc).strip().splitlines()
+                logger.warning("native kernels unavailable, using the PyTorch path (%s)",
+                               lines[-1] if lines else type(exc).__name__)
         _state["ops"] = ops
         return ops
 
