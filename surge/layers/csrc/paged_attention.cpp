@@ -86,7 +86,7 @@ void attend_fixed(const Item<KT>& it, int64_t Hk) {
       Vec qv[G][NV];
       for (int g = 0; g < G; ++g)
         for (int j = 0; j < NV; ++j) qv[g][j] = Vec::loadu(it.q + (h * G + g) * D + j * Vec::size());
-      float* scores = it.scores + h * G * it.part - it.t0;
+      float* scores = it.scores + h * G * it.part;
       for (int64_t t = c0; t < c1; ++t) {
         const KT* key = block + (t % BS) * it.token_stride + h * D;
         Vec acc[G];
@@ -94,7 +94,7 @@ void attend_fixed(const Item<KT>& it, int64_t Hk) {
           const Vec kv = load_float(key + j * Vec::size());
           for (int g = 0; g < G; ++g) acc[g] = j == 0 ? qv[g][0] * kv : at::vec::fmadd(qv[g][j], kv, acc[g]);
         }
-        for (int g = 0; g < G; ++g) scores[g * it.part + t] = acc[g].reduce_add();
+        for (int g = 0; g < G; ++g) scores[g * it.part + (t - it.t0)] = acc[g].reduce_add();
       }
     }
   }
@@ -108,11 +108,11 @@ void attend_fixed(const Item<KT>& it, int64_t Hk) {
       Vec ov[G][NV];
       for (int g = 0; g < G; ++g)
         for (int j = 0; j < NV; ++j) ov[g][j] = Vec::loadu(out + g * D + j * Vec::size());
-      const float* probs = it.scores + h * G * it.part - it.t0;
+      const float* probs = it.scores + h * G * it.part;
       for (int64_t t = c0; t < c1; ++t) {
         const KT* value = block + (t % BS) * it.token_stride + h * D;
         Vec p[G];
-        for (int g = 0; g < G; ++g) p[g] = Vec(probs[g * it.part + t]);
+        for (int g = 0; g < G; ++g) p[g] = Vec(probs[g * it.part + (t - it.t0)]);
         for (int j = 0; j < NV; ++j) {
           const Vec vv = load_float(value + j * Vec::size());
           for (int g = 0; g < G; ++g) ov[g][j] = at::vec::fmadd(p[g], vv, ov[g][j]);
