@@ -119,7 +119,7 @@ def paged_decode_attention(
 ) -> torch.Tensor:
     """One query token per sequence, all sequences at once: q [B, Hq, D] -> [B, Hq, D].
 
-    On CPU the native kernel reads the blocks in place (csrc/paged_attention.cpp): 16-36x
+    On CPU the native kernel reads the blocks in place (csrc/paged_attention.cpp): 13-36x
     faster than gather + SDPA per sequence and 7-30x than the gathered path
     (benchmarks/paged_attention.py). Elsewhere `gathered_decode_attention`.
     """
