@@ -87,7 +87,7 @@ class AttentionMetadata:
             return None
         tables = self.decode_tables
         if tables.shape[1] < 2:
-            tables = torch.nn.functional.pad(tables, (0, 2 - tables.shape[1]))
+            tables = F.pad(tables, (0, 2 - tables.shape[1]))
         return DecodeBatch(self.slot_mapping, tables, self.decode_seq_lens)
 
 

@@ -1,8 +1,8 @@
 """surge's C++ CPU kernels (csrc/), built on first use with PyTorch's extension builder.
 
-The kernels are compiled for the machine they run on (its vector ISA, as Inductor picks it)
-and cached under ~/.cache/surge/native, so a process pays the build (~30-60 s on 2 cores)
-once per machine and source version. Where no compiler is available, or with
+The kernels are compiled for the machine they run on (the vector ISA ATen reports for it)
+and cached under ~/.cache/surge/native, so a process pays the build (~15 s on 2 cores) once
+per machine and source version. Where no compiler is available, or with
 SURGE_NATIVE_KERNELS=0, `native_ops()` returns None and callers keep their PyTorch path.
 """
 

@@ -3,9 +3,8 @@
 Attention of a decode-only step is the native `surge_native::paged_decode_step` fed with the
 step's tensors (a DecodeBatch); any other step runs attention as the opaque `surge::attention`
 op reading the step's metadata from the forward context. Either way the graph depends only on
-tensor shapes; with dynamic shapes a handful
-of graphs (one token, a few, many: the quantized linears switch kernels at 9 rows) cover
-every batch. Warm-up runs each decode bucket so they are compiled before serving; a
+tensor shapes; with dynamic shapes a handful of graphs (one token, a few, many: the quantized
+linears switch kernels at 9 rows) cover every batch. Warm-up runs each decode bucket so they are compiled before serving; a
 compilation after that is logged as a recompile. Inductor's on-disk cache is kept under
 ~/.cache/surge/inductor (unless TORCHINDUCTOR_CACHE_DIR says otherwise), so a restart
 reuses the compiled kernels. The wrapper that calls the kernels is C++ (`cpp_wrapper`) unless

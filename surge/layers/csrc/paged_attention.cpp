@@ -55,7 +55,6 @@ struct Item {
 
   const KT* key(int64_t t) const { return keys + (table[t / block_size] * block_size + t % block_size) * token_stride; }
   const KT* value(int64_t t) const { return values + (table[t / block_size] * block_size + t % block_size) * token_stride; }
-
 };
 
 // exp(s - max) in place over each head's scores; records max and sum.
