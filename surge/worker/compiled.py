@@ -26,6 +26,8 @@ from surge.layers.forward_context import forward_context
 
 logger = logging.getLogger(__name__)
 
+RECOMPILE_LIMIT = 64  # Dynamo's default is 8; warm-up compiles 5-8 graphs
+
 
 def _configure_inductor() -> None:
     if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
@@ -53,6 +55,7 @@ class CompiledModel:
         # version is a new model), and checking ~300 of them cost ~1 ms per step.
         options = {"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe}
         self._fn = torch.compile(self._forward, backend=self._backend, dynamic=True, fullgraph=True, options=options)
+        self._static_caches: list[torch.Tensor] = []
 
     def _forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[torch.Tensor],
                  batch: DecodeBatch | None) -> Any:
@@ -72,11 +75,24 @@ class CompiledModel:
                  meta: AttentionMetadata | DecodeBatch) -> torch.Tensor:
         before = self.num_compiles
         start = time.perf_counter()
-        if isinstance(meta, DecodeBatch):  # the graph calls the native kernel with the step's tensors
-            out = self._fn(input_ids, positions, kv_caches, meta)
-        else:
-            with forward_context(meta):
-                out = self._fn(input_ids, positions, kv_caches, None)
+        if kv_caches is not self._static_caches:
+            # The caches never change shape: static sizes, so no size of theirs is a symbol
+            # that another input could be tied to.
+            for cache in kv_caches:
+                torch._dynamo.mark_static(cache)
+            self._static_caches = kv_caches
+        # No duck sizing: with it, two inputs that happen to share a size when a graph is
+        # traced (a block table 3 wide in a batch of 3) are assumed equal in that graph, and
+        # the next step where they differ recompiles (bf16 weights hit Dynamo's limit of 8
+        # graphs, a hard error under fullgraph). The limit itself is raised as a safety net: an
+        # unexpected graph should cost a logged compile, not a failed step.
+        with torch.fx.experimental._config.patch(use_duck_shape=False), \
+                torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT):
+            if isinstance(meta, DecodeBatch):  # the graph calls the native kernel with the step's tensors
+                out = self._fn(input_ids, positions, kv_caches, meta)
+            else:
+                with forward_context(meta):
+                    out = self._fn(input_ids, positions, kv_caches, None)
         if self.num_compiles != before:
             self.compile_seconds += time.perf_counter() - start
         return out

@@ -45,3 +45,28 @@ def test_compiled_forward_equals_eager_without_recompiles(tiny_dir, caplog):
     assert "while serving" not in caplog.text
     assert compiled.engine.is_idle_clean()
     torch._dynamo.reset()
+
+
+
+@pytest.mark.slow
+def test_three_compiled_models_in_one_process(tiny_dir):
+    """Dynamo keeps the graphs of every CompiledModel in one cache (one code object), with the
+    guards on the model's modules skipped: a float, an int4 and an int8 model of the same shapes, one
+    after the other in one process (versions of a model, compare.py), must each get graphs
+    that compute their own model, and together they pass Dynamo's default limit of 8 graphs,
+    a hard error under fullgraph before the limit was raised."""
+    params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True, logprobs=2)
+    for quantization in ("none", "int4", "int8"):
+        kwargs = dict(dtype="float32", quantization=quantization, kv_cache_memory=8 << 20, max_num_seqs=8)
+        eager = LLM(str(tiny_dir), **kwargs)
+        compiled = LLM(str(tiny_dir), compile=True, **kwargs)
+        compiled.engine.warm_up()
+        assert compiled.engine.stats().num_compiles >= 1  # its own graphs, not the previous model's
+        for batch in (PROMPTS[:1], PROMPTS):
+            for w, g in zip(eager.generate(batch, params), compiled.generate(batch, params)):
+                assert g.outputs[0].token_ids == w.outputs[0].token_ids
+                for wl, gl in zip(w.outputs[0].logprobs, g.outputs[0].logprobs):
+                    for tid, lp in wl.items():
+                        assert gl[tid].logprob == pytest.approx(lp.logprob, abs=1e-4)
+    torch._dynamo.reset()
+
