@@ -26,6 +26,7 @@ DECODE_TOKENS = 128
 PREFILL_TOKENS = 512
 BATCH = 32
 BATCH_TOKENS = 64
+BATCH_PROMPT_TOKENS = 48
 
 
 def ensure_llama_cpp() -> bool:
@@ -49,6 +50,12 @@ def prompt_ids(vocab: int, n: int, seed: int) -> list[int]:
     return [rng.randrange(3, vocab) for _ in range(n)]
 
 
+def batch_prompts(vocab: int) -> list[list[int]]:
+    """The batch-32 workload, the same for every engine (equal lengths: transformers batches
+    without padding)."""
+    return [prompt_ids(vocab, BATCH_PROMPT_TOKENS, 100 + i) for i in range(BATCH)]
+
+
 def bench_surge(gguf: str, threads: int, dtype: str, quantization: str, compile: bool = False) -> dict[str, float]:
     from surge import LLM, SamplingParams
     from surge.entrypoints.bench import bench_latency
@@ -57,7 +64,7 @@ def bench_surge(gguf: str, threads: int, dtype: str, quantization: str, compile:
     vocab = llm.engine.vocab_size
     lat = bench_latency(llm, PREFILL_TOKENS, DECODE_TOKENS, iters=2)
     decode_b1 = bench_latency(llm, 8, DECODE_TOKENS, iters=2)["decode_tok_s"]
-    prompts = [prompt_ids(vocab, 16 + 4 * i, i) for i in range(BATCH)]
+    prompts = batch_prompts(vocab)
     params = SamplingParams(max_tokens=BATCH_TOKENS, temperature=0, ignore_eos=True)
     llm.generate(prompts[:2], SamplingParams(max_tokens=4))
     start = time.perf_counter()
@@ -94,12 +101,29 @@ def bench_llama_cpp(gguf: str, threads: int) -> dict[str, float]:
     return out
 
 
+def dense_bf16_checkpoint(gguf: str) -> str:
+    """The GGUF dequantized once into a plain bf16 safetensors directory (cached).
+
+    transformers loading a GGUF keeps a GGUF quantization config on the model; from this
+    directory it runs its ordinary dense bf16 path, the baseline issue 5 names."""
+    from transformers import AutoModelForCausalLM
+
+    out = os.path.join(CACHE, os.path.splitext(os.path.basename(gguf))[0] + "-bf16")
+    if not os.path.exists(os.path.join(out, "model.safetensors")):
+        model = AutoModelForCausalLM.from_pretrained(os.path.dirname(gguf), gguf_file=os.path.basename(gguf),
+                                                     dtype=torch.bfloat16)
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.hf_quantizer = None
+        model.save_pretrained(out)
+    return out
+
+
 def bench_transformers(gguf: str, threads: int) -> dict[str, float]:
     from transformers import AutoModelForCausalLM
 
     torch.set_num_threads(threads)
-    model = AutoModelForCausalLM.from_pretrained(os.path.dirname(gguf), gguf_file=os.path.basename(gguf),
-                                                 dtype=torch.bfloat16).eval()
+    model = AutoModelForCausalLM.from_pretrained(dense_bf16_checkpoint(gguf), dtype=torch.bfloat16).eval()
     vocab = model.config.vocab_size
     out = {}
     with torch.no_grad():
@@ -108,7 +132,7 @@ def bench_transformers(gguf: str, threads: int) -> dict[str, float]:
         start = time.perf_counter()
         model.generate(ids, max_new_tokens=DECODE_TOKENS, min_new_tokens=DECODE_TOKENS, do_sample=False)
         out["decode_b1"] = DECODE_TOKENS / (time.perf_counter() - start)
-        batch = torch.tensor([prompt_ids(vocab, 48, i) for i in range(BATCH)])
+        batch = torch.tensor(batch_prompts(vocab))
         start = time.perf_counter()
         model.generate(batch, attention_mask=torch.ones_like(batch), max_new_tokens=BATCH_TOKENS,
                        min_new_tokens=BATCH_TOKENS, do_sample=False)
