@@ -1,21 +1,95 @@
-"""Weight-only quantized linear layers on PyTorch's packed CPU kernels.
+"""Linear layers on CPU kernels that fit their batch: oneDNN-prepacked dense weights and
+weight-only quantized ones on PyTorch's packed int4 / int8 kernels.
 
 Small batches (decode) are bound by reading weights, so they run on the packed int4 / int8
 kernels; large ones (prefill, big decode batches) are bound by compute, where oneDNN's dense
 GEMM is 2-2.5x faster than the int4 kernel on this CPU, so they run on a dense copy holding
 exactly the dequantized values (measured crossover: 8-12 rows; docs/performance.md).
+
+Dense bf16 weights are handed to oneDNN once in its own blocked layout (`PackedLinear`):
+`F.linear` on a plain weight re-lays it out on every call, which made a bf16 GEMV read its
+weight at 9-25 GB/s; prepacked it is 1.7-2.1x faster for one row, 1.5-1.7x for 32, a few
+percent for 512, with the same results bit for bit (docs/performance.md).
 """
 
 from __future__ import annotations
 
+import itertools
+import os
+import weakref
+
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from surge.quant.formats import Int4Weight, Int8GroupWeight, Int8Weight
 
 INNER_K_TILES = 8
 DENSE_MIN_ROWS = 9  # rows from which the dense copy is faster than the packed kernels
+PACK_BATCH_HINT = 64  # oneDNN picks its blocking for this many rows; measured best for 1-512 rows
+
+# oneDNN's packed weights are opaque tensors Inductor cannot take as graph inputs, so a
+# compiled graph names them by a handle (a 0-d tensor buffer, read at call time, so graphs
+# shared by two models of one shape still use each model's own weights).
+_PACKED: dict[int, torch.Tensor] = {}
+_handles = itertools.count()
+
+
+def can_pack(dtype: torch.dtype) -> bool:
+    """oneDNN prepacking for `dtype` on this machine (bf16 with AVX-512 BF16 or AMX); off with
+    SURGE_PACKED_LINEAR=0."""
+    if os.environ.get("SURGE_PACKED_LINEAR", "1") == "0" or dtype != torch.bfloat16:
+        return False
+    return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
+@torch.library.custom_op("surge::packed_linear", mutates_args=())
+def packed_linear(x: torch.Tensor, handle: torch.Tensor, out_features: int, bias: torch.Tensor | None) -> torch.Tensor:
+    """x W^T (+ b) with the oneDNN-packed W registered under `handle` (the compiled path)."""
+    return torch.ops.mkldnn._linear_pointwise(x, _PACKED[int(handle)], bias, "none", [], "")
+
+
+@packed_linear.register_fake
+def _packed_linear_fake(x: torch.Tensor, handle: torch.Tensor, out_features: int,
+                        bias: torch.Tensor | None) -> torch.Tensor:
+    return x.new_empty((x.shape[0], out_features))
+
+
+class PackedLinear(nn.Module):
+    """y = x W^T (+ b) with W prepacked for oneDNN (bf16); same results as F.linear."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
+        super().__init__()
+        self.out_features, self.in_features = weight.shape
+        self._packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach().contiguous(), PACK_BATCH_HINT)
+        key = next(_handles)
+        _PACKED[key] = self._packed
+        weakref.finalize(self, _PACKED.pop, key, None)
+        self.register_buffer("handle", torch.tensor(key), persistent=False)
+        self.register_buffer("bias", bias.detach().to(weight.dtype) if bias is not None else None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, self.in_features)
+        if torch.compiler.is_compiling():
+            y = torch.ops.surge.packed_linear(x2, self.handle, self.out_features, self.bias)
+        else:
+            y = torch.ops.mkldnn._linear_pointwise(x2, self._packed, self.bias, "none", [], "")
+        return y.reshape(*shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"{self.in_features}, {self.out_features}, packed for oneDNN"
+
+
+def dense_linear(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Module:
+    """The fastest dense linear for this weight: prepacked where oneDNN supports its dtype."""
+    if can_pack(weight.dtype):
+        return PackedLinear(weight, bias)
+    layer = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, dtype=weight.dtype)
+    with torch.no_grad():
+        layer.weight.copy_(weight)
+        if bias is not None:
+            layer.bias.copy_(bias)
+    return layer
 
 
 class QuantLinear(nn.Module):
@@ -44,14 +118,15 @@ class QuantLinear(nn.Module):
             self.group_size = 0
             self.register_buffer("packed", weight.q.contiguous())
             self.register_buffer("scales_zeros", weight.scale.to(dtype).contiguous())
-        self.register_buffer("dense", weight.dequantize().to(dtype) if keep_dense else None)
         self.register_buffer("bias", bias.to(dtype) if bias is not None else None)
+        # for batches of DENSE_MIN_ROWS and more
+        self.dense: nn.Module | None = dense_linear(weight.dequantize().to(dtype), self.bias) if keep_dense else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, self.in_features)
         if self.dense is not None and x2.shape[0] >= DENSE_MIN_ROWS:
-            return F.linear(x, self.dense, self.bias)
+            return self.dense(x)
         if self.kind == "int4":
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.packed, self.group_size, self.scales_zeros)
         elif self.kind == "int8g":

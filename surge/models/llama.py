@@ -16,7 +16,7 @@ from surge.errors import ModelFormatError
 from surge.layers import forward_context  # noqa: F401 - registers torch.ops.surge.attention
 from surge.layers.activation import get_activation
 from surge.layers.attention import AttentionMetadata, DecodeBatch, decode_step, paged_attention, write_kv
-from surge.layers.linear import QuantLinear
+from surge.layers.linear import PackedLinear, QuantLinear, can_pack
 from surge.layers.norm import RMSNorm
 from surge.layers.rotary import RotaryEmbedding
 from surge.quant.formats import (
@@ -273,3 +273,9 @@ class LlamaForCausalLM(nn.Module):
             parent = self.get_submodule(parent_path) if parent_path else self
             setattr(parent, attr, QuantLinear(weight, bias, dtype, keep_dense))
         self._quantized = {}
+        if can_pack(dtype):  # the float linears left (all of them with "none"), prepacked for oneDNN
+            for path, module in list(self.named_modules()):
+                if type(module) is nn.Linear:
+                    parent_path, _, attr = path.rpartition(".")
+                    parent = self.get_submodule(parent_path) if parent_path else self
+                    setattr(parent, attr, PackedLinear(module.weight, module.bias))
