@@ -6,10 +6,10 @@ kernels; large ones (prefill, big decode batches) are bound by compute, where on
 GEMM is 2-2.5x faster than the int4 kernel on this CPU, so they run on a dense copy holding
 exactly the dequantized values (measured crossover: 8-12 rows; docs/performance.md).
 
-Dense bf16 weights are handed to oneDNN once in its own blocked layout (`PackedLinear`):
-`F.linear` on a plain weight re-lays it out on every call, which made a bf16 GEMV read its
-weight at 9-25 GB/s; prepacked it is 1.7-2.1x faster for one row, 1.5-1.7x for 32, a few
-percent for 512, with the same results bit for bit (docs/performance.md).
+Dense bf16 weights are handed to oneDNN once, in its own blocked layout (`PackedLinear`): with
+a plain weight, `F.linear` read it at 10-13 GB/s for one row (weights streaming from memory,
+2 threads); prepacked, the same GEMMs are 1.4-2x faster for 1-32 rows and within a few percent
+at 512, with the same results bit for bit (docs/performance.md).
 """
 
 from __future__ import annotations

@@ -26,7 +26,7 @@ from surge.layers.forward_context import forward_context
 
 logger = logging.getLogger(__name__)
 
-RECOMPILE_LIMIT = 64  # Dynamo's default is 8; warm-up compiles 5-8 graphs
+RECOMPILE_LIMIT = 64  # Dynamo's default is 8, for all CompiledModels together; one model warms up 5-8
 
 
 def _configure_inductor() -> None:
@@ -82,10 +82,10 @@ class CompiledModel:
                 torch._dynamo.mark_static(cache)
             self._static_caches = kv_caches
         # No duck sizing: with it, two inputs that happen to share a size when a graph is
-        # traced (a block table 3 wide in a batch of 3) are assumed equal in that graph, and
-        # the next step where they differ recompiles (bf16 weights hit Dynamo's limit of 8
-        # graphs, a hard error under fullgraph). The limit itself is raised as a safety net: an
-        # unexpected graph should cost a logged compile, not a failed step.
+        # traced (a block table 2 wide and the caches' K/V axis) are assumed equal in that
+        # graph, and the next step where they differ compiles another. The graph limit is
+        # raised because every CompiledModel shares one Dynamo cache (one code object): two
+        # models in one process passed the default 8 together, a hard error under fullgraph.
         with torch.fx.experimental._config.patch(use_duck_shape=False), \
                 torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT):
             if isinstance(meta, DecodeBatch):  # the graph calls the native kernel with the step's tensors
