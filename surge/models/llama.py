@@ -266,16 +266,12 @@ class LlamaForCausalLM(nn.Module):
                         weight = quantize_int8_groups(source)
                     else:
                         weight = quantize_int8(source)
-            if weight is None or scheme == "none":
-                continue
-            bias = module.bias.detach() if module.bias is not None else None
             parent_path, _, attr = path.rpartition(".")
             parent = self.get_submodule(parent_path) if parent_path else self
+            if weight is None or scheme == "none":
+                if can_pack(dtype):  # a float linear stays float, prepacked for oneDNN
+                    setattr(parent, attr, PackedLinear(module.weight, module.bias))
+                continue
+            bias = module.bias.detach() if module.bias is not None else None
             setattr(parent, attr, QuantLinear(weight, bias, dtype, keep_dense))
         self._quantized = {}
-        if can_pack(dtype):  # the float linears left (all of them with "none"), prepacked for oneDNN
-            for path, module in list(self.named_modules()):
-                if type(module) is nn.Linear:
-                    parent_path, _, attr = path.rpartition(".")
-                    parent = self.get_submodule(parent_path) if parent_path else self
-                    setattr(parent, attr, PackedLinear(module.weight, module.bias))

@@ -56,6 +56,14 @@ class CompiledModel:
         options = {"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe}
         self._fn = torch.compile(self._forward, backend=self._backend, dynamic=True, fullgraph=True, options=options)
         self._static_caches: list[torch.Tensor] = []
+        # No duck sizing: with it, two inputs that happen to share a size when a graph is
+        # traced (a block table 2 wide and the caches' K/V axis) are assumed equal in that
+        # graph, and the next step where they differ compiles another. The graph limit is
+        # raised because every CompiledModel shares one Dynamo cache (one code object): two
+        # models in one process passed the default 8 together, a hard error under fullgraph.
+        # Both patches are made once: entering them costs ~12 us a step, making them ~70.
+        self._no_duck_shapes = torch.fx.experimental._config.patch(use_duck_shape=False)
+        self._graph_limit = torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT)
 
     def _forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[torch.Tensor],
                  batch: DecodeBatch | None) -> Any:
@@ -81,13 +89,7 @@ class CompiledModel:
             for cache in kv_caches:
                 torch._dynamo.mark_static(cache)
             self._static_caches = kv_caches
-        # No duck sizing: with it, two inputs that happen to share a size when a graph is
-        # traced (a block table 2 wide and the caches' K/V axis) are assumed equal in that
-        # graph, and the next step where they differ compiles another. The graph limit is
-        # raised because every CompiledModel shares one Dynamo cache (one code object): two
-        # models in one process passed the default 8 together, a hard error under fullgraph.
-        with torch.fx.experimental._config.patch(use_duck_shape=False), \
-                torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT):
+        with self._no_duck_shapes, self._graph_limit:
             if isinstance(meta, DecodeBatch):  # the graph calls the native kernel with the step's tensors
                 out = self._fn(input_ids, positions, kv_caches, meta)
             else:
