@@ -19,7 +19,7 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-_SOURCES = [Path(__file__).parent / "csrc" / "paged_attention.cpp"]
+_SOURCES = [Path(__file__).parent / "csrc" / name for name in ("paged_attention.cpp", "linear.cpp")]
 _lock = threading.Lock()
 _state: dict[str, Any] = {}
 
@@ -28,10 +28,24 @@ def _isa_flags() -> list[str]:
     """Compiler flags for the vector ISA ATen's Vectorized should target on this CPU."""
     capability = torch.backends.cpu.get_cpu_capability()
     if capability.startswith("AVX512"):
-        return ["-mavx512f", "-mavx512dq", "-mavx512vl", "-mavx512bw", "-mfma", "-DCPU_CAPABILITY_AVX512"]
+        flags = ["-mavx512f", "-mavx512dq", "-mavx512vl", "-mavx512bw", "-mfma", "-DCPU_CAPABILITY_AVX512"]
+        return flags + ["-mavx512bf16", "-mf16c"] if has_avx512_bf16() else flags
     if capability == "AVX2":
         return ["-mavx2", "-mfma", "-DCPU_CAPABILITY_AVX2"]
     return []
+
+
+def has_avx512_bf16() -> bool:
+    """The CPU has AVX-512 BF16 (vdpbf16ps), which the linear kernels (csrc/linear.cpp) are built on."""
+    return torch.cpu._is_avx512_bf16_supported()
+
+
+def linear_ops() -> Any | None:
+    """torch.ops.surge_native where its bf16 / int4 linear kernels run on this CPU, else None
+    (also with SURGE_NATIVE_LINEAR=0)."""
+    if os.environ.get("SURGE_NATIVE_LINEAR", "1") == "0" or not has_avx512_bf16():
+        return None
+    return native_ops()
 
 
 def cache_dir() -> Path:
@@ -102,5 +116,13 @@ def _register_fakes() -> None:
     def step_fake(q, k, v, kv_cache, slot_mapping, block_tables, seq_lens, scale, window):  # noqa: ANN001, ANN202
         return q.new_empty(q.shape)
 
+    def linear_bf16_fake(x, w, bias):  # noqa: ANN001, ANN202
+        return x.new_empty((x.shape[0], w.shape[0] * w.shape[2] // 2))
+
+    def linear_int4_fake(x, q, s, group_size, bias, planes=1):  # noqa: ANN001, ANN202
+        return x.new_empty((x.shape[0], q.shape[0] * q.shape[2] // planes))
+
+    torch.library.register_fake("surge_native::linear_bf16", linear_bf16_fake)
+    torch.library.register_fake("surge_native::linear_int4", linear_int4_fake)
     torch.library.register_fake("surge_native::paged_decode_attention", attention_fake)
     torch.library.register_fake("surge_native::paged_decode_step", step_fake)

@@ -42,8 +42,9 @@ def test_gguf_blocks_repack_exactly(qtype):
 ], ids=["int4-g32", "int4-g64", "int4-g128", "int8", "int8-g32"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("rows", [1, 3, DENSE_MIN_ROWS + 7])
-def test_quant_linear_matches_dequantized_reference(make, dtype, rows):
-    w = _weight()
+@pytest.mark.parametrize("n", [96, 128])  # where 64 divides N, bf16 runs on surge's kernels (AVX-512 BF16)
+def test_quant_linear_matches_dequantized_reference(make, dtype, rows, n):
+    w = _weight(n)
     qw = make(w)
     bias = torch.randn(w.shape[0]) * 0.1
     layer = QuantLinear(qw, bias, dtype)

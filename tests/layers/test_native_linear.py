@@ -1,0 +1,122 @@
+"""surge's AVX-512 BF16 linear kernels (csrc/linear.cpp): their layouts, their results against a
+float64 reference at every row count that takes a different path (1..4-row passes, many
+rows), eager and compiled, and the layers that use them."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from surge.layers import native_linear
+from surge.layers.linear import DENSE_MIN_ROWS_INT8_PLANES, PackedLinear, QuantLinear
+from surge.layers.native import linear_ops
+from surge.quant.formats import quantize_int4, quantize_int8_groups
+
+pytestmark = pytest.mark.skipif(linear_ops() is None, reason="no AVX-512 BF16 on this CPU")
+
+ROWS = [1, 2, 3, 4, 5, 8, 9, 33]
+
+
+def _gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def _assert_close_to(got: torch.Tensor, ref: torch.Tensor) -> None:
+    """Within bf16 rounding of the output (2^-8 relative) plus float32 accumulation."""
+    err = (got.double() - ref).abs()
+    assert (err <= 2**-8 * ref.abs() + 1e-4 * ref.abs().max()).all(), err.max().item()
+
+
+@pytest.mark.parametrize("n,k", [(64, 32), (192, 96), (128, 576)])
+@pytest.mark.parametrize("rows", ROWS)
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_bf16_kernel_matches_float64(n, k, rows, with_bias):
+    w = (torch.randn(n, k, generator=_gen(0)) * 0.1).bfloat16()
+    b = torch.randn(n, generator=_gen(1)).bfloat16() if with_bias else None
+    x = torch.randn(rows, k, generator=_gen(2)).bfloat16()
+    got = torch.ops.surge_native.linear_bf16(x, native_linear.pack_bf16(w), b)
+    ref = x.double() @ w.double().t() + (b.double() if b is not None else 0)
+    assert got.dtype == torch.bfloat16 and got.shape == (rows, n)
+    _assert_close_to(got, ref)
+
+
+def test_int4_layout_round_trips():
+    q = torch.randint(0, 16, (192, 128), generator=_gen(0))
+    scale, minimum = torch.rand(192, 4, generator=_gen(1)) * 0.02, -torch.rand(192, 4, generator=_gen(2)) * 0.1
+    nibbles, s = native_linear.pack_int4(q, scale, minimum)
+    assert nibbles.shape == (3, 64, 64) and nibbles.dtype == torch.uint8
+    assert s.shape == (3, 4, 2, 64) and s.dtype == torch.float16
+    want = q.float() * scale.half().float().repeat_interleave(32, 1) + minimum.half().float().repeat_interleave(32, 1)
+    assert torch.equal(native_linear.unpack_int4(nibbles, s), want)
+
+
+@pytest.mark.parametrize("group", [32, 64, 128])
+@pytest.mark.parametrize("rows", ROWS)
+def test_int4_kernel_matches_float64(group, rows):
+    n, k = 128, 256
+    q = torch.randint(0, 16, (n, k), generator=_gen(0))
+    scale = torch.rand(n, k // group, generator=_gen(1)) * 0.02 + 1e-3
+    minimum = -8 * scale + torch.randn(n, k // group, generator=_gen(2)) * 0.01
+    nibbles, s = native_linear.pack_int4(q, scale, minimum)
+    b = torch.randn(n, generator=_gen(3)).bfloat16()
+    x = torch.randn(rows, k, generator=_gen(4)).bfloat16()
+    got = torch.ops.surge_native.linear_int4(x, nibbles, s, group, b)
+    ref = x.double() @ native_linear.unpack_int4(nibbles, s).double().t() + b.double()
+    _assert_close_to(got, ref)
+
+
+def test_kernels_reject_mismatched_inputs():
+    w = native_linear.pack_bf16(torch.randn(64, 32).bfloat16())
+    with pytest.raises(RuntimeError, match="x has 48 columns, the weight 32"):
+        torch.ops.surge_native.linear_bf16(torch.randn(1, 48).bfloat16(), w, None)
+    with pytest.raises(RuntimeError, match="2-d bf16"):
+        torch.ops.surge_native.linear_bf16(torch.randn(1, 32), w, None)
+    nibbles, s = native_linear.pack_int4(torch.zeros(64, 64, dtype=torch.int64), torch.ones(64, 2), torch.zeros(64, 2))
+    with pytest.raises(RuntimeError, match="group size 48"):
+        torch.ops.surge_native.linear_int4(torch.randn(1, 64).bfloat16(), nibbles, s, 48, None)
+    with pytest.raises(RuntimeError, match="bias must be"):
+        torch.ops.surge_native.linear_int4(torch.randn(1, 64).bfloat16(), nibbles, s, 32, torch.zeros(3).bfloat16())
+
+
+def test_packed_linear_takes_the_native_kernel_where_the_shape_fits(monkeypatch):
+    w, b = (torch.randn(128, 96, generator=_gen(0)) * 0.1).bfloat16(), torch.randn(128, generator=_gen(1)).bfloat16()
+    layer = PackedLinear(w, b)
+    assert layer.native and layer.packed.shape == (2, 48, 128)
+    x = torch.randn(2, 7, 96, generator=_gen(2)).bfloat16()
+    got = layer(x)
+    assert got.shape == (2, 7, 128)  # leading dims kept
+    _assert_close_to(got, F.linear(x.double(), w.double(), b.double()))
+    assert not PackedLinear(w[:96], b[:96]).native  # 96 output channels: not whole blocks of 64, oneDNN
+    monkeypatch.setenv("SURGE_NATIVE_LINEAR", "0")
+    assert not PackedLinear(w, b).native
+
+
+@pytest.mark.parametrize("rows", [1, 4, 17])
+def test_packed_linear_compiled_equals_eager(rows):
+    """Two layers of one shape through one compiled graph: each uses its own weight."""
+    a = PackedLinear((torch.randn(128, 64, generator=_gen(1)) * 0.1).bfloat16(), None)
+    b = PackedLinear((torch.randn(128, 64, generator=_gen(2)) * 0.1).bfloat16(), None)
+    fn = torch.compile(lambda layer, x: torch.relu(layer(x)), dynamic=True, fullgraph=True)
+    x = torch.randn(rows, 64, generator=_gen(3)).bfloat16()
+    assert torch.equal(fn(a, x), torch.relu(a(x)))
+    assert torch.equal(fn(b, x), torch.relu(b(x)))
+    torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("make,native_rows", [
+    (lambda w: quantize_int4(w, 64), [1, 3, 8]),
+    (quantize_int8_groups, [1, DENSE_MIN_ROWS_INT8_PLANES - 1]),
+], ids=["int4-g64", "int8-g32"])
+def test_quant_linear_native_path_matches_its_dequantized_weight(make, native_rows):
+    w = torch.randn(128, 256, generator=_gen(0)) * 0.05
+    qw = make(w)
+    layer = QuantLinear(qw, torch.randn(128, generator=_gen(1)) * 0.1, torch.bfloat16)
+    assert layer.native
+    # scales and mins kept in fp16: the weight it holds is the quantized one within fp16 rounding
+    want = qw.dequantize()
+    assert (layer.dequantize() - want).abs().max() <= 2**-10 * want.abs().max()
+    for rows in native_rows:
+        x = torch.randn(rows, 256, generator=_gen(rows)).bfloat16()
+        ref = x.double() @ layer.dequantize().double().t() + layer.bias.double()
+        _assert_close_to(layer(x), ref)
