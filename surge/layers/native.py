@@ -8,6 +8,7 @@ SURGE_NATIVE_KERNELS=0, `native_ops()` returns None and callers keep their PyTor
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import shutil
@@ -46,6 +47,15 @@ def linear_ops() -> Any | None:
     if os.environ.get("SURGE_NATIVE_LINEAR", "1") == "0" or not has_avx512_bf16():
         return None
     return native_ops()
+
+
+def sources_version() -> str:
+    """A digest of the kernels' sources: compiled graphs that call the kernels are cached under
+    it, since Inductor's cache key does not cover a custom op's schema."""
+    digest = hashlib.sha256()
+    for path in _SOURCES:
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:12]
 
 
 def cache_dir() -> Path:
@@ -119,7 +129,7 @@ def _register_fakes() -> None:
     def linear_bf16_fake(x, w, bias):  # noqa: ANN001, ANN202
         return x.new_empty((x.shape[0], w.shape[0] * w.shape[2] // 2))
 
-    def linear_int4_fake(x, q, s, group_size, bias, planes=1):  # noqa: ANN001, ANN202
+    def linear_int4_fake(x, q, s, group_size, bias, planes):  # noqa: ANN001, ANN202
         return x.new_empty((x.shape[0], q.shape[0] * q.shape[2] // planes))
 
     torch.library.register_fake("surge_native::linear_bf16", linear_bf16_fake)

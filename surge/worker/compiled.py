@@ -7,7 +7,9 @@ tensor shapes; with dynamic shapes a handful of graphs (one token, a few, many: 
 linears switch kernels at 9 rows) cover every batch. Warm-up runs each decode bucket so they are compiled before serving; a
 compilation after that is logged as a recompile. Inductor's on-disk cache is kept under
 ~/.cache/surge/inductor (unless TORCHINDUCTOR_CACHE_DIR says otherwise), so a restart
-reuses the compiled kernels. The wrapper that calls the kernels is C++ (`cpp_wrapper`) unless
+reuses the compiled kernels (one directory per version of the native kernels' sources: the
+cache's key does not cover a custom op's schema, so a changed kernel signature would
+otherwise meet graphs that call the old one). The wrapper that calls the kernels is C++ (`cpp_wrapper`) unless
 TORCHINDUCTOR_CPP_WRAPPER says otherwise.
 """
 
@@ -23,6 +25,7 @@ import torch
 
 from surge.layers.attention import AttentionMetadata, DecodeBatch
 from surge.layers.forward_context import forward_context
+from surge.layers.native import sources_version
 
 logger = logging.getLogger(__name__)
 
@@ -31,7 +34,8 @@ RECOMPILE_LIMIT = 64  # Dynamo's default is 8, for all CompiledModels together; 
 
 def _configure_inductor() -> None:
     if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
-        os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(os.path.expanduser("~"), ".cache", "surge", "inductor")
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(os.path.expanduser("~"), ".cache", "surge", "inductor",
+                                                             sources_version())
     if "TORCHINDUCTOR_CPP_WRAPPER" not in os.environ:
         # the graph's kernel calls from C++ rather than Python: batch-1 decode of the default
         # model 70 -> 80 tok/s, for about twice the compile time (docs/performance.md)

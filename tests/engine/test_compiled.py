@@ -4,6 +4,7 @@ of graphs after warm-up (no recompiles for new batch sizes or context lengths)."
 from __future__ import annotations
 
 import logging
+import os
 
 import pytest
 import torch
@@ -70,3 +71,21 @@ def test_three_compiled_models_in_one_process(tiny_dir):
                         assert gl[tid].logprob == pytest.approx(lp.logprob, abs=1e-4)
     torch._dynamo.reset()
 
+
+
+def test_inductor_cache_is_kept_per_version_of_the_native_kernels(monkeypatch, tmp_path):
+    """Inductor's cache key does not cover a custom op's schema: graphs compiled against one
+    version of the native kernels must not be found by another."""
+    from surge.layers import native
+    from surge.worker.compiled import _configure_inductor
+
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    _configure_inductor()
+    first = os.environ["TORCHINDUCTOR_CACHE_DIR"]
+    assert first.endswith(os.path.join("surge", "inductor", native.sources_version()))
+    source = tmp_path / "kernel.cpp"
+    source.write_text("// one version\n")
+    monkeypatch.setattr(native, "_SOURCES", [source])
+    before = native.sources_version()
+    source.write_text("// another\n")
+    assert native.sources_version() != before

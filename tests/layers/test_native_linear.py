@@ -61,7 +61,7 @@ def test_int4_kernel_matches_float64(group, rows):
     nibbles, s = native_linear.pack_int4(q, scale, minimum)
     b = torch.randn(n, generator=_gen(3)).bfloat16()
     x = torch.randn(rows, k, generator=_gen(4)).bfloat16()
-    got = torch.ops.surge_native.linear_int4(x, nibbles, s, group, b)
+    got = torch.ops.surge_native.linear_int4(x, nibbles, s, group, b, 1)
     ref = x.double() @ native_linear.unpack_int4(nibbles, s).double().t() + b.double()
     _assert_close_to(got, ref)
 
@@ -74,9 +74,11 @@ def test_kernels_reject_mismatched_inputs():
         torch.ops.surge_native.linear_bf16(torch.randn(1, 32), w, None)
     nibbles, s = native_linear.pack_int4(torch.zeros(64, 64, dtype=torch.int64), torch.ones(64, 2), torch.zeros(64, 2))
     with pytest.raises(RuntimeError, match="group size 48"):
-        torch.ops.surge_native.linear_int4(torch.randn(1, 64).bfloat16(), nibbles, s, 48, None)
+        torch.ops.surge_native.linear_int4(torch.randn(1, 64).bfloat16(), nibbles, s, 48, None, 1)
+    with pytest.raises(RuntimeError, match="planes must be 1 or 2"):
+        torch.ops.surge_native.linear_int4(torch.randn(1, 64).bfloat16(), nibbles, s, 32, None, 2)  # one block
     with pytest.raises(RuntimeError, match="bias must be"):
-        torch.ops.surge_native.linear_int4(torch.randn(1, 64).bfloat16(), nibbles, s, 32, torch.zeros(3).bfloat16())
+        torch.ops.surge_native.linear_int4(torch.randn(1, 64).bfloat16(), nibbles, s, 32, torch.zeros(3).bfloat16(), 1)
 
 
 def test_packed_linear_takes_the_native_kernel_where_the_shape_fits(monkeypatch):

@@ -226,7 +226,7 @@ at::Tensor linear_int4(const at::Tensor& x, const at::Tensor& q, const at::Tenso
 
 TORCH_LIBRARY_FRAGMENT(surge_native, m) {
   m.def("linear_bf16(Tensor x, Tensor w, Tensor? bias) -> Tensor");
-  m.def("linear_int4(Tensor x, Tensor q, Tensor s, int group_size, Tensor? bias, int planes=1) -> Tensor");
+  m.def("linear_int4(Tensor x, Tensor q, Tensor s, int group_size, Tensor? bias, int planes) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(surge_native, CPU, m) {
