@@ -6,7 +6,7 @@ op reading the step's metadata from the forward context. Either way the graph de
 tensor shapes; with dynamic shapes a handful of graphs (one token, a few, many: the quantized
 linears switch kernels at 9 rows) cover every batch. Warm-up runs each decode bucket so they are compiled before serving; a
 compilation after that is logged as a recompile. Inductor's on-disk cache is kept under
-~/.cache/surge/inductor (unless TORCHINDUCTOR_CACHE_DIR says otherwise), so a restart
+~/.cache/surge/inductor (unless the user's TORCHINDUCTOR_CACHE_DIR says otherwise), so a restart
 reuses the compiled kernels (one directory per version of the native kernels' sources: the
 cache's key does not cover a custom op's schema, so a changed kernel signature would
 otherwise meet graphs that call the old one). The wrapper that calls the kernels is C++ (`cpp_wrapper`) unless
@@ -32,8 +32,19 @@ logger = logging.getLogger(__name__)
 RECOMPILE_LIMIT = 64  # Dynamo's default is 8, for all CompiledModels together; one model warms up 5-8
 
 
+def _user_cache_dir() -> str | None:
+    """TORCHINDUCTOR_CACHE_DIR as the user set it: importing torch._dynamo (which building any
+    model on the meta device does) writes Inductor's default there, which is not a choice."""
+    value = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    try:
+        from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+    except ImportError:
+        return value
+    return None if value is None or os.path.abspath(value) == os.path.abspath(default_cache_dir()) else value
+
+
 def _configure_inductor() -> None:
-    if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
+    if _user_cache_dir() is None:
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(os.path.expanduser("~"), ".cache", "surge", "inductor",
                                                              sources_version())
     if "TORCHINDUCTOR_CPP_WRAPPER" not in os.environ:

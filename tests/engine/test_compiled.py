@@ -79,10 +79,19 @@ def test_inductor_cache_is_kept_per_version_of_the_native_kernels(monkeypatch, t
     from surge.layers import native
     from surge.worker.compiled import _configure_inductor
 
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    ours = os.path.join("surge", "inductor", native.sources_version())
     monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
     _configure_inductor()
-    first = os.environ["TORCHINDUCTOR_CACHE_DIR"]
-    assert first.endswith(os.path.join("surge", "inductor", native.sources_version()))
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"].endswith(ours)
+    # importing torch._dynamo writes Inductor's default there: not the user's choice, replaced
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", default_cache_dir())
+    _configure_inductor()
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"].endswith(ours)
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "mine"))  # the user's: kept
+    _configure_inductor()
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "mine")
     source = tmp_path / "kernel.cpp"
     source.write_text("// one version\n")
     monkeypatch.setattr(native, "_SOURCES", [source])
