@@ -14,6 +14,8 @@
 // A nibble becomes a bf16 without arithmetic: the 16-bit word 0x4300 | q is the bf16 number
 // 128 + q, so a group's dot product over the nibbles is sum x (128 + q), and the group's
 // scale and min finish it with the group's sum of x: d (dot - 128 sum x) + m sum x.
+// linear_int4 with planes = 2 sums two such matrices stacked along N before rounding (GGUF's
+// Q8_0 as its high and low nibbles, Int8GroupWeight.planes).
 // Rows are taken four at a time (one pass over a block's weights per four rows, which stay in
 // L2 between passes); blocks of channels are spread over threads.
 #include <ATen/ATen.h>
@@ -47,7 +49,9 @@ inline float bf16_bits_to_float(uint16_t h) {
 }
 
 inline __m512bh pair(const uint16_t* x) {  // x[0], x[1] in every 32-bit lane
-  return (__m512bh)_mm512_set1_epi32(*reinterpret_cast<const int32_t*>(x));
+  int32_t bits;
+  std::memcpy(&bits, x, sizeof bits);
+  return (__m512bh)_mm512_set1_epi32(bits);
 }
 
 // acc (+ bias) -> bf16 row segment of 64 channels
