@@ -150,8 +150,9 @@ class QuantLinear(nn.Module):
         if self.dense is not None and x2.shape[0] >= self.dense_min_rows:
             return self.dense(x)
         if self.native:  # int8 groups as two int4 planes summed; the bias added before the one rounding
-            return torch.ops.surge_native.linear_int4(x2, self.packed, self.scales_zeros, self.group_size, self.bias,
-                                                      2 if self.kind == "int8g" else 1).reshape(*shape[:-1], self.out_features)
+            planes = 2 if self.kind == "int8g" else 1
+            y = torch.ops.surge_native.linear_int4(x2, self.packed, self.scales_zeros, self.group_size, self.bias, planes)
+            return y.reshape(*shape[:-1], self.out_features)
         if self.kind == "int4":
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.packed, self.group_size, self.scales_zeros)
         elif self.kind == "int8g":

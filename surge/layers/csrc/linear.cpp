@@ -206,12 +206,11 @@ at::Tensor linear_int4(const at::Tensor& x, const at::Tensor& q, const at::Tenso
   const uint16_t* bp = bias_ptr(bias, n);
   auto* op = reinterpret_cast<uint16_t*>(out.data_ptr());
   const int64_t ldx = x.stride(0);
+  std::vector<float> xs(rows * groups, 0.0f);  // sums of x over each group, once for all threads
+  for (int64_t m = 0; m < rows; ++m)
+    for (int64_t kk = 0; kk < k; ++kk) xs[m * groups + kk / group_size] += bf16_bits_to_float(xp[m * ldx + kk]);
+  const float* xsp = xs.data();
   at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
-    std::vector<float> xs(rows * groups, 0.0f);  // sums of x over each group
-    for (int64_t m = 0; m < rows; ++m)
-      for (int64_t kk = 0; kk < k; ++kk)
-        xs[m * groups + kk / group_size] += bf16_bits_to_float(xp[m * ldx + kk]);
-    const float* xsp = xs.data();
     for (int64_t b = b0; b < b1; ++b) {
       for_row_chunks(rows, [&](int64_t m0, auto mb) {
         int4_block<decltype(mb)::value>(xp + m0 * ldx, ldx, xsp + m0 * groups, groups, qp + b * pairs * kBlock,
