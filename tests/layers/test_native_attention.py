@@ -99,6 +99,11 @@ def test_strided_query_and_table_rows(ops):
     wide = torch.cat([tables, torch.zeros(3, 4, dtype=torch.int64)], dim=1)
     out = ops.paged_decode_attention(q_view, cache, wide, lens, 0.125, -1)
     torch.testing.assert_close(out.double(), reference(q, cache, tables, lens, 0.125, -1), atol=2e-5, rtol=2e-5)
+    # A query strided along the head dimension takes the element-by-element load.
+    q_cols = q.transpose(1, 2).contiguous().transpose(1, 2)
+    assert q_cols.stride(2) != 1
+    out = ops.paged_decode_attention(q_cols, cache, tables, lens, 0.125, -1)
+    torch.testing.assert_close(out.double(), reference(q, cache, tables, lens, 0.125, -1), atol=2e-5, rtol=2e-5)
 
 
 def test_empty_batch(ops):
@@ -136,10 +141,27 @@ def test_bad_inputs_raise_clear_errors(ops, case, message):
         ops.paged_decode_attention(q, cache, tables, lens, 0.125, -1)
 
 
-def test_decode_step_writes_kv_then_attends(ops):
+def _new_kv(kind: str):
+    """This step's K and V [3, 3, 64] as the callers hand them over."""
+    gen = torch.Generator().manual_seed(6)
+    if kind == "float32":  # converted to the bf16 cache element by element
+        return torch.randn(3, 3, 64, generator=gen), torch.randn(3, 3, 64, generator=gen)
+    if kind == "fused_views":  # the model's case: bf16 views of the fused QKV output, copied row by row
+        qkv = torch.randn(3, (9 + 2 * 3) * 64, generator=gen).bfloat16()
+        k, v = qkv[:, 9 * 64: 12 * 64].view(3, 3, 64), qkv[:, 12 * 64:].view(3, 3, 64)
+        assert not k.is_contiguous()
+        return k, v
+    # bf16 with a non-unit stride along the head dimension
+    k, v = (torch.randn(3, 64, 3, generator=gen).bfloat16().transpose(1, 2) for _ in range(2))
+    assert k.stride(2) != 1
+    return k, v
+
+
+@pytest.mark.parametrize("kind", ["float32", "fused_views", "strided_head_dim"])
+def test_decode_step_writes_kv_then_attends(ops, kind):
     # Each sequence's new K/V lands at its slot (converted to the cache dtype) and is attended.
     q, cache, tables, lens = make(3, 9, 3, 64, [1, 20, 33], torch.bfloat16, torch.bfloat16, seed=5)
-    k_new, v_new = torch.randn(3, 3, 64), torch.randn(3, 3, 64)  # float32 in, bf16 cache
+    k_new, v_new = _new_kv(kind)
     last = lens - 1
     slots = tables[torch.arange(3), last // BS] * BS + last % BS
     expected_cache = cache.clone().view(2, -1, 3, 64)

@@ -9,9 +9,10 @@
 //
 // Work is split into (sequence, partition of the context) items so that one long
 // sequence still spreads over every thread (split-K, as flash-decoding does); each item
-// keeps its partial softmax (max, sum) and unnormalized output, and a second pass merges
-// the partitions. Grouped query heads (Hq = G * Hk) share each K/V load; for the common
-// shapes the group's queries and outputs are held in vector registers.
+// keeps its partial softmax (max, sum) and unnormalized output, and when a sequence has
+// several partitions a second pass merges them. Grouped query heads (Hq = G * Hk) share
+// each K/V load; for the common shapes the group's queries and outputs are held in vector
+// registers.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/functional.h>
@@ -20,6 +21,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <limits>
 #include <type_traits>
 #include <vector>
@@ -172,6 +174,14 @@ AttendFn<KT> pick_fixed(int64_t G, int64_t D) {
   return nullptr;
 }
 
+// dst[i] = src[i] * scale as float, for a row of n elements (src contiguous).
+template <typename T>
+void row_to_float(const T* src, int64_t n, float scale, float* dst) {
+  int64_t i = 0;
+  for (; i + Vec::size() <= n; i += Vec::size()) (load_float(src + i) * Vec(scale)).store(dst + i);
+  for (; i < n; ++i) dst[i] = static_cast<float>(src[i]) * scale;
+}
+
 template <typename QT, typename KT>
 void decode_kernel(const at::Tensor& q, const at::Tensor& kv_cache, const at::Tensor& block_tables,
                    const at::Tensor& seq_lens, double scale, int64_t window, at::Tensor& out) {
@@ -200,40 +210,59 @@ void decode_kernel(const at::Tensor& q, const at::Tensor& kv_cache, const at::Te
   part = std::clamp<int64_t>((part + 31) / 32 * 32, 64, 512);
   const int64_t parts = (longest + part - 1) / part;
 
-  // Partials per (sequence, partition, query head): max, sum and the unnormalized output.
-  std::vector<float> qf(B * Hq * D);
+  // With one partition per sequence an item writes its normalized output directly; otherwise
+  // it leaves its partials (max, sum, unnormalized output) for the merge below.
+  std::vector<float> pmax, psum, pout;
+  if (parts > 1) {
+    pmax.assign(B * parts * Hq, -std::numeric_limits<float>::infinity());
+    psum.assign(B * parts * Hq, 0.f);
+    pout.assign(B * parts * Hq * D, 0.f);
+  }
   const QT* qp = q.data_ptr<QT>();
   const int64_t s0 = q.stride(0), s1 = q.stride(1), s2 = q.stride(2);  // q may be a view of the fused QKV
-  for (int64_t b = 0; b < B; ++b)
-    for (int64_t hq = 0; hq < Hq; ++hq)
-      for (int64_t d = 0; d < D; ++d)
-        qf[(b * Hq + hq) * D + d] = static_cast<float>(qp[b * s0 + hq * s1 + d * s2]) * static_cast<float>(scale);
-  std::vector<float> pmax(B * parts * Hq, -std::numeric_limits<float>::infinity());
-  std::vector<float> psum(B * parts * Hq, 0.f);
-  std::vector<float> pout(B * parts * Hq * D, 0.f);
+  QT* op = out.data_ptr<QT>();
   const AttendFn<KT> fixed = pick_fixed<KT>(G, D);
 
   // An item is one partition of one sequence, all heads.
   at::parallel_for(0, B * parts, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> scores(Hq * part);
+    std::vector<float> scores(Hq * part), qf(Hq * D), own_out(Hq * D), own_max(Hq), own_sum(Hq);
     for (int64_t item = begin; item < end; ++item) {
       const int64_t b = item / parts, pi = item % parts;
       const int64_t t0 = first[b] + pi * part;
       const int64_t t1 = std::min(t0 + part, lens[b]);
-      if (t0 >= t1) continue;
-      const int64_t base = (b * parts + pi) * Hq;
+      if (t0 >= t1) continue;  // a shorter sequence's empty partition: its partials stay empty
+      for (int64_t hq = 0; hq < Hq; ++hq) {
+        const QT* row = qp + b * s0 + hq * s1;
+        if (s2 == 1) {
+          row_to_float(row, D, static_cast<float>(scale), &qf[hq * D]);
+        } else {
+          for (int64_t d = 0; d < D; ++d) qf[hq * D + d] = static_cast<float>(row[d * s2]) * static_cast<float>(scale);
+        }
+      }
+      float *o = own_out.data(), *m = own_max.data(), *s = own_sum.data();
+      if (parts > 1) {
+        const int64_t base = (b * parts + pi) * Hq;
+        o = &pout[base * D], m = &pmax[base], s = &psum[base];
+      }
       const Item<KT> it{kp, kp + NB * BS * Hk * D, tables + b * block_tables.stride(0), BS, Hk * D, t0, t1,
-                        &qf[b * Hq * D], scores.data(), part, &pout[base * D], &pmax[base], &psum[base]};
+                        qf.data(), scores.data(), part, o, m, s};
       if (fixed != nullptr) {
         fixed(it, Hk);
       } else {
         attend_generic(it, Hk, G, D);
       }
+      if (parts == 1) {
+        QT* dst = op + b * Hq * D;
+        for (int64_t hq = 0; hq < Hq; ++hq) {
+          const float inv = 1.f / s[hq];
+          for (int64_t d = 0; d < D; ++d) dst[hq * D + d] = static_cast<QT>(o[hq * D + d] * inv);
+        }
+      }
     }
   });
+  if (parts == 1) return;
 
   // Merge the partitions of each (sequence, query head).
-  QT* op = out.data_ptr<QT>();
   at::parallel_for(0, B * Hq, 16, [&](int64_t begin, int64_t end) {
     std::vector<float> row(D);
     for (int64_t bh = begin; bh < end; ++bh) {
@@ -301,15 +330,26 @@ void write_kv_kernel(const at::Tensor& k, const at::Tensor& v, at::Tensor& kv_ca
     TORCH_CHECK(slot[t] >= 0 && slot[t] < slots, "paged_decode_step: slot ", slot[t], " outside the cache");
   dispatch_float(k.scalar_type(), [&](auto tag) {
     using IT = decltype(tag);
-    const IT* kp = k.data_ptr<IT>();
-    const IT* vp = v.data_ptr<IT>();
-    for (int64_t t = 0; t < T; ++t)
-      for (int64_t h = 0; h < Hk; ++h)
-        for (int64_t d = 0; d < D; ++d) {
-          const int64_t dst = (slot[t] * Hk + h) * D + d;
-          keys[dst] = static_cast<KT>(static_cast<float>(kp[t * k.stride(0) + h * k.stride(1) + d * k.stride(2)]));
-          values[dst] = static_cast<KT>(static_cast<float>(vp[t * v.stride(0) + h * v.stride(1) + d * v.stride(2)]));
+    // One head's row at a time: a copy when the dtypes match and rows are contiguous (the usual
+    // case: views of the fused QKV output), else converted element by element.
+    const auto store = [&](const at::Tensor& src, KT* cache) {
+      const IT* p = src.data_ptr<IT>();
+      const int64_t st = src.stride(0), sh = src.stride(1), sd = src.stride(2);
+      for (int64_t t = 0; t < T; ++t)
+        for (int64_t h = 0; h < Hk; ++h) {
+          const IT* row = p + t * st + h * sh;
+          KT* dst = cache + (slot[t] * Hk + h) * D;
+          if constexpr (std::is_same_v<IT, KT>) {
+            if (sd == 1) {
+              std::memcpy(dst, row, D * sizeof(KT));
+              continue;
+            }
+          }
+          for (int64_t d = 0; d < D; ++d) dst[d] = static_cast<KT>(static_cast<float>(row[d * sd]));
         }
+    };
+    store(k, keys);
+    store(v, values);
   });
 }
 
