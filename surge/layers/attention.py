@@ -22,6 +22,10 @@ import torch.nn.functional as F
 from surge.layers.native import native_ops
 
 _NATIVE_CACHE_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+# Prompt chunks whose context is at most this many tokens are attended a token per row by the
+# native kernel; longer ones by SDPA, whose matmuls win on the quadratic work (measured
+# crossover, docs/performance.md).
+NATIVE_PREFILL_MAX_CONTEXT = 1024
 
 
 def native_decode(kv_cache: torch.Tensor) -> bool:
@@ -47,12 +51,15 @@ class AttentionMetadata:
     query_start_loc: list[int]  # [num_seqs + 1] offsets of each sequence's tokens in the batch
     seq_lens: list[int]  # [num_seqs] context length after this step (computed + new)
     block_size: int
-    # Sequences with a single new token (decoding) are attended together in one batched op.
-    decode_seqs: torch.Tensor | None = None  # [D] indices into the sequences
-    decode_rows: torch.Tensor | None = None  # [D] their token rows in the flat batch
-    decode_seq_lens: torch.Tensor | None = None  # [D] their context lengths
-    decode_tables: torch.Tensor | None = None  # [D, blocks to cover the longest] their block tables
+    # Rows attended one query token at a time, all in one batched op: the decoding sequences'
+    # tokens and, with the native kernel, the tokens of short prompt chunks (each row sees its
+    # sequence's context up to its own position).
+    decode_seqs: torch.Tensor | None = None  # [S] the sequences whose rows these are
+    decode_rows: torch.Tensor | None = None  # [R] their token rows in the flat batch, in order
+    decode_seq_lens: torch.Tensor | None = None  # [R] each row's context length (its position + 1)
+    decode_tables: torch.Tensor | None = None  # [R, blocks to cover the longest] each row's block table
     decode_width: int = 0  # the longest context among them
+    all_decode: bool = False  # every sequence has exactly one new token, all in these rows
     prefill_seqs: list[int] | None = None  # the other sequences, looped over
 
     @property
@@ -60,30 +67,48 @@ class AttentionMetadata:
         return len(self.seq_lens)
 
     def split_decode(self, native: bool = False) -> None:
-        """Fill the decode / prefill split from query_start_loc and seq_lens.
+        """Fill the per-row / per-sequence split from query_start_loc and seq_lens.
 
-        With the native kernel every decoding sequence takes the decode path; without it a lone
-        one is faster through `single_decode_attention` than through the gathered batch.
+        With the native kernel every decoding sequence takes the per-row path, and so does every
+        prompt chunk whose context is at most NATIVE_PREFILL_MAX_CONTEXT tokens (there one SDPA
+        call per sequence costs more than attending its tokens one by one). Without it a lone
+        decoding sequence is faster through `single_decode_attention` than through the gathered
+        batch.
         """
-        starts = self.query_start_loc
-        decode = [i for i in range(self.num_seqs) if starts[i + 1] - starts[i] == 1]
-        if len(decode) < 2 and not native:
-            decode = []
+        starts, lens = self.query_start_loc, self.seq_lens
+        self.decode_seqs = self.decode_rows = self.decode_seq_lens = self.decode_tables = None
+        self.decode_width, self.all_decode = 0, False
+        new = [starts[i + 1] - starts[i] for i in range(self.num_seqs)]
+        chosen = [i for i in range(self.num_seqs) if new[i] == 1]
+        if len(chosen) < 2 and not native:
+            chosen = []
+        if native:
+            chosen = [i for i in range(self.num_seqs)
+                      if new[i] == 1 or (new[i] > 1 and lens[i] <= NATIVE_PREFILL_MAX_CONTEXT)]
+        picked = set(chosen)
+        self.prefill_seqs = [i for i in range(self.num_seqs) if new[i] > 0 and i not in picked]
+        if not chosen:
+            return
+        rows: list[int] = []
+        row_lens: list[int] = []
+        row_seqs: list[int] = []
+        for i in chosen:
+            rows.extend(range(starts[i], starts[i + 1]))
+            row_lens.extend(range(lens[i] - new[i] + 1, lens[i] + 1))
+            row_seqs.extend([i] * new[i])
         dev = self.block_tables.device
-        chosen = set(decode)
-        self.prefill_seqs = [i for i in range(self.num_seqs) if starts[i + 1] > starts[i] and i not in chosen]
-        if decode:
-            self.decode_seqs = torch.tensor(decode, dtype=torch.int64, device=dev)
-            self.decode_rows = torch.tensor([starts[i] for i in decode], dtype=torch.int64, device=dev)
-            lens = [self.seq_lens[i] for i in decode]
-            self.decode_seq_lens = torch.tensor(lens, dtype=torch.int64, device=dev)
-            self.decode_width = max(lens)
-            blocks = -(-self.decode_width // self.block_size)
-            self.decode_tables = self.block_tables[self.decode_seqs, :blocks]
+        self.decode_seqs = torch.tensor(chosen, dtype=torch.int64, device=dev)
+        self.decode_rows = torch.tensor(rows, dtype=torch.int64, device=dev)
+        self.decode_seq_lens = torch.tensor(row_lens, dtype=torch.int64, device=dev)
+        self.decode_width = max(row_lens)
+        blocks = -(-self.decode_width // self.block_size)
+        index = self.decode_seqs if len(rows) == len(chosen) else torch.tensor(row_seqs, dtype=torch.int64, device=dev)
+        self.decode_tables = self.block_tables[index, :blocks]
+        self.all_decode = not self.prefill_seqs and len(rows) == len(chosen) == self.num_seqs
 
     def decode_batch(self) -> DecodeBatch | None:
         """The step as a DecodeBatch when every sequence decodes (after split_decode), else None."""
-        if self.decode_seqs is None or self.prefill_seqs or len(self.decode_seqs) != self.num_seqs:
+        if not self.all_decode:
             return None
         tables = self.decode_tables
         if tables.shape[1] < 2:
@@ -190,9 +215,10 @@ def paged_attention(
 ) -> torch.Tensor:
     """Causal attention of q [T, Hq, D] over each sequence's cached context -> [T, Hq, D].
 
-    Decoding sequences (one new token) go through `paged_decode_attention` together (a lone
-    one through `single_decode_attention`); the others gather their blocks and call SDPA one
-    by one. Query token j of a sequence with n new tokens and context length L sits at
+    Decoding sequences (one new token) and, with the native kernel, short prompt chunks go
+    through `paged_decode_attention` together, a row per token (a lone decoding sequence
+    without it through `single_decode_attention`); the others gather their blocks and call
+    SDPA one by one. Query token j of a sequence with n new tokens and context length L sits at
     position L - n + j and sees keys 0..L-n+j (and only the last `sliding_window` of them
     when the model has a window).
     """

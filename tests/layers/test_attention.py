@@ -27,7 +27,7 @@ def reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq_len: int, w
     return torch.einsum("hnl,lhd->nhd", scores.softmax(-1), vv)
 
 
-@pytest.mark.parametrize("native", [True, False], ids=["native", "torch"])
+@pytest.mark.parametrize("native", [True, "native_sdpa_prompts", False], ids=["native", "native_sdpa_prompts", "torch"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("window", [None, 6])
 @pytest.mark.parametrize("layout", [
@@ -41,6 +41,8 @@ def reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq_len: int, w
 def test_paged_attention_matches_dense_reference(layout, window, dtype, native, monkeypatch):
     if not native:  # the PyTorch path, as on GPUs or where the kernel cannot be built
         monkeypatch.setattr(attention, "native_decode", lambda kv_cache: False)
+    if native == "native_sdpa_prompts":  # prompt chunks with more context than the limit take SDPA
+        monkeypatch.setattr(attention, "NATIVE_PREFILL_MAX_CONTEXT", 20)
     gen = torch.Generator().manual_seed(0)
     num_blocks = 64
     cache = torch.zeros(2, num_blocks, BS, HK, D, dtype=dtype)
@@ -64,7 +66,7 @@ def test_paged_attention_matches_dense_reference(layout, window, dtype, native, 
         block_tables=torch.tensor([t + [0] * (width - len(t)) for t in tables]),
         query_start_loc=starts, seq_lens=seq_lens, block_size=BS,
     )
-    meta.split_decode(native=native)
+    meta.split_decode(native=bool(native))
     out = paged_attention(torch.cat(qs), cache, meta, D**-0.5, window)
     assert out.dtype == dtype and out.shape == (starts[-1], HQ, D)
     tol = 1e-5 if dtype == torch.float32 else 2e-2
@@ -93,3 +95,21 @@ def test_decode_batch_only_for_decode_only_steps():
     lone = meta([(1, 5)])
     lone.split_decode(native=False)  # without the kernel a lone one keeps the float32 matmul path
     assert lone.decode_batch() is None
+
+
+def test_short_prompt_chunks_become_rows_of_the_native_kernel(monkeypatch):
+    # A chunk of 3 tokens ending at position 11 and a decoding sequence at 9: four rows, each
+    # with its own context length and its sequence's block table.
+    tables = torch.arange(12).view(3, 4)[:2]
+    meta = AttentionMetadata(slot_mapping=torch.arange(4), block_tables=tables, query_start_loc=[0, 3, 4],
+                             seq_lens=[12, 9], block_size=BS)
+    meta.split_decode(native=True)
+    assert meta.prefill_seqs == [] and meta.decode_batch() is None  # not a decode-only step
+    assert meta.decode_rows.tolist() == [0, 1, 2, 3] and meta.decode_seq_lens.tolist() == [10, 11, 12, 9]
+    assert meta.decode_tables.tolist() == [[0, 1, 2], [0, 1, 2], [0, 1, 2], [4, 5, 6]]
+    # Past the limit the chunk goes to SDPA; without the kernel every chunk does.
+    monkeypatch.setattr(attention, "NATIVE_PREFILL_MAX_CONTEXT", 11)
+    meta.split_decode(native=True)
+    assert meta.prefill_seqs == [0] and meta.decode_rows.tolist() == [3] and meta.decode_seq_lens.tolist() == [9]
+    meta.split_decode(native=False)
+    assert meta.prefill_seqs == [0, 1] and meta.decode_rows is None

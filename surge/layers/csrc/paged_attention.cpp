@@ -223,10 +223,22 @@ void decode_kernel(const at::Tensor& q, const at::Tensor& kv_cache, const at::Te
   QT* op = out.data_ptr<QT>();
   const AttendFn<KT> fixed = pick_fixed<KT>(G, D);
 
-  // An item is one partition of one sequence, all heads.
-  at::parallel_for(0, B * parts, 1, [&](int64_t begin, int64_t end) {
+  // An item is one partition of one sequence, all heads. Items differ in length (a prompt's
+  // tokens attended one per row have contexts 1..n), so each thread takes a run of items of
+  // about equal total length rather than an equal count.
+  const int64_t items = B * parts;
+  std::vector<int64_t> cost(items + 1, 0);  // cost[i]: the length of items before i
+  for (int64_t item = 0; item < items; ++item) {
+    const int64_t b = item / parts, t0 = first[b] + (item % parts) * part;
+    cost[item + 1] = cost[item] + std::max<int64_t>(0, std::min(t0 + part, lens[b]) - t0);
+  }
+  const int64_t runs = std::min(threads, items);
+  std::vector<int64_t> bound(runs + 1, items);
+  for (int64_t r = 0; r < runs; ++r)
+    bound[r] = std::lower_bound(cost.begin(), cost.end() - 1, cost[items] * r / runs) - cost.begin();
+  at::parallel_for(0, runs, 1, [&](int64_t r0, int64_t r1) {
     std::vector<float> scores(Hq * part), qf(Hq * D), own_out(Hq * D), own_max(Hq), own_sum(Hq);
-    for (int64_t item = begin; item < end; ++item) {
+    for (int64_t item = bound[r0]; item < bound[r1]; ++item) {
       const int64_t b = item / parts, pi = item % parts;
       const int64_t t0 = first[b] + pi * part;
       const int64_t t1 = std::min(t0 + part, lens[b]);
