@@ -8,23 +8,31 @@ Three implementations on the same random cache and block tables (the default mod
                 (surge's batched decode path before the native kernel)
   native        surge_native.paged_decode_attention: reads the blocks in place (csrc/)
 
-    python benchmarks/paged_attention.py [--threads 2] [--dtype bfloat16] [--json out.json]
+With --prefill, prompt chunks instead (S sequences of n new tokens after c cached ones), through
+surge's `paged_attention` both ways: gather + SDPA per sequence (the path for chunks with more
+than NATIVE_PREFILL_MAX_CONTEXT tokens of context) against the chunk's tokens as rows of the
+native kernel, each row attending its own prefix.
+
+    python benchmarks/paged_attention.py [--threads 2] [--dtype bfloat16] [--prefill] [--json out.json]
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import time
 
 import torch
 import torch.nn.functional as F
 
-from surge.layers.attention import gathered_decode_attention
+from surge.layers import attention
+from surge.layers.attention import AttentionMetadata, gathered_decode_attention, paged_attention
 from surge.layers.native import native_ops
 
 HQ, HK, D, BS = 9, 3, 64, 16
 SHAPES = [(1, 128), (1, 512), (1, 2048), (8, 128), (8, 1024), (32, 256), (32, 1024)]
+PREFILL_SHAPES = [(32, 48, 0), (8, 128, 0), (1, 512, 0), (1, 1024, 0), (1, 2048, 0), (1, 256, 512)]  # (S, n, c)
 
 
 def make_case(batch: int, context: int, dtype: torch.dtype, gen: torch.Generator):
@@ -80,10 +88,64 @@ def time_us(fn, *args, min_time: float = 0.3) -> float:
     return (time.perf_counter() - start) / n * 1e6
 
 
+def prefill_case(seqs: int, new: int, cached: int, dtype: torch.dtype, gen: torch.Generator):
+    """A step of `seqs` prompt chunks of `new` tokens after `cached` ones: q, cache, metadata."""
+    blocks = -(-(cached + new) // BS)
+    num_blocks = seqs * blocks + 8
+    cache = torch.randn(2, num_blocks, BS, HK, D, generator=gen).to(dtype)
+    tables = torch.randperm(num_blocks, generator=gen)[: seqs * blocks].view(seqs, blocks)
+    q = torch.randn(seqs * new, HQ, D, generator=gen).to(dtype)
+    meta = AttentionMetadata(slot_mapping=torch.zeros(seqs * new, dtype=torch.int64), block_tables=tables,
+                             query_start_loc=[i * new for i in range(seqs + 1)], seq_lens=[cached + new] * seqs,
+                             block_size=BS)
+    return q, cache, meta
+
+
+def with_limit(meta: AttentionMetadata, limit: int) -> AttentionMetadata:
+    """The step split as it is with NATIVE_PREFILL_MAX_CONTEXT = limit."""
+    saved = attention.NATIVE_PREFILL_MAX_CONTEXT
+    attention.NATIVE_PREFILL_MAX_CONTEXT = limit
+    try:
+        meta.split_decode(native=True)
+        return dataclasses.replace(meta)
+    finally:
+        attention.NATIVE_PREFILL_MAX_CONTEXT = saved
+
+
+def prefill_reference(q, cache, meta, scale):
+    out = torch.empty(q.shape, dtype=torch.float64)
+    for i in range(meta.num_seqs):
+        start, end, n = meta.query_start_loc[i], meta.query_start_loc[i + 1], meta.seq_lens[i]
+        blocks = meta.block_tables[i, : -(-n // BS)]
+        k = cache[0, blocks].reshape(-1, HK, D)[:n].double().repeat_interleave(HQ // HK, 1)
+        v = cache[1, blocks].reshape(-1, HK, D)[:n].double().repeat_interleave(HQ // HK, 1)
+        scores = torch.einsum("thd,lhd->htl", q[start:end].double(), k) * scale
+        keep = torch.arange(n)[None, :] <= torch.arange(n - (end - start), n)[:, None]
+        out[start:end] = torch.einsum("htl,lhd->thd", scores.masked_fill(~keep, float("-inf")).softmax(-1), v)
+    return out
+
+
+def run_prefill(dtype: torch.dtype, gen: torch.Generator) -> list[dict]:
+    scale = D**-0.5
+    rows = []
+    print(f"{'S x n after c':>18} {'gather+sdpa us':>15} {'native rows us':>15} {'ratio':>6} {'native err':>10} {'sdpa err':>8}")
+    for seqs, new, cached in PREFILL_SHAPES:
+        q, cache, meta = prefill_case(seqs, new, cached, dtype, gen)
+        ref = prefill_reference(q, cache, meta, scale)
+        metas = {"gather_sdpa": with_limit(meta, 0), "native_rows": with_limit(meta, 1 << 30)}
+        errs = {k: (paged_attention(q, cache, m, scale).double() - ref).abs().max().item() for k, m in metas.items()}
+        t = {k: time_us(paged_attention, q, cache, m, scale) for k, m in metas.items()}
+        rows.append({"seqs": seqs, "new": new, "cached": cached, "us": t, "max_abs_err": errs})
+        print(f"{seqs:>5} x {new:<4} after {cached:<4} {t['gather_sdpa']:>15.0f} {t['native_rows']:>15.0f} "
+              f"{t['gather_sdpa'] / t['native_rows']:>5.2f}x {errs['native_rows']:>10.1e} {errs['gather_sdpa']:>8.1e}")
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    ap.add_argument("--prefill", action="store_true", help="prompt chunks instead of decoding sequences")
     ap.add_argument("--json", help="write the rows here")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -91,6 +153,16 @@ def main() -> None:
     if native_ops() is None:
         raise SystemExit("the native kernels could not be built (see the warning above)")
     gen = torch.Generator().manual_seed(0)
+    if args.prefill:
+        rows = run_prefill(dtype, gen)
+    else:
+        rows = run_decode(dtype, gen)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"threads": args.threads, "dtype": args.dtype, "prefill": args.prefill, "rows": rows}, f, indent=2)
+
+
+def run_decode(dtype: torch.dtype, gen: torch.Generator) -> list[dict]:
     scale = D**-0.5
     rows = []
     print(f"{'batch x context':>16} {'gather+sdpa us':>15} {'gather+bmm us':>14} {'native us':>10} "
@@ -105,9 +177,7 @@ def main() -> None:
         rows.append({"batch": batch, "context": context, "us": t, "max_abs_err": errs})
         print(f"{batch:>7} x {context:<6} {t['gather_sdpa']:>15.0f} {t['gather_bmm']:>14.0f} {t['native']:>10.0f} "
               f"{t['gather_sdpa'] / t['native']:>7.1f}x {t['gather_bmm'] / t['native']:>6.1f}x {err:>10.1e} {errs['gather_sdpa']:>8.1e}")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"threads": args.threads, "dtype": args.dtype, "rows": rows}, f, indent=2)
+    return rows
 
 
 if __name__ == "__main__":
