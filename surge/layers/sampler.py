@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
+from surge.layers.native import native_ops
 from surge.sampling_params import SamplingParams
 
 
@@ -33,6 +34,18 @@ class SamplingRow:
     generator: torch.Generator | None
     prompt_ids: list[int]
     output_ids: list[int]
+
+
+def argmax_rows(logits: torch.Tensor) -> torch.Tensor:
+    """`logits.argmax(-1)` of float32 logits [N, V], the same indices (first maximum, a NaN
+    winning). On CPU the native kernel (csrc/sampling.cpp): PyTorch's CPU argmax is a scalar
+    loop, ~1.2 ms a step at batch 32 with this vocabulary."""
+    if logits.device.type == "cpu" and logits.dtype == torch.float32 and logits.dim() == 2 \
+            and logits.shape[1] > 0 and logits.stride(1) == 1:
+        ops = native_ops()
+        if ops is not None:
+            return ops.argmax_rows(logits)
+    return logits.argmax(-1)
 
 
 def token_logprobs(logprobs: torch.Tensor, token_ids: torch.Tensor, top_n: list[int]) -> list[TokenLogprobs]:
@@ -120,7 +133,7 @@ class Sampler:
         if any(r.params.logit_bias or r.params.has_penalties or r.params.min_tokens for r in rows):
             logits = logits.clone()
             apply_penalties(logits, rows, eos_ids)
-        tokens = logits.argmax(-1)
+        tokens = argmax_rows(logits)
         random_rows = [i for i, r in enumerate(rows) if not r.params.greedy]
         if random_rows:
             idx = torch.tensor(random_rows, dtype=torch.long)

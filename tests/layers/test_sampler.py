@@ -7,7 +7,8 @@ import math
 import pytest
 import torch
 
-from surge.layers.sampler import Sampler, SamplingRow, apply_penalties, filter_logits
+from surge.layers.native import native_ops
+from surge.layers.sampler import Sampler, SamplingRow, apply_penalties, argmax_rows, filter_logits
 from surge.sampling_params import SamplingParams
 
 LOGITS = [2.0, 1.0, 0.5, 0.0, -1.0, 3.0, -2.0, 1.5, 0.25, -0.5]
@@ -127,3 +128,61 @@ def test_logprobs_are_raw_with_ranks():
     assert info.rank == 1 + sum(1 for x in LOGITS if x > LOGITS[2])
     assert info.top_ids == [5, 0, 7]
     assert info.top_logprobs == pytest.approx(raw[[5, 0, 7]].tolist())
+
+
+def _argmax_cases() -> list[torch.Tensor]:
+    """Logits whose argmax is easy to get wrong: ties inside a lane, across lanes and across the
+    pieces a row is split into; NaN early, late, in the tail; all -inf; +inf; odd lengths."""
+    gen = torch.Generator().manual_seed(0)
+    cases = [torch.randn(n, v, generator=gen) for n, v in [(1, 1), (1, 15), (1, 16), (2, 17), (3, 49152), (32, 49152),
+                                                          (1, 3 * 4096 + 5), (5, 1000)]]
+    tie = torch.zeros(4, 20000)
+    tie[0, [7, 23, 19000]] = 5.0  # same lane (7, 23), another piece (19000)
+    tie[1, [19000, 19001]] = 5.0  # only in the second half
+    tie[2] = -math.inf  # all -inf: index 0
+    tie[3, [100, 9000]] = math.inf
+    cases.append(tie)
+    nan = torch.randn(4, 20000, generator=gen)
+    nan[0, 3] = math.nan
+    nan[1, [12000, 50]] = math.nan  # the first NaN wins, wherever the maximum is
+    nan[1, 7] = 100.0
+    nan[2, 19999] = math.nan  # in the tail after the vector loop
+    nan[3, 15000] = math.nan  # in the second piece only
+    cases.append(nan)
+    cases.append(torch.randn(3, 1100, generator=gen)[:, 50:1050])  # rows of a wider tensor
+    return cases
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_argmax_rows_equals_torch_argmax(threads):
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        for logits in _argmax_cases():
+            assert torch.equal(argmax_rows(logits), logits.argmax(-1)), logits.shape
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_argmax_rows_falls_back_where_the_kernel_does_not_apply():
+    logits = torch.randn(40, 6)
+    columns = logits.t()  # stride along V is not 1: PyTorch's argmax
+    assert torch.equal(argmax_rows(columns), columns.argmax(-1))
+    half = torch.randn(3, 50).bfloat16()
+    assert torch.equal(argmax_rows(half), half.argmax(-1))
+    assert argmax_rows(torch.empty(0, 10)).shape == (0,)
+
+
+@pytest.mark.parametrize("case,message", [
+    ("dtype", "float32"),
+    ("dims", "float32 \\[N, V\\]"),
+    ("empty_rows", "must not be empty"),
+])
+def test_argmax_rows_kernel_rejects_bad_inputs(case, message):
+    ops = native_ops()
+    if ops is None:
+        pytest.skip("native kernels unavailable")
+    logits = {"dtype": torch.zeros(2, 8, dtype=torch.float64), "dims": torch.zeros(8),
+              "empty_rows": torch.zeros(2, 0)}[case]
+    with pytest.raises(RuntimeError, match=message):
+        ops.argmax_rows(logits)
