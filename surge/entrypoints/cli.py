@@ -1,4 +1,4 @@
-"""The `surge` command: generate, chat. User errors print one clear line and exit with code 2."""
+"""The `surge` command: generate, chat, serve, bench, eval. User errors print one clear line and exit with code 2."""
 
 from __future__ import annotations
 
@@ -271,6 +271,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_bench_parser(sub, _add_model_args)
     sub.choices["bench"].set_defaults(func=lambda args: cmd_bench(args, _load))
+
+    from surge.entrypoints.evaluate import add_eval_parser, cmd_eval
+
+    add_eval_parser(sub, _add_model_args)
+    sub.choices["eval"].set_defaults(func=cmd_eval)
     return parser
 
 
