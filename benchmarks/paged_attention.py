@@ -8,12 +8,16 @@ Three implementations on the same random cache and block tables (the default mod
                 (surge's batched decode path before the native kernel)
   native        surge_native.paged_decode_attention: reads the blocks in place (csrc/)
 
+With --kv-int8, the native kernel on a bf16 cache against the same values quantized into the
+int8 cache (`--kv-cache-dtype int8`: rows of D int8 values and an fp16 scale), errors of both
+against float64 on the unquantized values.
+
 With --prefill, prompt chunks instead (S sequences of n new tokens after c cached ones), through
 surge's `paged_attention` both ways: gather + SDPA per sequence (the path for chunks with more
 than NATIVE_PREFILL_MAX_CONTEXT tokens of context) against the chunk's tokens as rows of the
 native kernel, each row attending its own prefix.
 
-    python benchmarks/paged_attention.py [--threads 2] [--dtype bfloat16] [--prefill] [--json out.json]
+    python benchmarks/paged_attention.py [--threads 2] [--dtype bfloat16] [--prefill | --kv-int8] [--json out.json]
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from surge.layers import attention
-from surge.layers.attention import AttentionMetadata, gathered_decode_attention, paged_attention
+from surge.layers.attention import AttentionMetadata, gathered_decode_attention, paged_attention, quantize_kv
 from surge.layers.native import native_ops
 
 HQ, HK, D, BS = 9, 3, 64, 16
@@ -146,6 +150,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     ap.add_argument("--prefill", action="store_true", help="prompt chunks instead of decoding sequences")
+    ap.add_argument("--kv-int8", action="store_true", help="the native kernel on bf16 against int8 caches")
     ap.add_argument("--json", help="write the rows here")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -155,11 +160,14 @@ def main() -> None:
     gen = torch.Generator().manual_seed(0)
     if args.prefill:
         rows = run_prefill(dtype, gen)
+    elif args.kv_int8:
+        rows = run_kv_int8(gen)
     else:
         rows = run_decode(dtype, gen)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"threads": args.threads, "dtype": args.dtype, "prefill": args.prefill, "rows": rows}, f, indent=2)
+            json.dump({"threads": args.threads, "dtype": args.dtype, "prefill": args.prefill, "kv_int8": args.kv_int8,
+                       "rows": rows}, f, indent=2)
 
 
 def run_decode(dtype: torch.dtype, gen: torch.Generator) -> list[dict]:
@@ -177,6 +185,22 @@ def run_decode(dtype: torch.dtype, gen: torch.Generator) -> list[dict]:
         rows.append({"batch": batch, "context": context, "us": t, "max_abs_err": errs})
         print(f"{batch:>7} x {context:<6} {t['gather_sdpa']:>15.0f} {t['gather_bmm']:>14.0f} {t['native']:>10.0f} "
               f"{t['gather_sdpa'] / t['native']:>7.1f}x {t['gather_bmm'] / t['native']:>6.1f}x {err:>10.1e} {errs['gather_sdpa']:>8.1e}")
+    return rows
+
+
+def run_kv_int8(gen: torch.Generator) -> list[dict]:
+    scale = D**-0.5
+    rows = []
+    print(f"{'batch x context':>16} {'bf16 us':>9} {'int8 us':>9} {'ratio':>7} {'bf16 err':>9} {'int8 err':>9}")
+    for batch, context in SHAPES:
+        q, cache, tables, lens = make_case(batch, context, torch.float32, gen)
+        ref = reference(q, cache, tables, lens, scale)
+        cases = {"bf16": (q.bfloat16(), cache.bfloat16()), "int8": (q.bfloat16(), quantize_kv(cache))}
+        t = {k: time_us(native, qq, c, tables, lens, scale) for k, (qq, c) in cases.items()}
+        errs = {k: (native(qq, c, tables, lens, scale).double() - ref).abs().max().item() for k, (qq, c) in cases.items()}
+        rows.append({"batch": batch, "context": context, "us": t, "max_abs_err": errs})
+        print(f"{batch:>7} x {context:<6} {t['bf16']:>9.0f} {t['int8']:>9.0f} {t['bf16'] / t['int8']:>6.2f}x "
+              f"{errs['bf16']:>9.1e} {errs['int8']:>9.1e}")
     return rows
 
 

@@ -114,6 +114,9 @@ class ModelConfig:
         return self.num_key_value_heads * self.head_dim
 
 
+KV_CACHE_DTYPES = ("auto", "int8")
+
+
 @dataclass(frozen=True)
 class CacheConfig:
     """Paged KV cache: block size in tokens and the memory budget it is sized from."""
@@ -122,8 +125,13 @@ class CacheConfig:
     # Bytes for the KV cache; None means a fraction of the memory free at start.
     kv_cache_memory: int | None = None
     memory_fraction: float = 0.5
+    # "auto": the model's dtype; "int8": rows quantized per token and head (surge/layers/attention.py)
+    cache_dtype: str = "auto"
 
     def __post_init__(self) -> None:
+        if self.cache_dtype not in KV_CACHE_DTYPES:
+            raise InvalidArgumentError(
+                f"unknown KV cache dtype {self.cache_dtype!r}: choose one of {', '.join(KV_CACHE_DTYPES)}")
         if self.block_size <= 0:
             raise InvalidArgumentError(f"block_size must be positive, got {self.block_size}")
         if self.kv_cache_memory is not None and self.kv_cache_memory <= 0:

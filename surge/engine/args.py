@@ -46,6 +46,7 @@ class EngineArgs:
     group_size: int = 32
     kv_cache_memory: int | None = None  # bytes; None: a fraction of free memory
     kv_cache_fraction: float = 0.5
+    kv_cache_dtype: str = "auto"
     block_size: int = 16
     max_num_seqs: int = 256
     max_num_batched_tokens: int = 8192
@@ -63,7 +64,7 @@ class EngineArgs:
             max_num_seqs=self.max_num_seqs, max_num_batched_tokens=self.max_num_batched_tokens,
             enable_prefix_caching=self.enable_prefix_caching, enable_chunked_prefill=self.enable_chunked_prefill,
             scheduling_policy=self.scheduling_policy, quantization=self.quantization,
-            quantization_group_size=self.group_size, compile=self.compile,
+            quantization_group_size=self.group_size, compile=self.compile, kv_cache_dtype=self.kv_cache_dtype,
         )
 
     def updated(self, mapping: dict[str, Any], source: str) -> "EngineArgs":

@@ -26,7 +26,7 @@ from surge.loader import LoadedModel
 from surge.outputs import CompletionOutput, Logprob, PositionLogprobs, RequestOutput
 from surge.sampling_params import RequestOutputKind, SamplingParams
 from surge.tokenizer import Tokenizer
-from surge.worker.kv_cache import allocate_kv_caches, num_kv_blocks
+from surge.worker.kv_cache import allocate_kv_caches, cache_dtype, num_kv_blocks
 from surge.worker.model_runner import ModelRunner, StepTimings
 
 logger = logging.getLogger(__name__)
@@ -114,13 +114,14 @@ class LLMEngine:
         self.tokenizer: Tokenizer = loaded.tokenizer
         self.max_model_len = loaded.config.max_position_embeddings
         cache = cache or CacheConfig()
-        num_blocks = num_kv_blocks(loaded.config, cache, loaded.dtype, device)
-        kv_caches = allocate_kv_caches(loaded.config, num_blocks, cache.block_size, loaded.dtype, device)
+        kv_dtype = cache_dtype(cache, loaded.dtype)
+        num_blocks = num_kv_blocks(loaded.config, cache, kv_dtype, device)
+        kv_caches = allocate_kv_caches(loaded.config, num_blocks, cache.block_size, kv_dtype, device)
         self.block_size = cache.block_size
         self.capacity_tokens = num_blocks * cache.block_size
         logger.info(
             "KV cache: %d blocks of %d tokens = %d tokens (%s)",
-            num_blocks, cache.block_size, self.capacity_tokens, str(loaded.dtype).removeprefix("torch."),
+            num_blocks, cache.block_size, self.capacity_tokens, str(kv_dtype).removeprefix("torch."),
         )
         self.eos_ids = frozenset(loaded.config.eos_token_ids) | frozenset(self.tokenizer.eos_token_ids)
         model = loaded.model

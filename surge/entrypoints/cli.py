@@ -26,6 +26,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: PyTorch's choice)")
     p.add_argument("--kv-cache-fraction", type=float, default=0.5, metavar="F",
                    help="without --kv-cache-memory: this fraction of free memory (capped at 2 GiB on CPU)")
+    p.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "int8"],
+                   help="auto: the model's dtype; int8: quantized per token and head, ~1.9x the tokens")
     p.add_argument("--block-size", type=int, default=16, help="tokens per KV-cache block")
     p.add_argument("--max-num-seqs", type=int, default=256, help="sequences batched together at most")
     p.add_argument("--max-num-batched-tokens", type=int, default=8192,
@@ -80,7 +82,7 @@ def _engine_args(args: argparse.Namespace) -> Any:
     return EngineArgs(
         dtype=args.dtype, device=args.device, quantization=args.quantization, group_size=args.group_size,
         kv_cache_memory=args.kv_cache_memory, kv_cache_fraction=args.kv_cache_fraction,
-        block_size=args.block_size, max_num_seqs=args.max_num_seqs,
+        kv_cache_dtype=args.kv_cache_dtype, block_size=args.block_size, max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens, enable_prefix_caching=not args.no_prefix_caching,
         enable_chunked_prefill=not args.no_chunked_prefill, scheduling_policy=args.scheduling_policy,
         warmup=not getattr(args, "no_warmup", False), compile=args.compile,

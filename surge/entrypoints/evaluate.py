@@ -53,7 +53,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     text = read_text(args.text)
     loaded = load_model(args.model, args.dtype, args.device, args.quantization, args.group_size)
     ids = tokenize_text(loaded, text, args.max_tokens)
-    runner = WindowRunner(loaded, args.ctx, args.block_size, args.max_num_batched_tokens, args.compile)
+    runner = WindowRunner(loaded, args.ctx, args.block_size, args.max_num_batched_tokens, args.compile,
+                          args.kv_cache_dtype)
     progress = not args.no_progress
     if args.eval_command == "perplexity":
         result: Any = perplexity(runner, ids, args.stride, progress)

@@ -48,9 +48,10 @@ class LLM:
         threads: int | None = None,
         reserve: ReserveHook | None = None,
         compile: bool = False,
+        kv_cache_dtype: str = "auto",
     ):
         cache = CacheConfig(block_size=block_size, kv_cache_memory=kv_cache_memory,
-                            memory_fraction=kv_cache_memory_fraction)
+                            memory_fraction=kv_cache_memory_fraction, cache_dtype=kv_cache_dtype)
         if threads is not None:
             if threads < 1:
                 raise InvalidArgumentError(f"threads must be at least 1, got {threads}")

@@ -89,8 +89,10 @@ class WindowRunner:
     """Runs one window at a time through a loaded model on a paged cache of its own, in
     prompt chunks of at most `chunk` tokens as the scheduler would cut them."""
 
-    def __init__(self, loaded: Any, ctx: int, block_size: int = 16, chunk: int = 512, compile: bool = False):
-        from surge.worker.kv_cache import allocate_kv_caches
+    def __init__(self, loaded: Any, ctx: int, block_size: int = 16, chunk: int = 512, compile: bool = False,
+                 kv_cache_dtype: str = "auto"):
+        from surge.config import CacheConfig
+        from surge.worker.kv_cache import allocate_kv_caches, cache_dtype
         from surge.worker.model_runner import ModelRunner
 
         limit = loaded.config.max_position_embeddings
@@ -102,7 +104,8 @@ class WindowRunner:
         device = str(loaded.model.model.embed_tokens.weight.device)
         blocks = -(-ctx // block_size)
         # block 0 stays unused, as in the engine, so a zero-padded block table cannot alias a live block
-        caches = allocate_kv_caches(loaded.config, blocks + 1, block_size, loaded.dtype, device)
+        kv_dtype = cache_dtype(CacheConfig(block_size, cache_dtype=kv_cache_dtype), loaded.dtype)
+        caches = allocate_kv_caches(loaded.config, blocks + 1, block_size, kv_dtype, device)
         model = loaded.model
         if compile:
             from surge.worker.compiled import CompiledModel

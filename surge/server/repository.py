@@ -375,7 +375,7 @@ class ModelRepository:
             args = self.engine_args(entry, record)
 
             def reserve(weight_bytes: int, config: Any, dtype: Any, device: str) -> None:
-                cache = CacheConfig(args.block_size, args.kv_cache_memory, args.kv_cache_fraction)
+                cache = CacheConfig(args.block_size, args.kv_cache_memory, args.kv_cache_fraction, args.kv_cache_dtype)
                 kv = kv_cache_budget(cache, device)
                 self.budget.reserve(key, weight_bytes + kv,
                                     f"weights ~{weight_bytes / MiB:.0f} MiB + KV cache {kv / MiB:.0f} MiB")

@@ -25,9 +25,21 @@ def available_memory(device: str) -> int:
     return DEFAULT_CPU_KV_BYTES * 2
 
 
+def cache_dtype(cache: CacheConfig, model_dtype: torch.dtype) -> torch.dtype:
+    """The cache tensors' dtype: the model's, or int8 rows with their scales."""
+    return torch.int8 if cache.cache_dtype == "int8" else model_dtype
+
+
+def row_size(model: ModelConfig, dtype: torch.dtype) -> int:
+    """Elements of one token's head in the cache: head_dim, and an int8 row's fp16 scale."""
+    from surge.layers.attention import INT8_SCALE_BYTES
+
+    return model.head_dim + (INT8_SCALE_BYTES if dtype == torch.int8 else 0)
+
+
 def bytes_per_block(model: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
     element = torch.tensor([], dtype=dtype).element_size()
-    return 2 * model.num_hidden_layers * block_size * model.num_key_value_heads * model.head_dim * element
+    return 2 * model.num_hidden_layers * block_size * model.num_key_value_heads * row_size(model, dtype) * element
 
 
 def kv_cache_budget(cache: CacheConfig, device: str) -> int:
@@ -53,5 +65,5 @@ def num_kv_blocks(model: ModelConfig, cache: CacheConfig, dtype: torch.dtype, de
 def allocate_kv_caches(
     model: ModelConfig, num_blocks: int, block_size: int, dtype: torch.dtype, device: str
 ) -> list[torch.Tensor]:
-    shape = (2, num_blocks, block_size, model.num_key_value_heads, model.head_dim)
+    shape = (2, num_blocks, block_size, model.num_key_value_heads, row_size(model, dtype))
     return [torch.zeros(shape, dtype=dtype, device=device) for _ in range(model.num_hidden_layers)]

@@ -119,7 +119,8 @@ def test_empty_batch(ops):
     ("head_dim", "head sizes differ"),
     ("int_table", "block_tables must be int64"),
     ("lens_count", "seq_lens must be int64"),
-    ("int8_cache", "unsupported dtype"),
+    ("int8_rows_without_scales", "head sizes differ"),  # int8 rows are D values and a 2-byte scale
+    ("int16_cache", "unsupported dtype"),
 ])
 def test_bad_inputs_raise_clear_errors(ops, case, message):
     q, cache, tables, lens = make(2, 9, 3, 64, [20, 40], torch.float32, torch.float32)
@@ -135,8 +136,10 @@ def test_bad_inputs_raise_clear_errors(ops, case, message):
         tables = tables.int()
     elif case == "lens_count":
         lens = lens[:1]
-    elif case == "int8_cache":
+    elif case == "int8_rows_without_scales":
         cache = cache.to(torch.int8)
+    elif case == "int16_cache":
+        cache = cache.to(torch.int16)
     with pytest.raises(RuntimeError, match=message):
         ops.paged_decode_attention(q, cache, tables, lens, 0.125, -1)
 

@@ -2,7 +2,10 @@
 // block-paged KV cache (no gathered copy), float32 math, vectorized with ATen's Vectorized.
 //
 //   q            [B, Hq, D] (any strides)     bf16 / fp16 / fp32
-//   kv_cache     [2, num_blocks, block_size, Hk, D]  (K then V), bf16 / fp16 / fp32
+//   kv_cache     [2, num_blocks, block_size, Hk, D]  (K then V), bf16 / fp16 / fp32, or
+//                [2, num_blocks, block_size, Hk, D + 2] int8: each head's row of a token is
+//                quantized on its own, D int8 values then their scale as fp16 (2 bytes), so
+//                x = q * scale; scores and probabilities take the scale, not each element
 //   block_tables [B, >= ceil(len / block_size)] int64, row b = sequence b's blocks
 //   seq_lens     [B] int64, context length (the query is the token at seq_len - 1)
 //   window       keys at positions >= seq_len - window only; < 0 means no window
@@ -19,6 +22,10 @@
 #include <ATen/cpu/vec/vec.h>
 #include <torch/library.h>
 
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+#include <immintrin.h>
+#endif
+
 #include <algorithm>
 #include <cmath>
 #include <cstring>
@@ -34,10 +41,36 @@ template <typename T>
 inline Vec load_float(const T* p) {
   if constexpr (std::is_same_v<T, float>) {
     return Vec::loadu(p);
+  } else if constexpr (std::is_same_v<T, int8_t>) {  // sign-extend to int32, convert
+#if defined(CPU_CAPABILITY_AVX512)
+    return Vec(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)))));
+#elif defined(CPU_CAPABILITY_AVX2)
+    return Vec(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)))));
+#else
+    alignas(64) float tmp[Vec::size()];
+    for (int i = 0; i < Vec::size(); ++i) tmp[i] = static_cast<float>(p[i]);
+    return Vec::loadu(tmp);
+#endif
   } else {
     Vec out;
     at::vec::load_to_float<T>(p, out);
     return out;
+  }
+}
+
+// An int8 cache row's scale (the fp16 after its D values); 1 for float caches.
+template <typename KT>
+inline float row_scale(const KT* row, int64_t D) {
+  if constexpr (std::is_same_v<KT, int8_t>) {
+    uint16_t bits;
+    std::memcpy(&bits, row + D, sizeof(bits));
+#if defined(__F16C__)
+    return _cvtsh_ss(bits);
+#else
+    return static_cast<float>(c10::Half(bits, c10::Half::from_bits()));
+#endif
+  } else {
+    return 1.f;
   }
 }
 
@@ -47,7 +80,7 @@ struct Item {
   const KT* keys;        // this sequence's K cache base (token t of block blk at blk * BS + t % BS)
   const KT* values;
   const int64_t* table;  // its block table
-  int64_t block_size, token_stride, t0, t1;
+  int64_t block_size, token_stride, row, t0, t1;  // row: elements per head (D, or D + 2 for int8)
   const float* q;        // [Hq, D], pre-scaled
   float* scores;         // [Hq, part] scratch
   int64_t part;
@@ -89,13 +122,14 @@ void attend_fixed(const Item<KT>& it, int64_t Hk) {
         for (int j = 0; j < NV; ++j) qv[g][j] = Vec::loadu(it.q + (h * G + g) * D + j * Vec::size());
       float* scores = it.scores + h * G * it.part;
       for (int64_t t = c0; t < c1; ++t) {
-        const KT* key = block + (t % BS) * it.token_stride + h * D;
+        const KT* key = block + (t % BS) * it.token_stride + h * it.row;
         Vec acc[G];
         for (int j = 0; j < NV; ++j) {
           const Vec kv = load_float(key + j * Vec::size());
           for (int g = 0; g < G; ++g) acc[g] = j == 0 ? qv[g][0] * kv : at::vec::fmadd(qv[g][j], kv, acc[g]);
         }
-        for (int g = 0; g < G; ++g) scores[g * it.part + (t - it.t0)] = acc[g].reduce_add();
+        const float ks = row_scale(key, D);
+        for (int g = 0; g < G; ++g) scores[g * it.part + (t - it.t0)] = acc[g].reduce_add() * ks;
       }
     }
   }
@@ -111,9 +145,10 @@ void attend_fixed(const Item<KT>& it, int64_t Hk) {
         for (int j = 0; j < NV; ++j) ov[g][j] = Vec::loadu(out + g * D + j * Vec::size());
       const float* probs = it.scores + h * G * it.part;
       for (int64_t t = c0; t < c1; ++t) {
-        const KT* value = block + (t % BS) * it.token_stride + h * D;
+        const KT* value = block + (t % BS) * it.token_stride + h * it.row;
+        const float vs = row_scale(value, D);
         Vec p[G];
-        for (int g = 0; g < G; ++g) p[g] = Vec(probs[g * it.part + (t - it.t0)]);
+        for (int g = 0; g < G; ++g) p[g] = Vec(probs[g * it.part + (t - it.t0)] * vs);
         for (int j = 0; j < NV; ++j) {
           const Vec vv = load_float(value + j * Vec::size());
           for (int g = 0; g < G; ++g) ov[g][j] = at::vec::fmadd(p[g], vv, ov[g][j]);
@@ -131,10 +166,10 @@ void attend_generic(const Item<KT>& it, int64_t Hk, int64_t G, int64_t D) {
   for (int64_t t = it.t0; t < it.t1; ++t) {
     const KT* key = it.key(t);
     for (int64_t hq = 0; hq < Hk * G; ++hq) {
-      const KT* k = key + (hq / G) * D;
+      const KT* k = key + (hq / G) * it.row;
       float s = 0.f;
       for (int64_t d = 0; d < D; ++d) s += it.q[hq * D + d] * static_cast<float>(k[d]);
-      it.scores[hq * it.part + t - it.t0] = s;
+      it.scores[hq * it.part + t - it.t0] = s * row_scale(k, D);
     }
   }
   softmax_numerators(it, Hk * G);
@@ -142,8 +177,8 @@ void attend_generic(const Item<KT>& it, int64_t Hk, int64_t G, int64_t D) {
   for (int64_t t = it.t0; t < it.t1; ++t) {
     const KT* value = it.value(t);
     for (int64_t hq = 0; hq < Hk * G; ++hq) {
-      const KT* v = value + (hq / G) * D;
-      const float p = it.scores[hq * it.part + t - it.t0];
+      const KT* v = value + (hq / G) * it.row;
+      const float p = it.scores[hq * it.part + t - it.t0] * row_scale(v, D);
       for (int64_t d = 0; d < D; ++d) it.out[hq * D + d] += p * static_cast<float>(v[d]);
     }
   }
@@ -186,7 +221,7 @@ template <typename QT, typename KT>
 void decode_kernel(const at::Tensor& q, const at::Tensor& kv_cache, const at::Tensor& block_tables,
                    const at::Tensor& seq_lens, double scale, int64_t window, at::Tensor& out) {
   const int64_t B = q.size(0), Hq = q.size(1), D = q.size(2);
-  const int64_t NB = kv_cache.size(1), BS = kv_cache.size(2), Hk = kv_cache.size(3);
+  const int64_t NB = kv_cache.size(1), BS = kv_cache.size(2), Hk = kv_cache.size(3), R = kv_cache.size(4);
   const int64_t G = Hq / Hk;
   const KT* kp = kv_cache.data_ptr<KT>();
   const int64_t* tables = block_tables.data_ptr<int64_t>();
@@ -256,7 +291,7 @@ void decode_kernel(const at::Tensor& q, const at::Tensor& kv_cache, const at::Te
         const int64_t base = (b * parts + pi) * Hq;
         o = &pout[base * D], m = &pmax[base], s = &psum[base];
       }
-      const Item<KT> it{kp, kp + NB * BS * Hk * D, tables + b * block_tables.stride(0), BS, Hk * D, t0, t1,
+      const Item<KT> it{kp, kp + NB * BS * Hk * R, tables + b * block_tables.stride(0), BS, Hk * R, R, t0, t1,
                         qf.data(), scores.data(), part, o, m, s};
       if (fixed != nullptr) {
         fixed(it, Hk);
@@ -308,12 +343,24 @@ void dispatch_float(at::ScalarType type, F&& f) {
   }
 }
 
+// The same for a cache, which may also be int8 (rows with their scale).
+template <typename F>
+void dispatch_cache(at::ScalarType type, F&& f) {
+  if (type == at::kChar) return f(int8_t{});
+  dispatch_float(type, f);
+}
+
+// Head size of a cache: its last dimension less an int8 row's scale bytes.
+int64_t cache_head_dim(const at::Tensor& kv_cache) {
+  return kv_cache.size(4) - (kv_cache.scalar_type() == at::kChar ? 2 : 0);
+}
+
 at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& kv_cache, const at::Tensor& block_tables,
                                   const at::Tensor& seq_lens, double scale, int64_t window) {
   TORCH_CHECK(q.dim() == 3, "paged_decode_attention: q must be [B, Hq, D]");
   TORCH_CHECK(kv_cache.dim() == 5 && kv_cache.size(0) == 2 && kv_cache.is_contiguous(),
               "paged_decode_attention: kv_cache must be contiguous [2, blocks, block_size, Hk, D]");
-  TORCH_CHECK(kv_cache.size(4) == q.size(2), "paged_decode_attention: head sizes differ");
+  TORCH_CHECK(cache_head_dim(kv_cache) == q.size(2), "paged_decode_attention: head sizes differ");
   TORCH_CHECK(q.size(1) % kv_cache.size(3) == 0, "paged_decode_attention: query heads must be a multiple of KV heads");
   TORCH_CHECK(block_tables.scalar_type() == at::kLong && block_tables.dim() == 2 && block_tables.stride(1) == 1,
               "paged_decode_attention: block_tables must be int64 [B, blocks] with contiguous rows");
@@ -323,20 +370,31 @@ at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& kv_cach
   at::Tensor out = at::empty({q.size(0), q.size(1), q.size(2)}, q.options());
   if (q.size(0) == 0) return out;
   dispatch_float(q.scalar_type(), [&](auto q_tag) {
-    dispatch_float(kv_cache.scalar_type(), [&](auto kv_tag) {
+    dispatch_cache(kv_cache.scalar_type(), [&](auto kv_tag) {
       decode_kernel<decltype(q_tag), decltype(kv_tag)>(q, kv_cache, block_tables, seq_lens, scale, window, out);
     });
   });
   return out;
 }
 
+// One head's row into an int8 cache row: scale = max|x| / 127 rounded to fp16, q = round(x / scale).
+inline void quantize_row(const float* x, int64_t D, int8_t* dst) {
+  float amax = 0.f;
+  for (int64_t d = 0; d < D; ++d) amax = std::max(amax, std::abs(x[d]));
+  const c10::Half h(amax / 127.f);
+  const float scale = static_cast<float>(h);
+  for (int64_t d = 0; d < D; ++d)
+    dst[d] = scale == 0.f ? 0 : static_cast<int8_t>(std::clamp(std::nearbyint(x[d] / scale), -127.f, 127.f));
+  std::memcpy(dst + D, &h, sizeof(h));
+}
+
 // Stores this step's K and V [T, Hk, D] (any strides, any float dtype) at their cache slots.
 template <typename KT>
 void write_kv_kernel(const at::Tensor& k, const at::Tensor& v, at::Tensor& kv_cache, const at::Tensor& slot_mapping) {
-  const int64_t T = k.size(0), Hk = k.size(1), D = k.size(2);
+  const int64_t T = k.size(0), Hk = k.size(1), D = k.size(2), R = kv_cache.size(4);
   const int64_t slots = kv_cache.size(1) * kv_cache.size(2);
   KT* keys = kv_cache.data_ptr<KT>();
-  KT* values = keys + slots * Hk * D;
+  KT* values = keys + slots * Hk * R;
   const int64_t* slot = slot_mapping.data_ptr<int64_t>();
   for (int64_t t = 0; t < T; ++t)
     TORCH_CHECK(slot[t] >= 0 && slot[t] < slots, "paged_decode_step: slot ", slot[t], " outside the cache");
@@ -347,10 +405,16 @@ void write_kv_kernel(const at::Tensor& k, const at::Tensor& v, at::Tensor& kv_ca
     const auto store = [&](const at::Tensor& src, KT* cache) {
       const IT* p = src.data_ptr<IT>();
       const int64_t st = src.stride(0), sh = src.stride(1), sd = src.stride(2);
+      std::vector<float> x(std::is_same_v<KT, int8_t> ? D : 0);
       for (int64_t t = 0; t < T; ++t)
         for (int64_t h = 0; h < Hk; ++h) {
           const IT* row = p + t * st + h * sh;
-          KT* dst = cache + (slot[t] * Hk + h) * D;
+          KT* dst = cache + (slot[t] * Hk + h) * R;
+          if constexpr (std::is_same_v<KT, int8_t>) {
+            for (int64_t d = 0; d < D; ++d) x[d] = static_cast<float>(row[d * sd]);
+            quantize_row(x.data(), D, dst);
+            continue;
+          }
           if constexpr (std::is_same_v<IT, KT>) {
             if (sd == 1) {
               std::memcpy(dst, row, D * sizeof(KT));
@@ -374,12 +438,12 @@ at::Tensor paged_decode_step(const at::Tensor& q, const at::Tensor& k, const at:
   TORCH_CHECK(k.dim() == 3 && v.sizes() == k.sizes() && k.scalar_type() == v.scalar_type(),
               "paged_decode_step: k and v must be [T, Hk, D] of one dtype");
   TORCH_CHECK(kv_cache.dim() == 5 && kv_cache.is_contiguous() && k.size(1) == kv_cache.size(3) &&
-                  k.size(2) == kv_cache.size(4),
+                  k.size(2) == cache_head_dim(kv_cache),
               "paged_decode_step: k and v must match the cache's [Hk, D]");
   TORCH_CHECK(slot_mapping.scalar_type() == at::kLong && slot_mapping.is_contiguous() &&
                   slot_mapping.numel() == k.size(0),
               "paged_decode_step: slot_mapping must be int64 [T]");
-  dispatch_float(kv_cache.scalar_type(), [&](auto tag) {
+  dispatch_cache(kv_cache.scalar_type(), [&](auto tag) {
     write_kv_kernel<decltype(tag)>(k, v, kv_cache, slot_mapping);
   });
   return paged_decode_attention(q, kv_cache, block_tables, seq_lens, scale, window);
