@@ -21,8 +21,10 @@ def tiny_dir(tmp_path_factory, tiny_tokenizer_dir):
 
 
 @pytest.mark.slow
-def test_compiled_forward_equals_eager_without_recompiles(tiny_dir, caplog):
-    kwargs = dict(dtype="float32", quantization="none", kv_cache_memory=8 << 20, max_num_seqs=8)
+@pytest.mark.parametrize("kv_cache_dtype", ["auto", "int8"])
+def test_compiled_forward_equals_eager_without_recompiles(tiny_dir, caplog, kv_cache_dtype):
+    kwargs = dict(dtype="float32", quantization="none", kv_cache_memory=8 << 20, max_num_seqs=8,
+                  kv_cache_dtype=kv_cache_dtype)
     eager = LLM(str(tiny_dir), **kwargs)
     compiled = LLM(str(tiny_dir), compile=True, **kwargs)
     with caplog.at_level(logging.INFO, logger="surge.worker.compiled"):
@@ -32,6 +34,9 @@ def test_compiled_forward_equals_eager_without_recompiles(tiny_dir, caplog):
     assert "compiling the forward" in caplog.text
 
     params = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True, logprobs=3)
+    # Inductor's fused kernels round K/V a little differently from eager; in an int8 cache a
+    # value that close to a step boundary lands on the other step (~4e-4 in a logprob seen)
+    tolerance = 1e-4 if kv_cache_dtype == "auto" else 2e-3
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="surge.worker.compiled"):
         for batch in (PROMPTS[:1], PROMPTS, PROMPTS[:3] * 2):  # batch sizes 1, 4, 6 and new context lengths
@@ -41,7 +46,7 @@ def test_compiled_forward_equals_eager_without_recompiles(tiny_dir, caplog):
                 assert g.outputs[0].token_ids == w.outputs[0].token_ids
                 for wl, gl in zip(w.outputs[0].logprobs, g.outputs[0].logprobs):
                     for tid, lp in wl.items():
-                        assert gl[tid].logprob == pytest.approx(lp.logprob, abs=1e-4)
+                        assert gl[tid].logprob == pytest.approx(lp.logprob, abs=tolerance)
     assert compiled.engine.stats().num_compiles == warm_graphs  # nothing recompiled while "serving"
     assert "while serving" not in caplog.text
     assert compiled.engine.is_idle_clean()
