@@ -61,6 +61,7 @@ def read_kv(rows: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """Cache rows as `dtype` values (int8 rows dequantized)."""
     return (dequantize_kv(rows) if rows.dtype == torch.int8 else rows).to(dtype)
 
+
 class DecodeBatch(NamedTuple):
     """A step in which every sequence has exactly one new token, as tensors only: all the native
     kernel needs (`surge_native.paged_decode_step`), and all a compiled graph may depend on."""
@@ -68,6 +69,7 @@ class DecodeBatch(NamedTuple):
     slot_mapping: torch.Tensor  # [B] int64
     block_tables: torch.Tensor  # [B, >= 2 blocks] int64 (never one column: a compiled graph would specialize on it)
     seq_lens: torch.Tensor  # [B] int64
+
 
 @dataclass(slots=True)
 class AttentionMetadata:
@@ -142,6 +144,7 @@ class AttentionMetadata:
             tables = F.pad(tables, (0, 2 - tables.shape[1]))
         return DecodeBatch(self.slot_mapping, tables, self.decode_seq_lens)
 
+
 def decode_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, batch: DecodeBatch,
                 scale: float, sliding_window: int | None) -> torch.Tensor:
     """Write the step's K/V and attend, one native call per layer (a DecodeBatch exists only
@@ -149,6 +152,7 @@ def decode_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: tor
     window = -1 if sliding_window is None else sliding_window
     return torch.ops.surge_native.paged_decode_step(q, k, v, kv_cache, batch.slot_mapping, batch.block_tables,
                                                     batch.seq_lens, scale, window)
+
 
 def write_kv(kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor) -> None:
     """Store this step's K/V [T, Hk, D] at their slots."""
@@ -158,6 +162,7 @@ def write_kv(kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapp
         k, v = quantize_kv(k), quantize_kv(v)
     flat[0].index_copy_(0, slot_mapping, k.to(kv_cache.dtype))
     flat[1].index_copy_(0, slot_mapping, v.to(kv_cache.dtype))
+
 
 def paged_decode_attention(
     q: torch.Tensor,
@@ -178,6 +183,7 @@ def paged_decode_attention(
         window = sliding_window if sliding_window is not None else -1
         return native_ops().paged_decode_attention(q, kv_cache, tables, seq_lens, scale, window)
     return gathered_decode_attention(q, kv_cache, tables, seq_lens, width, scale, sliding_window)
+
 
 def gathered_decode_attention(
     q: torch.Tensor,
@@ -207,6 +213,7 @@ def gathered_decode_attention(
     probs = scores.softmax(-1).to(v.dtype)
     return torch.einsum("bhgl,blhd->bhgd", probs, v).reshape(b, hq, d).to(q.dtype)
 
+
 def single_decode_attention(
     q: torch.Tensor,
     kv_cache: torch.Tensor,
@@ -229,6 +236,7 @@ def single_decode_attention(
     scores = torch.matmul(q.view(hk, hq // hk, d).float(), k.permute(1, 2, 0)) * scale  # [Hk, G, L]
     out = torch.matmul(scores.softmax(-1), v.transpose(0, 1))  # [Hk, G, D]
     return out.reshape(1, hq, d).to(q.dtype)
+
 
 def paged_attention(
     q: torch.Tensor,
