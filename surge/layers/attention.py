@@ -108,12 +108,13 @@ class AttentionMetadata:
         self.decode_seqs = self.decode_rows = self.decode_seq_lens = self.decode_tables = None
         self.decode_width, self.all_decode = 0, False
         new = [starts[i + 1] - starts[i] for i in range(self.num_seqs)]
-        chosen = [i for i in range(self.num_seqs) if new[i] == 1]
-        if len(chosen) < 2 and not native:
-            chosen = []
         if native:
             chosen = [i for i in range(self.num_seqs)
                       if new[i] == 1 or (new[i] > 1 and lens[i] <= NATIVE_PREFILL_MAX_CONTEXT)]
+        else:
+            chosen = [i for i in range(self.num_seqs) if new[i] == 1]
+            if len(chosen) < 2:
+                chosen = []
         picked = set(chosen)
         self.prefill_seqs = [i for i in range(self.num_seqs) if new[i] > 0 and i not in picked]
         if not chosen:

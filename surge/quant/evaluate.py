@@ -22,7 +22,7 @@ import math
 import os
 import sys
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -181,18 +181,26 @@ def _target_rows(w: Window) -> tuple[slice, slice]:
     return slice(w.first_target - 1 - w.start, w.end - 1 - w.start), slice(w.first_target, w.end)
 
 
+def _scored(runners: list[WindowRunner], ids: list[int], windows: list[Window],
+            progress: bool) -> Iterator[tuple[list[torch.Tensor], torch.Tensor]]:
+    """Each runner's log-probabilities for up to ROWS scored positions at a time, and the
+    tokens [n, 1] they score."""
+    for w in _progress(windows, progress):
+        window = ids[w.start : w.end]
+        rows, targets = _target_rows(w)
+        hidden = [r.hidden(window)[rows] for r in runners]
+        t = torch.tensor(ids[targets])
+        for lo in range(0, len(t), ROWS):
+            yield [r.log_probs(h[lo : lo + ROWS]) for r, h in zip(runners, hidden)], t[lo : lo + ROWS, None]
+
+
 def perplexity(runner: WindowRunner, ids: list[int], stride: int | None = None,
                progress: bool = False) -> PerplexityResult:
     start = time.perf_counter()
     windows = plan_windows(len(ids), runner.ctx, stride)
     nll, n = 0.0, 0
-    for w in _progress(windows, progress):
-        hidden = runner.hidden(ids[w.start : w.end])
-        rows, targets = _target_rows(w)
-        h, t = hidden[rows], torch.tensor(ids[targets])
-        for lo in range(0, len(t), ROWS):
-            lp = runner.log_probs(h[lo : lo + ROWS])
-            nll -= lp.gather(1, t[lo : lo + ROWS, None]).double().sum().item()
+    for (lp,), t in _scored([runner], ids, windows, progress):
+        nll -= lp.gather(1, t).double().sum().item()
         n += len(t)
     loaded = runner.loaded
     return PerplexityResult(loaded.source.name, loaded.quantization, n, len(windows), runner.ctx,
@@ -214,18 +222,11 @@ def compare(runner: WindowRunner, reference: WindowRunner, ids: list[int], strid
     nll = ref_nll = 0.0
     klds: list[torch.Tensor] = []
     agree = 0
-    for w in _progress(windows, progress):
-        window = ids[w.start : w.end]
-        hidden, ref_hidden = runner.hidden(window), reference.hidden(window)
-        rows, targets = _target_rows(w)
-        h, r, t = hidden[rows], ref_hidden[rows], torch.tensor(ids[targets])
-        for lo in range(0, len(t), ROWS):
-            lp, ref_lp = runner.log_probs(h[lo : lo + ROWS]), reference.log_probs(r[lo : lo + ROWS])
-            tt = t[lo : lo + ROWS, None]
-            nll -= lp.gather(1, tt).double().sum().item()
-            ref_nll -= ref_lp.gather(1, tt).double().sum().item()
-            klds.append((ref_lp.exp() * (ref_lp - lp)).sum(-1))
-            agree += int((lp.argmax(-1) == ref_lp.argmax(-1)).sum())
+    for (lp, ref_lp), t in _scored([runner, reference], ids, windows, progress):
+        nll -= lp.gather(1, t).double().sum().item()
+        ref_nll -= ref_lp.gather(1, t).double().sum().item()
+        klds.append((ref_lp.exp() * (ref_lp - lp)).sum(-1))
+        agree += int((lp.argmax(-1) == ref_lp.argmax(-1)).sum())
     kld = torch.cat(klds).double()
     n = len(kld)
     ppl, ref_ppl = math.exp(nll / n), math.exp(ref_nll / n)
@@ -254,4 +255,3 @@ def same_tokens(reference: Any, text: str, ids: list[int], max_tokens: int | Non
         raise InvalidArgumentError(
             f"the model and the reference tokenize the text differently (first difference at token {where}); "
             "compare models that share a tokenizer")
-

@@ -58,6 +58,8 @@ inline Vec load_float(const T* p) {
   }
 }
 
+constexpr int64_t kInt8ScaleBytes = 2;  // an int8 cache row ends with its scale as fp16
+
 // An int8 cache row's scale (the fp16 after its D values); 1 for float caches.
 template <typename KT>
 inline float row_scale(const KT* row, int64_t D) {
@@ -352,7 +354,7 @@ void dispatch_cache(at::ScalarType type, F&& f) {
 
 // Head size of a cache: its last dimension less an int8 row's scale bytes.
 int64_t cache_head_dim(const at::Tensor& kv_cache) {
-  return kv_cache.size(4) - (kv_cache.scalar_type() == at::kChar ? 2 : 0);
+  return kv_cache.size(4) - (kv_cache.scalar_type() == at::kChar ? kInt8ScaleBytes : 0);
 }
 
 at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& kv_cache, const at::Tensor& block_tables,
