@@ -1,4 +1,4 @@
-"""The `surge` command: generate, chat, serve, bench, eval. User errors print one clear line and exit with code 2."""
+"""The `surge` command: generate, chat, serve, bench, eval, quantize. User errors print one clear line and exit with code 2."""
 
 from __future__ import annotations
 
@@ -278,6 +278,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_eval_parser(sub, _add_model_args)
     sub.choices["eval"].set_defaults(func=cmd_eval)
+
+    from surge.entrypoints.quantize import add_quantize_parser
+
+    add_quantize_parser(sub)
     return parser
 
 

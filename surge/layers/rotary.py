@@ -78,10 +78,12 @@ class RotaryEmbedding:
             self.inv_freq, self.scaling = inverse_frequencies(rope, head_dim, max_positions)
         self._cos: torch.Tensor | None = None
         self._sin: torch.Tensor | None = None
+        self.frequency_factors: torch.Tensor | None = None  # kept so a saved checkpoint can carry them
 
     def set_frequency_factors(self, factors: torch.Tensor) -> None:
         """llama.cpp's `rope_freqs` tensor: per-frequency divisors (llama3 scaling baked in)."""
-        self.inv_freq = self.inv_freq / factors.float().flatten()[: self.inv_freq.numel()]
+        self.frequency_factors = factors.float().flatten()[: self.inv_freq.numel()].clone()
+        self.inv_freq = self.inv_freq / self.frequency_factors
         self._cos = self._sin = None
 
     def _table(self, needed: int, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:

@@ -42,12 +42,15 @@ def load_model(
     quantization: str = "auto",
     group_size: int = 32,
     reserve: ReserveHook | None = None,
+    before_finalize: Callable[[torch.nn.Module], None] | None = None,
 ) -> LoadedModel:
     """Load model and tokenizer from a GGUF file, a HF directory, a hub id, or the default.
 
     quantization: "auto" runs a GGUF's Q4_0/Q4_1 weights as int4 and Q8_0 as int8 (other
     types and float checkpoints in float); "int4"/"int8" quantize every linear; "none"
-    dequantizes everything to `dtype`.
+    dequantizes everything to `dtype`. A checkpoint written by `surge quantize` keeps its
+    quantized modules under "auto". before_finalize(model) runs once the weights are read and
+    before linears are packed (surge quantize installs its weights there).
     """
     from surge.platform import TORCH_DTYPES, default_device, resolve_dtype
 
@@ -75,13 +78,21 @@ def load_model(
         weights = iter_gguf_weights(reader, config, arch, source.path, torch_dtype,
                                     keep_quantized=quantization != "none")
     else:
-        from surge.loader.hf_config import config_from_hf_dir
-        from surge.loader.safetensors_dir import iter_safetensors_weights
+        import os
+
+        from surge.loader.hf_config import config_from_hf_dir, read_json
+        from surge.loader.safetensors_dir import iter_safetensors_weights, safetensors_files
+        from surge.quant.checkpoint import iter_quantized_weights, read_quantization_config
 
         config = config_from_hf_dir(source.path)
         torch_dtype = TORCH_DTYPES[resolve_dtype(dtype, device, config.checkpoint_dtype)]
         tokenizer = Tokenizer.from_hf_dir(source.path, config.eos_token_ids)
-        weights = iter_safetensors_weights(source.path, torch_dtype)
+        config_path = os.path.join(source.path, "config.json")
+        modules = read_quantization_config(read_json(config_path), config_path)
+        if modules is None:
+            weights = iter_safetensors_weights(source.path, torch_dtype)
+        else:
+            weights = iter_quantized_weights(safetensors_files(source.path), torch_dtype, modules)
 
     cls = get_model_class(config.architecture)
     with torch.device("meta"):
@@ -93,6 +104,8 @@ def load_model(
     net = net.to(dtype=torch_dtype).to_empty(device=device)
     net.tie_weights()  # to_empty gives each module its own tensor; share them again
     net.load_weights(weights, source.path)
+    if before_finalize is not None:
+        before_finalize(net)
     net.finalize(quantization, group_size)
     net.eval()
     logger.info(

@@ -194,6 +194,8 @@ class LlamaForCausalLM(nn.Module):
                 self.model.rotary.set_frequency_factors(tensor)
                 continue
             if name == "lm_head.weight" and self.config.tie_word_embeddings:
+                if isinstance(tensor, (Int4Weight, Int8Weight, Int8GroupWeight)):  # its own quantized copy
+                    self._quantized.setdefault("lm_head", {})[0] = tensor
                 continue
             shard = 0
             for part, (fused, index) in self.STACKED.items():
