@@ -18,7 +18,7 @@ from surge.quant.formats import Int4Weight, Int8GroupWeight, Int8Weight
 from surge.quant.gptq import gptq
 from surge.quant.grid import _group_error, fit_grid, quantize_weight
 from surge.quant.policy import Policy, load_policy, resolve_policy
-from surge.quant.quantize import QuantizeOptions, install, quantize_model, quantize_weights, save_quantized
+from surge.quant.quantize import QuantizeOptions, install, quantize_model, quantize_weights
 from surge.quant.schemes import SCHEMES, parse_scheme
 from tests.conftest import CORPUS, build_tiny_model
 from tests.helpers import surge_logits
