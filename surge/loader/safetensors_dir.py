@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
+from typing import Any
 
 import torch
 from safetensors import safe_open
@@ -37,13 +38,17 @@ def safetensors_files(directory: str) -> list[str]:
     return files
 
 
+def open_safetensors(path: str) -> Any:
+    """A memory-mapped safetensors file (a context manager), or a clear error for a bad one."""
+    try:
+        return safe_open(path, framework="pt")
+    except Exception as exc:
+        raise ModelFormatError(f"{path}: not a valid safetensors file ({exc})") from exc
+
+
 def iter_safetensors_weights(directory: str, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
     """(name, tensor of `dtype`) for every tensor of every shard; shards are memory-mapped."""
     for path in safetensors_files(directory):
-        try:
-            handle = safe_open(path, framework="pt")
-        except Exception as exc:
-            raise ModelFormatError(f"{path}: not a valid safetensors file ({exc})") from exc
-        with handle as f:
+        with open_safetensors(path) as f:
             for name in f.keys():
                 yield name, f.get_tensor(name).to(dtype)

@@ -21,11 +21,11 @@ from collections.abc import Iterator
 from typing import Any
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 
 from surge.config import ModelConfig
 from surge.errors import ModelFormatError
+from surge.loader.safetensors_dir import open_safetensors
 from surge.quant.formats import Int4Weight, Int8GroupWeight, Int8Weight
 from surge.quant.grid import QuantizedWeight
 from surge.quant.schemes import Scheme, parse_scheme
@@ -174,17 +174,10 @@ def iter_quantized_weights(files: list[str], dtype: torch.dtype, modules: dict[s
     tensors come as one quantized weight named <module>.weight; float ones as `dtype`."""
     quantized = {n: s for n, s in modules.items() if s.quantized}
     for path in files:
-        try:
-            handle = safe_open(path, framework="pt")
-        except Exception as exc:
-            raise ModelFormatError(f"{path}: not a valid safetensors file ({exc})") from exc
-        with handle as f:
+        with open_safetensors(path) as f:
             for key in f.keys():
                 module, _, suffix = key.rpartition(".")
-                if module in quantized:
-                    if f".{suffix}" == ".qweight":
-                        yield f"{module}.weight", _read_quantized(f, module, quantized[module], path)
-                    elif f".{suffix}" not in QUANT_SUFFIXES:
-                        yield key, f.get_tensor(key).to(dtype)
-                    continue
-                yield key, f.get_tensor(key).to(dtype)
+                if module in quantized and suffix == "qweight":
+                    yield f"{module}.weight", _read_quantized(f, module, quantized[module], path)
+                elif module not in quantized or f".{suffix}" not in QUANT_SUFFIXES:  # float tensors, biases
+                    yield key, f.get_tensor(key).to(dtype)
