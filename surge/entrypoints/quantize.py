@@ -8,13 +8,19 @@ import json
 from dataclasses import asdict
 from typing import Any
 
+from surge.quant.activations import (
+    ACT_METHODS,
+    DEFAULT_ACT_METHOD,
+    DEFAULT_ACT_PERCENTILE,
+    DEFAULT_SMOOTH_ALPHA,
+)
 from surge.quant.schemes import METHODS, SCHEMES
 
 MB = 1e6
 
 
 def add_quantize_parser(sub: Any) -> None:
-    p = sub.add_parser("quantize", help="quantize a model (rtn, percentile, mse, gptq) into a surge checkpoint")
+    p = sub.add_parser("quantize", help="quantize a model (rtn, percentile, mse, gptq; w8a8) into a surge checkpoint")
     p.add_argument("--model", "-m", default=None,
                    help="a .gguf file, a Hugging Face directory or hub id (default: the embedded SmolLM2-135M "
                         "Q4_1, dequantized)")
@@ -24,12 +30,21 @@ def add_quantize_parser(sub: Any) -> None:
                    help="rtn: min-max round-to-nearest; percentile: clip to a percentile range; mse: the clipping "
                         "with the least (activation-weighted, with --calib) squared error per group; gptq: Hessian-"
                         "based error compensation, needs --calib (default: rtn)")
-    p.add_argument("--calib", default=None, metavar="FILE", help="UTF-8 calibration text (gptq; mse weighs errors by it)")
+    p.add_argument("--calib", default=None, metavar="FILE",
+                   help="UTF-8 calibration text (gptq and w8a8 need it; mse weighs errors by it)")
     p.add_argument("--policy", default=None, metavar="FILE",
                    help="mixed precision: a TOML/JSON file of module-name patterns -> schemes (docs/quantization.md)")
     p.add_argument("--act-order", action="store_true", help="gptq: quantize the most active input columns first")
     p.add_argument("--damp", type=float, default=0.01, help="gptq: damping, a fraction of the Hessian's mean diagonal")
     p.add_argument("--percentile", type=float, default=99.9, help="percentile: the range kept (default: 99.9)")
+    p.add_argument("--act-method", default=DEFAULT_ACT_METHOD, choices=ACT_METHODS,
+                   help="w8a8: how each linear's static input scale is calibrated: minmax, percentile, or kl "
+                        f"(TensorRT's entropy calibration; default: {DEFAULT_ACT_METHOD})")
+    p.add_argument("--act-percentile", type=float, default=DEFAULT_ACT_PERCENTILE,
+                   help=f"w8a8 with --act-method percentile: the share of |inputs| kept (default: {DEFAULT_ACT_PERCENTILE})")
+    p.add_argument("--smooth-alpha", type=float, default=DEFAULT_SMOOTH_ALPHA,
+                   help="w8a8: SmoothQuant's migration strength, 0 (no smoothing) to 1 "
+                        f"(default: {DEFAULT_SMOOTH_ALPHA})")
     p.add_argument("--ctx", type=int, default=512, help="tokens per calibration and evaluation window (default: 512)")
     p.add_argument("--calib-tokens", type=int, default=None, metavar="N", help="use at most N calibration tokens")
     p.add_argument("--eval-text", default=None, metavar="FILE",
@@ -77,7 +92,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     opts = QuantizeOptions(args.scheme, args.method, args.calib, args.policy, args.act_order, args.damp,
                            args.percentile, args.ctx, args.calib_tokens, args.eval_text, args.eval_tokens,
-                           not args.no_progress)
+                           not args.no_progress, args.act_method, args.act_percentile, args.smooth_alpha)
     result = quantize_model(args.model, args.output, opts)
     print(json.dumps(asdict(result), indent=2) if args.json else summary(result))
     return 0

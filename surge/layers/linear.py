@@ -39,6 +39,19 @@ _PACKED: dict[int, torch.Tensor] = {}
 _handles = itertools.count()
 
 
+def register_packed(owner: nn.Module, packed: torch.Tensor) -> torch.Tensor:
+    """A handle naming `packed` (an opaque oneDNN tensor) for compiled graphs, valid while
+    `owner` lives."""
+    key = next(_handles)
+    _PACKED[key] = packed
+    weakref.finalize(owner, _PACKED.pop, key, None)
+    return torch.tensor(key)
+
+
+def packed_weight(handle: torch.Tensor) -> torch.Tensor:
+    return _PACKED[int(handle)]
+
+
 def can_pack(dtype: torch.dtype) -> bool:
     """oneDNN prepacking for `dtype` on this machine (bf16 with AVX-512 BF16 or AMX); off with
     SURGE_PACKED_LINEAR=0."""
@@ -50,7 +63,7 @@ def can_pack(dtype: torch.dtype) -> bool:
 @torch.library.custom_op("surge::packed_linear", mutates_args=())
 def packed_linear(x: torch.Tensor, handle: torch.Tensor, out_features: int, bias: torch.Tensor | None) -> torch.Tensor:
     """x W^T (+ b) with the oneDNN-packed W registered under `handle` (the compiled path)."""
-    return torch.ops.mkldnn._linear_pointwise(x, _PACKED[int(handle)], bias, "none", [], "")
+    return torch.ops.mkldnn._linear_pointwise(x, packed_weight(handle), bias, "none", [], "")
 
 
 @packed_linear.register_fake
@@ -73,10 +86,7 @@ class PackedLinear(nn.Module):
             self.register_buffer("packed", native_linear.pack_bf16(weight.detach()))
             return
         self._packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach().contiguous(), PACK_BATCH_HINT)
-        key = next(_handles)
-        _PACKED[key] = self._packed
-        weakref.finalize(self, _PACKED.pop, key, None)
-        self.register_buffer("handle", torch.tensor(key), persistent=False)
+        self.register_buffer("handle", register_packed(self, self._packed), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape

@@ -133,6 +133,10 @@ def _register_fakes() -> None:
         return x.new_empty((x.shape[0], q.shape[0] * q.shape[2] // planes))
 
     torch.library.register_fake("surge_native::linear_bf16", linear_bf16_fake)
+    def quantize_u8_fake(x, inv):  # noqa: ANN001, ANN202
+        return x.new_empty(x.shape, dtype=torch.uint8)
+
     torch.library.register_fake("surge_native::linear_int4", linear_int4_fake)
+    torch.library.register_fake("surge_native::quantize_u8", quantize_u8_fake)
     torch.library.register_fake("surge_native::paged_decode_attention", attention_fake)
     torch.library.register_fake("surge_native::paged_decode_step", step_fake)

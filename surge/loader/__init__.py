@@ -120,10 +120,12 @@ def describe_quantization(net: torch.nn.Module) -> str:
     from collections import Counter
 
     from surge.layers.linear import QuantLinear
+    from surge.layers.w8a8_linear import W8A8Linear
 
     kinds = Counter(
-        f"{m.kind.removesuffix('g')}-g{m.group_size}" if m.group_size else m.kind
-        for m in net.modules() if isinstance(m, QuantLinear)
+        "w8a8" if isinstance(m, W8A8Linear) else f"{m.kind.removesuffix('g')}-g{m.group_size}" if m.group_size
+        else m.kind
+        for m in net.modules() if isinstance(m, (QuantLinear, W8A8Linear))
     )
     return ", ".join(f"{k} ({n} linears)" for k, n in sorted(kinds.items())) or "none"
 

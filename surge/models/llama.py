@@ -15,21 +15,29 @@ from surge.config import ModelConfig
 from surge.errors import ModelFormatError
 from surge.layers import forward_context  # noqa: F401 - registers torch.ops.surge.attention
 from surge.layers.activation import get_activation
-from surge.layers.attention import AttentionMetadata, DecodeBatch, decode_step, paged_attention, write_kv
+from surge.layers.attention import (
+    AttentionMetadata,
+    DecodeBatch,
+    decode_step,
+    paged_attention,
+    write_kv,
+)
 from surge.layers.linear import PackedLinear, QuantLinear, can_pack
 from surge.layers.norm import RMSNorm
 from surge.layers.rotary import RotaryEmbedding
+from surge.layers.w8a8_linear import W8A8Linear
 from surge.quant.formats import (
+    QUANTIZED_TYPES,
     Int4Weight,
     Int8GroupWeight,
     Int8Weight,
+    QuantizedWeight,
+    W8A8Weight,
     check_group_size,
     quantize_int4,
     quantize_int8,
     quantize_int8_groups,
 )
-
-QuantizedWeight = Int4Weight | Int8Weight | Int8GroupWeight
 
 
 class LlamaAttention(nn.Module):
@@ -194,7 +202,7 @@ class LlamaForCausalLM(nn.Module):
                 self.model.rotary.set_frequency_factors(tensor)
                 continue
             if name == "lm_head.weight" and self.config.tie_word_embeddings:
-                if isinstance(tensor, (Int4Weight, Int8Weight, Int8GroupWeight)):  # its own quantized copy
+                if isinstance(tensor, QUANTIZED_TYPES):  # its own quantized copy
                     self._quantized.setdefault("lm_head", {})[0] = tensor
                 continue
             shard = 0
@@ -206,7 +214,7 @@ class LlamaForCausalLM(nn.Module):
             if param is None:
                 continue  # e.g. rotary inv_freq buffers saved by old checkpoints
             sizes = self._shards(name)
-            if isinstance(tensor, (Int4Weight, Int8Weight, Int8GroupWeight)):
+            if isinstance(tensor, QUANTIZED_TYPES):
                 if name == "model.embed_tokens.weight":
                     if self.config.tie_word_embeddings:
                         self._quantized.setdefault("lm_head", {})[0] = tensor
@@ -235,9 +243,10 @@ class LlamaForCausalLM(nn.Module):
             raise ModelFormatError(f"{source}: missing weights {', '.join(missing[:3])}{more}")
 
     def finalize(self, scheme: str = "auto", group_size: int = 32, keep_dense: bool = True) -> None:
-        """Turn linears into quantized ones: "auto" keeps a GGUF's Q4/Q8 weights as int4/int8,
-        "int4"/"int8" quantize every linear (the LM head to int8 in groups of 32), "none"
-        keeps float."""
+        """Turn linears into quantized ones: "auto" keeps a GGUF's Q4/Q8 weights as int4/int8
+        and a surge checkpoint's as stored (w8a8 on the int8 GEMM), "int4"/"int8" quantize
+        every linear (the LM head to int8 in groups of 32), "none" keeps float (w8a8: its
+        weights, inputs not rounded)."""
         dtype = self.model.embed_tokens.weight.dtype
         pending = getattr(self, "_quantized", {})
         for path, module in list(self.named_modules()):
@@ -258,7 +267,7 @@ class LlamaForCausalLM(nn.Module):
                 # the LM head is the most sensitive matrix: per-channel int8 flips ~3% of the
                 # top-1 tokens of the default model, int8 in groups of 32 none, so it gets that
                 target = "int8g" if path == "lm_head" else scheme
-                current = {Int4Weight: "int4", Int8Weight: "int8", Int8GroupWeight: "int8g"}.get(type(weight))
+                current = {Int4Weight: "int4", Int8Weight: "int8", Int8GroupWeight: "int8g"}.get(type(weight))  # w8a8: None
                 if current != target or (target == "int4" and weight.group_size != group_size):  # type: ignore[union-attr]
                     source = weight.dequantize() if weight is not None else module.weight.detach().float()
                     if target == "int4":
@@ -275,5 +284,8 @@ class LlamaForCausalLM(nn.Module):
                     setattr(parent, attr, PackedLinear(module.weight, module.bias))
                 continue
             bias = module.bias.detach() if module.bias is not None else None
-            setattr(parent, attr, QuantLinear(weight, bias, dtype, keep_dense))
+            if isinstance(weight, W8A8Weight):
+                setattr(parent, attr, W8A8Linear(weight, bias, dtype))
+            else:
+                setattr(parent, attr, QuantLinear(weight, bias, dtype, keep_dense))
         self._quantized = {}

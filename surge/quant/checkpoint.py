@@ -6,6 +6,8 @@ listed module by module in config.json's `quantization_config`:
                        int8 / int8-g32: int8 [N, K]
     <module>.scales    fp16 [N, K/G]  (int8 per channel: [N, 1])
     <module>.zeros     fp16 [N, K/G]  int4 only:  w = (q - 8) * scale + zero
+    <module>.input_scale   float32 [1]  w8a8 only: the inputs' static per-tensor scale
+    <module>.smooth        float32 [K]  w8a8 only: SmoothQuant factors (the codes are of W diag(smooth))
     <module>.weight    float modules, in their scheme's dtype
 
 Module names are the checkpoint's (q_proj, k_proj, ..., not surge's fused ones), so a reader
@@ -26,15 +28,20 @@ from safetensors.torch import save_file
 from surge.config import ModelConfig
 from surge.errors import ModelFormatError
 from surge.loader.safetensors_dir import open_safetensors
-from surge.quant.formats import Int4Weight, Int8GroupWeight, Int8Weight
-from surge.quant.grid import QuantizedWeight
+from surge.quant.formats import (
+    Int4Weight,
+    Int8GroupWeight,
+    Int8Weight,
+    QuantizedWeight,
+    W8A8Weight,
+)
 from surge.quant.schemes import Scheme, parse_scheme
 
 QUANT_METHOD = "surge"
 FORMAT_VERSION = 1
 WEIGHTS_FILE = "model.safetensors"
 MODEL_TYPES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2"}
-QUANT_SUFFIXES = (".qweight", ".scales", ".zeros")
+QUANT_SUFFIXES = (".qweight", ".scales", ".zeros", ".input_scale", ".smooth")
 
 
 def hf_config(config: ModelConfig, dtype: str, quantization_config: dict[str, Any]) -> dict[str, Any]:
@@ -95,7 +102,11 @@ def quantized_tensors(name: str, weight: QuantizedWeight) -> dict[str, torch.Ten
         return {f"{name}.qweight": pack_nibbles(weight.q), f"{name}.scales": weight.scale.half().contiguous(),
                 f"{name}.zeros": weight.zero.half().contiguous()}
     scale = weight.scale if isinstance(weight, Int8GroupWeight) else weight.scale.unsqueeze(1)
-    return {f"{name}.qweight": weight.q.to(torch.int8).contiguous(), f"{name}.scales": scale.half().contiguous()}
+    tensors = {f"{name}.qweight": weight.q.to(torch.int8).contiguous(), f"{name}.scales": scale.half().contiguous()}
+    if isinstance(weight, W8A8Weight):
+        tensors[f"{name}.input_scale"] = weight.input_scale.float().reshape(1).clone()
+        tensors[f"{name}.smooth"] = weight.smooth.float().contiguous().clone()
+    return tensors
 
 
 def split_rows(weight: QuantizedWeight | torch.Tensor, sizes: list[int]) -> list[QuantizedWeight | torch.Tensor]:
@@ -110,6 +121,8 @@ def split_rows(weight: QuantizedWeight | torch.Tensor, sizes: list[int]) -> list
         return [Int4Weight(weight.q[s], weight.scale[s], weight.zero[s], weight.group_size) for s in pieces]
     if isinstance(weight, Int8GroupWeight):
         return [Int8GroupWeight(weight.q[s], weight.scale[s], weight.group_size) for s in pieces]
+    if isinstance(weight, W8A8Weight):  # the parts read one input: they share its quantizer
+        return [W8A8Weight(weight.q[s], weight.scale[s], weight.input_scale, weight.smooth) for s in pieces]
     return [Int8Weight(weight.q[s], weight.scale[s]) for s in pieces]
 
 
@@ -147,7 +160,8 @@ def read_quantization_config(raw: dict[str, Any], path: str) -> dict[str, Scheme
 
 def _read_quantized(f: Any, name: str, scheme: Scheme, path: str) -> QuantizedWeight:
     keys = set(f.keys())
-    need = [f"{name}.qweight", f"{name}.scales"] + ([f"{name}.zeros"] if scheme.kind == "int4" else [])
+    extra = {"int4": ["zeros"], "w8a8": ["input_scale", "smooth"]}.get(scheme.kind, [])
+    need = [f"{name}.{suffix}" for suffix in ["qweight", "scales", *extra]]
     missing = [k for k in need if k not in keys]
     if missing:
         raise ModelFormatError(f"{path}: {scheme.name} module {name} has no tensor {missing[0]}")
@@ -165,6 +179,14 @@ def _read_quantized(f: Any, name: str, scheme: Scheme, path: str) -> QuantizedWe
     if q.dtype != torch.int8 or scale.shape != (rows, groups):
         raise ModelFormatError(f"{path}: {name}: tensors do not fit {scheme.name} (qweight {tuple(q.shape)} "
                                f"{q.dtype}, scales {tuple(scale.shape)})")
+    if scheme.kind == "w8a8":
+        input_scale, smooth = f.get_tensor(f"{name}.input_scale").float(), f.get_tensor(f"{name}.smooth").float()
+        if input_scale.numel() != 1 or not float(input_scale) > 0 or smooth.shape != (q.shape[1],) \
+                or not bool((smooth > 0).all()):
+            raise ModelFormatError(f"{path}: {name}: input_scale must be one positive number and smooth "
+                                   f"[{q.shape[1]}] positive factors (got {tuple(input_scale.shape)}, "
+                                   f"{tuple(smooth.shape)})")
+        return W8A8Weight(q, scale[:, 0], input_scale.reshape(()), smooth)
     return Int8GroupWeight(q, scale, scheme.group_size) if scheme.group_size else Int8Weight(q, scale[:, 0])
 
 

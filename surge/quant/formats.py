@@ -9,6 +9,8 @@ scale = d, zero = 0 for Q4_0 and zero = m + 8 d for Q4_1.
 
 int8 per output channel, the layout of `_weight_int8pack_mm`:  w[n, k] = q[n, k] * scale[n].
 int8 per group of 32 (GGUF's Q8_0) runs as two int4 planes (see Int8GroupWeight).
+W8A8 (W8A8Weight): int8 per output channel for the weight and a static int8 quantizer for the
+inputs, so the product runs as an int8 GEMM.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import gguf
 import numpy as np
 import torch
 
-from surge.errors import InvalidArgumentError
+from surge.errors import InvalidArgumentError, ModelFormatError
 
 T = gguf.GGMLQuantizationType
 INT4_GROUP_SIZES = (32, 64, 128)
@@ -92,6 +94,54 @@ class Int8GroupWeight:
     def cat(parts: list["Int8GroupWeight"]) -> "Int8GroupWeight":
         return Int8GroupWeight(torch.cat([p.q for p in parts]), torch.cat([p.scale for p in parts]),
                                parts[0].group_size)
+
+
+@dataclass
+class W8A8Weight:
+    r"""int8 weight per output channel for inputs that are quantized too (static W8A8):
+
+        x_q[m, k] = clamp(round(x[m, k] * act_inv[k]), -127, 127)    act_inv = 1 / (input_scale smooth)
+        y[m, n]   = input_scale * scale[n] * sum_k x_q[m, k] q[n, k]
+
+    q / scale quantize W diag(smooth), so y ~ x W^T. smooth [K] (SmoothQuant, Xiao et al. 2022)
+    divides each input column and multiplies the weight's: activation outliers, which live in a
+    few input channels, move into the weights, where per-channel scales absorb them. Ones
+    without smoothing. input_scale is the one per-tensor scale of the smoothed inputs,
+    calibrated on a text (min-max, percentile or KL histogram).
+    """
+
+    q: torch.Tensor  # [N, K] int8
+    scale: torch.Tensor  # [N] float32
+    input_scale: torch.Tensor  # 0-d float32
+    smooth: torch.Tensor  # [K] float32
+
+    def act_inv(self) -> torch.Tensor:
+        """[K] float32 multipliers that take inputs to their codes (before rounding)."""
+        return (1.0 / (self.input_scale.double() * self.smooth.double())).float()
+
+    def dequantize(self) -> torch.Tensor:
+        """The float weight on the unsmoothed inputs (the weight-only view: no activation rounding)."""
+        return self.q.float() * self.scale.unsqueeze(1) / self.smooth.unsqueeze(0)
+
+    @staticmethod
+    def cat(parts: list["W8A8Weight"]) -> "W8A8Weight":
+        """Fused modules (q/k/v, gate/up) read one input, so their parts share its quantizer."""
+        first = parts[0]
+        if any(not torch.equal(p.input_scale, first.input_scale) or not torch.equal(p.smooth, first.smooth)
+               for p in parts[1:]):
+            raise ModelFormatError("w8a8 modules fused into one linear (q/k/v or gate/up) have different input "
+                                   "scales or smoothing factors; they read the same input and must share them")
+        return W8A8Weight(torch.cat([p.q for p in parts]), torch.cat([p.scale for p in parts]), first.input_scale,
+                          first.smooth)
+
+
+def quantize_activations(x: torch.Tensor, act_inv: torch.Tensor) -> torch.Tensor:
+    """The int8 codes of x [..., K] under a W8A8 quantizer (the reference the kernels match)."""
+    return torch.round(x.float() * act_inv).clamp_(-127, 127).to(torch.int8)
+
+
+QUANTIZED_TYPES = (Int4Weight, Int8Weight, Int8GroupWeight, W8A8Weight)
+QuantizedWeight = Int4Weight | Int8Weight | Int8GroupWeight | W8A8Weight
 
 
 def quantize_int8_groups(w: torch.Tensor, group_size: int = 32) -> Int8GroupWeight:

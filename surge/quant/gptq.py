@@ -39,6 +39,7 @@ def gptq(w: torch.Tensor, hessian: torch.Tensor, scheme: Scheme, act_order: bool
     is fitted by `grid_method` (rtn: min-max, percentile, mse)."""
     if not 0 < damp < 1:
         raise InvalidArgumentError(f"GPTQ damping must be in (0, 1), got {damp}")
+    scheme = scheme.weight_scheme
     W = w.float().clone()
     n, k = W.shape
     if hessian.shape != (k, k):

@@ -20,6 +20,7 @@ from surge.quant.formats import (
     Int4Weight,
     Int8GroupWeight,
     Int8Weight,
+    QuantizedWeight,
     check_group_size,
 )
 from surge.quant.schemes import Scheme
@@ -28,8 +29,6 @@ MIN_SCALE = 2.0**-20  # exact in fp16 (a subnormal), so a constant group cannot 
 MSE_STEPS = 40  # clipping ratios tried, from 1 (min-max) down to MSE_MIN_RATIO
 MSE_MIN_RATIO = 0.5
 DEFAULT_PERCENTILE = 99.9
-
-QuantizedWeight = Int4Weight | Int8Weight | Int8GroupWeight
 
 
 @dataclass
@@ -102,7 +101,7 @@ def _groups(w: torch.Tensor, group_size: int) -> torch.Tensor:
 
 def group_size_of(scheme: Scheme, in_features: int, name: str) -> int:
     """The scheme's group size for this weight (per channel: all its columns), checked."""
-    if scheme.kind == "int8":
+    if scheme.kind in ("int8", "w8a8"):
         return in_features
     if scheme.kind == "int8g":
         if in_features % scheme.group_size:
@@ -122,6 +121,7 @@ def fit_grid(w: torch.Tensor, scheme: Scheme, method: str = "rtn", importance: t
     """
     if not scheme.quantized:
         raise ValueError(f"{scheme.name} is not a quantized scheme")
+    scheme = scheme.weight_scheme
     w = w.float()
     g = group_size_of(scheme, w.shape[1], name)
     groups = _groups(w, g)

@@ -25,6 +25,12 @@ import torch
 from torch import nn
 
 from surge.errors import InvalidArgumentError
+from surge.quant.activations import (
+    DEFAULT_ACT_METHOD,
+    DEFAULT_ACT_PERCENTILE,
+    DEFAULT_SMOOTH_ALPHA,
+    check_act_options,
+)
 from surge.quant.checkpoint import (
     FORMAT_VERSION,
     QUANT_METHOD,
@@ -42,8 +48,9 @@ from surge.quant.evaluate import (
     read_text,
     tokenize_text,
 )
+from surge.quant.formats import Int8Weight, QuantizedWeight, W8A8Weight
 from surge.quant.gptq import DEFAULT_DAMP, gptq
-from surge.quant.grid import DEFAULT_PERCENTILE, QuantizedWeight, quantize_weight
+from surge.quant.grid import DEFAULT_PERCENTILE, quantize_weight
 from surge.quant.policy import (
     EMBEDDING,
     Policy,
@@ -72,6 +79,10 @@ class QuantizeOptions:
     eval_text: str | None = None  # default: the calibration text, if any
     eval_tokens: int | None = 4096
     progress: bool = True
+    # w8a8: how its inputs' static scales are calibrated (surge/quant/activations.py)
+    act_method: str = DEFAULT_ACT_METHOD
+    act_percentile: float = DEFAULT_ACT_PERCENTILE
+    smooth_alpha: float = DEFAULT_SMOOTH_ALPHA
 
 
 @dataclass
@@ -98,6 +109,10 @@ def check_options(opts: QuantizeOptions, output: str) -> tuple[Policy, str | Non
         raise InvalidArgumentError("no scheme: pass --scheme (e.g. int4-g64) or give the policy a 'default'")
     if opts.method == "gptq" and not opts.calib:
         raise InvalidArgumentError("--method gptq needs calibration text: pass --calib FILE")
+    check_act_options(opts.act_method, opts.act_percentile, opts.smooth_alpha)
+    named = [opts.scheme, policy.default, *(scheme for _, scheme in policy.rules)]
+    if not opts.calib and any(n is not None and parse_scheme(n).activations_quantized for n in named):
+        raise InvalidArgumentError("w8a8 needs calibration text for its activation scales: pass --calib FILE")
     calib = read_text(opts.calib, "calibration") if opts.calib else None
     eval_text = read_text(opts.eval_text, "evaluation text") if opts.eval_text else calib
     if opts.ctx < 2:
@@ -111,14 +126,21 @@ def quantize_weights(loaded: Any, schemes: dict[str, Scheme], opts: QuantizeOpti
                      calib_ids: list[int] | None) -> tuple[dict[str, QuantizedWeight | torch.Tensor], int]:
     """Module path -> its quantized weight (or its float weight in the scheme's dtype), and the
     calibration tokens used."""
+    from surge.quant.activations import input_quantizers
     from surge.quant.calibration import calibrate
 
     net = loaded.model
     linears = {p: m for p, m in net.named_modules() if isinstance(m, nn.Linear)}
     quantized = {p: linears[p] for p, s in schemes.items() if s.quantized}
-    stats = None
-    if calib_ids is not None and opts.method in CALIBRATED and quantized:
-        stats = calibrate(WindowRunner(loaded, opts.ctx), calib_ids, quantized, opts.progress)
+    w8a8 = [p for p, s in schemes.items() if s.activations_quantized]
+    stats, quantizers = None, {}
+    hessians = list(quantized) if opts.method in CALIBRATED else []
+    if calib_ids is not None and (hessians or w8a8):
+        runner = WindowRunner(loaded, opts.ctx)
+        stats = calibrate(runner, calib_ids, quantized, opts.progress, hessians, w8a8)
+        if w8a8:
+            quantizers = input_quantizers(runner, calib_ids, linears, stats.channel_max, opts.act_method,
+                                          opts.act_percentile, opts.smooth_alpha, opts.progress)
     out: dict[str, QuantizedWeight | torch.Tensor] = {}
     items = list(schemes.items())
     if opts.progress:
@@ -129,15 +151,27 @@ def quantize_weights(loaded: Any, schemes: dict[str, Scheme], opts: QuantizeOpti
         if path == EMBEDDING:
             out[path] = net.model.embed_tokens.weight.detach().to(scheme.dtype)
             continue
-        w = linears[path].weight.detach()
+        w = linears[path].weight.detach().float()
         if not scheme.quantized:
             out[path] = w.to(scheme.dtype)
-        elif opts.method == "gptq":
-            assert stats is not None
-            out[path] = gptq(w, stats.hessian(path), scheme, opts.act_order, opts.damp, "mse", opts.percentile, path)
+            continue
+        # w8a8: the weight is quantized on the smoothed inputs x / smooth, whose statistics
+        # are H / (smooth smooth^T)
+        smooth = quantizers[path][0] if path in quantizers else torch.ones(w.shape[1])
+        w = w * smooth
+        hessian = None
+        if stats is not None and path in stats.hessians:
+            hessian = stats.hessian(path) / torch.outer(smooth, smooth)
+        if opts.method == "gptq":
+            assert hessian is not None
+            q = gptq(w, hessian, scheme.weight_scheme, opts.act_order, opts.damp, "mse", opts.percentile, path)
         else:
-            importance = stats.importance(path) if stats is not None else None
-            out[path] = quantize_weight(w, scheme, opts.method, importance, opts.percentile, path)
+            importance = torch.diagonal(hessian) if hessian is not None else None
+            q = quantize_weight(w, scheme.weight_scheme, opts.method, importance, opts.percentile, path)
+        if path in quantizers:
+            assert isinstance(q, Int8Weight)
+            q = W8A8Weight(q.q, q.scale, quantizers[path][1], smooth)
+        out[path] = q
     return out, stats.tokens if stats is not None else 0
 
 
@@ -236,14 +270,18 @@ def quantize_model(model: str | None, output: str, opts: QuantizeOptions) -> Qua
     eval_ids = tokenize_text(loaded, eval_text, opts.eval_tokens) if eval_text is not None else None
     if eval_ids is not None:
         plan_windows(len(eval_ids), opts.ctx)  # a text too short to score fails before any work
-    if calib_ids is not None and opts.method not in CALIBRATED:
+    w8a8 = any(s.activations_quantized for s in schemes.values())
+    if calib_ids is not None and opts.method not in CALIBRATED and not w8a8:
         logger.warning("--method %s does not use calibration text; --calib only sets the evaluation text", opts.method)
     weights, calib_tokens = quantize_weights(loaded, schemes, opts, calib_ids)
 
     meta = {"scheme": policy.default or opts.scheme, "method": opts.method,
             "act_order": opts.act_order if opts.method == "gptq" else None,
             "calibration": {"file": os.path.basename(opts.calib), "tokens": calib_tokens} if calib_tokens else None,
-            "policy": os.path.basename(opts.policy) if opts.policy else None}
+            "policy": os.path.basename(opts.policy) if opts.policy else None,
+            "activations": {"method": opts.act_method, "smooth_alpha": opts.smooth_alpha,
+                            **({"percentile": opts.act_percentile} if opts.act_method == "percentile" else {})}
+            if w8a8 else None}
     tensors, modules = save_quantized(loaded, weights, schemes, output, meta)
 
     counts: dict[str, int] = {}
