@@ -1,8 +1,9 @@
 """The quantization table of docs/quantization.md: for the default model, each scheme and method's
 checkpoint size, quality against the dequantized float model (perplexity, KL divergence, top-1
-agreement on a held-out text) and batch-1 decode speed, in one run.
+agreement on a held-out text) and speed (prefill of a 512-token prompt, batch-1 decode after
+it, output tokens/s of 32 requests decoded together), in one run.
 
-    python benchmarks/quantization.py [--threads 2] [--only int4-g64]
+    python benchmarks/quantization.py [--threads 2] [--only w8a8]
 
 Calibration text: tests/data/apache-2.0.txt; scored text: tests/data/gpl-3.0.txt (first 4096
 tokens, windows of 512), the same as the CI quality gates.
@@ -13,6 +14,7 @@ from __future__ import annotations
 import argparse
 import gc
 import os
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -29,29 +31,53 @@ default = "int4-g64"
 [modules]
 "*.self_attn.*" = "int8"
 """
-# label, scheme, method, act_order, policy (int4-g128 does not divide the default model's 576 inputs)
+W8A8_LM_HEAD = """\
+default = "w8a8"
+[modules]
+"lm_head" = "w8a8"
+"""
+W8A8_DOWN_INT8 = """\
+default = "w8a8"
+[modules]
+"*.down_proj" = "int8"
+"""
+# label, scheme, method, options, policy (int4-g128 does not divide the default model's 576 inputs)
 CONFIGS = [
-    ("int8", "int8", "rtn", False, None),
-    ("int8-g32", "int8-g32", "rtn", False, None),
-    ("int4-g32", "int4-g32", "rtn", False, None),
-    ("int4-g64", "int4-g64", "rtn", False, None),
-    ("int4-g64", "int4-g64", "percentile", False, None),
-    ("int4-g64", "int4-g64", "mse", False, None),
-    ("int4-g64", "int4-g64", "gptq", False, None),
-    ("int4-g64", "int4-g64", "gptq", True, None),
-    ("attention int8, MLP int4-g64", None, "gptq", False, MIXED_POLICY),
+    ("int8", "int8", "rtn", {}, None),
+    ("int8-g32", "int8-g32", "rtn", {}, None),
+    ("int4-g32", "int4-g32", "rtn", {}, None),
+    ("int4-g64", "int4-g64", "rtn", {}, None),
+    ("int4-g64", "int4-g64", "percentile", {}, None),
+    ("int4-g64", "int4-g64", "mse", {}, None),
+    ("int4-g64", "int4-g64", "gptq", {}, None),
+    ("int4-g64", "int4-g64", "gptq", {"act_order": True}, None),
+    ("attention int8, MLP int4-g64", None, "gptq", {}, MIXED_POLICY),
+    ("w8a8, no smoothing", "w8a8", "rtn", {"act_method": "minmax", "smooth_alpha": 0.0}, None),
+    ("w8a8", "w8a8", "rtn", {"act_method": "minmax"}, None),
+    ("w8a8", "w8a8", "rtn", {"act_method": "percentile"}, None),
+    ("w8a8", "w8a8", "rtn", {"act_method": "kl"}, None),
+    ("w8a8, down_proj int8", None, "rtn", {"act_method": "minmax"}, W8A8_DOWN_INT8),
+    ("w8a8, LM head w8a8 too", None, "rtn", {"act_method": "minmax"}, W8A8_LM_HEAD),
 ]
 
 
-def decode_speed(model: str | None, quantization: str) -> float:
+def speed(model: str | None, quantization: str) -> tuple[float, float, float]:
+    """Prefill tok/s (512-token prompt), batch-1 decode tok/s after it, batch-32 output tok/s."""
     from surge import LLM
-    from surge.entrypoints.bench import bench_latency
+    from surge.entrypoints.bench import bench_latency, bench_throughput
 
-    llm = LLM(model, dtype="bfloat16", quantization=quantization, kv_cache_memory=128 << 20)
-    result = bench_latency(llm, input_len=128, output_len=128, iters=3)
+    llm = LLM(model, dtype="bfloat16", quantization=quantization, kv_cache_memory=512 << 20)
+    latency = bench_latency(llm, input_len=512, output_len=64, iters=2)
+    batch = bench_throughput(llm, num_prompts=32, input_len=64, output_len=64)
     del llm
     gc.collect()
-    return result["decode_tok_s"]
+    return latency["prefill_tok_s"], latency["decode_tok_s"], batch["output_tok_s"]
+
+
+def _name(method: str, options: dict) -> str:
+    if "act_method" in options:
+        return f"{method} weights, {options['act_method']} inputs"
+    return method + (" act-order" if options.get("act_order") else "")
 
 
 def main() -> None:
@@ -67,32 +93,35 @@ def main() -> None:
     from surge.loader import load_model
 
     params = sum(p.numel() for p in load_model(None, "float32", "cpu", "none").model.parameters())
-    print("| scheme | method | size MB | perplexity | Δppl % | mean KLD | top-1 % | decode tok/s |")
-    print("|---|---|---:|---:|---:|---:|---:|---:|", flush=True)
+    print("| scheme | method | size MB | perplexity | Δppl % | mean KLD | top-1 % | prefill tok/s | decode tok/s "
+          "| batch-32 tok/s |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|", flush=True)
     ref_ppl = float("nan")
     gguf = default_model_path()
-    baselines = [("bf16 (the reference's weights)", 2 * params / 1e6, decode_speed(None, "none")),
-                 ("Q4_1 GGUF (the source, exactly the reference)", os.path.getsize(gguf) / 1e6, decode_speed(None, "auto"))]
+    baselines = [("bf16 (the reference's weights)", 2 * params / 1e6, speed(None, "none")),
+                 ("Q4_1 GGUF (the source, exactly the reference)", os.path.getsize(gguf) / 1e6, speed(None, "auto"))]
     with tempfile.TemporaryDirectory() as tmp:
-        for i, (label, scheme, method, act_order, policy) in enumerate(CONFIGS):
+        for i, (label, scheme, method, options, policy) in enumerate(CONFIGS):
             if args.only and args.only not in label:
                 continue
             policy_path = None
             if policy:
                 policy_path = os.path.join(tmp, f"policy{i}.toml")
                 Path(policy_path).write_text(policy)
-            opts = QuantizeOptions(scheme, method, str(CALIB), policy_path, act_order, eval_text=str(TEXT),
-                                   eval_tokens=4096, progress=False)
+            opts = QuantizeOptions(scheme, method, str(CALIB), policy_path, eval_text=str(TEXT), eval_tokens=4096,
+                                   progress=False, **options)
             out = os.path.join(tmp, f"q{i}")
             result = quantize_model(None, out, opts)
-            name = method + (" act-order" if act_order else "")
             q = result.quality
-            print(f"| {label} | {name} | {result.file_bytes / 1e6:.1f} | {q.perplexity:.3f} | {q.delta_ppl_pct:+.2f} | "
-                  f"{q.kld_mean:.4f} | {100 * q.top1_agreement:.1f} | {decode_speed(out, 'auto'):.1f} |", flush=True)
+            prefill, decode, batch = speed(out, "auto")
+            print(f"| {label} | {_name(method, options)} | {result.file_bytes / 1e6:.1f} | {q.perplexity:.3f} | "
+                  f"{q.delta_ppl_pct:+.2f} | {q.kld_mean:.4f} | {100 * q.top1_agreement:.1f} | {prefill:.0f} | "
+                  f"{decode:.1f} | {batch:.0f} |", flush=True)
             ref_ppl = q.reference_perplexity
+            shutil.rmtree(out)
             gc.collect()
-    for label, mb, speed in baselines:
-        print(f"| {label} | - | {mb:.1f} | {ref_ppl:.3f} | 0 | 0 | 100 | {speed:.1f} |")
+    for label, mb, (prefill, decode, batch) in baselines:
+        print(f"| {label} | - | {mb:.1f} | {ref_ppl:.3f} | 0 | 0 | 100 | {prefill:.0f} | {decode:.1f} | {batch:.0f} |")
 
 
 if __name__ == "__main__":

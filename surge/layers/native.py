@@ -30,7 +30,8 @@ def _isa_flags() -> list[str]:
     capability = torch.backends.cpu.get_cpu_capability()
     if capability.startswith("AVX512"):
         flags = ["-mavx512f", "-mavx512dq", "-mavx512vl", "-mavx512bw", "-mfma", "-DCPU_CAPABILITY_AVX512"]
-        return flags + ["-mavx512bf16", "-mf16c"] if has_avx512_bf16() else flags
+        flags = flags + ["-mavx512bf16", "-mf16c"] if has_avx512_bf16() else flags
+        return flags + ["-mavx512vnni"] if has_avx512_vnni() else flags
     if capability == "AVX2":
         return ["-mavx2", "-mfma", "-DCPU_CAPABILITY_AVX2"]
     return []
@@ -39,6 +40,17 @@ def _isa_flags() -> list[str]:
 def has_avx512_bf16() -> bool:
     """The CPU has AVX-512 BF16 (vdpbf16ps), which the linear kernels (csrc/linear.cpp) are built on."""
     return torch.cpu._is_avx512_bf16_supported()
+
+
+def has_avx512_vnni() -> bool:
+    """The CPU has AVX-512 VNNI (vpdpbusd), which the few-row W8A8 kernel is built on."""
+    return torch.cpu._is_vnni_supported()
+
+
+def w8a8_ops() -> Any | None:
+    """torch.ops.surge_native where its W8A8 kernel runs (AVX-512 VNNI and BF16), else None
+    (also with SURGE_NATIVE_LINEAR=0)."""
+    return linear_ops() if has_avx512_vnni() else None
 
 
 def linear_ops() -> Any | None:
@@ -136,7 +148,11 @@ def _register_fakes() -> None:
     def quantize_u8_fake(x, inv):  # noqa: ANN001, ANN202
         return x.new_empty(x.shape, dtype=torch.uint8)
 
+    def linear_w8a8_fake(codes, w, comp, corr, bias, out_bf16):  # noqa: ANN001, ANN202
+        return codes.new_empty((codes.shape[0], comp.shape[0]), dtype=torch.bfloat16 if out_bf16 else torch.float32)
+
     torch.library.register_fake("surge_native::linear_int4", linear_int4_fake)
     torch.library.register_fake("surge_native::quantize_u8", quantize_u8_fake)
+    torch.library.register_fake("surge_native::linear_w8a8", linear_w8a8_fake)
     torch.library.register_fake("surge_native::paged_decode_attention", attention_fake)
     torch.library.register_fake("surge_native::paged_decode_step", step_fake)

@@ -66,3 +66,15 @@ def unpack_int4(nibbles: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
     scale, minimum = s.float().permute(2, 0, 3, 1).reshape(2, nb * BLOCK, groups)
     g = q.shape[1] // groups
     return q * scale.repeat_interleave(g, 1) + minimum.repeat_interleave(g, 1)
+
+
+def fits_w8a8(out_features: int, in_features: int) -> bool:
+    """Shapes the W8A8 kernel takes: whole blocks of output channels, K in quads."""
+    return out_features % BLOCK == 0 and in_features % 4 == 0
+
+
+def pack_w8a8(q: torch.Tensor) -> torch.Tensor:
+    """int8 [N, K] -> [N/64, K/4, 256] int8: w[b, p, 4c + j] = q[64b + c, 4p + j]."""
+    n, k = q.shape
+    w = q.to(torch.int8).reshape(n // BLOCK, BLOCK, k // 4, 4)
+    return w.permute(0, 2, 1, 3).reshape(n // BLOCK, k // 4, 4 * BLOCK).contiguous()

@@ -1,17 +1,18 @@
-"""Static W8A8 linears: int8 inputs times int8 weights on oneDNN's int8 GEMM (AVX-512 VNNI
-where the CPU has it), for checkpoints written by `surge quantize --scheme w8a8`.
+"""Static W8A8 linears: int8 inputs times int8 weights, for checkpoints written by
+`surge quantize --scheme w8a8`.
 
-    x  --quantize_u8-->  u8 codes  --onednn.qlinear_pointwise-->  y = input_scale scale[n] sum_k c[k] q[n, k] (+ b)
+    x  --quantize_u8-->  u8 codes  --int8 GEMM-->  y = input_scale scale[n] sum_k c[k] q[n, k] (+ b)
        x * act_inv[k], rounded,      int32 sums, scaled once into x's dtype
        clamped to +-127, + 128
 
-The codes go in unsigned with zero point 128: oneDNN's signed-input path is a reference loop,
-measured ~1000x slower. Against the dense bf16 linear the int8 GEMM is ~1.4x faster at 32
-rows and ~1.6-1.7x at 128-512 (the default model's shapes, 2 threads); at a few rows it is
-bound by reading the int8 weight like any other kernel (docs/quantization.md).
+The codes go in unsigned with zero point 128, as the int8 dot-product instruction (vpdpbusd:
+u8 x s8) wants. Kernels, first that runs: surge's (csrc/linear.cpp, AVX-512 VNNI: at 1-128
+rows 1.2-2.2x faster than oneDNN's with weights out of cache, the same at 512-2048 rows, and
+~2x the dense bf16 linear from 8 rows up), oneDNN's u8 x s8 linear (its signed-input path is
+a reference loop, ~1000x slower, hence unsigned codes), torch._int_mm.
 
 Every batch size runs the same integer arithmetic, so a W8A8 model's output does not depend
-on how requests are batched beyond float rounding of the final scale.
+on how requests are batched beyond the float rounding of the final scale.
 """
 
 from __future__ import annotations
@@ -19,8 +20,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from surge.layers import native_linear
 from surge.layers.linear import packed_weight, register_packed
-from surge.layers.native import native_ops
+from surge.layers.native import native_ops, w8a8_ops
 from surge.quant.formats import W8A8Weight, quantize_activations
 
 ZERO_POINT = 128  # of the unsigned codes oneDNN takes
@@ -53,7 +55,8 @@ def _qlinear_w8a8_fake(codes: torch.Tensor, input_scale: float, handle: torch.Te
 
 
 class W8A8Linear(nn.Module):
-    """y ~ x W^T (+ b) with int8 weights and inputs quantized by a calibrated static quantizer."""
+    """y ~ x W^T (+ b) with int8 weights and inputs quantized by a calibrated static quantizer,
+    on the fastest int8 kernel here: surge's (AVX-512 VNNI), else oneDNN's, else torch._int_mm."""
 
     def __init__(self, weight: W8A8Weight, bias: torch.Tensor | None, dtype: torch.dtype):
         super().__init__()
@@ -61,23 +64,36 @@ class W8A8Linear(nn.Module):
         self.dtype = dtype
         self.input_scale = float(weight.input_scale)
         self.register_buffer("act_inv", weight.act_inv().contiguous())
-        self.register_buffer("smooth", weight.smooth.float().contiguous())
-        self.register_buffer("scale", weight.scale.float().contiguous())
         self.register_buffer("bias", bias.to(dtype) if bias is not None else None)
         self.native = native_ops() is not None  # resolved here: a compiled forward must not build it
-        self.onednn = onednn_int8()
-        if self.onednn:  # the codes live only in oneDNN's layout
+        q = weight.q.contiguous()
+        if (w8a8_ops() is not None and native_linear.fits_w8a8(self.out_features, self.in_features)
+                and dtype in (torch.bfloat16, torch.float32)):
+            self.kernel = "surge"
+            self.register_buffer("packed", native_linear.pack_w8a8(q))
+            # y = (sum (x_q + 128) q - 128 sum q) * input_scale scale[n] + b
+            self.register_buffer("comp", (weight.input_scale.double() * weight.scale.double()).float())
+            self.register_buffer("corr", (ZERO_POINT * q.sum(1, dtype=torch.int32)).to(torch.int32))
+            self.register_buffer("bias_f32", bias.float().contiguous() if bias is not None else None)
+        elif onednn_int8():
+            self.kernel = "oneDNN"
+            self.register_buffer("scale", weight.scale.float().contiguous())
             self.register_buffer("zeros", torch.zeros(self.out_features, dtype=torch.long), persistent=False)
-            self._packed = torch.ops.onednn.qlinear_prepack(weight.q.contiguous(), None)
+            self._packed = torch.ops.onednn.qlinear_prepack(q, None)
             self.register_buffer("handle", register_packed(self, self._packed), persistent=False)
         else:
-            self.register_buffer("q", weight.q.contiguous())
+            self.kernel = "torch._int_mm"
+            self.register_buffer("scale", weight.scale.float().contiguous())
+            self.register_buffer("q", q)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, self.in_features)
         codes = quantize_input(x2, self.act_inv, self.native)
-        if not self.onednn:
+        if self.kernel == "surge":
+            y = torch.ops.surge_native.linear_w8a8(codes, self.packed, self.comp, self.corr, self.bias_f32,
+                                                   x.dtype == torch.bfloat16)
+        elif self.kernel == "torch._int_mm":
             sums = torch._int_mm((codes.to(torch.int16) - ZERO_POINT).to(torch.int8), self.q.t())
             y = (sums.float() * (self.input_scale * self.scale)).to(x.dtype)
             if self.bias is not None:
@@ -91,5 +107,4 @@ class W8A8Linear(nn.Module):
         return y.reshape(*shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
-        return (f"{self.in_features}, {self.out_features}, w8a8, input_scale={self.input_scale:.4g}, "
-                f"{'oneDNN' if self.onednn else 'torch._int_mm'}")
+        return f"{self.in_features}, {self.out_features}, w8a8, input_scale={self.input_scale:.4g}, {self.kernel}"

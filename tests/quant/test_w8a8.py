@@ -14,7 +14,7 @@ import torch
 
 from surge.errors import ModelFormatError
 from surge.layers import w8a8_linear
-from surge.layers.native import native_ops
+from surge.layers.native import native_ops, w8a8_ops
 from surge.layers.w8a8_linear import W8A8Linear, onednn_int8
 from surge.loader import load_model
 from surge.quant.activations import (
@@ -67,27 +67,35 @@ def test_native_quantizer_matches_reference(dtype):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("rows", [1, 5, 33])
-@pytest.mark.parametrize("path", ["onednn", "int_mm"])
-def test_w8a8_linear_is_exact_integer_arithmetic(monkeypatch, dtype, rows, path):
-    """y = input_scale scale[n] sum_k codes[m, k] q[n, k] + b, on oneDNN and on the fallback."""
-    if path == "onednn" and not onednn_int8():
+@pytest.mark.parametrize("kernel", ["surge", "oneDNN", "torch._int_mm"])
+def test_w8a8_linear_is_exact_integer_arithmetic(monkeypatch, dtype, rows, kernel):
+    """y = input_scale scale[n] sum_k codes[m, k] q[n, k] + b, on each kernel."""
+    if kernel == "surge" and w8a8_ops() is None:
+        pytest.skip("surge's W8A8 kernel needs AVX-512 VNNI and BF16")
+    if kernel == "oneDNN" and not onednn_int8():
         pytest.skip("no oneDNN int8 kernels in this build")
-    if path == "int_mm":
+    if kernel != "surge":
+        monkeypatch.setattr(w8a8_linear, "w8a8_ops", lambda: None)
+    if kernel == "torch._int_mm":
         monkeypatch.setattr(w8a8_linear, "onednn_int8", lambda: False)
-    w, bias = _w8a8(), torch.randn(96)
+    w, bias = _w8a8(n=128), torch.randn(128)
     layer = W8A8Linear(w, bias, dtype)
+    assert layer.kernel == kernel
     x = (torch.randn(rows, 80) * 2).to(dtype)
     codes = quantize_activations(x, w.act_inv()).double()
     ref = float(w.input_scale) * w.scale.double() * (codes @ w.q.double().t()) + bias.to(dtype).double()
     y = layer(x)
-    assert y.dtype == dtype and y.shape == (rows, 96)
+    assert y.dtype == dtype and y.shape == (rows, 128)
     tol = 1e-5 if dtype == torch.float32 else 8e-3  # bf16: one rounding of the output
     assert torch.allclose(y.double(), ref, rtol=tol, atol=tol * ref.abs().max().item())
-    assert torch.allclose(layer(x.reshape(1, rows, 80)).reshape(rows, 96), y)  # any leading shape
+    assert torch.equal(layer(x.reshape(1, rows, 80)).reshape(rows, 128), y)  # any leading shape
 
 
-def test_w8a8_linear_compiles_without_graph_breaks():
-    layer = W8A8Linear(_w8a8(), torch.randn(96), torch.bfloat16)
+@pytest.mark.parametrize("kernel", ["surge", "oneDNN"])
+def test_w8a8_linear_compiles_without_graph_breaks(monkeypatch, kernel):
+    if kernel == "oneDNN":
+        monkeypatch.setattr(w8a8_linear, "w8a8_ops", lambda: None)
+    layer = W8A8Linear(_w8a8(n=128), torch.randn(128), torch.bfloat16)
     x = torch.randn(5, 80).bfloat16()
     assert torch.equal(torch.compile(layer, fullgraph=True)(x), layer(x))
 

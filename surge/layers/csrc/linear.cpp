@@ -143,6 +143,47 @@ void for_row_chunks(int64_t rows, Fn&& fn) {
   }
 }
 
+#if defined(__AVX512VNNI__)
+
+// Static W8A8 for few rows: u8 input codes (x + 128) times int8 weights with vpdpbusd (per
+// 32-bit lane: 4 u8 x s8 products summed into int32), weights in blocks of 64 channels by
+// quads of K, [N/64, K/4, 64, 4], so one 4-byte broadcast of the codes feeds 64 channels.
+// Epilogue: y = (acc - 128 rowsum(q)) * input_scale scale[n] + bias, rounded once to the output.
+template <int MB>
+void w8a8_block(const uint8_t* x, int64_t ldx, const int8_t* w, int64_t quads, const float* comp,
+                const int32_t* corr, const float* bias, void* out, bool out_bf16, int64_t ldo) {
+  __m512i acc[MB][4];
+  for (int m = 0; m < MB; ++m)
+    for (int t = 0; t < 4; ++t) acc[m][t] = _mm512_setzero_si512();
+  for (int64_t p = 0; p < quads; ++p) {
+    const int8_t* wp = w + p * 4 * kBlock;
+    __m512i wt[4];
+    for (int t = 0; t < 4; ++t) wt[t] = _mm512_loadu_si512(wp + 64 * t);
+    for (int m = 0; m < MB; ++m) {
+      int32_t bits;
+      std::memcpy(&bits, x + m * ldx + 4 * p, sizeof bits);
+      const __m512i xb = _mm512_set1_epi32(bits);
+      for (int t = 0; t < 4; ++t) acc[m][t] = _mm512_dpbusd_epi32(acc[m][t], xb, wt[t]);
+    }
+  }
+  for (int t = 0; t < 4; ++t) {
+    const __m512 c = _mm512_loadu_ps(comp + 16 * t);
+    const __m512i k = _mm512_loadu_si512(corr + 16 * t);
+    const __m512 b = bias ? _mm512_loadu_ps(bias + 16 * t) : _mm512_setzero_ps();
+    for (int m = 0; m < MB; ++m) {
+      const __m512 y = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(acc[m][t], k)), c, b);
+      if (out_bf16) {
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(static_cast<uint16_t*>(out) + m * ldo + 16 * t),
+                            (__m256i)_mm512_cvtneps_pbh(y));
+      } else {
+        _mm512_storeu_ps(static_cast<float*>(out) + m * ldo + 16 * t, y);
+      }
+    }
+  }
+}
+
+#endif  // __AVX512VNNI__
+
 #endif  // __AVX512BF16__
 
 const uint16_t* bias_ptr(const c10::optional<at::Tensor>& bias, int64_t n) {
@@ -226,6 +267,43 @@ at::Tensor linear_int4(const at::Tensor& x, const at::Tensor& q, const at::Tenso
   return out;
 }
 
+at::Tensor linear_w8a8(const at::Tensor& codes, const at::Tensor& w, const at::Tensor& comp, const at::Tensor& corr,
+                       const c10::optional<at::Tensor>& bias, bool out_bf16) {
+  TORCH_CHECK(codes.dim() == 2 && codes.scalar_type() == at::kByte && codes.stride(1) == 1,
+              "linear_w8a8: codes must be a 2-d uint8 tensor with unit stride along K");
+  TORCH_CHECK(w.dim() == 3 && w.size(2) == 4 * kBlock && w.scalar_type() == at::kChar && w.is_contiguous(),
+              "linear_w8a8: w must be a contiguous int8 [N/64, K/4, 256] tensor");
+  const int64_t rows = codes.size(0), quads = w.size(1), n = w.size(0) * kBlock;
+  TORCH_CHECK(codes.size(1) == 4 * quads, "linear_w8a8: codes have ", codes.size(1), " columns, the weight ", 4 * quads);
+  TORCH_CHECK(comp.scalar_type() == at::kFloat && comp.is_contiguous() && comp.numel() == n &&
+                  corr.scalar_type() == at::kInt && corr.is_contiguous() && corr.numel() == n,
+              "linear_w8a8: comp must be float32 [N] and corr int32 [N]");
+  TORCH_CHECK(!bias.has_value() || (bias->scalar_type() == at::kFloat && bias->is_contiguous() && bias->numel() == n),
+              "linear_w8a8: bias must be a contiguous float32 vector of ", n);
+  at::Tensor out = at::empty({rows, n}, codes.options().dtype(out_bf16 ? at::kBFloat16 : at::kFloat));
+#if defined(__AVX512BF16__) && defined(__AVX512VNNI__)
+  const uint8_t* xp = codes.data_ptr<uint8_t>();
+  const int8_t* wp = w.data_ptr<int8_t>();
+  const float* cp = comp.data_ptr<float>();
+  const int32_t* kp = corr.data_ptr<int32_t>();
+  const float* bp = bias.has_value() ? bias->data_ptr<float>() : nullptr;
+  char* op = static_cast<char*>(out.data_ptr());
+  const int64_t ldx = codes.stride(0), elem = out.element_size();
+  at::parallel_for(0, w.size(0), 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      for_row_chunks(rows, [&](int64_t m0, auto mb) {
+        w8a8_block<decltype(mb)::value>(xp + m0 * ldx, ldx, wp + b * quads * 4 * kBlock, quads, cp + b * kBlock,
+                                        kp + b * kBlock, bp ? bp + b * kBlock : nullptr,
+                                        op + (m0 * n + b * kBlock) * elem, out_bf16, n);
+      });
+    }
+  });
+#else
+  TORCH_CHECK(false, "linear_w8a8: this build has no AVX-512 VNNI and BF16");
+#endif
+  return out;
+}
+
 // Static W8A8's input quantizer: u8[m, k] = clamp(round(x[m, k] * inv[k]), -127, 127) + 128, the
 // unsigned codes (zero point 128) of oneDNN's u8 x s8 GEMM. Rounds half to even, as torch.round
 // (surge/quant/formats.py quantize_activations is the reference). One pass instead of five
@@ -274,10 +352,12 @@ TORCH_LIBRARY_FRAGMENT(surge_native, m) {
   m.def("linear_bf16(Tensor x, Tensor w, Tensor? bias) -> Tensor");
   m.def("linear_int4(Tensor x, Tensor q, Tensor s, int group_size, Tensor? bias, int planes) -> Tensor");
   m.def("quantize_u8(Tensor x, Tensor inv) -> Tensor");
+  m.def("linear_w8a8(Tensor codes, Tensor w, Tensor comp, Tensor corr, Tensor? bias, bool out_bf16) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(surge_native, CPU, m) {
   m.impl("linear_bf16", &linear_bf16);
   m.impl("linear_int4", &linear_int4);
   m.impl("quantize_u8", &quantize_u8);
+  m.impl("linear_w8a8", &linear_w8a8);
 }
