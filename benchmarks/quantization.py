@@ -4,6 +4,7 @@ agreement on a held-out text) and speed (prefill of a 512-token prompt, batch-1 
 it, output tokens/s of 32 requests decoded together), in one run.
 
     python benchmarks/quantization.py [--threads 2] [--only w8a8]
+    python benchmarks/quantization.py --speed 2      # the speed rows interleaved, medians, x bf16
 
 Calibration text: tests/data/apache-2.0.txt; scored text: tests/data/gpl-3.0.txt (first 4096
 tokens, windows of 512), the same as the CI quality gates.
@@ -15,6 +16,7 @@ import argparse
 import gc
 import os
 import shutil
+import statistics
 import sys
 import tempfile
 from pathlib import Path
@@ -74,6 +76,47 @@ def speed(model: str | None, quantization: str) -> tuple[float, float, float]:
     return latency["prefill_tok_s"], latency["decode_tok_s"], batch["output_tok_s"]
 
 
+# --speed: the rows whose speed differs, interleaved (label, scheme, policy, quantization)
+SPEED_ROWS = [
+    ("bf16", None, None, "none"),
+    ("int8 (weight-only, per channel)", None, None, "int8"),
+    ("Q4_1 GGUF", None, None, "auto"),
+    ("w8a8", "w8a8", None, "auto"),
+    ("w8a8, down_proj int8", None, W8A8_DOWN_INT8, "auto"),
+    ("w8a8, LM head w8a8 too", None, W8A8_LM_HEAD, "auto"),
+]
+
+
+def speed_table(rounds: int) -> None:
+    """SPEED_ROWS measured in turn, `rounds` times; medians and ratios to bf16."""
+    from surge.quant.quantize import QuantizeOptions, quantize_model
+
+    with tempfile.TemporaryDirectory() as tmp:
+        models: list[str | None] = []
+        for i, (_, scheme, policy, _) in enumerate(SPEED_ROWS):
+            if scheme is None and policy is None:
+                models.append(None)
+                continue
+            policy_path = None
+            if policy:
+                policy_path = os.path.join(tmp, f"policy{i}.toml")
+                Path(policy_path).write_text(policy)
+            out = os.path.join(tmp, f"q{i}")
+            quantize_model(None, out, QuantizeOptions(scheme, "rtn", str(CALIB), policy_path, eval_tokens=512,
+                                                      progress=False))
+            models.append(out)
+        runs: list[list[tuple[float, float, float]]] = [[] for _ in SPEED_ROWS]
+        for _ in range(rounds):
+            for i, (model, row) in enumerate(zip(models, SPEED_ROWS)):
+                runs[i].append(speed(model, row[3]))
+    medians = [[statistics.median(r[j] for r in row_runs) for j in range(3)] for row_runs in runs]
+    print("| model | prefill tok/s | decode tok/s | batch-32 tok/s |")
+    print("|---|---:|---:|---:|")
+    for (label, *_), m in zip(SPEED_ROWS, medians):
+        cells = " | ".join(f"{v:.{1 if j == 1 else 0}f} ({v / medians[0][j]:.2f}x)" for j, v in enumerate(m))
+        print(f"| {label} | {cells} |", flush=True)
+
+
 def _name(method: str, options: dict) -> str:
     if "act_method" in options:
         return f"{method} weights, {options['act_method']} inputs"
@@ -87,8 +130,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--only", default=None, help="only the rows whose label contains this")
+    parser.add_argument("--speed", type=int, default=0, metavar="ROUNDS",
+                        help="instead: the speed of bf16, int8, Q4_1 and the w8a8 rows, interleaved ROUNDS times")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.speed:
+        speed_table(args.speed)
+        return
 
     from surge.loader import load_model
 
