@@ -25,7 +25,7 @@ from surge.layers.linear import packed_weight, register_packed
 from surge.layers.native import native_ops, w8a8_ops
 from surge.quant.formats import W8A8Weight, quantize_activations
 
-ZERO_POINT = 128  # of the unsigned codes oneDNN takes
+ZERO_POINT = 128  # of the unsigned input codes (vpdpbusd and oneDNN multiply u8 by s8)
 
 
 def onednn_int8() -> bool:
