@@ -87,24 +87,25 @@ SPEED_ROWS = [
 ]
 
 
-def speed_table(rounds: int) -> None:
-    """SPEED_ROWS measured in turn, `rounds` times; medians and ratios to bf16."""
+def quantize(tmp: str, i: int, scheme: str | None, method: str, policy: str | None, **options) -> tuple[str, object]:
+    """Row i's checkpoint written under tmp (its policy file beside it): (directory, QuantizeResult)."""
     from surge.quant.quantize import QuantizeOptions, quantize_model
 
+    policy_path = None
+    if policy:
+        policy_path = os.path.join(tmp, f"policy{i}.toml")
+        Path(policy_path).write_text(policy)
+    out = os.path.join(tmp, f"q{i}")
+    return out, quantize_model(None, out, QuantizeOptions(scheme, method, str(CALIB), policy_path, progress=False,
+                                                          **options))
+
+
+def speed_table(rounds: int) -> None:
+    """SPEED_ROWS measured in turn, `rounds` times; medians and ratios to bf16."""
     with tempfile.TemporaryDirectory() as tmp:
-        models: list[str | None] = []
-        for i, (_, scheme, policy, _) in enumerate(SPEED_ROWS):
-            if scheme is None and policy is None:
-                models.append(None)
-                continue
-            policy_path = None
-            if policy:
-                policy_path = os.path.join(tmp, f"policy{i}.toml")
-                Path(policy_path).write_text(policy)
-            out = os.path.join(tmp, f"q{i}")
-            quantize_model(None, out, QuantizeOptions(scheme, "rtn", str(CALIB), policy_path, eval_tokens=512,
-                                                      progress=False))
-            models.append(out)
+        models = [None if scheme is None and policy is None else quantize(tmp, i, scheme, "rtn", policy,
+                                                                          eval_tokens=512)[0]
+                  for i, (_, scheme, policy, _) in enumerate(SPEED_ROWS)]
         runs: list[list[tuple[float, float, float]]] = [[] for _ in SPEED_ROWS]
         for _ in range(rounds):
             for i, (model, row) in enumerate(zip(models, SPEED_ROWS)):
@@ -125,7 +126,6 @@ def _name(method: str, options: dict) -> str:
 
 def main() -> None:
     from surge.loader.hub import default_model_path
-    from surge.quant.quantize import QuantizeOptions, quantize_model
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--threads", type=int, default=2)
@@ -152,14 +152,7 @@ def main() -> None:
         for i, (label, scheme, method, options, policy) in enumerate(CONFIGS):
             if args.only and args.only not in label:
                 continue
-            policy_path = None
-            if policy:
-                policy_path = os.path.join(tmp, f"policy{i}.toml")
-                Path(policy_path).write_text(policy)
-            opts = QuantizeOptions(scheme, method, str(CALIB), policy_path, eval_text=str(TEXT), eval_tokens=4096,
-                                   progress=False, **options)
-            out = os.path.join(tmp, f"q{i}")
-            result = quantize_model(None, out, opts)
+            out, result = quantize(tmp, i, scheme, method, policy, eval_text=str(TEXT), eval_tokens=4096, **options)
             q = result.quality
             prefill, decode, batch = speed(out, "auto")
             print(f"| {label} | {_name(method, options)} | {result.file_bytes / 1e6:.1f} | {q.perplexity:.3f} | "

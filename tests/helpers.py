@@ -67,3 +67,27 @@ def hf_weight(model: torch.nn.Module, name: str) -> torch.Tensor:
         return full
     start = sum(sizes[:shard])
     return full[start : start + sizes[shard]]
+
+
+def assert_saved_equals_memory(model: str, saved_dir: str, opts, text: str
+                               ) -> tuple[LoadedModel, list[int], LoadedModel]:
+    """quantize -> save -> load runs exactly the in-memory quantized model: `model` quantized
+    again with `opts` (deterministic) and installed into a fresh load gives the logits of
+    `saved_dir` bit for bit, in float32 and bf16. Returns the float model, the first 70 ids of
+    `text` and the saved checkpoint loaded in bf16."""
+    from surge.loader import load_model
+    from surge.quant.policy import Policy, load_policy, resolve_policy
+    from surge.quant.quantize import install, quantize_weights
+
+    src = load_model(model, "float32", "cpu", "none")
+    schemes = resolve_policy(src.model, load_policy(opts.policy) if opts.policy else Policy(), opts.scheme)
+    ids = src.tokenizer.encode(text, add_special_tokens=False)
+    weights, _ = quantize_weights(src, schemes, opts, ids)
+    seq = ids[:70]
+    for dtype in ("float32", "bfloat16"):
+        saved = load_model(saved_dir, dtype, "cpu")
+        memory = load_model(model, dtype, "cpu", "auto", before_finalize=install(weights))
+        assert saved.quantization == memory.quantization
+        (a,), (b,) = surge_logits(saved, [seq], chunks=2), surge_logits(memory, [seq], chunks=2)
+        assert torch.equal(a, b), dtype
+    return src, seq, saved

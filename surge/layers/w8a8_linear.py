@@ -64,7 +64,6 @@ class W8A8Linear(nn.Module):
         self.dtype = dtype
         self.input_scale = float(weight.input_scale)
         self.register_buffer("act_inv", weight.act_inv().contiguous())
-        self.register_buffer("bias", bias.to(dtype) if bias is not None else None)
         self.native = native_ops() is not None  # resolved here: a compiled forward must not build it
         q = weight.q.contiguous()
         if (w8a8_ops() is not None and native_linear.fits_w8a8(self.out_features, self.in_features)
@@ -74,16 +73,18 @@ class W8A8Linear(nn.Module):
             # y = (sum (x_q + 128) q - 128 sum q) * input_scale scale[n] + b
             self.register_buffer("comp", (weight.input_scale.double() * weight.scale.double()).float())
             self.register_buffer("corr", (ZERO_POINT * q.sum(1, dtype=torch.int32)).to(torch.int32))
-            self.register_buffer("bias_f32", bias.float().contiguous() if bias is not None else None)
-        elif onednn_int8():
+            # added in float32 before the output's one rounding
+            self.register_buffer("bias", bias.float().contiguous() if bias is not None else None)
+            return
+        self.register_buffer("bias", bias.to(dtype) if bias is not None else None)
+        self.register_buffer("scale", weight.scale.float().contiguous())
+        if onednn_int8():
             self.kernel = "oneDNN"
-            self.register_buffer("scale", weight.scale.float().contiguous())
             self.register_buffer("zeros", torch.zeros(self.out_features, dtype=torch.long), persistent=False)
             self._packed = torch.ops.onednn.qlinear_prepack(q, None)
             self.register_buffer("handle", register_packed(self, self._packed), persistent=False)
         else:
             self.kernel = "torch._int_mm"
-            self.register_buffer("scale", weight.scale.float().contiguous())
             self.register_buffer("q", q)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -91,7 +92,7 @@ class W8A8Linear(nn.Module):
         x2 = x.reshape(-1, self.in_features)
         codes = quantize_input(x2, self.act_inv, self.native)
         if self.kernel == "surge":
-            y = torch.ops.surge_native.linear_w8a8(codes, self.packed, self.comp, self.corr, self.bias_f32,
+            y = torch.ops.surge_native.linear_w8a8(codes, self.packed, self.comp, self.corr, self.bias,
                                                    x.dtype == torch.bfloat16)
         elif self.kernel == "torch._int_mm":
             sums = torch._int_mm((codes.to(torch.int16) - ZERO_POINT).to(torch.int8), self.q.t())

@@ -18,10 +18,15 @@ from surge.quant.formats import Int4Weight, Int8GroupWeight, Int8Weight
 from surge.quant.gptq import gptq
 from surge.quant.grid import _group_error, fit_grid, quantize_weight
 from surge.quant.policy import Policy, load_policy, resolve_policy
-from surge.quant.quantize import QuantizeOptions, install, quantize_model, quantize_weights
+from surge.quant.quantize import (
+    QuantizeOptions,
+    install,
+    quantize_model,
+    quantize_weights,
+)
 from surge.quant.schemes import SCHEMES, parse_scheme
 from tests.conftest import CORPUS, build_tiny_model
-from tests.helpers import surge_logits
+from tests.helpers import assert_saved_equals_memory, surge_logits
 
 DATA = Path(__file__).resolve().parents[1] / "data"
 TEXT = DATA / "gpl-3.0.txt"  # the quality gates' fixed text
@@ -215,18 +220,7 @@ def test_round_trip_logits_identical(tmp_path, tiny, method):
     assert result.calibration_tokens == (0 if method == "rtn" else len(load_model(str(tiny), "float32").tokenizer
                                                                      .encode(CORPUS, add_special_tokens=False)))
     assert result.quality is not None and result.quality.kld_mean > 0  # scored on the calibration text
-    # the in-memory model, quantized again (deterministic) and installed into a fresh load
-    src = load_model(str(tiny), "float32", "cpu", "none")
-    schemes = resolve_policy(src.model, load_policy(opts.policy), None)
-    ids = src.tokenizer.encode(CORPUS, add_special_tokens=False)
-    weights, _ = quantize_weights(src, schemes, opts, ids)
-    seq = ids[:70]
-    for dtype in ("float32", "bfloat16"):
-        saved = load_model(str(tmp_path / "out"), dtype, "cpu")
-        memory = load_model(str(tiny), dtype, "cpu", "auto", before_finalize=install(weights))
-        assert saved.quantization == memory.quantization
-        (a,), (b,) = surge_logits(saved, [seq], chunks=2), surge_logits(memory, [seq], chunks=2)
-        assert torch.equal(a, b), dtype
+    src, _, saved = assert_saved_equals_memory(str(tiny), str(tmp_path / "out"), opts, CORPUS)
     assert saved.tokenizer.encode("Hello, world.") == src.tokenizer.encode("Hello, world.")
     assert saved.tokenizer.chat_template == src.tokenizer.chat_template
 

@@ -27,12 +27,10 @@ from surge.quant.activations import (
 from surge.quant.formats import W8A8Weight, quantize_activations
 from surge.quant.quantize import (
     QuantizeOptions,
-    install,
     quantize_model,
-    quantize_weights,
 )
 from tests.conftest import CORPUS, build_tiny_model
-from tests.helpers import surge_logits
+from tests.helpers import assert_saved_equals_memory, surge_logits
 
 DATA = Path(__file__).resolve().parents[1] / "data"
 TEXT = DATA / "gpl-3.0.txt"
@@ -207,8 +205,6 @@ def tiny(tmp_path_factory, tiny_tokenizer_dir) -> Path:
 def test_round_trip_logits_identical(tmp_path, tiny, act_method, method):
     from safetensors import safe_open
 
-    from surge.quant.policy import load_policy, resolve_policy
-
     (tmp_path / "policy.toml").write_text(MIXED)
     (tmp_path / "calib.txt").write_text(CORPUS)
     opts = QuantizeOptions(method=method, policy=str(tmp_path / "policy.toml"), calib=str(tmp_path / "calib.txt"),
@@ -222,17 +218,8 @@ def test_round_trip_logits_identical(tmp_path, tiny, act_method, method):
         assert torch.equal(q_scale, f.get_tensor("model.layers.0.self_attn.v_proj.input_scale"))  # one input
         assert f.get_tensor("model.layers.0.mlp.up_proj.smooth").shape == (64,)
         assert "model.layers.0.mlp.down_proj.input_scale" not in f.keys()  # noqa: SIM118 - safe_open is no dict
-    src = load_model(str(tiny), "float32", "cpu", "none")
-    schemes = resolve_policy(src.model, load_policy(opts.policy), None)
-    ids = src.tokenizer.encode(CORPUS, add_special_tokens=False)
-    weights, _ = quantize_weights(src, schemes, opts, ids)
-    seq = ids[:70]
-    for dtype in ("float32", "bfloat16"):
-        saved = load_model(str(tmp_path / "out"), dtype, "cpu")
-        memory = load_model(str(tiny), dtype, "cpu", "auto", before_finalize=install(weights))
-        assert saved.quantization == memory.quantization == "int8 (2 linears), w8a8 (6 linears)"
-        (a,), (b,) = surge_logits(saved, [seq], chunks=2), surge_logits(memory, [seq], chunks=2)
-        assert torch.equal(a, b), dtype
+    src, seq, saved = assert_saved_equals_memory(str(tiny), str(tmp_path / "out"), opts, CORPUS)
+    assert saved.quantization == "int8 (2 linears), w8a8 (6 linears)"
     # the quantized model is close to the float one; -q none runs its weights without rounding inputs
     (ref,) = surge_logits(src, [seq])
     (quant,) = surge_logits(load_model(str(tmp_path / "out"), "float32", "cpu"), [seq])
