@@ -1,12 +1,18 @@
 """Side-by-side speed of surge, llama.cpp (llama-cpp-python) and transformers on the same model.
 
-    python benchmarks/compare.py [--threads 2] [--skip-llama-cpp] [--skip-transformers] [--serve] [--json OUT]
+    python benchmarks/compare.py [--threads 2] [--skip-llama-cpp] [--skip-transformers] [--serve]
+                                 [--compile] [--rounds N] [--json OUT]
 
 Everything runs in this one process, one engine at a time, on the same GGUF file (the
 default model unless --gguf is given) and the same token ids, and the script prints each
 number and the ratios docs/performance.md records. llama-cpp-python is installed from its
 source distribution when missing (it compiles llama.cpp: about 4 minutes on 2 cores); nothing
 built from llama.cpp belongs in the repository.
+
+--rounds N repeats the batch-32 workload N more times with surge and transformers loaded side
+by side, one run of each engine in turn, and reports the medians and the median of the
+per-round ratios: single runs of it move by up to ~20% on a shared 2-core machine
+(docs/performance.md), so a target ratio is read from the rounds.
 """
 
 from __future__ import annotations
@@ -16,9 +22,12 @@ import gc
 import json
 import os
 import random
+import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -56,23 +65,34 @@ def batch_prompts(vocab: int) -> list[list[int]]:
     return [prompt_ids(vocab, BATCH_PROMPT_TOKENS, 100 + i) for i in range(BATCH)]
 
 
-def bench_surge(gguf: str, threads: int, dtype: str, quantization: str, compile: bool = False) -> dict[str, float]:
-    from surge import LLM, SamplingParams
+def surge_batch_run(llm: Any) -> Callable[[], float]:
+    """A function that runs the batch-32 workload through `llm` once and returns its tok/s."""
+    from surge import SamplingParams
+
+    prompts = batch_prompts(llm.engine.vocab_size)
+    params = SamplingParams(max_tokens=BATCH_TOKENS, temperature=0, ignore_eos=True)
+    llm.generate(prompts[:2], SamplingParams(max_tokens=4))
+
+    def run() -> float:
+        start = time.perf_counter()
+        llm.generate(prompts, params)
+        return BATCH * BATCH_TOKENS / (time.perf_counter() - start)
+    return run
+
+
+def bench_surge(gguf: str, threads: int, dtype: str, quantization: str, compile: bool = False,
+                keep: bool = False) -> tuple[dict[str, float], Callable[[], float] | None]:
+    """decode b1, prefill 512 and decode b32 tok/s; with `keep`, also the batch-32 run (the
+    engine stays loaded for --rounds)."""
+    from surge import LLM
     from surge.entrypoints.bench import bench_latency
 
     llm = LLM(gguf, dtype=dtype, quantization=quantization, threads=threads, compile=compile)
-    vocab = llm.engine.vocab_size
     lat = bench_latency(llm, PREFILL_TOKENS, DECODE_TOKENS, iters=2)
     decode_b1 = bench_latency(llm, 8, DECODE_TOKENS, iters=2)["decode_tok_s"]
-    prompts = batch_prompts(vocab)
-    params = SamplingParams(max_tokens=BATCH_TOKENS, temperature=0, ignore_eos=True)
-    llm.generate(prompts[:2], SamplingParams(max_tokens=4))
-    start = time.perf_counter()
-    llm.generate(prompts, params)
-    batch = BATCH * BATCH_TOKENS / (time.perf_counter() - start)
-    del llm
-    gc.collect()
-    return {"decode_b1": decode_b1, "prefill_512": lat["prefill_tok_s"], "decode_b32": batch}
+    run = surge_batch_run(llm)
+    batch = run()
+    return {"decode_b1": decode_b1, "prefill_512": lat["prefill_tok_s"], "decode_b32": batch}, run if keep else None
 
 
 def bench_llama_cpp(gguf: str, threads: int) -> dict[str, float]:
@@ -119,7 +139,7 @@ def dense_bf16_checkpoint(gguf: str) -> str:
     return out
 
 
-def bench_transformers(gguf: str, threads: int) -> dict[str, float]:
+def bench_transformers(gguf: str, threads: int, keep: bool = False) -> tuple[dict[str, float], Callable[[], float] | None]:
     from transformers import AutoModelForCausalLM
 
     torch.set_num_threads(threads)
@@ -132,13 +152,26 @@ def bench_transformers(gguf: str, threads: int) -> dict[str, float]:
         start = time.perf_counter()
         model.generate(ids, max_new_tokens=DECODE_TOKENS, min_new_tokens=DECODE_TOKENS, do_sample=False)
         out["decode_b1"] = DECODE_TOKENS / (time.perf_counter() - start)
-        batch = torch.tensor(batch_prompts(vocab))
-        start = time.perf_counter()
-        model.generate(batch, attention_mask=torch.ones_like(batch), max_new_tokens=BATCH_TOKENS,
-                       min_new_tokens=BATCH_TOKENS, do_sample=False)
-        out["decode_b32"] = BATCH * BATCH_TOKENS / (time.perf_counter() - start)
-    del model
-    gc.collect()
+    batch = torch.tensor(batch_prompts(vocab))
+
+    def run() -> float:
+        with torch.no_grad():
+            start = time.perf_counter()
+            model.generate(batch, attention_mask=torch.ones_like(batch), max_new_tokens=BATCH_TOKENS,
+                           min_new_tokens=BATCH_TOKENS, do_sample=False)
+            return BATCH * BATCH_TOKENS / (time.perf_counter() - start)
+
+    out["decode_b32"] = run()
+    return out, run if keep else None  # the model goes with the function's frame unless kept
+
+
+def batch_rounds(runs: dict[str, Callable[[], float]], rounds: int) -> dict[str, list[float]]:
+    """Each engine's batch-32 run once per round, in turn, so that a slow minute of the machine
+    falls on all of them alike."""
+    out: dict[str, list[float]] = {name: [] for name in runs}
+    for _ in range(rounds):
+        for name, run in runs.items():
+            out[name].append(run())
     return out
 
 
@@ -234,18 +267,32 @@ def main() -> int:
                     help="also compare serving (32 streams) against llama-server, built from source if needed")
     ap.add_argument("--compile", action="store_true", help="surge with --compile (torch.compile, C++ wrapper)")
     ap.add_argument("--skip-surge-bf16", action="store_true", help="skip surge with dequantized bf16 weights")
+    ap.add_argument("--rounds", type=int, default=0,
+                    help="then N interleaved rounds of the batch-32 workload, surge and transformers side by side")
     ap.add_argument("--json", default=None, help="also write the results to this file")
     args = ap.parse_args()
+    if args.rounds < 0:
+        ap.error("--rounds must be >= 0")
     gguf = args.gguf or default_model_path()
     torch.set_num_threads(args.threads)
+    keep = args.rounds > 0
     results: dict[str, dict[str, float]] = {}
-    results["surge_4bit_bf16"] = bench_surge(gguf, args.threads, "bfloat16", "auto", args.compile)
+    runs: dict[str, Callable[[], float]] = {}
+
+    def record(name: str, outcome: tuple[dict[str, float], Callable[[], float] | None]) -> None:
+        results[name], run = outcome
+        if run is not None:
+            runs[name] = run
+        gc.collect()
+
+    record("surge_4bit_bf16", bench_surge(gguf, args.threads, "bfloat16", "auto", args.compile, keep))
     if not args.skip_surge_bf16:
-        results["surge_bf16"] = bench_surge(gguf, args.threads, "bfloat16", "none", args.compile)
+        record("surge_bf16", bench_surge(gguf, args.threads, "bfloat16", "none", args.compile, keep))
     if not args.skip_llama_cpp and ensure_llama_cpp():
         results["llama_cpp_python"] = bench_llama_cpp(gguf, args.threads)
     if not args.skip_transformers:
-        results["transformers_bf16"] = bench_transformers(gguf, args.threads)
+        record("transformers_bf16", bench_transformers(gguf, args.threads, keep))
+    rounds = batch_rounds(runs, args.rounds) if keep else {}
 
     print(f"\nmodel {os.path.basename(gguf)}, {args.threads} threads, torch {torch.__version__}")
     print(f"{'engine':<20}{'decode b1 tok/s':>17}{'prefill 512 tok/s':>19}{'decode b32 tok/s':>18}")
@@ -264,6 +311,17 @@ def main() -> int:
             if s16 is not None:
                 ratios[f"{key} surge-bf16 / transformers-bf16"] = s16[key] / tf[key]
             ratios[f"{key} surge-4bit / transformers-bf16"] = s4[key] / tf[key]
+    if rounds:
+        print(f"\ndecode b32, {args.rounds} interleaved rounds (tok/s):")
+        for name, values in rounds.items():
+            print(f"{name:<20}" + " ".join(f"{v:7.1f}" for v in values) + f"   median {statistics.median(values):.1f}")
+        if "transformers_bf16" in rounds:
+            tf_runs = rounds["transformers_bf16"]
+            for name, label in (("surge_bf16", "surge-bf16"), ("surge_4bit_bf16", "surge-4bit")):
+                if name in rounds:  # the median of the per-round ratios: each round's engines ran minutes apart at most
+                    per_round = [s / t for s, t in zip(rounds[name], tf_runs, strict=True)]
+                    ratios[f"decode_b32 {label} / transformers-bf16, median of {args.rounds} rounds"] = (
+                        statistics.median(per_round))
     serving = bench_serving(gguf, args.threads, compile=args.compile) if args.serve else {}
     for name, r in serving.items():
         print(f"serving {name:<14} output {r['output_tok_s']:.1f} tok/s, TTFT p50 {r['ttft_s'].get('p50', 0):.2f} s "
@@ -279,8 +337,8 @@ def main() -> int:
         print(f"{name:<48}{value:6.2f}x")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"results": results, "serving": serving, "ratios": ratios, "threads": args.threads}, f,
-                      indent=2)
+            json.dump({"results": results, "batch_rounds": rounds, "serving": serving, "ratios": ratios,
+                       "threads": args.threads}, f, indent=2)
     return 0
 
 
