@@ -9,10 +9,10 @@ number and the ratios docs/performance.md records. llama-cpp-python is installed
 source distribution when missing (it compiles llama.cpp: about 4 minutes on 2 cores); nothing
 built from llama.cpp belongs in the repository.
 
---rounds N repeats the batch-32 workload N more times with surge and transformers loaded side
-by side, one run of each engine in turn, and reports the medians and the median of the
-per-round ratios: single runs of it move by up to ~20% on a shared 2-core machine
-(docs/performance.md), so a target ratio is read from the rounds.
+--rounds N then repeats every measurement N more times with all the engines loaded side by
+side, one run of each engine in turn, and reports the medians and the median of the per-round
+ratios: single runs move by up to ~20% on a shared 2-core machine (docs/performance.md), so a
+target ratio is read from the rounds.
 """
 
 from __future__ import annotations
@@ -65,60 +65,88 @@ def batch_prompts(vocab: int) -> list[list[int]]:
     return [prompt_ids(vocab, BATCH_PROMPT_TOKENS, 100 + i) for i in range(BATCH)]
 
 
-def surge_batch_run(llm: Any) -> Callable[[], float]:
-    """A function that runs the batch-32 workload through `llm` once and returns its tok/s."""
+Run = Callable[[], float]  # one measurement: runs the workload once, returns tokens/s
+
+
+def surge_runs(llm: Any) -> dict[str, Run]:
+    """The three workloads through a warmed-up `llm`; each call uses fresh prompt ids for the
+    single prompts, so the prefix cache never shortens one."""
     from surge import SamplingParams
+    from surge.sampling_params import RequestOutputKind
 
-    prompts = batch_prompts(llm.engine.vocab_size)
+    engine = llm.engine
+    vocab = engine.vocab_size
+    seeds = iter(range(10_000, 1 << 30))
+
+    def single(prompt_len: int, max_tokens: int) -> tuple[float, float]:
+        """(seconds to the first token, decode tok/s after it) for one fresh prompt."""
+        params = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True,
+                                output_kind=RequestOutputKind.DELTA)
+        start = time.perf_counter()
+        engine.add_request(prompt_ids(vocab, prompt_len, next(seeds)), params)
+        first = None
+        while engine.has_unfinished_requests():
+            for _ in engine.step():
+                first = first or time.perf_counter()
+        end = time.perf_counter()
+        return first - start, (max_tokens - 1) / (end - first) if max_tokens > 1 else 0.0
+
+    prompts = batch_prompts(vocab)
     params = SamplingParams(max_tokens=BATCH_TOKENS, temperature=0, ignore_eos=True)
-    llm.generate(prompts[:2], SamplingParams(max_tokens=4))
 
-    def run() -> float:
+    def batch() -> float:
         start = time.perf_counter()
         llm.generate(prompts, params)
         return BATCH * BATCH_TOKENS / (time.perf_counter() - start)
-    return run
+
+    return {"decode_b1": lambda: single(8, DECODE_TOKENS)[1],
+            "prefill_512": lambda: PREFILL_TOKENS / single(PREFILL_TOKENS, 1)[0],
+            "decode_b32": batch}
 
 
 def bench_surge(gguf: str, threads: int, dtype: str, quantization: str, compile: bool = False,
-                keep: bool = False) -> tuple[dict[str, float], Callable[[], float] | None]:
-    """decode b1, prefill 512 and decode b32 tok/s; with `keep`, also the batch-32 run (the
-    engine stays loaded for --rounds)."""
-    from surge import LLM
-    from surge.entrypoints.bench import bench_latency
+                keep: bool = False) -> tuple[dict[str, float], dict[str, Run]]:
+    """decode b1, prefill 512 and decode b32 tok/s (the median of two runs each after warm-up,
+    one for batch 32); with `keep`, also the workloads (the engine stays loaded for --rounds)."""
+    from surge import LLM, SamplingParams
 
     llm = LLM(gguf, dtype=dtype, quantization=quantization, threads=threads, compile=compile)
-    lat = bench_latency(llm, PREFILL_TOKENS, DECODE_TOKENS, iters=2)
-    decode_b1 = bench_latency(llm, 8, DECODE_TOKENS, iters=2)["decode_tok_s"]
-    run = surge_batch_run(llm)
-    batch = run()
-    return {"decode_b1": decode_b1, "prefill_512": lat["prefill_tok_s"], "decode_b32": batch}, run if keep else None
+    llm.engine.warm_up()  # every decode batch size and some prefill lengths once: compiles here
+    runs = surge_runs(llm)
+    llm.generate(batch_prompts(llm.engine.vocab_size)[:2], SamplingParams(max_tokens=4))
+    out = {"decode_b1": statistics.median([runs["decode_b1"]() for _ in range(2)]),
+           "prefill_512": statistics.median([runs["prefill_512"]() for _ in range(2)]),
+           "decode_b32": runs["decode_b32"]()}
+    return out, runs if keep else {}
 
 
-def bench_llama_cpp(gguf: str, threads: int) -> dict[str, float]:
+def bench_llama_cpp(gguf: str, threads: int, keep: bool = False) -> tuple[dict[str, float], dict[str, Run]]:
     from llama_cpp import Llama
 
     llm = Llama(model_path=gguf, n_threads=threads, n_threads_batch=threads, n_ctx=2048, n_batch=512,
                 verbose=False)
     vocab = llm.n_vocab()
-    out = {}
     ids = prompt_ids(vocab, PREFILL_TOKENS, 0)
     llm.reset()
     llm.eval(ids[:16])  # warm up
-    llm.reset()
-    start = time.perf_counter()
-    llm.eval(ids)
-    out["prefill_512"] = PREFILL_TOKENS / (time.perf_counter() - start)
-    llm.reset()
-    llm.eval(prompt_ids(vocab, 8, 1))
-    start = time.perf_counter()
-    for _ in range(DECODE_TOKENS):
-        token = llm.sample(temp=0.0)
-        llm.eval([token])
-    out["decode_b1"] = DECODE_TOKENS / (time.perf_counter() - start)
-    del llm
-    gc.collect()
-    return out
+
+    def prefill() -> float:
+        llm.reset()
+        start = time.perf_counter()
+        llm.eval(ids)
+        return PREFILL_TOKENS / (time.perf_counter() - start)
+
+    def decode() -> float:
+        llm.reset()
+        llm.eval(prompt_ids(vocab, 8, 1))
+        start = time.perf_counter()
+        for _ in range(DECODE_TOKENS):
+            token = llm.sample(temp=0.0)
+            llm.eval([token])
+        return DECODE_TOKENS / (time.perf_counter() - start)
+
+    runs = {"prefill_512": prefill, "decode_b1": decode}
+    return {"prefill_512": prefill(), "decode_b1": decode()}, runs if keep else {}
 
 
 def dense_bf16_checkpoint(gguf: str) -> str:
@@ -139,40 +167,52 @@ def dense_bf16_checkpoint(gguf: str) -> str:
     return out
 
 
-def bench_transformers(gguf: str, threads: int, keep: bool = False) -> tuple[dict[str, float], Callable[[], float] | None]:
+def bench_transformers(gguf: str, threads: int, keep: bool = False) -> tuple[dict[str, float], dict[str, Run]]:
     from transformers import AutoModelForCausalLM
 
     torch.set_num_threads(threads)
     model = AutoModelForCausalLM.from_pretrained(dense_bf16_checkpoint(gguf), dtype=torch.bfloat16).eval()
     vocab = model.config.vocab_size
-    out = {}
-    with torch.no_grad():
-        ids = torch.tensor([prompt_ids(vocab, 8, 1)])
-        model.generate(ids, max_new_tokens=4, do_sample=False)
-        start = time.perf_counter()
-        model.generate(ids, max_new_tokens=DECODE_TOKENS, min_new_tokens=DECODE_TOKENS, do_sample=False)
-        out["decode_b1"] = DECODE_TOKENS / (time.perf_counter() - start)
+    ids = torch.tensor([prompt_ids(vocab, 8, 1)])
     batch = torch.tensor(batch_prompts(vocab))
 
-    def run() -> float:
-        with torch.no_grad():
-            start = time.perf_counter()
-            model.generate(batch, attention_mask=torch.ones_like(batch), max_new_tokens=BATCH_TOKENS,
-                           min_new_tokens=BATCH_TOKENS, do_sample=False)
-            return BATCH * BATCH_TOKENS / (time.perf_counter() - start)
+    @torch.no_grad()
+    def generate(inputs: torch.Tensor, new_tokens: int) -> float:
+        start = time.perf_counter()
+        model.generate(inputs, attention_mask=torch.ones_like(inputs), max_new_tokens=new_tokens,
+                       min_new_tokens=new_tokens, do_sample=False)
+        return inputs.shape[0] * new_tokens / (time.perf_counter() - start)
 
-    out["decode_b32"] = run()
-    return out, run if keep else None  # the model goes with the function's frame unless kept
+    generate(ids, 4)  # warm up
+    runs = {"decode_b1": lambda: generate(ids, DECODE_TOKENS), "decode_b32": lambda: generate(batch, BATCH_TOKENS)}
+    out = {name: run() for name, run in runs.items()}
+    return out, runs if keep else {}  # the model goes with the function's frame unless kept
 
 
-def batch_rounds(runs: dict[str, Callable[[], float]], rounds: int) -> dict[str, list[float]]:
-    """Each engine's batch-32 run once per round, in turn, so that a slow minute of the machine
-    falls on all of them alike."""
-    out: dict[str, list[float]] = {name: [] for name in runs}
+def interleaved_rounds(runs: dict[str, dict[str, Run]], rounds: int) -> dict[str, dict[str, list[float]]]:
+    """engine -> workload -> one value per round; each round runs every engine's workloads once,
+    in turn, so that a slow minute of the machine falls on all of them alike."""
+    out: dict[str, dict[str, list[float]]] = {e: {w: [] for w in r} for e, r in runs.items()}
     for _ in range(rounds):
-        for name, run in runs.items():
-            out[name].append(run())
+        for workload in WORKLOADS:
+            for engine, engine_runs in runs.items():
+                if workload in engine_runs:
+                    out[engine][workload].append(engine_runs[workload]())
     return out
+
+
+WORKLOADS = ("decode_b1", "prefill_512", "decode_b32")
+# (workload, engine, baseline): the ratios issue 5's targets are stated in
+RATIOS = (
+    ("decode_b1", "surge_4bit_bf16", "llama_cpp_python"),
+    ("prefill_512", "surge_4bit_bf16", "llama_cpp_python"),
+    ("decode_b1", "surge_bf16", "transformers_bf16"),
+    ("decode_b1", "surge_4bit_bf16", "transformers_bf16"),
+    ("decode_b32", "surge_bf16", "transformers_bf16"),
+    ("decode_b32", "surge_4bit_bf16", "transformers_bf16"),
+)
+LABELS = {"surge_4bit_bf16": "surge-4bit", "surge_bf16": "surge-bf16", "llama_cpp_python": "llama.cpp",
+          "transformers_bf16": "transformers-bf16"}
 
 
 LLAMA_CPP_VERSION = "0.3.36"
@@ -268,7 +308,7 @@ def main() -> int:
     ap.add_argument("--compile", action="store_true", help="surge with --compile (torch.compile, C++ wrapper)")
     ap.add_argument("--skip-surge-bf16", action="store_true", help="skip surge with dequantized bf16 weights")
     ap.add_argument("--rounds", type=int, default=0,
-                    help="then N interleaved rounds of the batch-32 workload, surge and transformers side by side")
+                    help="then N interleaved rounds of every measurement, all engines loaded side by side")
     ap.add_argument("--json", default=None, help="also write the results to this file")
     args = ap.parse_args()
     if args.rounds < 0:
@@ -277,51 +317,44 @@ def main() -> int:
     torch.set_num_threads(args.threads)
     keep = args.rounds > 0
     results: dict[str, dict[str, float]] = {}
-    runs: dict[str, Callable[[], float]] = {}
+    runs: dict[str, dict[str, Run]] = {}
 
-    def record(name: str, outcome: tuple[dict[str, float], Callable[[], float] | None]) -> None:
-        results[name], run = outcome
-        if run is not None:
-            runs[name] = run
+    def record(name: str, outcome: tuple[dict[str, float], dict[str, Run]]) -> None:
+        results[name], engine_runs = outcome
+        if engine_runs:
+            runs[name] = engine_runs
         gc.collect()
 
     record("surge_4bit_bf16", bench_surge(gguf, args.threads, "bfloat16", "auto", args.compile, keep))
     if not args.skip_surge_bf16:
         record("surge_bf16", bench_surge(gguf, args.threads, "bfloat16", "none", args.compile, keep))
     if not args.skip_llama_cpp and ensure_llama_cpp():
-        results["llama_cpp_python"] = bench_llama_cpp(gguf, args.threads)
+        record("llama_cpp_python", bench_llama_cpp(gguf, args.threads, keep))
     if not args.skip_transformers:
         record("transformers_bf16", bench_transformers(gguf, args.threads, keep))
-    rounds = batch_rounds(runs, args.rounds) if keep else {}
+    rounds = interleaved_rounds(runs, args.rounds) if keep else {}
 
     print(f"\nmodel {os.path.basename(gguf)}, {args.threads} threads, torch {torch.__version__}")
     print(f"{'engine':<20}{'decode b1 tok/s':>17}{'prefill 512 tok/s':>19}{'decode b32 tok/s':>18}")
     for name, r in results.items():
-        cells = [f"{r[k]:.1f}" if k in r else "-" for k in ("decode_b1", "prefill_512", "decode_b32")]
+        cells = [f"{r[k]:.1f}" if k in r else "-" for k in WORKLOADS]
         print(f"{name:<20}{cells[0]:>17}{cells[1]:>19}{cells[2]:>18}")
     ratios = {}
-    s4, s16 = results["surge_4bit_bf16"], results.get("surge_bf16")
-    if "llama_cpp_python" in results:
-        lc = results["llama_cpp_python"]
-        ratios["decode_b1 surge-4bit / llama.cpp"] = s4["decode_b1"] / lc["decode_b1"]
-        ratios["prefill_512 surge-4bit / llama.cpp"] = s4["prefill_512"] / lc["prefill_512"]
-    if "transformers_bf16" in results:
-        tf = results["transformers_bf16"]
-        for key in ("decode_b1", "decode_b32"):
-            if s16 is not None:
-                ratios[f"{key} surge-bf16 / transformers-bf16"] = s16[key] / tf[key]
-            ratios[f"{key} surge-4bit / transformers-bf16"] = s4[key] / tf[key]
+    for workload, engine, base in RATIOS:
+        if engine in results and base in results:
+            ratios[f"{workload} {LABELS[engine]} / {LABELS[base]}"] = results[engine][workload] / results[base][workload]
     if rounds:
-        print(f"\ndecode b32, {args.rounds} interleaved rounds (tok/s):")
-        for name, values in rounds.items():
-            print(f"{name:<20}" + " ".join(f"{v:7.1f}" for v in values) + f"   median {statistics.median(values):.1f}")
-        if "transformers_bf16" in rounds:
-            tf_runs = rounds["transformers_bf16"]
-            for name, label in (("surge_bf16", "surge-bf16"), ("surge_4bit_bf16", "surge-4bit")):
-                if name in rounds:  # the median of the per-round ratios: each round's engines ran minutes apart at most
-                    per_round = [s / t for s, t in zip(rounds[name], tf_runs, strict=True)]
-                    ratios[f"decode_b32 {label} / transformers-bf16, median of {args.rounds} rounds"] = (
-                        statistics.median(per_round))
+        for workload in WORKLOADS:
+            print(f"\n{workload}, {args.rounds} interleaved rounds (tok/s):")
+            for name, values in rounds.items():
+                if values.get(workload):
+                    v = values[workload]
+                    print(f"{name:<20}" + " ".join(f"{x:7.1f}" for x in v) + f"   median {statistics.median(v):.1f}")
+        for workload, engine, base in RATIOS:  # the median of the per-round ratios
+            if engine in rounds and base in rounds:
+                per_round = [a / b for a, b in zip(rounds[engine][workload], rounds[base][workload], strict=True)]
+                ratios[f"{workload} {LABELS[engine]} / {LABELS[base]}, median of {args.rounds} rounds"] = (
+                    statistics.median(per_round))
     serving = bench_serving(gguf, args.threads, compile=args.compile) if args.serve else {}
     for name, r in serving.items():
         print(f"serving {name:<14} output {r['output_tok_s']:.1f} tok/s, TTFT p50 {r['ttft_s'].get('p50', 0):.2f} s "
@@ -334,10 +367,10 @@ def main() -> int:
             serving["llama_server"]["ttft_s"]["p99"] / serving["surge"]["ttft_s"]["p99"])
     print()
     for name, value in ratios.items():
-        print(f"{name:<48}{value:6.2f}x")
+        print(f"{name:<64}{value:6.2f}x")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"results": results, "batch_rounds": rounds, "serving": serving, "ratios": ratios,
+            json.dump({"results": results, "rounds": rounds, "serving": serving, "ratios": ratios,
                        "threads": args.threads}, f, indent=2)
     return 0
 
