@@ -37,6 +37,19 @@ BATCH = 32
 BATCH_TOKENS = 64
 BATCH_PROMPT_TOKENS = 48
 
+WORKLOADS = ("decode_b1", "prefill_512", "decode_b32")
+# (workload, engine, baseline): the ratios issue 5's targets are stated in
+RATIOS = (
+    ("decode_b1", "surge_4bit_bf16", "llama_cpp_python"),
+    ("prefill_512", "surge_4bit_bf16", "llama_cpp_python"),
+    ("decode_b1", "surge_bf16", "transformers_bf16"),
+    ("decode_b1", "surge_4bit_bf16", "transformers_bf16"),
+    ("decode_b32", "surge_bf16", "transformers_bf16"),
+    ("decode_b32", "surge_4bit_bf16", "transformers_bf16"),
+)
+LABELS = {"surge_4bit_bf16": "surge-4bit", "surge_bf16": "surge-bf16", "llama_cpp_python": "llama.cpp",
+          "transformers_bf16": "transformers-bf16"}
+
 
 def ensure_llama_cpp() -> bool:
     try:
@@ -72,24 +85,14 @@ def surge_runs(llm: Any) -> dict[str, Run]:
     """The three workloads through a warmed-up `llm`; each call uses fresh prompt ids for the
     single prompts, so the prefix cache never shortens one."""
     from surge import SamplingParams
-    from surge.sampling_params import RequestOutputKind
+    from surge.entrypoints.bench import time_request
 
     engine = llm.engine
     vocab = engine.vocab_size
     seeds = iter(range(10_000, 1 << 30))
 
     def single(prompt_len: int, max_tokens: int) -> tuple[float, float]:
-        """(seconds to the first token, decode tok/s after it) for one fresh prompt."""
-        params = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True,
-                                output_kind=RequestOutputKind.DELTA)
-        start = time.perf_counter()
-        engine.add_request(prompt_ids(vocab, prompt_len, next(seeds)), params)
-        first = None
-        while engine.has_unfinished_requests():
-            for _ in engine.step():
-                first = first or time.perf_counter()
-        end = time.perf_counter()
-        return first - start, (max_tokens - 1) / (end - first) if max_tokens > 1 else 0.0
+        return time_request(engine, prompt_ids(vocab, prompt_len, next(seeds)), max_tokens)
 
     prompts = batch_prompts(vocab)
     params = SamplingParams(max_tokens=BATCH_TOKENS, temperature=0, ignore_eos=True)
@@ -199,20 +202,6 @@ def interleaved_rounds(runs: dict[str, dict[str, Run]], rounds: int) -> dict[str
                 if workload in engine_runs:
                     out[engine][workload].append(engine_runs[workload]())
     return out
-
-
-WORKLOADS = ("decode_b1", "prefill_512", "decode_b32")
-# (workload, engine, baseline): the ratios issue 5's targets are stated in
-RATIOS = (
-    ("decode_b1", "surge_4bit_bf16", "llama_cpp_python"),
-    ("prefill_512", "surge_4bit_bf16", "llama_cpp_python"),
-    ("decode_b1", "surge_bf16", "transformers_bf16"),
-    ("decode_b1", "surge_4bit_bf16", "transformers_bf16"),
-    ("decode_b32", "surge_bf16", "transformers_bf16"),
-    ("decode_b32", "surge_4bit_bf16", "transformers_bf16"),
-)
-LABELS = {"surge_4bit_bf16": "surge-4bit", "surge_bf16": "surge-bf16", "llama_cpp_python": "llama.cpp",
-          "transformers_bf16": "transformers-bf16"}
 
 
 LLAMA_CPP_VERSION = "0.3.36"

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+from typing import Any
+
 import torch
 
 from surge.core.scheduler_output import ScheduledRequest, SchedulerOutput
@@ -91,3 +95,18 @@ def assert_saved_equals_memory(model: str, saved_dir: str, opts, text: str
         (a,), (b,) = surge_logits(saved, [seq], chunks=2), surge_logits(memory, [seq], chunks=2)
         assert torch.equal(a, b), dtype
     return src, seq, saved
+
+
+def assert_quantize_cli_refuses(tmp_path: Path, model: Path, capsys: Any, argv: list[str], message: str) -> None:
+    """`surge quantize -m MODEL ARGV -o tmp_path/out` exits 2 with `message` on stderr and
+    leaves nothing behind (no output directory, no temporary one)."""
+    from surge.entrypoints.cli import main
+
+    try:
+        rc = main(["quantize", "-m", str(model), "--no-progress", *argv, "-o", str(tmp_path / "out")])
+    except SystemExit as exc:  # argparse's own errors
+        rc = exc.code
+    assert rc == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()  # nothing written
+    assert not [p for p in os.listdir(tmp_path) if p.startswith(".surge-quantize-")]

@@ -49,8 +49,25 @@ def _emit(result: dict[str, Any], as_json: bool) -> None:
             print(f"{key}: {value:.4g}" if isinstance(value, float) else f"{key}: {value}")
 
 
-def bench_latency(llm: Any, input_len: int, output_len: int, iters: int) -> dict[str, Any]:
+def time_request(engine: Any, ids: list[int], output_len: int) -> tuple[float, float]:
+    """(seconds to the first token, decode tokens/s after it) of one greedy request run alone
+    on an idle engine."""
     from surge.sampling_params import RequestOutputKind, SamplingParams
+
+    params = SamplingParams(max_tokens=output_len, temperature=0, ignore_eos=True,
+                            output_kind=RequestOutputKind.DELTA)
+    start = time.perf_counter()
+    engine.add_request(ids, params)
+    first = None
+    while engine.has_unfinished_requests():
+        for _ in engine.step():
+            if first is None:
+                first = time.perf_counter()
+    end = time.perf_counter()
+    return first - start, (output_len - 1) / (end - first)
+
+
+def bench_latency(llm: Any, input_len: int, output_len: int, iters: int) -> dict[str, Any]:
     from surge.worker.model_runner import StepTimings
 
     rng = random.Random(0)
@@ -61,20 +78,10 @@ def bench_latency(llm: Any, input_len: int, output_len: int, iters: int) -> dict
     for it in range(iters + 1):  # the first run warms up
         if it == 1:
             engine.runner.timings = StepTimings()
-        ids = [rng.randrange(3, vocab) for _ in range(input_len)]
-        params = SamplingParams(max_tokens=output_len, temperature=0, ignore_eos=True,
-                                output_kind=RequestOutputKind.DELTA)
-        start = time.perf_counter()
-        engine.add_request(ids, params)
-        first = None
-        while engine.has_unfinished_requests():
-            for _ in engine.step():
-                if first is None:
-                    first = time.perf_counter()
-        end = time.perf_counter()
+        ttft, decode_tok_s = time_request(engine, [rng.randrange(3, vocab) for _ in range(input_len)], output_len)
         if it:
-            prefill.append(first - start)
-            decode.append((output_len - 1) / (end - first))
+            prefill.append(ttft)
+            decode.append(decode_tok_s)
     return {"input_len": input_len, "output_len": output_len, "prefill_s": statistics.median(prefill),
             "prefill_tok_s": input_len / statistics.median(prefill), "decode_tok_s": statistics.median(decode),
             "step": engine.runner.timings.summary()}

@@ -26,7 +26,11 @@ from surge.quant.quantize import (
 )
 from surge.quant.schemes import SCHEMES, parse_scheme
 from tests.conftest import CORPUS, build_tiny_model
-from tests.helpers import assert_saved_equals_memory, surge_logits
+from tests.helpers import (
+    assert_quantize_cli_refuses,
+    assert_saved_equals_memory,
+    surge_logits,
+)
 
 DATA = Path(__file__).resolve().parents[1] / "data"
 TEXT = DATA / "gpl-3.0.txt"  # the quality gates' fixed text
@@ -331,20 +335,11 @@ def test_cli_json_summary(tmp_path, tiny, capsys):
     (["--scheme", "int4-g32", "--eval-text", "one-token.txt"], "at least 2 are needed"),
 ])
 def test_cli_errors(tmp_path, tiny, capsys, monkeypatch, argv, message):
-    from surge.entrypoints.cli import main
-
     monkeypatch.chdir(tmp_path)
     (tmp_path / "short.txt").write_text("The quick fox")
     (tmp_path / "one-token.txt").write_text("a")
     (tmp_path / "bad-policy.toml").write_text('[modules]\n"model.layers.7.*" = "int8"\n')
-    try:
-        rc = main(["quantize", "-m", str(tiny), "--no-progress", *argv, "-o", str(tmp_path / "out")])
-    except SystemExit as exc:  # argparse's own errors
-        rc = exc.code
-    assert rc == 2
-    assert message in capsys.readouterr().err
-    assert not (tmp_path / "out").exists()  # nothing written
-    assert not [p for p in os.listdir(tmp_path) if p.startswith(".surge-quantize-")]
+    assert_quantize_cli_refuses(tmp_path, tiny, capsys, argv, message)
 
 
 def test_cli_refuses_a_non_empty_output(tmp_path, tiny, capsys):

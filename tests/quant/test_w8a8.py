@@ -30,7 +30,11 @@ from surge.quant.quantize import (
     quantize_model,
 )
 from tests.conftest import CORPUS, build_tiny_model
-from tests.helpers import assert_saved_equals_memory, surge_logits
+from tests.helpers import (
+    assert_quantize_cli_refuses,
+    assert_saved_equals_memory,
+    surge_logits,
+)
 
 DATA = Path(__file__).resolve().parents[1] / "data"
 TEXT = DATA / "gpl-3.0.txt"
@@ -262,19 +266,11 @@ def test_checkpoint_errors(tmp_path, tiny):
     (["--scheme", "w8a8", "--calib", "short.txt"], "tokens; at least 128 are needed"),
 ])
 def test_cli_errors(tmp_path, tiny, capsys, monkeypatch, argv, message):
-    from surge.entrypoints.cli import main
-
     monkeypatch.chdir(tmp_path)
     (tmp_path / "calib.txt").write_text(CORPUS)
     (tmp_path / "short.txt").write_text("The quick fox")
     (tmp_path / "w8a8.toml").write_text('[modules]\n"*.mlp.*" = "w8a8"\n')
-    try:
-        rc = main(["quantize", "-m", str(tiny), "--no-progress", *argv, "-o", str(tmp_path / "out")])
-    except SystemExit as exc:  # argparse's own errors
-        rc = exc.code
-    assert rc == 2
-    assert message in capsys.readouterr().err
-    assert not (tmp_path / "out").exists()
+    assert_quantize_cli_refuses(tmp_path, tiny, capsys, argv, message)
 
 
 # ---- the default model ------------------------------------------------------------------------
