@@ -96,6 +96,15 @@ class ModelConfig:
     # dtype the weights are stored in, as a name ("float32", ...); "auto" resolution uses it.
     checkpoint_dtype: str = "float32"
 
+    @property
+    def attention_parity_tokens(self) -> int:
+        """The context length at which one token's attention (QK and PV over the context) costs
+        as many flops as its linear layers: beyond it, prefill chunks cost more per token."""
+        h, d = self.hidden_size, self.head_dim
+        linear = h * self.num_attention_heads * d * 2 + 2 * h * self.num_key_value_heads * d \
+            + 3 * h * self.intermediate_size
+        return max(1, linear // (2 * self.num_attention_heads * d))
+
     def __post_init__(self) -> None:
         if not self.head_dim:
             object.__setattr__(self, "head_dim", self.hidden_size // self.num_attention_heads)

@@ -21,7 +21,7 @@ class CompletionOutput:
     index: int
     text: str
     token_ids: list[int]
-    finish_reason: str | None = None  # "stop", "length", "abort", or None while running
+    finish_reason: str | None = None  # "stop", "length", "abort", "error", or None while running
     stop_reason: int | str | None = None  # the stop token id or stop string that ended it
     logprobs: list[PositionLogprobs] | None = None
     cumulative_logprob: float | None = None
@@ -41,3 +41,4 @@ class RequestOutput:
     prompt_logprobs: list[PositionLogprobs | None] | None = None
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
     first_token_time: float | None = None  # time.monotonic() of the first generated token
+    error: str | None = None  # why the engine failed this request (its finish_reason is "error")

@@ -10,6 +10,14 @@ ones (in policy order). A scheduled request advances by the tokens it was given:
 
 When a running request needs a block and none is free, the lowest-priority running request
 (the newest under FCFS) is preempted: its blocks are freed and it waits to be recomputed.
+
+While some request is decoding, a prompt is prefilled at most `long_prefill_token_threshold`
+tokens a step (vLLM's setting of that name), fewer deep into a long prompt where each token's
+attention costs more (`attention_parity_tokens`: the context at which attention costs what the
+linear layers do), so one 8k-token prompt costs every stream short steps instead of one long
+one; alone, a prompt takes the whole budget.
+
+    chunk at context s = threshold * parity / (parity + s)   (at least one block)
 """
 
 from __future__ import annotations
@@ -52,9 +60,15 @@ class Scheduler:
         enable_chunked_prefill: bool = True,
         enable_prefix_caching: bool = True,
         policy: SchedulingPolicy | str = SchedulingPolicy.FCFS,
+        long_prefill_token_threshold: int = 256,
+        attention_parity_tokens: int = 0,
     ):
         if max_num_seqs < 1 or max_num_batched_tokens < 1:
             raise InvalidArgumentError("max_num_seqs and max_num_batched_tokens must be positive")
+        if long_prefill_token_threshold < 0:
+            raise InvalidArgumentError("long_prefill_token_threshold must be 0 (off) or positive")
+        self.long_prefill_token_threshold = long_prefill_token_threshold
+        self.attention_parity_tokens = attention_parity_tokens  # 0: chunks of the threshold whatever the context
         self.kv = KVCacheManager(num_blocks, block_size, enable_prefix_caching)
         self.block_size = block_size
         self.max_num_seqs = max_num_seqs
@@ -131,7 +145,15 @@ class Scheduler:
 
     # ---- scheduling ---------------------------------------------------------------------
 
-    def _chunk(self, wanted: int, budget: int) -> int:
+    def _prefill_cap(self, start: int) -> int:
+        threshold, parity = self.long_prefill_token_threshold, self.attention_parity_tokens
+        if not parity:
+            return threshold
+        return max(self.block_size, threshold * parity // (parity + start))
+
+    def _chunk(self, wanted: int, budget: int, cap: int = 0) -> int:
+        if cap and wanted > cap and self.enable_chunked_prefill:
+            wanted = cap
         if wanted <= budget:
             return wanted
         return budget if self.enable_chunked_prefill else 0
@@ -142,11 +164,14 @@ class Scheduler:
         budget = self.max_num_batched_tokens
         granted: dict[str, int] = {}  # request id -> tokens scheduled this step
         preempted: list[Request] = []
+        decoding = any(r.num_tokens - r.num_computed_tokens == 1 for r in self.running)
+        cap = self.long_prefill_token_threshold if decoding else 0
 
         i = 0
         while i < len(self.running) and budget > 0:
             request = self.running[i]
-            num_new = self._chunk(request.num_tokens - request.num_computed_tokens, budget)
+            num_new = self._chunk(request.num_tokens - request.num_computed_tokens, budget,
+                                  cap and self._prefill_cap(request.num_computed_tokens))
             if num_new <= 0:
                 i += 1
                 continue
@@ -169,7 +194,7 @@ class Scheduler:
             while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
                 request = self.waiting[0]
                 computed, num_cached = self.kv.get_computed_blocks(request)
-                num_new = self._chunk(request.num_tokens - num_cached, budget)
+                num_new = self._chunk(request.num_tokens - num_cached, budget, cap and self._prefill_cap(num_cached))
                 if num_new <= 0 or self.kv.allocate_slots(request, num_new, computed) is None:
                     break
                 self.waiting.pop(0)

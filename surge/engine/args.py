@@ -52,6 +52,7 @@ class EngineArgs:
     max_num_batched_tokens: int = 8192
     enable_prefix_caching: bool = True
     enable_chunked_prefill: bool = True
+    long_prefill_token_threshold: int = 256  # prompt tokens a step while others decode; 0: off
     scheduling_policy: str = "fcfs"
     warmup: bool = True  # run every decode bucket and some prefill shapes before serving
     compile: bool = False  # the forward under torch.compile (Inductor)
@@ -63,6 +64,7 @@ class EngineArgs:
             kv_cache_memory_fraction=self.kv_cache_fraction, block_size=self.block_size,
             max_num_seqs=self.max_num_seqs, max_num_batched_tokens=self.max_num_batched_tokens,
             enable_prefix_caching=self.enable_prefix_caching, enable_chunked_prefill=self.enable_chunked_prefill,
+            long_prefill_token_threshold=self.long_prefill_token_threshold,
             scheduling_policy=self.scheduling_policy, quantization=self.quantization,
             quantization_group_size=self.group_size, compile=self.compile, kv_cache_dtype=self.kv_cache_dtype,
         )

@@ -33,6 +33,10 @@ class EngineDeadError(SurgeError):
     """The engine thread failed or was shut down; no request can be served."""
 
 
+class RequestFailedError(SurgeError):
+    """The engine failed on this one request (finish_reason "error") and went on serving the others."""
+
+
 @dataclass
 class _Add:
     request_id: str
@@ -107,6 +111,8 @@ class AsyncEngine:
                 if isinstance(item, BaseException):
                     raise item
                 finished = item.finished
+                if item.error is not None:
+                    raise RequestFailedError(item.error)
                 yield item
                 if finished:
                     return

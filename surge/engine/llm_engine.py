@@ -20,6 +20,7 @@ from surge.core.kv_cache_manager import PrefixCacheStats
 from surge.core.request import FinishReason, Request
 from surge.core.scheduler import Scheduler, SchedulerStats, SchedulingPolicy
 from surge.engine.detokenizer import RequestDetokenizer
+from surge.core.scheduler_output import SchedulerOutput
 from surge.errors import InvalidArgumentError
 from surge.layers.sampler import TokenLogprobs
 from surge.loader import LoadedModel
@@ -27,9 +28,24 @@ from surge.outputs import CompletionOutput, Logprob, PositionLogprobs, RequestOu
 from surge.sampling_params import RequestOutputKind, SamplingParams
 from surge.tokenizer import Tokenizer
 from surge.worker.kv_cache import allocate_kv_caches, cache_dtype, num_kv_blocks
-from surge.worker.model_runner import ModelRunner, StepTimings
+from surge.worker.model_runner import ModelRunner, ModelRunnerOutput, StepTimings
 
 logger = logging.getLogger(__name__)
+
+# What a failing request can raise: any Exception, and the panics of Rust extensions (the
+# tokenizer's pyo3 PanicException derives from BaseException); never KeyboardInterrupt or SystemExit.
+_FATAL = (KeyboardInterrupt, SystemExit, GeneratorExit)
+
+
+def _check_recoverable(exc: BaseException) -> None:
+    if isinstance(exc, _FATAL):
+        raise exc
+
+MAX_FAILED_STEPS = 8  # single-request steps failing in a row before the engine calls itself broken
+
+
+class EngineBrokenError(RuntimeError):
+    """A step failed for reasons no request explains (the model, the device): the engine stops."""
 
 
 @dataclass
@@ -107,6 +123,7 @@ class LLMEngine:
         enable_prefix_caching: bool = True,
         enable_chunked_prefill: bool = True,
         scheduling_policy: SchedulingPolicy | str = "fcfs",
+        long_prefill_token_threshold: int = 256,
         compile: bool = False,
     ):
         self.loaded = loaded
@@ -134,12 +151,15 @@ class LLMEngine:
         self.scheduler = Scheduler(
             num_blocks, cache.block_size, max_num_seqs, max_num_batched_tokens,
             enable_chunked_prefill=enable_chunked_prefill, enable_prefix_caching=enable_prefix_caching,
-            policy=scheduling_policy,
+            policy=scheduling_policy, long_prefill_token_threshold=long_prefill_token_threshold,
+            attention_parity_tokens=loaded.config.attention_parity_tokens,
         )
         self.vocab_size = loaded.config.vocab_size
         self._parents: dict[str, _Parent] = {}
         self._child_parent: dict[str, tuple[_Parent, _Child]] = {}
         self._ids = itertools.count()
+        self._token_texts: dict[int, str] = {}
+        self._failed_steps = 0  # consecutive steps whose every request failed
 
     # ---- requests -----------------------------------------------------------------------
 
@@ -196,7 +216,8 @@ class LLMEngine:
         for i in range(params.n):
             child_params = params
             if params.n > 1 and params.seed is not None:
-                child_params = dataclasses.replace(params, seed=params.seed + i)
+                seed = params.seed + i  # wraps inside 64 bits: 2^64 - 1 + 1 -> 0
+                child_params = dataclasses.replace(params, seed=seed - 2**64 if seed >= 2**64 else seed)
             child_id = request_id if params.n == 1 else f"{request_id}#{i}"
             request = Request(
                 child_id, ids, max_tokens, child_params, now, priority,
@@ -247,49 +268,127 @@ class LLMEngine:
         clock = self.runner.timings
         t1 = time.perf_counter()
         clock.schedule += t1 - t0
-        try:
-            result = self.runner.execute(scheduled)
-        except BaseException:
-            # blocks cached for this step may hold garbage now
-            self.scheduler.pool.reset_prefix_cache()
-            raise
+        outputs: list[RequestOutput] = []
+        result = self._execute(scheduled, outputs)
         t2 = time.perf_counter()
         touched: dict[str, _Parent] = {}
         for request_id, scores in result.prompt_logprobs.items():
             parent, _ = self._child_parent[request_id]
             assert parent.prompt_logprobs is not None
-            parent.prompt_logprobs.extend(self._position_logprobs(s) for s in scores)
+            try:
+                parent.prompt_logprobs.extend(self._position_logprobs(s) for s in scores)
+            except BaseException as exc:  # this request fails alone
+                _check_recoverable(exc)
+                outputs.append(self._fail(parent, exc))
         now = time.monotonic()
         for request in self.scheduler.update(scheduled, result.sampled):
             if request.first_token_time is None:
                 request.first_token_time = now
             parent, child = self._child_parent[request.request_id]
-            token = request.output_token_ids[-1]
-            lp = result.logprobs.get(request.request_id)
-            if lp is not None and child.logprobs is not None:
-                child.logprobs.append(self._position_logprobs(lp))
-                child.cumulative_logprob = (child.cumulative_logprob or 0.0) + lp.logprob
-            self._check_stop(child, token)
-            touched[parent.request_id] = parent
-        outputs = []
+            try:
+                token = request.output_token_ids[-1]
+                lp = result.logprobs.get(request.request_id)
+                if lp is not None and child.logprobs is not None:
+                    child.logprobs.append(self._position_logprobs(lp))
+                    child.cumulative_logprob = (child.cumulative_logprob or 0.0) + lp.logprob
+                self._check_stop(child, token)
+                touched[parent.request_id] = parent
+            except BaseException as exc:
+                _check_recoverable(exc)
+                touched.pop(parent.request_id, None)
+                outputs.append(self._fail(parent, exc))
         for parent in touched.values():
-            out = self._make_output(parent)
+            if parent.request_id not in self._parents:  # failed meanwhile (a sibling's error)
+                continue
+            try:
+                out = self._make_output(parent)
+            except BaseException as exc:
+                _check_recoverable(exc)
+                outputs.append(self._fail(parent, exc))
+                continue
             if out is not None:
                 outputs.append(out)
             if parent.finished:
-                self._parents.pop(parent.request_id, None)
-                for child in parent.children:
-                    self._child_parent.pop(child.request.request_id, None)
+                self._forget(parent)
         clock.postprocess += time.perf_counter() - t2
         clock.steps += 1
         return outputs
 
+    # ---- failure isolation --------------------------------------------------------------
+
+    def _execute(self, scheduled: SchedulerOutput, outputs: list[RequestOutput]) -> ModelRunnerOutput:
+        """Run the step; if it raises, run each request alone, fail those that still raise and
+        keep the rest, so one bad request never takes the batch (or the engine) with it.
+
+        Raises EngineBrokenError when the failure is not any request's: several requests
+        scheduled and every one fails alone, or single-request steps keep failing.
+        """
+        try:
+            result = self.runner.execute(scheduled)
+            self._failed_steps = 0
+            return result
+        except BaseException as exc:  # isolated below
+            _check_recoverable(exc)
+            first_error = exc
+        # blocks cached for this step may hold garbage now
+        self.scheduler.pool.reset_prefix_cache()
+        logger.warning("a step of %d requests failed (%s: %s); running each alone",
+                       len(scheduled.requests), type(first_error).__name__, first_error)
+        result = ModelRunnerOutput()
+        culprits: list[tuple[str, BaseException]] = []
+        for request in scheduled.requests:
+            try:
+                part = self.runner.execute(SchedulerOutput(requests=[request]))
+            except BaseException as exc:
+                _check_recoverable(exc)
+                culprits.append((request.request_id, exc))
+                continue
+            result.sampled.update(part.sampled)
+            result.logprobs.update(part.logprobs)
+            result.prompt_logprobs.update(part.prompt_logprobs)
+        everyone = len(culprits) == len(scheduled.requests)
+        self._failed_steps = self._failed_steps + 1 if everyone else 0
+        if everyone and (len(culprits) > 1 or self._failed_steps >= MAX_FAILED_STEPS):
+            self._failed_steps = 0
+            raise EngineBrokenError(f"every request of the step fails: {type(first_error).__name__}: "
+                                    f"{first_error}") from first_error
+        for request_id, exc in culprits:
+            logger.error("request %s failed in the engine and was ended: %s: %s",
+                         request_id, type(exc).__name__, exc, exc_info=exc)
+            entry = self._child_parent.get(request_id)
+            if entry is not None and entry[0].request_id in self._parents:
+                outputs.append(self._fail(entry[0], exc))
+        return result
+
+    def _fail(self, parent: _Parent, exc: BaseException) -> RequestOutput:
+        """End a user request (all its children) with finish_reason "error" and say why."""
+        message = f"the engine failed on this request: {type(exc).__name__}: {exc}"
+        for child in parent.children:
+            self.scheduler.finish(child.request, FinishReason.ERROR)
+        self._forget(parent)
+        completions = [CompletionOutput(c.index, "", [], FinishReason.ERROR.value) for c in parent.children]
+        return RequestOutput(parent.request_id, parent.prompt, parent.prompt_ids, completions, True,
+                             error=message)
+
+    def _forget(self, parent: _Parent) -> None:
+        self._parents.pop(parent.request_id, None)
+        for child in parent.children:
+            self._child_parent.pop(child.request.request_id, None)
+
+    def token_text(self, token_id: int) -> str:
+        """One token's text (special tokens included), decoded once per id: an 8k-token echo with
+        20 alternatives asks for 170k of them."""
+        text = self._token_texts.get(token_id)
+        if text is None:
+            text = self._token_texts[token_id] = self.tokenizer.decode([token_id], skip_special_tokens=False)
+        return text
+
     def _position_logprobs(self, lp: TokenLogprobs) -> PositionLogprobs:
-        decode = self.tokenizer.decode
-        out = {lp.token_id: Logprob(lp.logprob, lp.rank, decode([lp.token_id], skip_special_tokens=False))}
+        text = self.token_text
+        out = {lp.token_id: Logprob(lp.logprob, lp.rank, text(lp.token_id))}
         for rank, (tid, value) in enumerate(zip(lp.top_ids, lp.top_logprobs), start=1):
             if tid not in out:
-                out[tid] = Logprob(value, rank, decode([tid], skip_special_tokens=False))
+                out[tid] = Logprob(value, rank, text(tid))
         return out
 
     def _check_stop(self, child: _Child, token: int) -> None:

@@ -41,6 +41,7 @@ class LLM:
         max_num_batched_tokens: int = 8192,
         enable_prefix_caching: bool = True,
         enable_chunked_prefill: bool = True,
+        long_prefill_token_threshold: int = 256,
         scheduling_policy: str = "fcfs",
         kv_cache_memory_fraction: float = 0.5,
         quantization: str = "auto",
@@ -66,6 +67,7 @@ class LLM:
             device=device,
             enable_prefix_caching=enable_prefix_caching,
             enable_chunked_prefill=enable_chunked_prefill,
+            long_prefill_token_threshold=long_prefill_token_threshold,
             scheduling_policy=scheduling_policy,
             compile=compile,
         )

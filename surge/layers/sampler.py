@@ -3,6 +3,11 @@
 Order of operations (vLLM's): logit bias, min-tokens ban, penalties -> greedy argmax, or
 temperature -> min-p -> top-k -> top-p -> sample. Logprobs are those of the raw model
 distribution (before any of it).
+
+No accepted setting may produce a NaN or inf probability (a tiny repetition penalty or
+temperature overflows float32): scaled logits are clamped to float32's range, the most likely
+token always survives the filters, and a row whose distribution still degenerates is decoded
+greedily instead of failing the step.
 """
 
 from __future__ import annotations
@@ -118,7 +123,14 @@ def filter_logits(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor
     if need_p:
         probs = sorted_logits.masked_fill(drop, float("-inf")).softmax(-1)
         drop |= (probs.cumsum(-1) - probs) >= top_p.unsqueeze(1)
+    drop[:, 0] = False  # the most likely token stays whatever top_p (0 in float32) or top_k say
     return logits.masked_fill(drop.scatter(1, order, drop), float("-inf"))
+
+
+def finite_logits(logits: torch.Tensor) -> torch.Tensor:
+    """NaN -> -inf (never chosen), +inf -> float32's largest (still the favourite, softmax stays finite)."""
+    big = torch.finfo(logits.dtype).max
+    return torch.nan_to_num(logits, nan=float("-inf"), posinf=big, neginf=float("-inf"))
 
 
 class Sampler:
@@ -137,14 +149,22 @@ class Sampler:
         random_rows = [i for i, r in enumerate(rows) if not r.params.greedy]
         if random_rows:
             idx = torch.tensor(random_rows, dtype=torch.long)
+            vocab = logits.shape[1]
             sub = logits[idx] / torch.tensor([rows[i].params.temperature for i in random_rows]).unsqueeze(1)
             sub = filter_logits(
-                sub,
-                torch.tensor([rows[i].params.top_k for i in random_rows]),
+                finite_logits(sub),
+                torch.tensor([min(rows[i].params.top_k, vocab) for i in random_rows]),  # beyond the vocabulary: all
                 torch.tensor([rows[i].params.top_p for i in random_rows]),
                 torch.tensor([rows[i].params.min_p for i in random_rows]),
             )
             probs = sub.softmax(-1)
+            # a row with nothing finite left (NaN logits from the model) keeps its greedy token
+            ok = torch.isfinite(probs).all(-1) & (probs.sum(-1) > 0)
+            if not bool(ok.all()):
+                keep = ok.tolist()
+                random_rows = [i for i, good in zip(random_rows, keep) if good]
+                probs = probs[ok]
+                idx = idx[ok]
             unseeded = [j for j, i in enumerate(random_rows) if rows[i].generator is None]
             if unseeded:
                 picks = torch.multinomial(probs[unseeded], 1).squeeze(1)

@@ -18,6 +18,9 @@ from surge.layers.attention import AttentionMetadata, native_decode
 from surge.layers.sampler import Sampler, SamplingRow, TokenLogprobs, token_logprobs
 
 
+PROMPT_LOGPROBS_ROWS = 256  # prompt positions scored per LM-head call (256 x 49k vocab: ~50 MB)
+
+
 @dataclass
 class StepTimings:
     """Where steps spend their wall time (seconds, summed): the model forward (with the LM
@@ -115,7 +118,8 @@ class ModelRunner:
         for request_id in output.finished_request_ids:
             self.requests.pop(request_id, None)
         for r in output.requests:
-            if r.new is not None:
+            # a step re-run after a failure resends `new`: the state (and its generator) stays
+            if r.new is not None and r.request_id not in self.requests:
                 params = r.new.sampling_params
                 gen = None
                 if params.seed is not None:
@@ -167,7 +171,14 @@ class ModelRunner:
             last = min(r.start_position + len(r.token_ids), len(prompt) - 1)  # positions < last
             if last <= r.start_position:
                 continue
-            rows = torch.arange(meta.query_start_loc[i], meta.query_start_loc[i] + last - r.start_position)
-            logprobs = self.model.compute_logits(hidden[rows.to(hidden.device)]).cpu().log_softmax(-1)
-            targets = torch.tensor(prompt[r.start_position + 1 : last + 1], dtype=torch.long)
-            result.prompt_logprobs[r.request_id] = token_logprobs(logprobs, targets, [top_n] * len(targets))
+            first = meta.query_start_loc[i]
+            scores: list[TokenLogprobs] = []
+            # in slices: logits of a whole 8k-token chunk at once would be 8k x vocab floats (GBs)
+            for a in range(0, last - r.start_position, PROMPT_LOGPROBS_ROWS):
+                b = min(a + PROMPT_LOGPROBS_ROWS, last - r.start_position)
+                rows = torch.arange(first + a, first + b, device=hidden.device)
+                logprobs = self.model.compute_logits(hidden[rows]).cpu().float().log_softmax(-1)
+                start = r.start_position + 1 + a
+                targets = torch.tensor(prompt[start : start + b - a], dtype=torch.long)
+                scores.extend(token_logprobs(logprobs, targets, [top_n] * len(targets)))
+            result.prompt_logprobs[r.request_id] = scores

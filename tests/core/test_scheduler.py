@@ -224,3 +224,36 @@ def test_request_larger_than_cache_is_refused():
     s = sched(num_blocks=2)
     with pytest.raises(InvalidArgumentError, match="needs 3 KV blocks"):
         s.add_request(req("big", 8, 4))
+
+
+def test_long_prefill_is_capped_only_while_others_decode():
+    s = sched(num_blocks=64, max_num_batched_tokens=64, long_prefill_token_threshold=8)
+    s.add_request(req("a", 3, max_tokens=20))
+    assert layout(run_step(s)) == [("a", 0, 3, [0], True)]
+    s.add_request(req("b", 40))
+    # a decodes, so b's prompt advances 8 tokens a step, not the 63 left in the budget
+    assert [(r.request_id, len(r.token_ids)) for r in run_step(s).requests] == [("a", 1), ("b", 8)]
+    assert [(r.request_id, len(r.token_ids)) for r in run_step(s).requests] == [("a", 1), ("b", 8)]
+    # alone, a long prompt takes the budget
+    lone = sched(num_blocks=64, max_num_batched_tokens=64, long_prefill_token_threshold=8)
+    lone.add_request(req("c", 40))
+    assert layout(run_step(lone)) == [("c", 0, 40, list(range(10)), True)]
+
+
+def test_long_prefill_cap_shrinks_with_the_context():
+    """chunk = threshold * parity / (parity + context), at least one block."""
+    s = sched(num_blocks=64, max_num_batched_tokens=64, long_prefill_token_threshold=16,
+              attention_parity_tokens=16)
+    s.add_request(req("a", 2, max_tokens=40))
+    run_step(s)
+    s.add_request(req("b", 60))
+    chunks = []
+    for _ in range(5):
+        out = run_step(s)
+        chunks += [len(r.token_ids) for r in out.requests if r.request_id == "b"]
+    # context 0 -> 16, 16 -> 8, 24 -> 6 (256/40), 30 -> 5 (256/46), 35 -> 5 (256/51)
+    assert chunks == [16, 8, 6, 5, 5]
+    deep = sched(num_blocks=64, long_prefill_token_threshold=16, attention_parity_tokens=16)
+    assert deep._prefill_cap(200) == BS  # never below one block
+    with pytest.raises(InvalidArgumentError):
+        sched(long_prefill_token_threshold=-1)
