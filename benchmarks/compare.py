@@ -269,7 +269,7 @@ def bench_serving(gguf: str, threads: int, concurrency: int = 32, num_prompts: i
                                    "http://127.0.0.1:8731", "/health")
     servers["surge"] = ([sys.executable, "-m", "surge.entrypoints.cli", "serve", "--model", gguf, "--port", "8732",
                          "--threads", str(threads), "--log-level", "warning", *(["--compile"] if compile else [])],
-                        "http://127.0.0.1:8732", "/health")
+                        "http://127.0.0.1:8732", "/ready")
     for name, (cmd, url, health) in servers.items():
         # llama-server finds its shared libraries next to it
         env = {**os.environ, "LD_LIBRARY_PATH": os.path.dirname(cmd[0])} if name == "llama_server" else None

@@ -32,6 +32,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-num-seqs", type=int, default=256, help="sequences batched together at most")
     p.add_argument("--max-num-batched-tokens", type=int, default=8192,
                    help="tokens computed per step at most (longer prompts are prefilled in chunks)")
+    p.add_argument("--long-prefill-token-threshold", type=int, default=256, metavar="N",
+                   help="while other requests decode, prefill a prompt at most N tokens a step, so their "
+                        "streams keep flowing (0: off; default: 256)")
     p.add_argument("--no-prefix-caching", action="store_true", help="do not reuse KV blocks of shared prefixes")
     p.add_argument("--no-chunked-prefill", action="store_true", help="prefill each prompt in one step")
     p.add_argument("--scheduling-policy", choices=["fcfs", "priority"], default="fcfs")
@@ -85,6 +88,7 @@ def _engine_args(args: argparse.Namespace) -> Any:
         kv_cache_dtype=args.kv_cache_dtype, block_size=args.block_size, max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens, enable_prefix_caching=not args.no_prefix_caching,
         enable_chunked_prefill=not args.no_chunked_prefill, scheduling_policy=args.scheduling_policy,
+        long_prefill_token_threshold=args.long_prefill_token_threshold,
         warmup=not getattr(args, "no_warmup", False), compile=args.compile,
     )
 
@@ -177,17 +181,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from surge.loader.hub import resolve_model
     from surge.loader.memory import MemoryBudget
     from surge.platform import default_device
-    from surge.server.app import ServerSettings
     from surge.server.repository import ModelRepository
-    from surge.server.serve import ServeOptions, serve
+    from surge.server.serve import serve
+    from surge.server.settings import settings_from_args
     from surge.worker.kv_cache import available_memory
 
-    for name, value in (("--max-queue", args.max_queue), ("--request-timeout", args.request_timeout),
-                        ("--repository-poll-interval", args.repository_poll_interval)):
-        if value is not None and value <= 0:
-            raise InvalidArgumentError(f"{name} must be positive, got {value}")
-    if args.response_cache_size < 0:
-        raise InvalidArgumentError(f"--response-cache-size must be 0 (off) or more, got {args.response_cache_size}")
+    if args.repository_poll_interval is not None and args.repository_poll_interval <= 0:
+        raise InvalidArgumentError(f"--repository-poll-interval must be positive, got {args.repository_poll_interval}")
+    settings = settings_from_args(args)  # bad server flags fail here, before anything loads
     if args.threads is not None:
         if args.threads < 1:
             raise InvalidArgumentError(f"--threads must be at least 1, got {args.threads}")
@@ -213,10 +214,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         source = resolve_model(args.model)  # a bad path fails here, before the server starts
         repository = ModelRepository(factory, defaults, budget)
         repository.add_model(args.served_model_name or source.name, None if args.model is None else source.path)
-    settings = ServerSettings(api_key=args.api_key, admin_key=args.admin_key, max_queue=args.max_queue,
-                              request_timeout=args.request_timeout, response_cache_size=args.response_cache_size)
-    options = ServeOptions(args.host, args.port, args.shutdown_grace, args.log_level)
-    return serve(repository, settings, options, args.repository_poll_interval,
+    return serve(repository, settings, args.repository_poll_interval,
                  exit_on_load_failure=args.model_repository is None)
 
 
@@ -242,29 +240,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     srv = sub.add_parser("serve", help="OpenAI-compatible HTTP server (completions, chat, streaming, metrics)")
     _add_model_args(srv)
-    srv.add_argument("--host", default="127.0.0.1", help="address to listen on")
-    srv.add_argument("--port", type=int, default=8000)
+    from surge.server.settings import add_server_args
+
     srv.add_argument("--served-model-name", default=None, help="the model name clients send (default: the file name)")
-    srv.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 and tokenize routes")
-    srv.add_argument("--max-queue", type=int, default=None, metavar="N",
-                     help="requests allowed to wait beyond --max-num-seqs; more get 429 (default: unbounded)")
-    srv.add_argument("--request-timeout", type=float, default=None, metavar="S",
-                     help="abort a request after S seconds with a timeout error (default: none)")
-    srv.add_argument("--shutdown-grace", type=float, default=30.0, metavar="S",
-                     help="on SIGTERM, seconds to let in-flight requests finish (default: 30)")
-    srv.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     srv.add_argument("--model-repository", default=None, metavar="DIR",
                      help="serve every model in DIR/<name>/<version>/ (instead of --model)")
     srv.add_argument("--repository-poll-interval", type=float, default=None, metavar="S",
                      help="rescan the repository every S seconds: load new versions, switch them in when ready")
-    srv.add_argument("--admin-key", default=None,
-                     help="require 'Authorization: Bearer KEY' on the model control API (/v2/repository)")
     srv.add_argument("--memory-budget", type=_size("--memory-budget"), default=None, metavar="SIZE",
                      help="memory for all loaded models (weights + KV caches); a load beyond it is refused "
                           "(default: 90%% of the memory available at start)")
-    srv.add_argument("--response-cache-size", type=int, default=0, metavar="N",
-                     help="keep the last N finished deterministic generations and answer repeats from them "
-                          "(default: 0, off)")
+    add_server_args(srv, size=_size)
     srv.add_argument("--no-warmup", action="store_true",
                      help="serve without first running each decode batch size and some prefill shapes")
     srv.set_defaults(func=cmd_serve)
@@ -288,8 +274,16 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     verbose = getattr(args, "verbose", False) or args.command == "serve"
-    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    if args.command == "serve":  # every line of the server names the request it belongs to ("-": none)
+        from surge.server.guard import RequestIdFilter
+
+        handler = logging.StreamHandler(sys.stderr)
+        handler.addFilter(RequestIdFilter())
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s [%(request_id)s]: %(message)s"))
+        logging.basicConfig(level=logging.INFO, handlers=[handler])
+    else:
+        logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
+                            format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     try:
         return args.func(args)
     except SurgeError as exc:

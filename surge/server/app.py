@@ -9,6 +9,7 @@ freed at once.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import time
@@ -18,11 +19,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from fastapi import FastAPI, Request
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ValidationError
 from starlette.background import BackgroundTask
 
-from surge.engine.async_engine import AsyncEngine, EngineDeadError
+from surge.engine.async_engine import AsyncEngine, EngineDeadError, RequestFailedError
 from surge.engine.llm_engine import EngineStats, LLMEngine
 from surge.errors import SurgeError
 from surge.loader.memory import MemoryBudgetError
@@ -30,11 +32,16 @@ from surge.outputs import PositionLogprobs, RequestOutput
 from surge.sampling_params import RequestOutputKind, SamplingParams
 from surge.server.dashboard import StatsHistory, dashboard_html
 from surge.server.errors import APIError, bad_request, error_response
+from surge.server.guard import REQUEST_ID, Guard
 from surge.server.metrics import ServerMetrics
+from surge.server.openapi import install_request_schemas, request_body
 from surge.server.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
     DetokenizeRequest,
+    EmptyRequest,
+    IndexRequest,
+    LoadRequest,
     TokenizeRequest,
 )
 from surge.server.repository import (
@@ -50,22 +57,9 @@ from surge.server.response_cache import (
     is_deterministic,
     replay,
 )
+from surge.server.settings import ServerSettings
 
 logger = logging.getLogger(__name__)
-
-PROTECTED_PREFIXES = ("/v1/", "/tokenize", "/detokenize")
-ADMIN_PREFIX = "/v2/"
-
-
-@dataclass
-class ServerSettings:
-    api_key: str | None = None
-    admin_key: str | None = None  # guards /v2 (the model control API); the api key does when unset
-    max_queue: int | None = None  # requests allowed to wait beyond the running slots, per model
-    request_timeout: float | None = None  # seconds
-    response_cache_size: int = 0  # finished deterministic generations kept; 0: off
-    retry_after_s: int = 1
-
 
 @dataclass
 class ServerState:
@@ -75,6 +69,10 @@ class ServerState:
     settings: ServerSettings
     status: str = "loading"
     load_error: str | None = None
+    engine_error: str | None = None  # set when an engine died: /health answers 503 with it, the process exits
+    # set (on the event loop) when the shutdown grace is over: every request still running ends with 503
+    aborting: asyncio.Event | None = None
+    loop: asyncio.AbstractEventLoop | None = None
     created: int = field(default_factory=lambda: int(time.time()))
     metrics: ServerMetrics = field(init=False)
     history: StatsHistory = field(init=False)
@@ -99,36 +97,49 @@ class ServerState:
 # ---- request plumbing ---------------------------------------------------------------------
 
 
-async def parse_body(request: Request, model: type[BaseModel]) -> Any:
-    """The body as `model`, or a 400 that names the bad field."""
+def parse_body(raw: bytes, model: type[BaseModel]) -> Any:
+    """The body as `model` (parsed and validated in one pass, strictly), or a 400 naming the
+    problem: malformed JSON, nesting too deep, a number out of range, a lone surrogate, a bad
+    or unknown field."""
     try:
-        raw = await request.json()
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise bad_request(f"malformed JSON body: {exc}") from exc
-    if not isinstance(raw, dict):
-        raise bad_request("the request body must be a JSON object")
-    try:
-        return model.model_validate(raw)
+        return model.model_validate_json(raw or b"{}")
     except ValidationError as exc:
-        err = exc.errors()[0]
-        loc = ".".join(str(p) for p in err["loc"])
-        raise bad_request(f"invalid value for '{loc}': {err['msg']}", param=loc or None) from exc
+        raise validation_error(exc) from None
+
+
+def validation_error(exc: ValidationError) -> APIError:
+    err = exc.errors(include_url=False)[0]
+    loc = ".".join(str(p) for p in err["loc"])
+    kind = err["type"]
+    if kind == "json_invalid":
+        return bad_request(f"malformed JSON body: {err['msg'].removeprefix('Invalid JSON: ')}")
+    if kind == "model_type" and not loc:
+        return bad_request("the request body must be a JSON object")
+    if kind == "extra_forbidden":
+        return bad_request(f"unrecognized request argument '{loc}'", param=loc)
+    message = err["msg"].removeprefix("Value error, ")
+    return bad_request(f"invalid value for '{loc}': {message}" if loc else message, param=loc or None)
+
+
+async def read_body(request: Request, model: type[BaseModel]) -> Any:
+    return parse_body(await request.body(), model)
 
 
 class Lease:
     """A request's hold on the deployment it is routed to: taken before anything is queued,
     returned when the response has been sent, so a retired version unloads only after it."""
 
-    def __init__(self, state: ServerState, requested: str | None):
+    def __init__(self, state: ServerState, requested: str | None, sequences: int = 1):
         if state.status != "ready":
             raise APIError(503, f"the server is {state.status}; retry later", "service_unavailable")
         try:
-            self.deployment, self.model = state.repository.acquire(requested)
+            self.deployment, self.model = state.repository.acquire(requested, sequences)
         except ModelUnavailableError as exc:
             raise APIError(404, str(exc), "invalid_request_error", "model", "model_not_found") from exc
         except ModelRequiredError as exc:
             raise bad_request(str(exc), "model") from exc
         self.state = state
+        self.sequences = sequences
         self.released = False
         self.engine: LLMEngine = self.deployment.engine
         self.aengine: AsyncEngine = self.deployment.async_engine
@@ -137,10 +148,15 @@ class Lease:
             raise APIError(503, f"the engine of {self.deployment.key} has stopped: {self.aengine.error}",
                            "service_unavailable")
         limit = state.settings.max_queue
-        if limit is not None and self.deployment.in_flight > self.engine.scheduler.max_num_seqs + limit:
+        capacity = self.engine.scheduler.max_num_seqs + (limit or 0)
+        if limit is not None and sequences > capacity:
             self.release()
-            raise APIError(429, f"{self.model} is at capacity ({self.deployment.in_flight - 1} requests in flight, "
-                                f"waiting room of {limit}); retry later", "rate_limit_exceeded",
+            raise bad_request(f"the request asks for {sequences} sequences (n x prompts); {self.model} takes at "
+                              f"most {capacity} at once (--max-num-seqs + --max-queue)")
+        if limit is not None and self.deployment.sequences > capacity:
+            self.release()
+            raise APIError(429, f"{self.model} is at capacity ({self.deployment.sequences - sequences} sequences in "
+                                f"flight, waiting room of {limit}); retry later", "rate_limit_exceeded",
                            headers={"Retry-After": str(state.settings.retry_after_s)})
 
     @property
@@ -151,7 +167,7 @@ class Lease:
     def release(self) -> None:
         if not self.released:
             self.released = True
-            self.state.repository.release(self.deployment)
+            self.state.repository.release(self.deployment, self.sequences)
 
     def __enter__(self) -> "Lease":
         return self
@@ -181,13 +197,25 @@ def sampling(build: Callable[[], SamplingParams]) -> SamplingParams:
         raise bad_request(str(exc)) from exc
 
 
-def prepare_prompt(engine: LLMEngine, prompt: str | list[int], params: SamplingParams) -> tuple[str | None, list[int]]:
+def prepare_prompts(engine: LLMEngine, prompts: list[str | list[int]], params: SamplingParams
+                    ) -> list[tuple[str | None, list[int]]]:
+    """Tokenize and check each prompt (blocking: run it off the event loop)."""
+    out = []
     try:
-        text, ids = engine.tokenize_prompt(prompt)
-        engine.validate(ids, params)
+        for prompt in prompts:
+            text, ids = engine.tokenize_prompt(prompt)
+            engine.validate(ids, params)
+            out.append((text, ids))
     except SurgeError as exc:
         raise bad_request(str(exc), param="prompt") from exc
-    return text, ids
+    return out
+
+
+def encode_chat(engine: LLMEngine, messages: list[Any], add_generation_prompt: bool) -> list[int]:
+    try:
+        return engine.tokenizer.encode_chat([m.as_template_dict() for m in messages], add_generation_prompt)
+    except SurgeError as exc:
+        raise bad_request(str(exc), "messages") from exc
 
 
 @dataclass
@@ -207,13 +235,21 @@ class _Track:
         self.tokens += count
 
 
-async def merged(gens: list[AsyncIterator[RequestOutput]], deadline: float | None) -> AsyncIterator[tuple[int, RequestOutput]]:
+async def merged(gens: list[AsyncIterator[RequestOutput]], deadline: float | None,
+                 aborting: asyncio.Event | None = None) -> AsyncIterator[tuple[int, RequestOutput]]:
     """Outputs of several engine streams as they come, tagged with the stream's index.
 
-    Leaving early (timeout, disconnect, error) cancels every stream, which aborts its request.
+    Leaving early (timeout, disconnect, error, the shutdown's abort) cancels every stream,
+    which aborts its request.
     """
     queue: asyncio.Queue = asyncio.Queue()
     done = object()
+    stopped = object()
+
+    async def watch_abort() -> None:
+        assert aborting is not None
+        await aborting.wait()
+        await queue.put((-1, stopped))
 
     async def pump(i: int, gen: AsyncIterator[RequestOutput]) -> None:
         try:
@@ -226,6 +262,8 @@ async def merged(gens: list[AsyncIterator[RequestOutput]], deadline: float | Non
 
     tasks = [asyncio.create_task(pump(i, g)) for i, g in enumerate(gens)]
     remaining = len(tasks)
+    if aborting is not None:
+        tasks.append(asyncio.create_task(watch_abort()))
     try:
         while remaining:
             timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
@@ -234,6 +272,9 @@ async def merged(gens: list[AsyncIterator[RequestOutput]], deadline: float | Non
             except asyncio.TimeoutError:
                 raise APIError(408, "the request exceeded the server's --request-timeout and was aborted",
                                "timeout_error", code="request_timeout") from None
+            if item is stopped:
+                raise APIError(503, "the server is shutting down: the request was aborted after the grace period",
+                               "service_unavailable", code="shutting_down")
             if item is done:
                 remaining -= 1
             elif isinstance(item, BaseException):
@@ -282,7 +323,20 @@ def sse_chunk(lease: "Lease", rid: str, created: int, obj: str, choice: dict, in
 def stream_error(exc: BaseException) -> str:
     if isinstance(exc, APIError):
         return sse({"error": {"message": exc.message, "type": exc.type, "param": exc.param, "code": exc.code}})
-    return sse({"error": {"message": str(exc), "type": "server_error", "param": None, "code": None}})
+    api = engine_error(exc) if isinstance(exc, (RequestFailedError, EngineDeadError)) else None
+    if api is not None:
+        return stream_error(api)
+    logger.error("stream failed: %s: %s", type(exc).__name__, exc, exc_info=exc)
+    return sse({"error": {"message": f"internal error (request {REQUEST_ID.get()}); see the server log",
+                          "type": "server_error", "param": None, "code": None}})
+
+
+def engine_error(exc: RequestFailedError | EngineDeadError) -> APIError:
+    """The engine's failures as HTTP answers: this request alone (500) or the engine (503)."""
+    if isinstance(exc, RequestFailedError):
+        return APIError(500, str(exc), "server_error", code="engine_error")
+    return APIError(503, str(exc), "service_unavailable", code="engine_dead")
+
 
 
 # ---- logprob formats ------------------------------------------------------------------------
@@ -291,7 +345,7 @@ def stream_error(exc: BaseException) -> str:
 def _token_text(engine: LLMEngine, token_id: int, lp: PositionLogprobs | None) -> str:
     if lp is not None and token_id in lp and lp[token_id].decoded_token is not None:
         return lp[token_id].decoded_token  # type: ignore[return-value]
-    return engine.tokenizer.decode([token_id], skip_special_tokens=False)
+    return engine.token_text(token_id)
 
 
 def completion_logprobs(
@@ -332,61 +386,17 @@ def chat_logprobs(engine: LLMEngine, token_ids: list[int], positions: list[Posit
     return {"content": content, "refusal": None}
 
 
+async def _off_loop(size: int, fn: Callable[..., Any], *args: Any) -> Any:
+    """fn(*args), in a worker thread when `size` (positions) makes it slow enough to stall the loop."""
+    return await asyncio.to_thread(fn, *args) if size > 64 else fn(*args)
+
+
 def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
             "total_tokens": prompt_tokens + completion_tokens}
 
 
 # ---- the app --------------------------------------------------------------------------------
-
-
-class AuthAndStatusMiddleware:
-    """Checks bearer keys (the API key on /v1 and the tokenizer routes, the admin key on /v2)
-    and counts responses by status.
-
-    Plain ASGI (not BaseHTTPMiddleware), so endpoints still see the client's disconnect.
-    """
-
-    def __init__(self, app: Any, state: ServerState):
-        self.app = app
-        self.state = state
-
-    def _required_key(self, path: str) -> str | None:
-        settings = self.state.settings
-        if path.startswith(ADMIN_PREFIX):
-            return settings.admin_key or settings.api_key
-        return settings.api_key
-
-    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        path: str = scope["path"]
-        if not path.startswith((*PROTECTED_PREFIXES, ADMIN_PREFIX)):
-            await self.app(scope, receive, send)
-            return
-        key = self._required_key(path)
-        if key is not None:
-            headers = dict(scope.get("headers") or [])
-            if headers.get(b"authorization", b"").decode("latin-1") != f"Bearer {key}":
-                which = "admin key" if path.startswith(ADMIN_PREFIX) and self.state.settings.admin_key else "API key"
-                response = error_response(401, f"missing or invalid {which}: send 'Authorization: Bearer <key>'",
-                                          "authentication_error", code="invalid_api_key")
-                self.state.metrics.record_status(path, 401)
-                await response(scope, receive, send)
-                return
-        status = 500
-
-        async def send_and_note(message: dict) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-            await send(message)
-
-        try:
-            await self.app(scope, receive, send_and_note)
-        finally:
-            self.state.metrics.record_status(path, status)
 
 
 def repository_error(exc: Exception, name: str) -> APIError:
@@ -407,27 +417,56 @@ def version_headers(lease: Lease) -> dict[str, str]:
 
 
 def build_app(state: ServerState) -> FastAPI:
-    app = FastAPI(title="surge", version="0.1.0")
+    @contextlib.asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        state.loop = asyncio.get_running_loop()
+        state.aborting = asyncio.Event()
+        yield
+
+    app = FastAPI(title="surge", version="0.1.0", lifespan=lifespan,
+                  description="OpenAI-compatible completions and chat, tokenizer routes, Triton's model "
+                              "repository API, health, readiness and metrics.")
     app.state.surge = state
 
     @app.exception_handler(APIError)
     async def _api_error(_: Request, exc: APIError) -> JSONResponse:
         return exc.response()
 
+    @app.exception_handler(RequestFailedError)
+    @app.exception_handler(EngineDeadError)
+    async def _engine_error(_: Request, exc: RequestFailedError | EngineDeadError) -> JSONResponse:
+        return engine_error(exc).response()
+
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, exc: Exception) -> JSONResponse:  # the last line of defence
         logger.exception("unexpected error")
-        return error_response(500, f"internal error: {type(exc).__name__}: {exc}", "server_error")
+        return error_response(500, f"internal error (request {REQUEST_ID.get()}); see the server log",
+                              "server_error")
 
-    app.add_middleware(AuthAndStatusMiddleware, state=state)
+    if state.settings.allowed_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=list(state.settings.allowed_origins),
+                           allow_methods=["GET", "POST", "OPTIONS"], allow_headers=["*"],
+                           expose_headers=["X-Request-Id", "X-Surge-Model-Version", "Retry-After"])
+    app.add_middleware(Guard, settings=state.settings, record_status=state.metrics.record_status)
 
     @app.get("/health")
     async def health() -> Response:
+        """Liveness: 200 while the process can serve (loading and draining included); 503 with the
+        cause once an engine has died or the model failed to load (the process then exits)."""
+        if state.engine_error is not None or state.status == "failed":
+            return JSONResponse({"status": "dead", "error": state.engine_error or state.load_error},
+                                status_code=503)
+        return JSONResponse({"status": "ok" if state.status == "ready" else state.status})
+
+    @app.get("/ready")
+    async def ready() -> Response:
+        """Readiness: 200 when requests are taken (with the serving versions), 503 while loading,
+        draining, failed or with no model."""
         serving = [d for d in state.repository.serving() if d.async_engine.is_running]
-        if state.status == "ready" and serving:
-            return JSONResponse({"status": "ok", "models": sorted(d.key for d in serving)})
-        return JSONResponse({"status": state.status if state.status != "ready" else "no model ready",
-                             "error": state.load_error}, status_code=503)
+        if state.status == "ready" and serving and state.engine_error is None:
+            return JSONResponse({"status": "ready", "models": sorted(d.key for d in serving)})
+        status = state.status if state.status != "ready" else ("dead" if state.engine_error else "no model ready")
+        return JSONResponse({"status": status, "error": state.engine_error or state.load_error}, status_code=503)
 
     @app.get("/metrics")
     async def metrics() -> Response:
@@ -435,47 +474,40 @@ def build_app(state: ServerState) -> FastAPI:
 
     # ---- model control (Triton's repository API) -------------------------------------------
 
-    @app.api_route("/v2/repository/index", methods=["GET", "POST"])
+    @app.get("/v2/repository/index")
     async def repository_index() -> JSONResponse:
         return JSONResponse(state.repository.index())
 
-    async def control_body(request: Request) -> dict:
-        raw = await request.body()
-        if not raw.strip():
-            return {}
-        try:
-            body = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise bad_request(f"malformed JSON body: {exc}") from exc
-        if not isinstance(body, dict):
-            raise bad_request("the request body must be a JSON object")
-        return body
+    @app.post("/v2/repository/index", openapi_extra=request_body(IndexRequest, required=False))
+    async def repository_index_post(request: Request) -> JSONResponse:
+        """Triton's form: {"ready": true} lists only the versions that can serve now."""
+        body = await read_body(request, IndexRequest)
+        rows = state.repository.index()
+        return JSONResponse([r for r in rows if r["state"] == "READY"] if body.ready else rows)
 
-    @app.post("/v2/repository/models/{name}/load")
+    @app.post("/v2/repository/models/{name}/load", openapi_extra=request_body(LoadRequest, required=False))
     async def load_model(name: str, request: Request) -> JSONResponse:
-        body = await control_body(request)
-        version = body.get("version")
-        if version is not None and (isinstance(version, bool) or not str(version).isdigit()):
-            raise bad_request(f"'version' must be a positive integer, got {version!r}", "version")
+        body = await read_body(request, LoadRequest)
+        version = None if body.version is None else str(body.version)
         try:
-            record = await asyncio.to_thread(state.repository.load, name, None if version is None else str(version))
+            record = await asyncio.to_thread(state.repository.load, name, version)
         except SurgeError as exc:
             raise repository_error(exc, f"{name}:{version or 'newest'}") from exc
         return JSONResponse({"name": name, "version": record.version, "state": record.state.value,
                              "serving": True})
 
-    @app.post("/v2/repository/models/{name}/unload")
+    @app.post("/v2/repository/models/{name}/unload", openapi_extra=request_body(EmptyRequest, required=False))
     async def unload_model(name: str, request: Request) -> JSONResponse:
-        await control_body(request)
+        await read_body(request, EmptyRequest)
         try:
             await asyncio.to_thread(state.repository.unload, name)
         except SurgeError as exc:
             raise repository_error(exc, name) from exc
         return JSONResponse({"name": name, "state": "UNAVAILABLE"})
 
-    @app.post("/v2/repository/models/{name}/rollback")
+    @app.post("/v2/repository/models/{name}/rollback", openapi_extra=request_body(EmptyRequest, required=False))
     async def rollback_model(name: str, request: Request) -> JSONResponse:
-        await control_body(request)
+        await read_body(request, EmptyRequest)
         try:
             record = await asyncio.to_thread(state.repository.rollback, name)
         except SurgeError as exc:
@@ -509,43 +541,51 @@ def build_app(state: ServerState) -> FastAPI:
                          "max_model_len": dep.engine.max_model_len, "version": dep.version})
         return {"object": "list", "data": data}
 
-    @app.post("/tokenize")
+    @app.post("/tokenize", openapi_extra=request_body(TokenizeRequest))
     async def tokenize(request: Request) -> dict:
-        body = await parse_body(request, TokenizeRequest)
+        body = await read_body(request, TokenizeRequest)
         with Lease(state, body.model) as lease:
             engine = lease.engine
             if (body.prompt is None) == (body.messages is None):
                 raise bad_request("give exactly one of 'prompt' or 'messages'")
-            try:
+
+            def encode() -> list[int]:
                 if body.messages is not None:
-                    ids = engine.tokenizer.encode_chat([m.as_template_dict() for m in body.messages],
-                                                       body.add_generation_prompt)
-                else:
-                    ids = engine.tokenizer.encode(body.prompt or "", add_special_tokens=body.add_special_tokens)
-            except SurgeError as exc:
-                raise bad_request(str(exc)) from exc
+                    return encode_chat(engine, body.messages, body.add_generation_prompt)
+                try:
+                    return engine.tokenizer.encode(body.prompt or "", add_special_tokens=body.add_special_tokens)
+                except SurgeError as exc:
+                    raise bad_request(str(exc), "prompt") from exc
+
+            ids = await asyncio.to_thread(encode)
             return {"tokens": ids, "count": len(ids), "max_model_len": engine.max_model_len}
 
-    @app.post("/detokenize")
+    @app.post("/detokenize", openapi_extra=request_body(DetokenizeRequest))
     async def detokenize(request: Request) -> dict:
-        body = await parse_body(request, DetokenizeRequest)
+        body = await read_body(request, DetokenizeRequest)
         with Lease(state, body.model) as lease:
             engine = lease.engine
             bad = [t for t in body.tokens if not 0 <= t < engine.vocab_size]
             if bad:
                 raise bad_request(f"token id {bad[0]} is outside the vocabulary [0, {engine.vocab_size})", "tokens")
-            return {"prompt": engine.tokenizer.decode(body.tokens, skip_special_tokens=False)}
+            text = await asyncio.to_thread(engine.tokenizer.decode, body.tokens, skip_special_tokens=False)
+            return {"prompt": text}
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", openapi_extra=request_body(CompletionRequest))
     async def completions(request: Request) -> Response:
-        body = await parse_body(request, CompletionRequest)
-        lease = Lease(state, body.model)
+        body = await read_body(request, CompletionRequest)
+        raw_prompts = body.prompts()
+        limit = state.settings.max_prompts
+        if len(raw_prompts) > limit:
+            raise bad_request(f"the request has {len(raw_prompts)} prompts; at most {limit} per request "
+                              "(--max-prompts)", "prompt")
+        want_prompt_lps = bool(body.echo) and body.logprobs is not None
+        params = sampling(lambda: body.sampling_params(body.effective_max_tokens(), body.logprobs,
+                                                       body.logprobs if want_prompt_lps else None))
+        lease = Lease(state, body.model, body.n * len(raw_prompts))
         try:
             engine = lease.engine
-            want_prompt_lps = body.echo and body.logprobs is not None
-            params = sampling(lambda: body.sampling_params(body.max_tokens, body.logprobs,
-                                                           body.logprobs if want_prompt_lps else None))
-            prompts = [prepare_prompt(engine, p, params) for p in body.prompts()]
+            prompts = await asyncio.to_thread(prepare_prompts, engine, raw_prompts, params)
             rid = f"cmpl-{uuid.uuid4().hex}"
             created = int(time.time())
             deadline = _deadline(state)
@@ -560,7 +600,7 @@ def build_app(state: ServerState) -> FastAPI:
             text, ids = prompts[i]
             return text if text is not None else engine.tokenizer.decode(ids, skip_special_tokens=False)
 
-        if body.stream:
+        if body.streaming:
             return StreamingResponse(
                 _stream_completion(state, lease, body, gens, prompts, prompt_text, rid, created, deadline),
                 media_type="text/event-stream", background=BackgroundTask(lease.release),
@@ -569,29 +609,36 @@ def build_app(state: ServerState) -> FastAPI:
         async def collect() -> dict:
             finals: dict[int, RequestOutput] = {}
             tracks = [_Track(time.monotonic()) for _ in prompts]
-            async for i, out in merged(gens, deadline):
+            async for i, out in merged(gens, deadline, state.aborting):
                 tracks[i].saw(out)
                 finals[i] = out
-            choices = []
-            completion_tokens = 0
-            for i in range(len(prompts)):
-                out = finals[i]
-                for c in sorted(out.outputs, key=lambda c: c.index):
-                    text = c.text
-                    lps = None
-                    if body.logprobs is not None:
-                        ids, positions = c.token_ids, list(c.logprobs or [])
+
+            def build() -> list[dict]:  # logprobs of an 8k-token echo take a while: off the event loop
+                choices = []
+                for i in range(len(prompts)):
+                    out = finals[i]
+                    for c in sorted(out.outputs, key=lambda c: c.index):
+                        text = c.text
+                        lps = None
+                        if body.logprobs is not None:
+                            ids, positions = c.token_ids, list(c.logprobs or [])
+                            if body.echo:
+                                ids = prompts[i][1] + ids
+                                positions = list(out.prompt_logprobs or [None] * len(prompts[i][1])) + positions
+                            lps = completion_logprobs(engine, ids, positions, body.logprobs, 0)
                         if body.echo:
-                            ids = prompts[i][1] + ids
-                            positions = list(out.prompt_logprobs or [None] * len(prompts[i][1])) + positions
-                        lps = completion_logprobs(engine, ids, positions, body.logprobs, 0)
-                    if body.echo:
-                        text = prompt_text(i) + text
+                            text = prompt_text(i) + text
+                        choices.append({"index": i * n + c.index, "text": text, "logprobs": lps,
+                                        "finish_reason": c.finish_reason})
+                return choices
+
+            choices = await asyncio.to_thread(build) if body.logprobs is not None or body.echo else build()
+            completion_tokens = 0
+            end = time.monotonic()
+            for i in range(len(prompts)):
+                for c in finals[i].outputs:
                     completion_tokens += len(c.token_ids)
-                    choices.append({"index": i * n + c.index, "text": text, "logprobs": lps,
-                                    "finish_reason": c.finish_reason})
                     state.metrics.record_finish(lease.deployment.name, c.finish_reason)
-                end = time.monotonic()
                 state.metrics.record_request(lease.deployment.name, tracks[i].start, tracks[i].first, end,
                                              tracks[i].tokens)
             return {"id": rid, "object": "text_completion", "created": created, "model": lease.model,
@@ -603,22 +650,23 @@ def build_app(state: ServerState) -> FastAPI:
         finally:
             lease.release()
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", openapi_extra=request_body(ChatCompletionRequest))
     async def chat_completions(request: Request) -> Response:
-        body = await parse_body(request, ChatCompletionRequest)
-        lease = Lease(state, body.model)
+        body = await read_body(request, ChatCompletionRequest)
+        if body.top_logprobs is not None and not body.logprobs:
+            raise bad_request("'top_logprobs' requires 'logprobs' to be true", "top_logprobs")
+        top_n = (body.top_logprobs or 0) if body.logprobs else None
+        params = sampling(lambda: body.sampling_params(
+            body.effective_max_tokens(state.settings.max_tokens_default), top_n, None))
+        lease = Lease(state, body.model, body.n)
         try:
             engine = lease.engine
-            if body.top_logprobs is not None and not body.logprobs:
-                raise bad_request("'top_logprobs' requires 'logprobs' to be true", "top_logprobs")
-            top_n = (body.top_logprobs or 0) if body.logprobs else None
-            params = sampling(lambda: body.sampling_params(body.effective_max_tokens(), top_n, None))
-            try:
-                ids = engine.tokenizer.encode_chat([m.as_template_dict() for m in body.messages],
-                                                   body.add_generation_prompt)
-            except SurgeError as exc:
-                raise bad_request(str(exc), "messages") from exc
-            _, ids = prepare_prompt(engine, ids, params)
+
+            def prepare() -> list[int]:
+                ids = encode_chat(engine, body.messages, body.add_generation_prompt)
+                return prepare_prompts(engine, [ids], params)[0][1]
+
+            ids = await asyncio.to_thread(prepare)
             rid = f"chatcmpl-{uuid.uuid4().hex}"
             created = int(time.time())
             deadline = _deadline(state)
@@ -626,7 +674,7 @@ def build_app(state: ServerState) -> FastAPI:
         except BaseException:
             lease.release()
             raise
-        if body.stream:
+        if body.streaming:
             return StreamingResponse(
                 _stream_chat(state, lease, body, gens[0], len(ids), rid, created, deadline, top_n),
                 media_type="text/event-stream", background=BackgroundTask(lease.release),
@@ -635,7 +683,7 @@ def build_app(state: ServerState) -> FastAPI:
         async def collect() -> dict:
             final: RequestOutput | None = None
             track = _Track(time.monotonic())
-            async for _, out in merged(gens, deadline):
+            async for _, out in merged(gens, deadline, state.aborting):
                 track.saw(out)
                 final = out
             assert final is not None
@@ -661,6 +709,7 @@ def build_app(state: ServerState) -> FastAPI:
         finally:
             lease.release()
 
+    install_request_schemas(app)
     return app
 
 
@@ -687,7 +736,7 @@ async def _stream_completion(
         return sse_chunk(lease, rid, created, "text_completion", choice, include_usage)
 
     try:
-        async for i, out in merged(gens, deadline):
+        async for i, out in merged(gens, deadline, state.aborting):
             tracks[i].saw(out)
             for c in out.outputs:
                 index = i * n + c.index
@@ -701,7 +750,8 @@ async def _stream_completion(
                         ids = prompts[i][1] + ids
                         positions = list(out.prompt_logprobs or [None] * len(prompts[i][1])) + positions
                 if body.logprobs is not None:
-                    lps = completion_logprobs(engine, ids, positions, body.logprobs, offsets.get(index, 0))
+                    lps = await _off_loop(len(ids), completion_logprobs, engine, ids, positions, body.logprobs,
+                                          offsets.get(index, 0))
                     offsets[index] = offsets.get(index, 0) + sum(len(t) for t in lps["tokens"])
                 completion_tokens += len(c.token_ids)
                 if c.finish_reason is not None:
@@ -714,7 +764,7 @@ async def _stream_completion(
             yield sse({"id": rid, "object": "text_completion", "created": created, "model": lease.model,
                        "system_fingerprint": lease.fingerprint, "choices": [],
                        "usage": usage(sum(len(p[1]) for p in prompts), completion_tokens)})
-    except (APIError, EngineDeadError) as exc:
+    except Exception as exc:  # noqa: BLE001 - every failure ends the stream with an error event
         yield stream_error(exc)
     finally:
         lease.release()
@@ -738,7 +788,7 @@ async def _stream_chat(
     try:
         for index in range(body.n):  # the role comes first, as OpenAI sends it
             yield chunk(index, {"role": "assistant", "content": ""}, None, None)
-        async for _, out in merged([gen], deadline):
+        async for _, out in merged([gen], deadline, state.aborting):
             track.saw(out)
             for c in out.outputs:
                 completion_tokens += len(c.token_ids)
@@ -754,7 +804,7 @@ async def _stream_chat(
             yield sse({"id": rid, "object": "chat.completion.chunk", "created": created, "model": lease.model,
                        "system_fingerprint": lease.fingerprint, "choices": [],
                        "usage": usage(prompt_tokens, completion_tokens)})
-    except (APIError, EngineDeadError) as exc:
+    except Exception as exc:  # noqa: BLE001 - every failure ends the stream with an error event
         yield stream_error(exc)
     finally:
         lease.release()

@@ -2,63 +2,96 @@
 
 Field names, defaults and ranges follow OpenAI's API reference; top_k, min_p,
 repetition_penalty, ignore_eos and min_tokens are the extensions vLLM users expect.
-Unknown fields are ignored, as OpenAI-compatible servers do.
+
+The API is honest: types are strict (no booleans for integers, no strings for numbers, no
+inf/NaN); a field OpenAI defines that surge does not implement is a 400 naming it
+(UNSUPPORTED); a field OpenAI documents as a hint for its own service (HINTS) is accepted and
+ignored; any other unknown field is a 400, as OpenAI answers it.
 """
 
 from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from surge.sampling_params import MAX_LOGPROBS, RequestOutputKind, SamplingParams
+from surge.sampling_params import MAX_LOGIT_BIAS, MAX_LOGPROBS, SEED_RANGE, RequestOutputKind, SamplingParams
 
 Probability = Annotated[float, Field(ge=0.0, le=1.0)]
+Int32 = Annotated[int, Field(ge=-(2**31), le=2**31 - 1)]
+TokenId = int  # checked against the vocabulary by the engine (a clearer message than a range)
+MAX_STOP = 16  # stop strings per request (OpenAI: 4)
+MAX_STOP_CHARS = 512
+MAX_LOGIT_BIAS_ENTRIES = 4096
+COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for the legacy completions API
+
+# OpenAI's hints for its own service: accepted and ignored (README, "API notes").
+HINTS = ("user", "store", "metadata", "service_tier", "parallel_tool_calls", "prompt_cache_key",
+         "safety_identifier", "verbosity")
 
 
-class StreamOptions(BaseModel):
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
+
+
+class StreamOptions(_Strict):
     include_usage: bool = False
 
 
-class _SamplingFields(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-
+class _SamplingFields(_Strict):
     model: str | None = None
     n: int = Field(1, ge=1, le=128)
     temperature: float | None = Field(None, ge=0.0, le=2.0)
     top_p: float | None = Field(None, gt=0.0, le=1.0)
     stop: str | list[str] | None = None
-    seed: int | None = None
-    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
-    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
-    logit_bias: dict[str, Annotated[float, Field(ge=-100.0, le=100.0)]] | None = None
-    user: str | None = None
-    stream: bool = False
+    seed: int | None = Field(None, ge=SEED_RANGE[0], lt=SEED_RANGE[1])
+    presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    logit_bias: dict[str, Annotated[float, Field(ge=-MAX_LOGIT_BIAS, le=MAX_LOGIT_BIAS)]] | None = None
+    stream: bool | None = False
     stream_options: StreamOptions | None = None
+    # OpenAI's service hints (see HINTS), ignored
+    user: str | None = None
+    store: bool | None = None
+    metadata: dict[str, str] | None = None
+    service_tier: str | None = None
+    parallel_tool_calls: bool | None = None
+    prompt_cache_key: str | None = None
+    safety_identifier: str | None = None
+    verbosity: str | None = None
     # extensions
     top_k: int | None = Field(None, ge=-1)
     min_p: Probability | None = None
     repetition_penalty: float | None = Field(None, gt=0.0, le=10.0)
     ignore_eos: bool = False
-    min_tokens: int = Field(0, ge=0)
+    min_tokens: int = Field(0, ge=0, le=2**31 - 1)
     skip_special_tokens: bool = True
-    priority: int = 0
+    priority: Int32 = 0
 
     @field_validator("stop")
     @classmethod
-    def _stop_not_empty(cls, v: str | list[str] | None) -> str | list[str] | None:
+    def _stop_strings(cls, v: str | list[str] | None) -> str | list[str] | None:
         items = [v] if isinstance(v, str) else (v or [])
-        if any(not s for s in items):
-            raise ValueError("stop strings must not be empty")
+        if len(items) > MAX_STOP:
+            raise ValueError(f"at most {MAX_STOP} stop strings")
+        if any(not s or len(s) > MAX_STOP_CHARS for s in items):
+            raise ValueError(f"stop strings must be 1 to {MAX_STOP_CHARS} characters")
         return v
 
     @field_validator("logit_bias")
     @classmethod
     def _bias_keys(cls, v: dict[str, float] | None) -> dict[str, float] | None:
+        if v is not None and len(v) > MAX_LOGIT_BIAS_ENTRIES:
+            raise ValueError(f"at most {MAX_LOGIT_BIAS_ENTRIES} entries")
         for key in v or {}:
-            if not key.lstrip("-").isdigit():
-                raise ValueError(f"logit_bias keys must be token ids, got {key!r}")
+            # ASCII digits only: "³".isdigit() is true and int("³") fails
+            if not (key.isascii() and key.isdigit() and len(key) <= 10):
+                raise ValueError(f"logit_bias keys must be token ids (non-negative integers), got {key!r}")
         return v
+
+    @property
+    def streaming(self) -> bool:
+        return bool(self.stream)
 
     def sampling_params(self, max_tokens: int | None, logprobs: int | None, prompt_logprobs: int | None
                         ) -> SamplingParams:
@@ -70,8 +103,8 @@ class _SamplingFields(BaseModel):
             top_k=self.top_k or 0,
             min_p=self.min_p or 0.0,
             repetition_penalty=self.repetition_penalty or 1.0,
-            presence_penalty=self.presence_penalty,
-            frequency_penalty=self.frequency_penalty,
+            presence_penalty=self.presence_penalty or 0.0,
+            frequency_penalty=self.frequency_penalty or 0.0,
             logit_bias={int(k): v for k, v in self.logit_bias.items()} if self.logit_bias else None,
             seed=self.seed,
             stop=[self.stop] if isinstance(self.stop, str) else list(self.stop or []),
@@ -80,22 +113,44 @@ class _SamplingFields(BaseModel):
             logprobs=logprobs,
             prompt_logprobs=prompt_logprobs,
             skip_special_tokens=self.skip_special_tokens,
-            output_kind=RequestOutputKind.DELTA if self.stream else RequestOutputKind.FINAL_ONLY,
+            output_kind=RequestOutputKind.DELTA if self.streaming else RequestOutputKind.FINAL_ONLY,
         )
 
 
+def _unsupported(values: dict[str, Any], neutral: dict[str, tuple[Any, ...]]) -> None:
+    """A 400 for the first field set to something this server cannot do yet."""
+    for name, value in values.items():
+        if value is not None and value not in neutral.get(name, ()):
+            raise ValueError(f"'{name}' is not supported by this server (send it unset or null)")
+
+
 class CompletionRequest(_SamplingFields):
-    prompt: str | list[str] | list[int] | list[list[int]]
-    max_tokens: int | None = Field(16, ge=1)
+    prompt: Annotated[str, Field(min_length=1)] | list[str] | list[TokenId] | list[list[TokenId]]
+    max_tokens: int | None = Field(COMPLETIONS_DEFAULT_MAX_TOKENS, ge=1, le=2**31 - 1)
     logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
-    echo: bool = False
+    echo: bool | None = False
+    best_of: int | None = Field(None, ge=1, le=128)
+    suffix: str | None = None
 
     @field_validator("prompt")
     @classmethod
     def _prompt_not_empty(cls, v: Any) -> Any:
         if isinstance(v, list) and not v:
             raise ValueError("prompt must not be an empty list")
+        if isinstance(v, list) and any(isinstance(p, (str, list)) and not p for p in v):
+            raise ValueError("no prompt in the list may be empty")
         return v
+
+    @model_validator(mode="after")
+    def _honest(self) -> "CompletionRequest":
+        if self.best_of is not None and self.best_of != self.n:
+            raise ValueError("'best_of' other than n is not supported by this server (send it unset or equal to n)")
+        _unsupported({"suffix": self.suffix}, {"suffix": ("",)})
+        return self
+
+    def effective_max_tokens(self) -> int:
+        """null means the default, as absent does (OpenAI's 16)."""
+        return COMPLETIONS_DEFAULT_MAX_TOKENS if self.max_tokens is None else self.max_tokens
 
     def prompts(self) -> list[str | list[int]]:
         p = self.prompt
@@ -106,50 +161,129 @@ class CompletionRequest(_SamplingFields):
         return list(p)  # type: ignore[arg-type]
 
 
-class ContentPart(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-    type: Literal["text"]
-    text: str
+class ContentPart(_Strict):
+    type: str
+    text: str | None = None
+
+    @model_validator(mode="after")
+    def _text_only(self) -> "ContentPart":
+        if self.type != "text":
+            raise ValueError(f"content parts of type {self.type!r} are not supported (text only)")
+        if self.text is None:
+            raise ValueError("a text content part needs 'text'")
+        return self
 
 
-class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="allow")
+class ChatMessage(_Strict):
     role: Literal["system", "user", "assistant", "tool", "developer"]
     content: str | list[ContentPart] | None = None
     name: str | None = None
+    # what clients echo back from an earlier response: accepted while empty
+    refusal: str | None = None
+    annotations: list[Any] | None = None
+    audio: None = None
+    function_call: None = None
+    tool_calls: list[Any] | None = None
+    tool_call_id: str | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _text_parts_only(cls, data: Any) -> Any:
+        content = data.get("content") if isinstance(data, dict) else None
+        for part in content if isinstance(content, list) else ():
+            kind = part.get("type") if isinstance(part, dict) else None
+            if isinstance(kind, str) and kind != "text":
+                raise ValueError(f"content parts of type {kind!r} are not supported (text only)")
+        return data
+
+    @model_validator(mode="after")
+    def _no_tool_calls(self) -> "ChatMessage":
+        if self.tool_calls:
+            raise ValueError("'tool_calls' in messages are not supported by this server yet")
+        return self
 
     def as_template_dict(self) -> dict[str, Any]:
         content = self.content
         if isinstance(content, list):
-            content = "".join(part.text for part in content)
+            content = "".join(part.text or "" for part in content)
         message: dict[str, Any] = {"role": self.role, "content": content or ""}
         if self.name:
             message["name"] = self.name
+        if self.tool_call_id:
+            message["tool_call_id"] = self.tool_call_id
         return message
 
 
 class ChatCompletionRequest(_SamplingFields):
-    messages: list[ChatMessage] = Field(min_length=1)
-    max_tokens: int | None = Field(None, ge=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
-    logprobs: bool = False
+    messages: list[ChatMessage] = Field(min_length=1, max_length=4096)
+    max_tokens: int | None = Field(None, ge=1, le=2**31 - 1)
+    max_completion_tokens: int | None = Field(None, ge=1, le=2**31 - 1)
+    logprobs: bool | None = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     add_generation_prompt: bool = True
+    # defined by OpenAI, not implemented here: a 400 unless unset or neutral
+    tools: list[Any] | None = None
+    tool_choice: Any = None
+    functions: list[Any] | None = None
+    function_call: Any = None
+    response_format: dict[str, Any] | None = None
+    audio: dict[str, Any] | None = None
+    modalities: list[str] | None = None
+    prediction: dict[str, Any] | None = None
+    web_search_options: dict[str, Any] | None = None
+    reasoning_effort: str | None = None
 
-    def effective_max_tokens(self) -> int | None:
-        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+    @model_validator(mode="after")
+    def _honest(self) -> "ChatCompletionRequest":
+        _unsupported(
+            {name: getattr(self, name) for name in ("tools", "tool_choice", "functions", "function_call",
+                                                    "response_format", "audio", "modalities", "prediction",
+                                                    "web_search_options", "reasoning_effort")},
+            {"tools": ([],), "tool_choice": ("none",), "functions": ([],), "function_call": ("none",),
+             "response_format": ({"type": "text"},), "modalities": (["text"],)},
+        )
+        return self
+
+    def effective_max_tokens(self, default: int | None) -> int | None:
+        """max_completion_tokens, else max_tokens, else the server's --max-tokens-default (None: up to
+        the context)."""
+        if self.max_completion_tokens is not None:
+            return self.max_completion_tokens
+        return self.max_tokens if self.max_tokens is not None else default
 
 
-class TokenizeRequest(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+class TokenizeRequest(_Strict):
     model: str | None = None
     prompt: str | None = None
-    messages: list[ChatMessage] | None = None
+    messages: list[ChatMessage] | None = Field(None, max_length=4096)
     add_special_tokens: bool = True
     add_generation_prompt: bool = True
 
 
-class DetokenizeRequest(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+class DetokenizeRequest(_Strict):
     model: str | None = None
-    tokens: list[int]
+    tokens: list[TokenId]
+
+
+class LoadRequest(_Strict):
+    """The body of /v2/repository/models/{name}/load: which version (default: the newest)."""
+
+    version: str | int | None = None
+
+    @field_validator("version")
+    @classmethod
+    def _positive(cls, v: str | int | None) -> str | int | None:
+        text = str(v)
+        if v is not None and not (text.isascii() and text.isdigit() and 0 < int(text) < 10**9):
+            raise ValueError(f"'version' must be a positive integer, got {v!r}")
+        return v
+
+
+class IndexRequest(_Strict):
+    """The body of POST /v2/repository/index (Triton's): `ready` true lists the ready versions only."""
+
+    ready: bool | None = None
+
+
+class EmptyRequest(_Strict):
+    """The body of unload and rollback: nothing, or {}."""

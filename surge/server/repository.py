@@ -75,7 +75,8 @@ class Deployment:
     engine: LLMEngine
     async_engine: AsyncEngine
     memory_bytes: int
-    in_flight: int = 0
+    in_flight: int = 0  # requests holding a lease
+    sequences: int = 0  # their sequences (n x prompts), what --max-queue counts
     drained: threading.Event = field(default_factory=threading.Event)
 
     @property
@@ -459,9 +460,9 @@ class ModelRepository:
 
     # ---- routing -------------------------------------------------------------------------
 
-    def acquire(self, requested: str | None) -> tuple[Deployment, str]:
-        """The deployment serving `requested` ("name" or "name:version"), with a lease taken,
-        and the name to answer with. Return the lease with release()."""
+    def acquire(self, requested: str | None, sequences: int = 1) -> tuple[Deployment, str]:
+        """The deployment serving `requested` ("name" or "name:version"), with a lease taken for
+        `sequences` sequences, and the name to answer with. Return the lease with release()."""
         with self._lock:
             if requested is None:
                 serving = [e for e in self.models.values() if e.serving is not None]
@@ -487,11 +488,13 @@ class ModelRepository:
                 what = f"version {version} of model `{entry.name}`" if version else f"model `{entry.name}`"
                 raise ModelUnavailableError(f"{what} is not being served (versions: {states or 'none'})")
             record.deployment.in_flight += 1
+            record.deployment.sequences += sequences
             return record.deployment, requested or entry.name
 
-    def release(self, deployment: Deployment) -> None:
+    def release(self, deployment: Deployment, sequences: int = 1) -> None:
         with self._lock:
             deployment.in_flight -= 1
+            deployment.sequences -= sequences
 
     # ---- observation ---------------------------------------------------------------------
 

@@ -74,7 +74,7 @@ def wait_ready(server: LiveServer, timeout: float = 180.0) -> None:
         if server.proc.poll() is not None:
             raise RuntimeError(f"server exited with {server.proc.returncode}:\n{server.log()}")
         try:
-            if httpx.get(f"{server.url}/health", timeout=2).status_code == 200:
+            if httpx.get(f"{server.url}/ready", timeout=2).status_code == 200:
                 return
         except httpx.HTTPError:
             pass

@@ -90,12 +90,19 @@ def test_api_key(server):
     assert_error(post(server, "/v1/completions", {"prompt": "x"}, headers=None), 401, "API key")
     assert_error(post(server, "/v1/completions", {"prompt": "x"}, headers={"Authorization": "Bearer nope"}), 401)
     assert httpx.get(f"{server.url}/v1/models").status_code == 401
-    assert httpx.get(f"{server.url}/health").status_code == 200  # health and metrics stay open
+    assert httpx.get(f"{server.url}/health").status_code == 200  # liveness and readiness stay open
+    assert httpx.get(f"{server.url}/ready").status_code == 200
+    # with an API key and no --metrics-key, the API key guards /metrics and the dashboard
+    for path in ("/metrics", "/dashboard", "/dashboard/data"):
+        r = httpx.get(f"{server.url}{path}")
+        assert r.status_code == 401 and "Basic" in r.headers["WWW-Authenticate"], path
+        assert httpx.get(f"{server.url}{path}", headers=AUTH).status_code == 200, path
+        assert httpx.get(f"{server.url}{path}", auth=("any", API_KEY)).status_code == 200, path
     still_serving(server)
 
 
 def test_metrics_reflect_requests(server):
-    text = httpx.get(f"{server.url}/metrics").text
+    text = httpx.get(f"{server.url}/metrics", headers=AUTH).text
     for status in ("200", "400", "401", "404"):
         assert metric(text, "surge_requests_total", status=status), status
     for name in ("surge_e2e_request_latency_seconds_count", "surge_time_to_first_token_seconds_count",
@@ -110,7 +117,7 @@ def test_metrics_reflect_requests(server):
 def _kv_idle(server, timeout=20.0) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        text = httpx.get(f"{server.url}/metrics").text
+        text = httpx.get(f"{server.url}/metrics", headers=AUTH).text
         if metric(text, "surge_kv_cache_usage_ratio", model=MODEL_NAME) == 0.0 and \
                 metric(text, "surge_num_requests_running", model=MODEL_NAME) == 0.0:
             return True
@@ -188,30 +195,34 @@ def test_sigterm_drains_streams_and_exits_0(tmp_path):
                     if len(events) == 2:
                         srv.proc.send_signal(signal.SIGTERM)
                         time.sleep(0.3)
-                        health.append(client.get(f"{srv.url}/health").status_code)
+                        health.append(client.get(f"{srv.url}/health").status_code)  # alive
+                        health.append(client.get(f"{srv.url}/ready").status_code)  # not taking work
                         refused = client.post(f"{srv.url}/v1/completions", json={"prompt": "x", "max_tokens": 2})
                         health.append(refused.status_code)
         assert events[-1] == "data: [DONE]"
         finals = [json.loads(e[5:])["choices"][0]["finish_reason"] for e in events[:-1]]
         assert finals[-1] == "length" and len(events) - 1 == 48
-        assert health == [503, 503]
+        assert health == [200, 503, 503]
         assert srv.proc.wait(60) == 0, srv.log()
     finally:
         srv.stop()
 
 
-def test_health_503_while_loading(tmp_path):
+def test_ready_503_while_loading_health_200(tmp_path):
     srv = start_server(tmp_path, wait=False)
     try:
-        seen = set()
+        seen, alive = set(), set()
         deadline = time.monotonic() + 180
         while time.monotonic() < deadline and 200 not in seen:
             try:
-                seen.add(httpx.get(f"{srv.url}/health", timeout=2).status_code)
+                seen.add(httpx.get(f"{srv.url}/ready", timeout=2).status_code)
+                r = httpx.get(f"{srv.url}/health", timeout=2)
+                alive.add((r.status_code, r.json()["status"]))
             except httpx.HTTPError:
                 pass
             time.sleep(0.05)
         assert seen == {503, 200}, seen
+        assert (200, "loading") in alive and all(code == 200 for code, _ in alive), alive
         wait_ready(srv)
     finally:
         srv.stop()

@@ -116,8 +116,14 @@ def test_control_api_errors(two_models):
         r = httpx.post(f"{url}/v2/repository/models/{path}", json=body, headers=ADMIN, timeout=30)
         assert r.status_code == status, (path, r.text)
         assert needle in r.json()["error"]["message"]
-    r = httpx.post(f"{url}/v2/repository/models/tiny/load", content=b"{not json", headers=ADMIN, timeout=30)
+    r = httpx.post(f"{url}/v2/repository/models/tiny/load", content=b"{not json",
+                   headers={**ADMIN, "Content-Type": "application/json"}, timeout=30)
     assert r.status_code == 400 and "malformed JSON" in r.text
+    r = httpx.post(f"{url}/v2/repository/models/tiny/load", content=b"{not json", headers=ADMIN, timeout=30)
+    assert r.status_code == 415 and "application/json" in r.text  # a body must say it is JSON
+    r = httpx.post(f"{url}/v2/repository/models/tiny/load", json={"version": 1, "extra": 1}, headers=ADMIN,
+                   timeout=30)
+    assert r.status_code == 400 and "'extra'" in r.text
     # unload, then requests for it get 404 while the other model serves; load brings it back
     r = httpx.post(f"{url}/v2/repository/models/tiny/unload", headers=ADMIN, timeout=60)
     assert r.status_code == 200, r.text
