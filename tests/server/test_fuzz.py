@@ -87,6 +87,7 @@ def test_fuzz_every_operation_no_5xx(fuzz_server):
         for op in operations:
             for mode, examples in EXAMPLES.items():
                 _fuzz(client, url, op, mode, examples, counts, failures)
+    print(f"fuzzed {sum(counts.values())} cases over {len(operations)} operations")
     assert not failures, "\n".join(failures[:20])
     assert sum(counts.values()) > 1500, counts
     # healthy, idle, and every KV block back
