@@ -386,9 +386,21 @@ def chat_logprobs(engine: LLMEngine, token_ids: list[int], positions: list[Posit
     return {"content": content, "refusal": None}
 
 
+async def off_loop(fn: Callable[..., Any], *args: Any) -> Any:
+    """fn(*args) in a worker thread, so tokenizing a long prompt never blocks other requests. A
+    Rust extension's panic (a BaseException) comes back as a RuntimeError: a JSON 500, not a
+    plain-text one."""
+    try:
+        return await asyncio.to_thread(fn, *args)
+    except (Exception, asyncio.CancelledError, KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as exc:  # noqa: BLE001 - pyo3's PanicException
+        raise RuntimeError(f"{type(exc).__name__}: {exc}") from exc
+
+
 async def _off_loop(size: int, fn: Callable[..., Any], *args: Any) -> Any:
     """fn(*args), in a worker thread when `size` (positions) makes it slow enough to stall the loop."""
-    return await asyncio.to_thread(fn, *args) if size > 64 else fn(*args)
+    return await off_loop(fn, *args) if size > 64 else fn(*args)
 
 
 def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
@@ -557,7 +569,7 @@ def build_app(state: ServerState) -> FastAPI:
                 except SurgeError as exc:
                     raise bad_request(str(exc), "prompt") from exc
 
-            ids = await asyncio.to_thread(encode)
+            ids = await off_loop(encode)
             return {"tokens": ids, "count": len(ids), "max_model_len": engine.max_model_len}
 
     @app.post("/detokenize", openapi_extra=request_body(DetokenizeRequest))
@@ -568,7 +580,7 @@ def build_app(state: ServerState) -> FastAPI:
             bad = [t for t in body.tokens if not 0 <= t < engine.vocab_size]
             if bad:
                 raise bad_request(f"token id {bad[0]} is outside the vocabulary [0, {engine.vocab_size})", "tokens")
-            text = await asyncio.to_thread(engine.tokenizer.decode, body.tokens, skip_special_tokens=False)
+            text = await off_loop(lambda: engine.tokenizer.decode(body.tokens, skip_special_tokens=False))
             return {"prompt": text}
 
     @app.post("/v1/completions", openapi_extra=request_body(CompletionRequest))
@@ -585,7 +597,7 @@ def build_app(state: ServerState) -> FastAPI:
         lease = Lease(state, body.model, body.n * len(raw_prompts))
         try:
             engine = lease.engine
-            prompts = await asyncio.to_thread(prepare_prompts, engine, raw_prompts, params)
+            prompts = await off_loop(prepare_prompts, engine, raw_prompts, params)
             rid = f"cmpl-{uuid.uuid4().hex}"
             created = int(time.time())
             deadline = _deadline(state)
@@ -632,7 +644,7 @@ def build_app(state: ServerState) -> FastAPI:
                                         "finish_reason": c.finish_reason})
                 return choices
 
-            choices = await asyncio.to_thread(build) if body.logprobs is not None or body.echo else build()
+            choices = await off_loop(build) if body.logprobs is not None or body.echo else build()
             completion_tokens = 0
             end = time.monotonic()
             for i in range(len(prompts)):
@@ -666,7 +678,7 @@ def build_app(state: ServerState) -> FastAPI:
                 ids = encode_chat(engine, body.messages, body.add_generation_prompt)
                 return prepare_prompts(engine, [ids], params)[0][1]
 
-            ids = await asyncio.to_thread(prepare)
+            ids = await off_loop(prepare)
             rid = f"chatcmpl-{uuid.uuid4().hex}"
             created = int(time.time())
             deadline = _deadline(state)

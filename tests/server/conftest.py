@@ -92,9 +92,10 @@ def server(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def limited_server(tmp_path_factory):
-    """One running slot, one waiting place, two-second timeout: for 429 and timeout tests."""
+    """One running slot, one waiting place, two-second timeout, four connections: for 429, 503 and
+    timeout tests."""
     srv = start_server(tmp_path_factory.mktemp("limited"), "--max-num-seqs", "1", "--max-queue", "1",
-                       "--request-timeout", "2")
+                       "--request-timeout", "2", "--limit-concurrency", "4")
     yield srv
     srv.stop()
 

@@ -87,6 +87,20 @@ def test_max_queue_counts_sequences(limited_server):
     assert httpx.post(url, json={"prompt": "x", "max_tokens": 2, "n": 2}, timeout=30).status_code == 200
 
 
+def test_connections_beyond_the_limit_get_503(limited_server):
+    """--limit-concurrency 4: four idle connections held open, the fifth is refused."""
+    held = [_connect(limited_server.port) for _ in range(4)]
+    try:
+        time.sleep(0.2)
+        r = httpx.get(f"{limited_server.url}/v1/models", timeout=10)
+        assert r.status_code == 503
+    finally:
+        for s in held:
+            s.close()
+    time.sleep(0.2)
+    assert httpx.get(f"{limited_server.url}/v1/models", timeout=10).status_code == 200
+
+
 def test_shutdown_past_the_grace_answers_every_client(guarded):
     body = {"model": MODEL_NAME, "prompt": "Once upon a time", "max_tokens": 1000, "ignore_eos": True}
     results: dict[str, object] = {}
