@@ -107,12 +107,8 @@ class Guard:
         self.app = app
         self.settings = settings
         self.record_status = record_status
-        self.local_names = set(LOCAL_NAMES)
-        if settings.wildcard():
-            hostname = socket.gethostname().lower()
-            self.local_names |= {hostname, socket.getfqdn().lower()}
-        else:
-            self.local_names.add(settings.host.lower())
+        # this machine's own names (no DNS lookup: a slow resolver must not delay the start)
+        self.local_names = {*LOCAL_NAMES, socket.gethostname().lower(), settings.host.lower()}
 
     # ---- checks -------------------------------------------------------------------------
 

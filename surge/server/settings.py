@@ -115,9 +115,6 @@ class ServerSettings:
         except ValueError:
             return False
 
-    def wildcard(self) -> bool:
-        return self.host in ("0.0.0.0", "::", "")
-
 
 def read_key_file(path: str) -> tuple[str, ...]:
     try:

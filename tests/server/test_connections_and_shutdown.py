@@ -134,6 +134,7 @@ def test_shutdown_past_the_grace_answers_every_client(guarded):
     took = time.monotonic() - signalled
     for t in threads:
         t.join(10)
+    print(f"shutdown: exit {code} {took:.1f}s after SIGTERM (grace {GRACE:g}s)")
     assert code == 0, guarded.log()
     assert took < GRACE + 5, took
     for i in range(4):
@@ -237,4 +238,6 @@ def test_soak_64_clients_with_disconnects(server):
     middle = [m for t, m in rss if third <= t < 2 * third]
     last = [m for t, m in rss if t >= 2 * third]
     assert middle and last
+    print(f"soak: {done['ok']} answered, {done['gone']} abandoned by their clients, 0 errors; "
+          f"RSS peak {max(middle):.0f} MB in the middle third, {max(last):.0f} MB in the last")
     assert max(last) - max(middle) < 64, (max(middle), max(last))
