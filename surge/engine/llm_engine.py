@@ -19,8 +19,8 @@ from surge.config import CacheConfig
 from surge.core.kv_cache_manager import PrefixCacheStats
 from surge.core.request import FinishReason, Request
 from surge.core.scheduler import Scheduler, SchedulerStats, SchedulingPolicy
-from surge.engine.detokenizer import RequestDetokenizer
 from surge.core.scheduler_output import SchedulerOutput
+from surge.engine.detokenizer import RequestDetokenizer
 from surge.errors import InvalidArgumentError
 from surge.layers.sampler import TokenLogprobs
 from surge.loader import LoadedModel
@@ -40,6 +40,7 @@ _FATAL = (KeyboardInterrupt, SystemExit, GeneratorExit)
 def _check_recoverable(exc: BaseException) -> None:
     if isinstance(exc, _FATAL):
         raise exc
+
 
 MAX_FAILED_STEPS = 8  # single-request steps failing in a row before the engine calls itself broken
 

@@ -321,11 +321,10 @@ def sse_chunk(lease: "Lease", rid: str, created: int, obj: str, choice: dict, in
 
 
 def stream_error(exc: BaseException) -> str:
+    if isinstance(exc, (RequestFailedError, EngineDeadError)):
+        exc = engine_error(exc)
     if isinstance(exc, APIError):
         return sse({"error": {"message": exc.message, "type": exc.type, "param": exc.param, "code": exc.code}})
-    api = engine_error(exc) if isinstance(exc, (RequestFailedError, EngineDeadError)) else None
-    if api is not None:
-        return stream_error(api)
     logger.error("stream failed: %s: %s", type(exc).__name__, exc, exc_info=exc)
     return sse({"error": {"message": f"internal error (request {REQUEST_ID.get()}); see the server log",
                           "type": "server_error", "param": None, "code": None}})
@@ -336,7 +335,6 @@ def engine_error(exc: RequestFailedError | EngineDeadError) -> APIError:
     if isinstance(exc, RequestFailedError):
         return APIError(500, str(exc), "server_error", code="engine_error")
     return APIError(503, str(exc), "service_unavailable", code="engine_dead")
-
 
 
 # ---- logprob formats ------------------------------------------------------------------------

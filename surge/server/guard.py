@@ -136,7 +136,7 @@ class Guard:
             return False
         return bool(parts.netloc) and parts.netloc.lower() == host  # same origin (the dashboard)
 
-    def _required_keys(self, path: str, method: str) -> tuple[tuple[str, ...], str, bool]:
+    def _required_keys(self, path: str) -> tuple[tuple[str, ...], str, bool]:
         """(keys of which one is needed, their name, basic auth accepted); no keys: open."""
         s = self.settings
         if path.startswith(CONTROL_PREFIX):
@@ -152,8 +152,8 @@ class Guard:
             return ((s.metrics_key,), "metrics key", True) if s.metrics_key else (s.api_keys, "API key", True)
         return (), "", False
 
-    def _check_key(self, path: str, method: str, headers: dict[bytes, bytes]) -> None:
-        keys, name, basic = self._required_keys(path, method)
+    def _check_key(self, path: str, headers: dict[bytes, bytes]) -> None:
+        keys, name, basic = self._required_keys(path)
         if not keys:
             return
         if key_matches(headers.get(b"authorization", b"").decode("latin-1"), keys, basic):
@@ -248,7 +248,7 @@ class Guard:
                 preflight = method == "OPTIONS" and origin is not None \
                     and b"access-control-request-method" in headers
                 if not preflight:
-                    self._check_key(path, method, headers)
+                    self._check_key(path, headers)
                 if method in _BODY_METHODS:
                     self._check_declared_body(headers)
                     body = await self._read_body(receive)

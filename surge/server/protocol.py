@@ -5,8 +5,8 @@ repetition_penalty, ignore_eos and min_tokens are the extensions vLLM users expe
 
 The API is honest: types are strict (no booleans for integers, no strings for numbers, no
 inf/NaN); a field OpenAI defines that surge does not implement is a 400 naming it
-(UNSUPPORTED); a field OpenAI documents as a hint for its own service (HINTS) is accepted and
-ignored; any other unknown field is a 400, as OpenAI answers it.
+(`_unsupported`); a field OpenAI documents as a hint for its own service (user, store,
+metadata, ...) is accepted and ignored; any other unknown field is a 400, as OpenAI answers it.
 """
 
 from __future__ import annotations
@@ -24,10 +24,6 @@ MAX_STOP = 16  # stop strings per request (OpenAI: 4)
 MAX_STOP_CHARS = 512
 MAX_LOGIT_BIAS_ENTRIES = 4096
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for the legacy completions API
-
-# OpenAI's hints for its own service: accepted and ignored (README, "API notes").
-HINTS = ("user", "store", "metadata", "service_tier", "parallel_tool_calls", "prompt_cache_key",
-         "safety_identifier", "verbosity")
 
 
 class _Strict(BaseModel):
@@ -50,7 +46,7 @@ class _SamplingFields(_Strict):
     logit_bias: dict[str, Annotated[float, Field(ge=-MAX_LOGIT_BIAS, le=MAX_LOGIT_BIAS)]] | None = None
     stream: bool | None = False
     stream_options: StreamOptions | None = None
-    # OpenAI's service hints (see HINTS), ignored
+    # OpenAI's hints for its own service: accepted and ignored
     user: str | None = None
     store: bool | None = None
     metadata: dict[str, str] | None = None

@@ -18,10 +18,10 @@ from surge.errors import InvalidArgumentError
 MiB = 1 << 20
 
 
-def _opt(help: str, flag: str | None = None, metavar: str | None = None, kind: type | None = None,
-         repeat: bool = False, switch: bool = False, choices: tuple[str, ...] | None = None) -> dict[str, Any]:
-    return {"help": help, "flag": flag, "metavar": metavar, "kind": kind, "repeat": repeat, "switch": switch,
-            "choices": choices}
+def _opt(help: str, flag: str | None = None, metavar: str | None = None, repeat: bool = False,
+         switch: bool = False, choices: tuple[str, ...] | None = None) -> dict[str, Any]:
+    """A field's flag: its help, and how argparse takes it (a field without this is no flag)."""
+    return {"help": help, "flag": flag, "metavar": metavar, "repeat": repeat, "switch": switch, "choices": choices}
 
 
 @dataclass
@@ -80,7 +80,7 @@ class ServerSettings:
         "log one line per request (request id, method, path, status, milliseconds)", switch=True))
     log_level: str = field(default="info", metadata=_opt(
         "server log level", choices=("debug", "info", "warning", "error")))
-    retry_after_s: int = field(default=1, metadata=_opt("", flag=""))  # the Retry-After of a 429; not a flag
+    retry_after_s: int = 1  # the Retry-After of a 429; not a flag
 
     def __post_init__(self) -> None:
         self.api_keys = tuple(self.api_keys)
@@ -135,9 +135,9 @@ def add_server_args(parser: argparse.ArgumentParser, size: Any = None) -> None:
     """One flag per ServerSettings field; `size` parses sizes such as 4MiB."""
     for f in dataclasses.fields(ServerSettings):
         meta = f.metadata
-        flag = _flag(f)
-        if not flag:
+        if "help" not in meta:
             continue
+        flag = _flag(f)
         kwargs: dict[str, Any] = {"dest": f.name, "help": meta["help"]}
         if meta["switch"]:
             parser.add_argument(flag, action="store_true", **kwargs)
@@ -145,7 +145,7 @@ def add_server_args(parser: argparse.ArgumentParser, size: Any = None) -> None:
         if meta["repeat"]:
             parser.add_argument(flag, action="append", default=[], metavar=meta["metavar"], **kwargs)
             continue
-        kind = meta["kind"] or _type_of(f)
+        kind = _type_of(f)
         if f.name == "max_request_bytes" and size is not None:
             kind = size(flag)
         default = f.default
