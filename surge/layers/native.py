@@ -33,7 +33,8 @@ def _isa_flags() -> list[str]:
         flags = flags + ["-mavx512bf16", "-mf16c"] if has_avx512_bf16() else flags
         return flags + ["-mavx512vnni"] if has_avx512_vnni() else flags
     if capability == "AVX2":
-        return ["-mavx2", "-mfma", "-DCPU_CAPABILITY_AVX2"]
+        # F16C: ATen's AVX2 Vectorized<Half> converts with _cvtss_sh (every AVX2 CPU has it)
+        return ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY_AVX2"]
     return []
 
 
