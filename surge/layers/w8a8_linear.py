@@ -29,8 +29,12 @@ ZERO_POINT = 128  # of the unsigned input codes (vpdpbusd and oneDNN multiply u8
 
 
 def onednn_int8() -> bool:
-    """oneDNN's int8 linear kernels are in this PyTorch build."""
-    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.onednn, "qlinear_prepack")
+    """oneDNN's int8 linear kernels are in this PyTorch build and exact on this CPU. Without
+    VNNI they multiply u8 by s8 in pairs summed into int16 (vpmaddubsw), which saturates for
+    codes near 255 (measured on an AVX2 CPU: outputs off by up to 30% of their scale), so
+    torch._int_mm is used there instead."""
+    return (torch.backends.mkldnn.is_available() and hasattr(torch.ops.onednn, "qlinear_prepack")
+            and torch.cpu._is_vnni_supported())
 
 
 def quantize_input(x: torch.Tensor, act_inv: torch.Tensor, native: bool) -> torch.Tensor:
