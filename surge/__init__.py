@@ -8,9 +8,10 @@ from surge.errors import SurgeError
 from surge.sampling_params import SamplingParams
 
 __version__ = "0.1.0"
-__all__ = ["LLM", "SamplingParams", "SurgeError", "__version__"]
+__all__ = ["LLM", "EngineArgs", "SamplingParams", "SurgeError", "__version__"]
 
 if TYPE_CHECKING:
+    from surge.engine.args import EngineArgs
     from surge.entrypoints.llm import LLM
 
 
@@ -20,4 +21,8 @@ def __getattr__(name: str) -> Any:
         from surge.entrypoints.llm import LLM
 
         return LLM
+    if name == "EngineArgs":
+        from surge.engine.args import EngineArgs
+
+        return EngineArgs
     raise AttributeError(name)

@@ -124,6 +124,9 @@ class ModelConfig:
 
 
 KV_CACHE_DTYPES = ("auto", "int8")
+SCHEDULING_POLICIES = ("fcfs", "priority")
+EXECUTOR_BACKENDS = ("uni", "mp")
+QUANTIZATIONS = ("auto", "none", "int8", "int4")
 
 
 @dataclass(frozen=True)
@@ -136,6 +139,7 @@ class CacheConfig:
     memory_fraction: float = 0.5
     # "auto": the model's dtype; "int8": rows quantized per token and head (surge/layers/attention.py)
     cache_dtype: str = "auto"
+    enable_prefix_caching: bool = True
 
     def __post_init__(self) -> None:
         if self.cache_dtype not in KV_CACHE_DTYPES:
@@ -151,3 +155,108 @@ class CacheConfig:
             raise InvalidArgumentError(
                 f"memory_fraction must be in (0, 1], got {self.memory_fraction}"
             )
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    """How the scheduler hands out each step's token budget (surge/core/scheduler.py)."""
+
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 8192
+    max_model_len: int = 2048  # prompt + output tokens of one request at most
+    enable_chunked_prefill: bool = True
+    long_prefill_token_threshold: int = 256  # prompt tokens a step while others decode; 0: off
+    policy: str = "fcfs"
+    # context length where a token's attention costs what its linears do (ModelConfig); 0: unknown
+    attention_parity_tokens: int = 0
+
+    def __post_init__(self) -> None:
+        if self.max_num_seqs < 1 or self.max_num_batched_tokens < 1:
+            raise InvalidArgumentError("max_num_seqs and max_num_batched_tokens must be positive")
+        if self.max_model_len < 2:
+            raise InvalidArgumentError(f"max_model_len must be at least 2 tokens, got {self.max_model_len}")
+        if self.long_prefill_token_threshold < 0:
+            raise InvalidArgumentError("long_prefill_token_threshold must be 0 (off) or positive")
+        if self.policy not in SCHEDULING_POLICIES:
+            raise InvalidArgumentError(
+                f"unknown scheduling policy {self.policy!r}: choose one of {', '.join(SCHEDULING_POLICIES)}")
+
+
+@dataclass(frozen=True)
+class ParallelConfig:
+    """How many workers run the model and where. Sizes above 1 arrive with the parallelism work;
+    the executor backend already chooses between the worker in this process and a spawned one."""
+
+    tensor_parallel_size: int = 1
+    pipeline_parallel_size: int = 1
+    data_parallel_size: int = 1
+    distributed_executor_backend: str = "uni"
+
+    def __post_init__(self) -> None:
+        if self.distributed_executor_backend not in EXECUTOR_BACKENDS:
+            raise InvalidArgumentError(
+                f"unknown executor backend {self.distributed_executor_backend!r}: choose one of "
+                f"{', '.join(EXECUTOR_BACKENDS)}")
+        for name in ("tensor_parallel_size", "pipeline_parallel_size", "data_parallel_size"):
+            if getattr(self, name) != 1:
+                raise InvalidArgumentError(f"{name} must be 1: surge runs one worker per model for now")
+
+    @property
+    def world_size(self) -> int:
+        return self.tensor_parallel_size * self.pipeline_parallel_size
+
+
+@dataclass(frozen=True)
+class LoadConfig:
+    """Which checkpoint, as resolved from what the user named, and the dtype it runs in."""
+
+    path: str  # a .gguf file or a Hugging Face directory
+    kind: str  # "gguf" or "hf"
+    name: str  # what the server calls it by default
+    dtype: str = "float32"  # resolved: float32, bfloat16 or float16
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """auto: a GGUF's Q4/Q8 weights stay 4/8-bit; none: everything dequantized; int8/int4: every linear."""
+
+    method: str = "auto"
+    group_size: int = 32
+
+    def __post_init__(self) -> None:
+        if self.method not in QUANTIZATIONS:
+            raise InvalidArgumentError(
+                f"unknown quantization {self.method!r}: choose one of {', '.join(QUANTIZATIONS)}")
+        if self.group_size < 1:
+            raise InvalidArgumentError(f"group_size must be positive, got {self.group_size}")
+
+
+@dataclass(frozen=True)
+class DeviceConfig:
+    device: str = "cpu"
+    threads: int | None = None  # CPU threads of the worker; None: PyTorch's choice
+
+    def __post_init__(self) -> None:
+        if self.threads is not None and self.threads < 1:
+            raise InvalidArgumentError(f"threads must be at least 1, got {self.threads}")
+
+
+@dataclass(frozen=True)
+class CompilationConfig:
+    compile: bool = False  # the forward under torch.compile (Inductor)
+    warmup: bool = True  # a server runs every decode bucket and some prefill shapes before serving
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Everything an engine and its workers are built from; plain data, so a worker process
+    receives it as it is. Made by EngineArgs.create_engine_config()."""
+
+    model: ModelConfig
+    cache: CacheConfig
+    scheduler: SchedulerConfig
+    parallel: ParallelConfig
+    load: LoadConfig
+    quant: QuantConfig
+    device: DeviceConfig
+    compilation: CompilationConfig = field(default_factory=CompilationConfig)

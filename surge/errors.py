@@ -25,3 +25,12 @@ class UnsupportedTensorTypeError(SurgeError):
 
 class InvalidArgumentError(SurgeError, ValueError):
     """A bad argument: an unknown dtype, an out-of-range sampling parameter, a prompt too long."""
+
+
+class EngineDeadError(SurgeError):
+    """The engine cannot serve any more: its worker process died or hung, its step loop failed,
+    or it was shut down. Requests in flight end with this error; the engine must be rebuilt."""
+
+
+class WorkerError(RuntimeError):
+    """An error raised in a worker process whose own type could not be sent back as it is."""

@@ -16,6 +16,25 @@ from surge.worker.model_runner import ModelRunner
 BLOCK = 16
 
 
+def process_alive(pid: int) -> bool:
+    """The process exists and is not a zombie."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split()[2] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def loaded_of(llm: Any) -> LoadedModel:
+    """The model an LLM with the in-process worker runs, as the loader returns one."""
+    from surge.loader.hub import ModelSource
+
+    worker = llm.engine.core.executor.worker
+    load = worker.config.load
+    return LoadedModel(ModelSource(load.kind, load.path, load.name), worker.config.model, worker.model,
+                       llm.tokenizer, worker.dtype, worker.info.quantization)
+
+
 def surge_logits(loaded: LoadedModel, sequences: list[list[int]], chunks: int = 1) -> list[torch.Tensor]:
     """Logits at every position of each sequence, run as one flat batch through the paged cache.
 

@@ -27,6 +27,7 @@ import enum
 import itertools
 from dataclasses import dataclass
 
+from surge.config import CacheConfig, SchedulerConfig
 from surge.core.kv_cache_manager import KVCacheManager
 from surge.core.request import FinishReason, Request, RequestStatus
 from surge.core.scheduler_output import (
@@ -51,30 +52,17 @@ class SchedulerStats:
 
 
 class Scheduler:
-    def __init__(
-        self,
-        num_blocks: int,
-        block_size: int,
-        max_num_seqs: int = 256,
-        max_num_batched_tokens: int = 8192,
-        enable_chunked_prefill: bool = True,
-        enable_prefix_caching: bool = True,
-        policy: SchedulingPolicy | str = SchedulingPolicy.FCFS,
-        long_prefill_token_threshold: int = 256,
-        attention_parity_tokens: int = 0,
-    ):
-        if max_num_seqs < 1 or max_num_batched_tokens < 1:
-            raise InvalidArgumentError("max_num_seqs and max_num_batched_tokens must be positive")
-        if long_prefill_token_threshold < 0:
-            raise InvalidArgumentError("long_prefill_token_threshold must be 0 (off) or positive")
-        self.long_prefill_token_threshold = long_prefill_token_threshold
-        self.attention_parity_tokens = attention_parity_tokens  # 0: chunks of the threshold whatever the context
-        self.kv = KVCacheManager(num_blocks, block_size, enable_prefix_caching)
-        self.block_size = block_size
-        self.max_num_seqs = max_num_seqs
-        self.max_num_batched_tokens = max_num_batched_tokens
-        self.enable_chunked_prefill = enable_chunked_prefill
-        self.policy = SchedulingPolicy(policy)
+    def __init__(self, config: SchedulerConfig, cache: CacheConfig, num_blocks: int):
+        self.config = config
+        self.long_prefill_token_threshold = config.long_prefill_token_threshold
+        # 0: chunks of the threshold whatever the context
+        self.attention_parity_tokens = config.attention_parity_tokens
+        self.kv = KVCacheManager(num_blocks, cache.block_size, cache.enable_prefix_caching)
+        self.block_size = cache.block_size
+        self.max_num_seqs = config.max_num_seqs
+        self.max_num_batched_tokens = config.max_num_batched_tokens
+        self.enable_chunked_prefill = config.enable_chunked_prefill
+        self.policy = SchedulingPolicy(config.policy)
         self.waiting: list[Request] = []  # kept sorted by _key
         self.running: list[Request] = []
         self.stats = SchedulerStats()

@@ -1,16 +1,34 @@
-"""EngineArgs: every per-model engine setting in one place, from CLI flags or a config file.
+"""EngineArgs: the one table of engine settings. Each field's flag, help and default are written
+once here; the CLI flags, the `surge.toml` keys of a model repository and `LLM(**kwargs)` are all
+made from and checked against it, and create_engine_config() turns it into an EngineConfig.
 
-The CLI builds one from its flags; a model repository overrides it per model and per version
-from `surge.toml` files, so the same names (the flags with underscores) work in both.
+A new setting is one field here, one field in the config dataclass it belongs to
+(surge/config.py, filled in create_engine_config below) and the code that reads it.
 """
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import re
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
+from surge.config import (
+    EXECUTOR_BACKENDS,
+    KV_CACHE_DTYPES,
+    QUANTIZATIONS,
+    SCHEDULING_POLICIES,
+    CacheConfig,
+    CompilationConfig,
+    DeviceConfig,
+    EngineConfig,
+    LoadConfig,
+    ParallelConfig,
+    QuantConfig,
+    SchedulerConfig,
+)
 from surge.errors import InvalidArgumentError
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)?\s*$", re.IGNORECASE)
@@ -36,74 +54,199 @@ def parse_bytes(value: str | int, what: str) -> int:
     return size
 
 
+# kinds of settings: how a value is read from a flag and checked wherever it comes from
+STR, OPT_STR, INT, OPT_INT, COUNT, FRACTION, SIZE, BOOL = ("str", "str?", "int", "int?", "count", "fraction",
+                                                            "size", "bool")
+
+
+def setting(default: Any, help: str, kind: str, *, flags: tuple[str, ...] = (), choices: Iterable[str] = (),
+            metavar: str | None = None, toml: bool = True, serve_only: bool = False) -> Any:
+    """A field of EngineArgs with what its flag needs. flags: the CLI spellings (default
+    --the-field-name; a boolean that defaults to true is switched off by its one flag);
+    toml: settable per model in surge.toml; serve_only: a flag of `surge serve` alone."""
+    return field(default=default, metadata=dict(help=help, kind=kind, flags=flags, choices=tuple(choices),
+                                                metavar=metavar, toml=toml, serve_only=serve_only))
+
+
 @dataclass(frozen=True)
 class EngineArgs:
-    """How to load and run one model (the model and process-wide settings like threads aside)."""
+    """How to load and run one model: every engine setting, checked when made."""
 
-    dtype: str = "auto"
-    device: str | None = None
-    quantization: str = "auto"
-    group_size: int = 32
-    kv_cache_memory: int | None = None  # bytes; None: a fraction of free memory
-    kv_cache_fraction: float = 0.5
-    kv_cache_dtype: str = "auto"
-    block_size: int = 16
-    max_num_seqs: int = 256
-    max_num_batched_tokens: int = 8192
-    enable_prefix_caching: bool = True
-    enable_chunked_prefill: bool = True
-    long_prefill_token_threshold: int = 256  # prompt tokens a step while others decode; 0: off
-    scheduling_policy: str = "fcfs"
-    warmup: bool = True  # run every decode bucket and some prefill shapes before serving
-    compile: bool = False  # the forward under torch.compile (Inductor)
+    model: str | None = setting(
+        None, "a .gguf file, a Hugging Face directory or hub id (default: the embedded SmolLM2-135M-Instruct "
+        "Q4_1)", OPT_STR, flags=("--model", "-m"), toml=False)
+    dtype: str = setting("auto", "auto | float32 | bfloat16 | float16 (default: auto)", STR)
+    device: str | None = setting(None, "cpu or cuda (default: cuda when available)", OPT_STR)
+    threads: int | None = setting(None, "CPU threads (default: PyTorch's choice)", OPT_INT, toml=False)
+    quantization: str = setting(
+        "auto", "auto: a GGUF's Q4/Q8 weights run as int4/int8; int8/int4: quantize a float model", STR,
+        flags=("--quantization", "-q"), choices=QUANTIZATIONS)
+    group_size: int = setting(32, "int4 group size (32, 64 or 128)", COUNT)
+    kv_cache_memory: int | None = setting(
+        None, "KV cache size: bytes or 512MiB, 2GiB ... (default: min(2 GiB, half the free memory) on CPU)",
+        SIZE, metavar="SIZE")
+    kv_cache_fraction: float = setting(
+        0.5, "without --kv-cache-memory: this fraction of free memory (capped at 2 GiB on CPU)", FRACTION,
+        metavar="F")
+    kv_cache_dtype: str = setting(
+        "auto", "auto: the model's dtype; int8: quantized per token and head, ~1.9x the tokens", STR,
+        choices=KV_CACHE_DTYPES)
+    block_size: int = setting(16, "tokens per KV-cache block", COUNT)
+    max_num_seqs: int = setting(256, "sequences batched together at most", COUNT)
+    max_num_batched_tokens: int = setting(
+        8192, "tokens computed per step at most (longer prompts are prefilled in chunks)", COUNT)
+    max_model_len: int | None = setting(
+        None, "context length at most, prompt and output together, below the model's own (a shorter context "
+        "bounds what one request may hold; default: the model's)", OPT_INT, metavar="N")
+    long_prefill_token_threshold: int = setting(
+        256, "while other requests decode, prefill a prompt at most N tokens a step, so their streams keep "
+        "flowing (0: off; default: 256)", INT, metavar="N")
+    enable_prefix_caching: bool = setting(True, "do not reuse KV blocks of shared prefixes", BOOL,
+                                          flags=("--no-prefix-caching",))
+    enable_chunked_prefill: bool = setting(True, "prefill each prompt in one step", BOOL,
+                                           flags=("--no-chunked-prefill",))
+    scheduling_policy: str = setting("fcfs", "fcfs: in arrival order; priority: lower priority values first",
+                                     STR, choices=SCHEDULING_POLICIES)
+    distributed_executor_backend: str = setting(
+        "uni", "uni: the model runs in this process; mp: in a worker process of its own (a worker that dies "
+        "or hangs is detected, the engine reports dead instead of hanging)", STR, choices=EXECUTOR_BACKENDS)
+    compile: bool = setting(False, "run the forward under torch.compile (first use of each shape class "
+                                   "compiles; cached on disk under ~/.cache/surge/inductor)", BOOL)
+    warmup: bool = setting(True, "serve without first running each decode batch size and some prefill shapes",
+                           BOOL, flags=("--no-warmup",), serve_only=True)
 
-    def llm_kwargs(self) -> dict[str, Any]:
-        """Keyword arguments of `LLM(...)`."""
-        return dict(
-            dtype=self.dtype, device=self.device, kv_cache_memory=self.kv_cache_memory,
-            kv_cache_memory_fraction=self.kv_cache_fraction, block_size=self.block_size,
-            max_num_seqs=self.max_num_seqs, max_num_batched_tokens=self.max_num_batched_tokens,
-            enable_prefix_caching=self.enable_prefix_caching, enable_chunked_prefill=self.enable_chunked_prefill,
-            long_prefill_token_threshold=self.long_prefill_token_threshold,
-            scheduling_policy=self.scheduling_policy, quantization=self.quantization,
-            quantization_group_size=self.group_size, compile=self.compile, kv_cache_dtype=self.kv_cache_dtype,
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            value = _check(f.name, getattr(self, f.name), f.metadata)
+            object.__setattr__(self, f.name, value)
+
+    # ---- where settings come from -------------------------------------------------------
+
+    @classmethod
+    def from_kwargs(cls, kwargs: Mapping[str, Any], source: str = "LLM()") -> "EngineArgs":
+        """From keyword arguments (LLM(**kwargs)); an unknown name is an error listing the known ones."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(kwargs) - names)
+        if unknown:
+            raise InvalidArgumentError(f"{source}: unknown setting {unknown[0]!r}; known settings: "
+                                       f"{', '.join(sorted(names))}")
+        return cls(**kwargs)
+
+    def updated(self, mapping: Mapping[str, Any], source: str) -> "EngineArgs":
+        """A copy with `mapping`'s settings (from a config file named `source`), each checked."""
+        settable = {f.name for f in dataclasses.fields(self) if f.metadata["toml"]}
+        for key in mapping:
+            if key not in settable:
+                raise InvalidArgumentError(
+                    f"{source}: unknown setting {key!r}; known settings: {', '.join(sorted(settable))}")
+        try:
+            return dataclasses.replace(self, **mapping)
+        except InvalidArgumentError as exc:
+            raise InvalidArgumentError(f"{source}: {exc}") from exc
+
+    @staticmethod
+    def add_cli_args(parser: argparse.ArgumentParser, serve: bool = False) -> None:
+        """One flag per field (serve-only ones only when `serve`)."""
+        for f in dataclasses.fields(EngineArgs):
+            meta = f.metadata
+            if meta["serve_only"] and not serve:
+                continue
+            flags = meta["flags"] or ("--" + f.name.replace("_", "-"),)
+            options: dict[str, Any] = dict(dest=f.name, help=meta["help"], default=f.default)
+            if meta["kind"] == BOOL:
+                options["action"] = "store_false" if f.default else "store_true"
+            else:
+                options["type"] = _flag_parser(flags[0], meta["kind"])
+                if meta["choices"]:
+                    options["choices"] = list(meta["choices"])
+                if meta["metavar"]:
+                    options["metavar"] = meta["metavar"]
+            parser.add_argument(*flags, **options)
+
+    @classmethod
+    def from_cli_args(cls, args: argparse.Namespace) -> "EngineArgs":
+        return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if hasattr(args, f.name)})
+
+    # ---- the configuration --------------------------------------------------------------
+
+    def create_engine_config(self) -> EngineConfig:
+        """Resolve the model (a bad path fails here), read its architecture, decide device and
+        dtype, and compose the configuration every component is built from."""
+        from surge.loader import effective_quantization, read_model_config, resolve_model
+        from surge.platform import default_device, resolve_dtype
+
+        device = self.device or default_device()
+        quantization = effective_quantization(self.quantization, device)
+        source = resolve_model(self.model)
+        model = read_model_config(source)
+        max_model_len = model.max_position_embeddings
+        if self.max_model_len is not None:
+            if self.max_model_len > max_model_len:
+                raise InvalidArgumentError(
+                    f"max_model_len {self.max_model_len} is longer than the context of {source.name} "
+                    f"({max_model_len} tokens); choose at most {max_model_len}")
+            max_model_len = self.max_model_len
+        return EngineConfig(
+            model=model,
+            cache=CacheConfig(self.block_size, self.kv_cache_memory, self.kv_cache_fraction, self.kv_cache_dtype,
+                              self.enable_prefix_caching),
+            scheduler=SchedulerConfig(
+                self.max_num_seqs, self.max_num_batched_tokens, max_model_len, self.enable_chunked_prefill,
+                self.long_prefill_token_threshold, self.scheduling_policy, model.attention_parity_tokens),
+            parallel=ParallelConfig(distributed_executor_backend=self.distributed_executor_backend),
+            load=LoadConfig(source.path, source.kind, source.name, resolve_dtype(self.dtype, device,
+                                                                                 model.checkpoint_dtype)),
+            quant=QuantConfig(quantization, self.group_size),
+            device=DeviceConfig(device, self.threads),
+            compilation=CompilationConfig(self.compile, self.warmup),
         )
 
-    def updated(self, mapping: dict[str, Any], source: str) -> "EngineArgs":
-        """A copy with `mapping`'s settings (from a config file named `source`), each checked."""
-        fields = {f.name: f for f in dataclasses.fields(self)}
-        changes: dict[str, Any] = {}
-        for key, value in mapping.items():
-            if key not in fields:
-                raise InvalidArgumentError(
-                    f"{source}: unknown setting {key!r}; known settings: {', '.join(sorted(fields))}")
-            changes[key] = _coerce(key, value, getattr(self, key), source)
-        return dataclasses.replace(self, **changes)
 
-
-_OPTIONAL_STR = {"device"}
-
-
-def _coerce(key: str, value: Any, current: Any, source: str) -> Any:
-    what = f"{source}: {key}"
-    if key == "kv_cache_memory":
-        return None if value is None else parse_bytes(value, what)
-    if key in _OPTIONAL_STR:
-        if value is None or isinstance(value, str):
-            return value
-        raise InvalidArgumentError(f"{what} must be a string, got {value!r}")
-    if isinstance(current, bool):
+def _check(name: str, value: Any, meta: Mapping[str, Any]) -> Any:
+    """The value as the setting holds it, or an error naming the setting."""
+    kind = meta["kind"]
+    if kind == BOOL:
         if not isinstance(value, bool):
-            raise InvalidArgumentError(f"{what} must be true or false, got {value!r}")
+            raise InvalidArgumentError(f"{name} must be true or false, got {value!r}")
         return value
-    if isinstance(current, int):
-        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-            raise InvalidArgumentError(f"{what} must be a positive integer, got {value!r}")
+    if value is None and kind in (OPT_STR, OPT_INT, SIZE):
+        return None
+    if kind == SIZE:
+        return parse_bytes(value, name)
+    if kind in (STR, OPT_STR):
+        if not isinstance(value, str):
+            raise InvalidArgumentError(f"{name} must be a string, got {value!r}")
+        if meta["choices"] and value not in meta["choices"]:
+            raise InvalidArgumentError(f"{name} must be one of {', '.join(meta['choices'])}, got {value!r}")
         return value
-    if isinstance(current, float):
+    if kind == FRACTION:
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
-            raise InvalidArgumentError(f"{what} must be a number in (0, 1], got {value!r}")
+            raise InvalidArgumentError(f"{name} must be a number in (0, 1], got {value!r}")
         return float(value)
-    if not isinstance(value, str):
-        raise InvalidArgumentError(f"{what} must be a string, got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InvalidArgumentError(f"{name} must be {'an integer' if kind == INT else 'a positive integer'}, "
+                                   f"got {value!r}")
+    if kind == INT and value < 0:
+        raise InvalidArgumentError(f"{name} must be 0 or positive, got {value}")
+    if kind in (COUNT, OPT_INT) and value <= 0:
+        raise InvalidArgumentError(f"{name} must be a positive integer, got {value!r}")
     return value
+
+
+def _flag_parser(flag: str, kind: str) -> Callable[[str], Any]:
+    """How argparse reads the flag; a bad value is a usage error naming the flag."""
+    def parse(text: str) -> Any:
+        try:
+            if kind == SIZE:
+                return parse_bytes(text, flag)
+            if kind in (INT, OPT_INT, COUNT):
+                return int(text)
+            if kind == FRACTION:
+                return float(text)
+            return text
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(f"{flag}: cannot read {text!r} ({exc})") from exc
+        except InvalidArgumentError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from exc
+
+    return parse

@@ -18,19 +18,18 @@ import itertools
 import logging
 import queue
 import threading
+import weakref
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from surge.engine.llm_engine import EngineStats, LLMEngine
-from surge.errors import SurgeError
+from surge.errors import EngineDeadError, SurgeError
 from surge.outputs import RequestOutput
 from surge.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
 
-
-class EngineDeadError(SurgeError):
-    """The engine thread failed or was shut down; no request can be served."""
+__all__ = ["AsyncEngine", "EngineDeadError", "RequestFailedError"]
 
 
 class RequestFailedError(SurgeError):
@@ -54,6 +53,13 @@ class _Abort:
     request_id: str
 
 
+@dataclass
+class _Dead:
+    """The executor lost its worker: the engine thread stops, even while idle."""
+
+    error: BaseException
+
+
 class AsyncEngine:
     def __init__(self, engine: LLMEngine):
         self.engine = engine
@@ -64,6 +70,7 @@ class AsyncEngine:
         self._thread: threading.Thread | None = None
         self.error: BaseException | None = None
         self._stats: EngineStats = engine.stats()
+        engine.on_failure(_wake_on_failure(weakref.ref(self)))
 
     # ---- lifecycle ----------------------------------------------------------------------
 
@@ -132,7 +139,9 @@ class AsyncEngine:
 
     # ---- engine thread ------------------------------------------------------------------
 
-    def _apply(self, command: _Add | _Abort | None) -> None:
+    def _apply(self, command: _Add | _Abort | _Dead | None) -> None:
+        if isinstance(command, _Dead):
+            raise command.error
         if isinstance(command, _Add):
             try:
                 self.engine.add_request(command.ids, command.params, command.request_id, command.priority,
@@ -189,7 +198,8 @@ class AsyncEngine:
         except BaseException as exc:  # a failed step: every waiting client gets the error
             logger.exception("engine step failed")
             self.error = exc
-            dead = EngineDeadError(f"the engine failed: {type(exc).__name__}: {exc}")
+            dead = exc if isinstance(exc, EngineDeadError) else \
+                EngineDeadError(f"the engine failed: {type(exc).__name__}: {exc}")
             for request_id in list(self._streams):
                 self._deliver(request_id, dead)
                 self.engine.abort_request(request_id)
@@ -204,6 +214,16 @@ class AsyncEngine:
                 if isinstance(command, _Add) and not command.loop.is_closed():
                     command.loop.call_soon_threadsafe(
                         _set_exception, command.accepted, EngineDeadError("the engine has shut down"))
+
+
+def _wake_on_failure(ref: "weakref.ref[AsyncEngine]"):  # type: ignore[no-untyped-def]
+    """A lost worker stops the engine thread even while it sleeps (weakly: the engine stays collectable)."""
+    def wake(error: BaseException) -> None:
+        engine = ref()
+        if engine is not None:
+            engine._commands.put(_Dead(error))
+
+    return wake
 
 
 def _set_result(future: asyncio.Future, value: object) -> None:

@@ -68,8 +68,6 @@ def time_request(engine: Any, ids: list[int], output_len: int) -> tuple[float, f
 
 
 def bench_latency(llm: Any, input_len: int, output_len: int, iters: int) -> dict[str, Any]:
-    from surge.worker.model_runner import StepTimings
-
     rng = random.Random(0)
     vocab = llm.engine.vocab_size
     engine = llm.engine
@@ -77,33 +75,32 @@ def bench_latency(llm: Any, input_len: int, output_len: int, iters: int) -> dict
     prefill, decode = [], []
     for it in range(iters + 1):  # the first run warms up
         if it == 1:
-            engine.runner.timings = StepTimings()
+            engine.reset_timings()
         ttft, decode_tok_s = time_request(engine, [rng.randrange(3, vocab) for _ in range(input_len)], output_len)
         if it:
             prefill.append(ttft)
             decode.append(decode_tok_s)
     return {"input_len": input_len, "output_len": output_len, "prefill_s": statistics.median(prefill),
             "prefill_tok_s": input_len / statistics.median(prefill), "decode_tok_s": statistics.median(decode),
-            "step": engine.runner.timings.summary()}
+            "step": engine.timings().summary()}
 
 
 def bench_throughput(llm: Any, num_prompts: int, input_len: int, output_len: int) -> dict[str, Any]:
     from surge.sampling_params import SamplingParams
-    from surge.worker.model_runner import StepTimings
 
     rng = random.Random(1)
     vocab = llm.engine.vocab_size
     prompts = [[rng.randrange(3, vocab) for _ in range(input_len)] for _ in range(num_prompts)]
     params = SamplingParams(max_tokens=output_len, temperature=0, ignore_eos=True)
     llm.engine.warm_up()  # every decode batch size once, so a compiled forward compiles here
-    llm.engine.runner.timings = StepTimings()
+    llm.engine.reset_timings()
     start = time.perf_counter()
     outs = llm.generate(prompts, params)
     elapsed = time.perf_counter() - start
     generated = sum(len(o.outputs[0].token_ids) for o in outs)
     return {"num_prompts": num_prompts, "input_len": input_len, "output_len": output_len, "elapsed_s": elapsed,
             "output_tok_s": generated / elapsed, "total_tok_s": (generated + num_prompts * input_len) / elapsed,
-            "step": llm.engine.runner.timings.summary()}
+            "step": llm.engine.timings().summary()}
 
 
 async def _serve_load(url: str, model: str | None, concurrency: int, num_prompts: int, words: tuple[int, int],
@@ -216,8 +213,8 @@ def cmd_bench(args: argparse.Namespace, load: Any) -> int:
             result = bench_latency(llm, args.input_len, args.output_len, args.iters)
         else:
             result = bench_throughput(llm, args.num_prompts, args.input_len, args.output_len)
-        result = {"model": llm.loaded.source.name, "dtype": str(llm.loaded.dtype).removeprefix("torch."),
-                  "quantization": llm.loaded.quantization, **result}
+        info = llm.engine.model_info
+        result = {"model": info.name, "dtype": info.dtype, "quantization": info.quantization, **result}
     _emit(result, args.json)
     return 0 if not result.get("errors") else 1
 

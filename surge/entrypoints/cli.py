@@ -13,34 +13,11 @@ from surge.errors import InvalidArgumentError, SurgeError
 EXIT_USAGE = 2
 
 
-def _add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", "-m", default=None,
-                   help="a .gguf file, a Hugging Face directory or hub id (default: the embedded SmolLM2-135M-Instruct Q4_1)")
-    p.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 | float16 (default: auto)")
-    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    p.add_argument("--kv-cache-memory", type=_size("--kv-cache-memory"), default=None, metavar="SIZE",
-                   help="KV cache size: bytes or 512MiB, 2GiB ... (default: min(2 GiB, half the free memory) on CPU)")
-    p.add_argument("--quantization", "-q", default="auto", choices=["auto", "none", "int8", "int4"],
-                   help="auto: a GGUF's Q4/Q8 weights run as int4/int8; int8/int4: quantize a float model")
-    p.add_argument("--group-size", type=int, default=32, help="int4 group size (32, 64 or 128)")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: PyTorch's choice)")
-    p.add_argument("--kv-cache-fraction", type=float, default=0.5, metavar="F",
-                   help="without --kv-cache-memory: this fraction of free memory (capped at 2 GiB on CPU)")
-    p.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "int8"],
-                   help="auto: the model's dtype; int8: quantized per token and head, ~1.9x the tokens")
-    p.add_argument("--block-size", type=int, default=16, help="tokens per KV-cache block")
-    p.add_argument("--max-num-seqs", type=int, default=256, help="sequences batched together at most")
-    p.add_argument("--max-num-batched-tokens", type=int, default=8192,
-                   help="tokens computed per step at most (longer prompts are prefilled in chunks)")
-    p.add_argument("--long-prefill-token-threshold", type=int, default=256, metavar="N",
-                   help="while other requests decode, prefill a prompt at most N tokens a step, so their "
-                        "streams keep flowing (0: off; default: 256)")
-    p.add_argument("--no-prefix-caching", action="store_true", help="do not reuse KV blocks of shared prefixes")
-    p.add_argument("--no-chunked-prefill", action="store_true", help="prefill each prompt in one step")
-    p.add_argument("--scheduling-policy", choices=["fcfs", "priority"], default="fcfs")
-    p.add_argument("--compile", action="store_true",
-                   help="run the forward under torch.compile (first use of each shape class compiles; "
-                        "cached on disk under ~/.cache/surge/inductor)")
+def _add_model_args(p: argparse.ArgumentParser, serve: bool = False) -> None:
+    """Every engine setting as a flag (from EngineArgs), and -v."""
+    from surge.engine.args import EngineArgs
+
+    EngineArgs.add_cli_args(p, serve=serve)
     p.add_argument("-v", "--verbose", action="store_true", help="log loading and cache details to stderr")
 
 
@@ -82,21 +59,13 @@ def _sampling(args: argparse.Namespace) -> Any:
 def _engine_args(args: argparse.Namespace) -> Any:
     from surge.engine.args import EngineArgs
 
-    return EngineArgs(
-        dtype=args.dtype, device=args.device, quantization=args.quantization, group_size=args.group_size,
-        kv_cache_memory=args.kv_cache_memory, kv_cache_fraction=args.kv_cache_fraction,
-        kv_cache_dtype=args.kv_cache_dtype, block_size=args.block_size, max_num_seqs=args.max_num_seqs,
-        max_num_batched_tokens=args.max_num_batched_tokens, enable_prefix_caching=not args.no_prefix_caching,
-        enable_chunked_prefill=not args.no_chunked_prefill, scheduling_policy=args.scheduling_policy,
-        long_prefill_token_threshold=args.long_prefill_token_threshold,
-        warmup=not getattr(args, "no_warmup", False), compile=args.compile,
-    )
+    return EngineArgs.from_cli_args(args)
 
 
 def _load(args: argparse.Namespace) -> Any:
     from surge.entrypoints.llm import LLM
 
-    return LLM(args.model, threads=args.threads, **_engine_args(args).llm_kwargs())
+    return LLM.from_engine_args(_engine_args(args))
 
 
 def _streamer(write: Callable[[str], None]) -> Callable[[Any], None]:
@@ -175,11 +144,11 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    import torch
+    import dataclasses
 
-    from surge.entrypoints.llm import LLM
+    from surge.engine.llm_engine import LLMEngine
     from surge.loader.hub import resolve_model
-    from surge.loader.memory import MemoryBudget
+    from surge.server.budget import MemoryBudget
     from surge.platform import default_device
     from surge.server.repository import ModelRepository
     from surge.server.serve import serve
@@ -189,16 +158,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.repository_poll_interval is not None and args.repository_poll_interval <= 0:
         raise InvalidArgumentError(f"--repository-poll-interval must be positive, got {args.repository_poll_interval}")
     settings = settings_from_args(args)  # bad server flags fail here, before anything loads
-    if args.threads is not None:
-        if args.threads < 1:
-            raise InvalidArgumentError(f"--threads must be at least 1, got {args.threads}")
-        torch.set_num_threads(args.threads)
     defaults = _engine_args(args)
     budget_bytes = args.memory_budget or int(available_memory(args.device or default_device()) * 0.9)
     budget = MemoryBudget(budget_bytes)
 
     def factory(path: str | None, engine_args: Any, reserve: Any) -> Any:
-        return LLM(path, reserve=reserve, **engine_args.llm_kwargs()).engine
+        return LLMEngine.from_engine_args(dataclasses.replace(engine_args, model=path), reserve)
 
     if args.model_repository is not None:
         if args.model is not None or args.served_model_name is not None:
@@ -239,7 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
     chat.set_defaults(func=cmd_chat)
 
     srv = sub.add_parser("serve", help="OpenAI-compatible HTTP server (completions, chat, streaming, metrics)")
-    _add_model_args(srv)
+    _add_model_args(srv, serve=True)
     from surge.server.settings import add_server_args
 
     srv.add_argument("--served-model-name", default=None, help="the model name clients send (default: the file name)")
@@ -251,8 +216,6 @@ def build_parser() -> argparse.ArgumentParser:
                      help="memory for all loaded models (weights + KV caches); a load beyond it is refused "
                           "(default: 90%% of the memory available at start)")
     add_server_args(srv, size=_size)
-    srv.add_argument("--no-warmup", action="store_true",
-                     help="serve without first running each decode batch size and some prefill shapes")
     srv.set_defaults(func=cmd_serve)
 
     from surge.entrypoints.bench import add_bench_parser, cmd_bench

@@ -40,15 +40,14 @@ def add_eval_parser(sub: Any, add_model_args: Callable[[argparse.ArgumentParser]
 def cmd_eval(args: argparse.Namespace) -> int:
     import torch
 
-    from surge.errors import InvalidArgumentError
+    from surge.engine.args import EngineArgs
     from surge.loader import load_model
     from surge.quant.evaluate import (
         WindowRunner, check_windows, compare, perplexity, read_text, same_tokens, tokenize_text)
 
-    if args.threads is not None:
-        if args.threads < 1:
-            raise InvalidArgumentError(f"threads must be at least 1, got {args.threads}")
-        torch.set_num_threads(args.threads)
+    engine_args = EngineArgs.from_cli_args(args)  # every engine flag checked, before the load
+    if engine_args.threads is not None:
+        torch.set_num_threads(engine_args.threads)
     check_windows(args.ctx, args.stride)  # before the load
     text = read_text(args.text)
     loaded = load_model(args.model, args.dtype, args.device, args.quantization, args.group_size)

@@ -6,12 +6,10 @@ import dataclasses
 from collections.abc import Callable, Sequence
 from typing import Any
 
-import torch
-
-from surge.config import CacheConfig
+from surge.engine.args import EngineArgs
+from surge.engine.engine_core import ReserveHook
 from surge.engine.llm_engine import LLMEngine
 from surge.errors import InvalidArgumentError
-from surge.loader import ReserveHook, load_model
 from surge.outputs import RequestOutput
 from surge.sampling_params import RequestOutputKind, SamplingParams
 
@@ -22,56 +20,32 @@ class LLM:
     """A model loaded for offline generation; prompts given together are batched continuously.
 
     model: a .gguf file, a Hugging Face directory, a hub id, or None for the embedded default.
-    dtype: "auto" (bf16 where the hardware runs it natively), "float32", "bfloat16", "float16".
-    quantization: "auto" (a GGUF's Q4/Q8 weights stay 4/8-bit), "none", "int8", "int4".
-    reserve: called with the estimated weight bytes before the weights are loaded (a model
-    repository checks its memory budget there).
-    compile: run the forward under torch.compile (Inductor); the first steps of each shape
-    class compile (minutes on a small CPU, cached on disk for the next start).
+    Every other keyword is an engine setting of EngineArgs (surge/engine/args.py; the CLI flags
+    with underscores), for example dtype ("auto", "float32", "bfloat16", "float16"),
+    quantization ("auto", "none", "int8", "int4"), kv_cache_memory, max_num_seqs,
+    max_model_len, compile, distributed_executor_backend ("uni" or "mp"). An unknown keyword
+    is an error naming the known ones.
+    reserve: called with the memory the load will take, before any weight is read (a model
+    repository checks its budget there).
     """
 
-    def __init__(
-        self,
-        model: str | None = None,
-        dtype: str = "auto",
-        device: str | None = None,
-        kv_cache_memory: int | None = None,
-        block_size: int = 16,
-        max_num_seqs: int = 256,
-        max_num_batched_tokens: int = 8192,
-        enable_prefix_caching: bool = True,
-        enable_chunked_prefill: bool = True,
-        long_prefill_token_threshold: int = 256,
-        scheduling_policy: str = "fcfs",
-        kv_cache_memory_fraction: float = 0.5,
-        quantization: str = "auto",
-        quantization_group_size: int = 32,
-        threads: int | None = None,
-        reserve: ReserveHook | None = None,
-        compile: bool = False,
-        kv_cache_dtype: str = "auto",
-    ):
-        cache = CacheConfig(block_size=block_size, kv_cache_memory=kv_cache_memory,
-                            memory_fraction=kv_cache_memory_fraction, cache_dtype=kv_cache_dtype)
-        if threads is not None:
-            if threads < 1:
-                raise InvalidArgumentError(f"threads must be at least 1, got {threads}")
-            torch.set_num_threads(threads)
-        self.loaded = load_model(model, dtype, device, quantization, quantization_group_size, reserve)
-        device = str(next(self.loaded.model.parameters()).device)
-        self.engine = LLMEngine(
-            self.loaded,
-            cache,
-            max_num_seqs=max_num_seqs,
-            max_num_batched_tokens=max_num_batched_tokens,
-            device=device,
-            enable_prefix_caching=enable_prefix_caching,
-            enable_chunked_prefill=enable_chunked_prefill,
-            long_prefill_token_threshold=long_prefill_token_threshold,
-            scheduling_policy=scheduling_policy,
-            compile=compile,
-        )
-        self.tokenizer = self.loaded.tokenizer
+    def __init__(self, model: str | None = None, reserve: ReserveHook | None = None, **kwargs: Any):
+        self.engine = LLMEngine.from_engine_args(EngineArgs.from_kwargs({"model": model, **kwargs}), reserve)
+        self.tokenizer = self.engine.tokenizer
+
+    @classmethod
+    def from_engine_args(cls, args: EngineArgs, reserve: ReserveHook | None = None) -> "LLM":
+        return cls(reserve=reserve, **{f.name: getattr(args, f.name) for f in dataclasses.fields(args)})
+
+    def shutdown(self) -> None:
+        """Stop the engine's workers now (a worker process exits) rather than when the LLM is collected."""
+        self.engine.shutdown()
+
+    def __enter__(self) -> "LLM":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.shutdown()
 
     def generate(
         self,

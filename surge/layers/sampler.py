@@ -16,19 +16,9 @@ from dataclasses import dataclass
 
 import torch
 
+from surge.core.runner_output import TokenLogprobs
 from surge.layers.native import native_ops
 from surge.sampling_params import SamplingParams
-
-
-@dataclass(slots=True)
-class TokenLogprobs:
-    """Logprob and rank (1 = most likely) of one chosen token, plus the top alternatives."""
-
-    token_id: int
-    logprob: float
-    rank: int
-    top_ids: list[int]
-    top_logprobs: list[float]
 
 
 @dataclass(slots=True)

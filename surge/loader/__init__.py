@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
-from surge.config import ModelConfig
+from surge.config import QUANTIZATIONS, ModelConfig
 from surge.errors import InvalidArgumentError
 from surge.loader.hub import ModelSource, resolve_model
 from surge.models.registry import get_model_class
@@ -28,11 +28,92 @@ class LoadedModel:
     quantization: str = "none"
 
 
-QUANTIZATIONS = ("auto", "none", "int8", "int4")
+def read_model_config(source: ModelSource) -> ModelConfig:
+    """The architecture of a checkpoint, read from its metadata only (no weight is touched)."""
+    if source.kind == "gguf":
+        from surge.loader.gguf import config_from_gguf, open_gguf
 
-# Called once the config is read and before any weight is materialized, with the estimated
-# weight bytes, the config, the dtype and the device; raising there stops the load.
-ReserveHook = Callable[[int, ModelConfig, torch.dtype, str], None]
+        return config_from_gguf(open_gguf(source.path), source.path)
+    from surge.loader.hf_config import config_from_hf_dir
+
+    return config_from_hf_dir(source.path)
+
+
+def load_tokenizer(source: ModelSource, config: ModelConfig) -> Tokenizer:
+    if source.kind == "gguf":
+        from surge.loader.gguf import open_gguf, tokenizer_metadata
+
+        return Tokenizer.from_gguf_metadata(tokenizer_metadata(open_gguf(source.path)), source.path)
+    return Tokenizer.from_hf_dir(source.path, config.eos_token_ids)
+
+
+def build_meta_model(config: ModelConfig) -> torch.nn.Module:
+    """The model's modules on the meta device: shapes without memory (for estimates and loading)."""
+    cls = get_model_class(config.architecture)
+    with torch.device("meta"):
+        return cls(config)
+
+
+def estimate_model_bytes(config: ModelConfig, dtype: torch.dtype, quantization: str) -> int:
+    """Upper bound of the weights' bytes once loaded, before any is read."""
+    from surge.loader.memory import estimate_weight_bytes
+
+    return estimate_weight_bytes(build_meta_model(config), dtype, quantization)
+
+
+def load_weights(
+    source: ModelSource,
+    config: ModelConfig,
+    dtype: torch.dtype,
+    device: str,
+    quantization: str = "auto",
+    group_size: int = 32,
+    before_finalize: Callable[[torch.nn.Module], None] | None = None,
+) -> torch.nn.Module:
+    """The model of `config` with the checkpoint's weights, finalized (linears packed), in eval mode.
+
+    quantization: "auto" runs a GGUF's Q4_0/Q4_1 weights as int4 and Q8_0 as int8 (other
+    types and float checkpoints in float); "int4"/"int8" quantize every linear; "none"
+    dequantizes everything to `dtype`. A checkpoint written by `surge quantize` keeps its
+    quantized modules under "auto". before_finalize(model) runs once the weights are read and
+    before linears are packed (surge quantize installs its weights there).
+    """
+    if source.kind == "gguf":
+        from surge.loader.gguf import iter_gguf_weights, open_gguf
+        from surge.loader.gguf.reader import gguf_architecture
+
+        reader = open_gguf(source.path)
+        arch, _ = gguf_architecture(reader, source.path)
+        weights = iter_gguf_weights(reader, config, arch, source.path, dtype, keep_quantized=quantization != "none")
+    else:
+        import os
+
+        from surge.loader.hf_config import read_json
+        from surge.loader.safetensors_dir import iter_safetensors_weights, safetensors_files
+        from surge.quant.checkpoint import iter_quantized_weights, read_quantization_config
+
+        config_path = os.path.join(source.path, "config.json")
+        modules = read_quantization_config(read_json(config_path), config_path)
+        if modules is None:
+            weights = iter_safetensors_weights(source.path, dtype)
+        else:
+            weights = iter_quantized_weights(safetensors_files(source.path), dtype, modules)
+    net = build_meta_model(config)
+    net = net.to(dtype=dtype).to_empty(device=device)
+    net.tie_weights()  # to_empty gives each module its own tensor; share them again
+    net.load_weights(weights, source.path)
+    if before_finalize is not None:
+        before_finalize(net)
+    net.finalize(quantization, group_size)
+    net.eval()
+    return net
+
+
+def effective_quantization(quantization: str, device: str) -> str:
+    """The packed int4/int8 kernels are CPU kernels: on a GPU everything runs in float."""
+    if quantization not in QUANTIZATIONS:
+        raise InvalidArgumentError(f"unknown quantization {quantization!r}: choose one of {', '.join(QUANTIZATIONS)}")
+    return "none" if device.startswith("cuda") else quantization
 
 
 def load_model(
@@ -41,73 +122,20 @@ def load_model(
     device: str | None = None,
     quantization: str = "auto",
     group_size: int = 32,
-    reserve: ReserveHook | None = None,
     before_finalize: Callable[[torch.nn.Module], None] | None = None,
 ) -> LoadedModel:
-    """Load model and tokenizer from a GGUF file, a HF directory, a hub id, or the default.
-
-    quantization: "auto" runs a GGUF's Q4_0/Q4_1 weights as int4 and Q8_0 as int8 (other
-    types and float checkpoints in float); "int4"/"int8" quantize every linear; "none"
-    dequantizes everything to `dtype`. A checkpoint written by `surge quantize` keeps its
-    quantized modules under "auto". before_finalize(model) runs once the weights are read and
-    before linears are packed (surge quantize installs its weights there).
-    """
+    """Model and tokenizer from a GGUF file, a HF directory, a hub id, or the default, in this
+    process (the offline tools' path; engines load through their workers). See load_weights."""
     from surge.platform import TORCH_DTYPES, default_device, resolve_dtype
 
     start = time.perf_counter()
-    if quantization not in QUANTIZATIONS:
-        raise InvalidArgumentError(f"unknown quantization {quantization!r}: choose one of {', '.join(QUANTIZATIONS)}")
     device = device or default_device()
-    if device.startswith("cuda") and quantization != "none":
-        quantization = "none"  # the packed int4/int8 kernels used here are CPU kernels
+    quantization = effective_quantization(quantization, device)
     source = resolve_model(model)
-    if source.kind == "gguf":
-        from surge.loader.gguf import (
-            config_from_gguf,
-            iter_gguf_weights,
-            open_gguf,
-            tokenizer_metadata,
-        )
-        from surge.loader.gguf.reader import gguf_architecture
-
-        reader = open_gguf(source.path)
-        config = config_from_gguf(reader, source.path)
-        torch_dtype = TORCH_DTYPES[resolve_dtype(dtype, device, config.checkpoint_dtype)]
-        arch, _ = gguf_architecture(reader, source.path)
-        tokenizer = Tokenizer.from_gguf_metadata(tokenizer_metadata(reader), source.path)
-        weights = iter_gguf_weights(reader, config, arch, source.path, torch_dtype,
-                                    keep_quantized=quantization != "none")
-    else:
-        import os
-
-        from surge.loader.hf_config import config_from_hf_dir, read_json
-        from surge.loader.safetensors_dir import iter_safetensors_weights, safetensors_files
-        from surge.quant.checkpoint import iter_quantized_weights, read_quantization_config
-
-        config = config_from_hf_dir(source.path)
-        torch_dtype = TORCH_DTYPES[resolve_dtype(dtype, device, config.checkpoint_dtype)]
-        tokenizer = Tokenizer.from_hf_dir(source.path, config.eos_token_ids)
-        config_path = os.path.join(source.path, "config.json")
-        modules = read_quantization_config(read_json(config_path), config_path)
-        if modules is None:
-            weights = iter_safetensors_weights(source.path, torch_dtype)
-        else:
-            weights = iter_quantized_weights(safetensors_files(source.path), torch_dtype, modules)
-
-    cls = get_model_class(config.architecture)
-    with torch.device("meta"):
-        net = cls(config)
-    if reserve is not None:
-        from surge.loader.memory import estimate_weight_bytes
-
-        reserve(estimate_weight_bytes(net, torch_dtype, quantization), config, torch_dtype, device)
-    net = net.to(dtype=torch_dtype).to_empty(device=device)
-    net.tie_weights()  # to_empty gives each module its own tensor; share them again
-    net.load_weights(weights, source.path)
-    if before_finalize is not None:
-        before_finalize(net)
-    net.finalize(quantization, group_size)
-    net.eval()
+    config = read_model_config(source)
+    torch_dtype = TORCH_DTYPES[resolve_dtype(dtype, device, config.checkpoint_dtype)]
+    tokenizer = load_tokenizer(source, config)
+    net = load_weights(source, config, torch_dtype, device, quantization, group_size, before_finalize)
     logger.info(
         "loaded %s (%s, %s) in %.1fs", source.name, config.architecture, str(torch_dtype).removeprefix("torch."),
         time.perf_counter() - start,
@@ -130,4 +158,5 @@ def describe_quantization(net: torch.nn.Module) -> str:
     return ", ".join(f"{k} ({n} linears)" for k, n in sorted(kinds.items())) or "none"
 
 
-__all__ = ["LoadedModel", "ModelSource", "ReserveHook", "load_model", "resolve_model"]
+__all__ = ["LoadedModel", "ModelSource", "QUANTIZATIONS", "build_meta_model", "estimate_model_bytes", "load_model",
+           "load_tokenizer", "load_weights", "read_model_config", "resolve_model"]

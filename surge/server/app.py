@@ -27,7 +27,7 @@ from starlette.background import BackgroundTask
 from surge.engine.async_engine import AsyncEngine, EngineDeadError, RequestFailedError
 from surge.engine.llm_engine import EngineStats, LLMEngine
 from surge.errors import SurgeError
-from surge.loader.memory import MemoryBudgetError
+from surge.server.budget import MemoryBudgetError
 from surge.outputs import PositionLogprobs, RequestOutput
 from surge.sampling_params import RequestOutputKind, SamplingParams
 from surge.server.dashboard import StatsHistory, dashboard_html
@@ -148,7 +148,7 @@ class Lease:
             raise APIError(503, f"the engine of {self.deployment.key} has stopped: {self.aengine.error}",
                            "service_unavailable")
         limit = state.settings.max_queue
-        capacity = self.engine.scheduler.max_num_seqs + (limit or 0)
+        capacity = self.engine.max_num_seqs + (limit or 0)
         if limit is not None and sequences > capacity:
             self.release()
             raise bad_request(f"the request asks for {sequences} sequences (n x prompts); {self.model} takes at "

@@ -27,14 +27,12 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
 
-from surge.config import CacheConfig
 from surge.engine.args import EngineArgs
 from surge.engine.async_engine import AsyncEngine
+from surge.engine.engine_core import ReserveHook
 from surge.engine.llm_engine import LLMEngine
 from surge.errors import InvalidArgumentError, ModelNotFoundError, SurgeError
-from surge.loader import ReserveHook
-from surge.loader.memory import MemoryBudget, MiB, module_bytes, tensor_bytes
-from surge.worker.kv_cache import kv_cache_budget
+from surge.server.budget import MemoryBudget, MiB
 
 logger = logging.getLogger("surge.repository")
 
@@ -82,6 +80,11 @@ class Deployment:
     @property
     def key(self) -> str:
         return f"{self.name}:{self.version}"
+
+    def close(self) -> None:
+        """Stop the engine's thread, then its workers (a worker process exits)."""
+        self.async_engine.shutdown()
+        self.engine.shutdown()
 
 
 @dataclass(eq=False)
@@ -192,7 +195,7 @@ class ModelRepository:
         with self._lock:
             deployments = [r.deployment for e in self.models.values() for r in e.versions.values() if r.deployment]
         for dep in deployments:
-            dep.async_engine.shutdown()
+            dep.close()
 
     def _poll(self, interval: float) -> None:
         while not self._stop.wait(interval):
@@ -372,22 +375,23 @@ class ModelRepository:
             record.state, record.reason = State.LOADING, None
             record.tried = record.signature
         start = time.perf_counter()
+        engine: LLMEngine | None = None
         try:
             args = self.engine_args(entry, record)
 
-            def reserve(weight_bytes: int, config: Any, dtype: Any, device: str) -> None:
-                cache = CacheConfig(args.block_size, args.kv_cache_memory, args.kv_cache_fraction, args.kv_cache_dtype)
-                kv = kv_cache_budget(cache, device)
-                self.budget.reserve(key, weight_bytes + kv,
-                                    f"weights ~{weight_bytes / MiB:.0f} MiB + KV cache {kv / MiB:.0f} MiB")
+            def reserve(estimate: Any) -> None:
+                weights, kv = estimate.weight_bytes, estimate.kv_cache_bytes
+                self.budget.reserve(key, weights + kv, f"weights ~{weights / MiB:.0f} MiB + KV cache {kv / MiB:.0f} MiB")
 
             engine = self.factory(record.path, args, reserve)
             warm = engine.warm_up() if args.warmup else None
-            measured = module_bytes(engine.loaded.model) + tensor_bytes(engine.runner.kv_caches)
+            measured = engine.memory_bytes()
             self.budget.settle(key, measured)
             aengine = AsyncEngine(engine)
             aengine.start()
         except BaseException as exc:
+            if engine is not None:  # its warm-up failed: its workers go too
+                engine.shutdown()
             self.budget.release(key)
             error = exc if isinstance(exc, SurgeError) else ModelLoadError(f"{type(exc).__name__}: {exc}")
             with self._lock:
@@ -396,11 +400,11 @@ class ModelRepository:
             if error is exc:
                 raise
             raise error from exc
-        loaded = engine.loaded
+        info = engine.model_info
         logger.info(
             "loaded %s in %.1fs: %s from %s, dtype %s, quantization %s, KV cache %d tokens, %.0f MiB%s", key,
-            time.perf_counter() - start, engine.config.architecture, loaded.source.path,
-            str(loaded.dtype).removeprefix("torch."), loaded.quantization, engine.capacity_tokens, measured / MiB,
+            time.perf_counter() - start, info.architecture, info.path, info.dtype, info.quantization,
+            engine.capacity_tokens, measured / MiB,
             f", warm-up {warm.seconds:.1f}s (prefill {warm.prefill_lengths}, decode batches "
             f"{warm.decode_batch_sizes})" if warm else "",
         )
@@ -442,7 +446,7 @@ class ModelRepository:
         if dep.in_flight:
             logger.warning("%s: %d requests still in flight after %.0fs; unloading anyway", dep.key, dep.in_flight,
                            self.drain_timeout)
-        dep.async_engine.shutdown()
+        dep.close()
         with self._lock:
             if record.deployment is dep:
                 record.deployment = None

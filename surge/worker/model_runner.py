@@ -9,49 +9,17 @@ resumes its random stream where it stopped.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
 
 import torch
 
+from surge.core.runner_output import ModelRunnerOutput, TokenLogprobs
 from surge.core.scheduler_output import SchedulerOutput
 from surge.layers.attention import AttentionMetadata, native_decode
-from surge.layers.sampler import Sampler, SamplingRow, TokenLogprobs, token_logprobs
+from surge.layers.sampler import Sampler, SamplingRow, token_logprobs
+from surge.worker.reports import StepTimings
 
 
 PROMPT_LOGPROBS_ROWS = 256  # prompt positions scored per LM-head call (256 x 49k vocab: ~50 MB)
-
-
-@dataclass
-class StepTimings:
-    """Where steps spend their wall time (seconds, summed): the model forward (with the LM
-    head; synchronous on CPU) against the Python around it. Filled by the runner and the engine."""
-
-    steps: int = 0
-    schedule: float = 0.0  # Scheduler.schedule
-    prepare: float = 0.0  # input tensors and attention metadata
-    forward: float = 0.0  # the model and the LM head
-    sample: float = 0.0  # sampler and prompt logprobs
-    postprocess: float = 0.0  # Scheduler.update, stop checks, detokenization, outputs
-
-    @property
-    def total(self) -> float:
-        return self.schedule + self.prepare + self.forward + self.sample + self.postprocess
-
-    def summary(self) -> dict[str, float]:
-        """Per-step milliseconds of each part and the share of the step outside the forward."""
-        n = max(self.steps, 1)
-        parts = {k: 1000 * getattr(self, k) / n for k in ("schedule", "prepare", "forward", "sample", "postprocess")}
-        total = self.total
-        return {**{f"{k}_ms": v for k, v in parts.items()}, "steps": self.steps,
-                "overhead_pct": 100 * (total - self.forward) / total if total else 0.0}
-
-
-@dataclass(slots=True)
-class ModelRunnerOutput:
-    sampled: dict[str, int] = field(default_factory=dict)
-    logprobs: dict[str, TokenLogprobs] = field(default_factory=dict)
-    # prompt logprobs computed this step, in prompt order (position p scores token p + 1)
-    prompt_logprobs: dict[str, list[TokenLogprobs]] = field(default_factory=dict)
 
 
 class ModelRunner:

@@ -10,6 +10,7 @@ import pytest
 from surge.core.block_pool import BlockPool
 from surge.core.prefix_hash import hash_block_tokens
 from surge.core.request import FinishReason, Request, RequestStatus
+from surge.config import CacheConfig, SchedulerConfig
 from surge.core.scheduler import Scheduler
 from surge.errors import InvalidArgumentError
 
@@ -21,10 +22,11 @@ def req(rid: str, tokens, max_tokens: int = 4, arrival: float = 0.0, priority: i
     return Request(rid, tokens, max_tokens, arrival=arrival, priority=priority)
 
 
-def sched(**kw) -> Scheduler:
-    args = dict(num_blocks=8, block_size=BS, max_num_seqs=8, max_num_batched_tokens=64)
+def sched(num_blocks: int = 8, block_size: int = BS, enable_prefix_caching: bool = True, **kw) -> Scheduler:
+    args = dict(max_num_seqs=8, max_num_batched_tokens=64)
     args.update(kw)
-    return Scheduler(**args)
+    cache = CacheConfig(block_size=block_size, enable_prefix_caching=enable_prefix_caching)
+    return Scheduler(SchedulerConfig(**args), cache, num_blocks)
 
 
 def run_step(s: Scheduler, token: int = 1):

@@ -84,7 +84,7 @@ def test_preemption_with_kv_for_two_sequences(model, request, tiny_path, default
     params = SamplingParams(max_tokens=40, temperature=0, ignore_eos=True)
     want = _tokens(llm.generate(prompts, params))
     # room for about two sequences of prompt + output (~200 tokens each)
-    per_block = llm.engine.runner.kv_caches[0][0, 0].numel() * 2 * 4 * len(llm.engine.runner.kv_caches)
+    per_block = llm.engine.model_info.kv_cache_bytes // llm.engine.scheduler.pool.num_blocks
     path = str(tiny_path) if model == "tiny" else default_gguf_path
     small = LLM(path, dtype="float32", kv_cache_memory=per_block * 26, quantization="none")
     outs = small.generate(prompts, params)
@@ -99,7 +99,7 @@ def test_seeded_sampling_survives_preemption(tiny, tiny_path):
     params = [SamplingParams(max_tokens=40, temperature=1.0, top_p=0.9, seed=100 + i, ignore_eos=True)
               for i in range(8)]
     want = _tokens(tiny.generate(prompts, params))
-    per_block = tiny.engine.runner.kv_caches[0][0, 0].numel() * 2 * 4 * len(tiny.engine.runner.kv_caches)
+    per_block = tiny.engine.model_info.kv_cache_bytes // tiny.engine.scheduler.pool.num_blocks
     small = LLM(str(tiny_path), dtype="float32", kv_cache_memory=per_block * 20)
     assert _tokens(small.generate(prompts, params)) == want
     assert small.engine.stats().num_preemptions > 0

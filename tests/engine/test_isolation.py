@@ -117,7 +117,7 @@ PROMPTS = [f"Request number {i}: tell me about {word}" for i, word in
 
 def _fail_for(engine, culprit: str, calls: list[int]):
     """A test hook: the runner raises whenever the culprit is in the step."""
-    real = engine.runner.execute
+    real = engine.core.executor.execute_model
 
     def execute(scheduled):
         if any(r.request_id == culprit for r in scheduled.requests):
@@ -133,7 +133,7 @@ def test_a_step_failing_for_one_request_fails_it_alone(llm, monkeypatch):
     reference = llm.generate(PROMPTS, SamplingParams(max_tokens=12, temperature=0, ignore_eos=True))
     culprit = "req-7"
     calls = [0]
-    monkeypatch.setattr(llm.engine.runner, "execute", _fail_for(llm.engine, culprit, calls))
+    monkeypatch.setattr(llm.engine.core.executor, "execute_model", _fail_for(llm.engine, culprit, calls))
     engine = AsyncEngine(llm.engine)
     engine.start()
 
@@ -167,7 +167,7 @@ def test_a_step_failing_for_one_request_fails_it_alone(llm, monkeypatch):
 
 def test_offline_generate_reports_the_failed_request(llm, monkeypatch):
     calls = [0]
-    monkeypatch.setattr(llm.engine.runner, "execute", _fail_for(llm.engine, "bad", calls))
+    monkeypatch.setattr(llm.engine.core.executor, "execute_model", _fail_for(llm.engine, "bad", calls))
     llm.engine.add_request("Hello", SamplingParams(max_tokens=3), request_id="bad")
     llm.engine.add_request("Hello there", SamplingParams(max_tokens=3, temperature=0), request_id="good")
     finished = {}
@@ -186,7 +186,7 @@ def test_an_engine_failing_for_everyone_raises_broken(llm, monkeypatch):
     def broken(scheduled):
         raise RuntimeError("device lost")
 
-    monkeypatch.setattr(llm.engine.runner, "execute", broken)
+    monkeypatch.setattr(llm.engine.core.executor, "execute_model", broken)
     engine = llm.engine
     for i in range(2):
         engine.add_request(PROMPTS[i], SamplingParams(max_tokens=3), request_id=f"b{i}")

@@ -112,7 +112,7 @@ def test_engine_serves_the_default_model_from_an_int8_cache():
     memory = 32 << 20
     bf16 = LLM(kv_cache_memory=memory, dtype="bfloat16")
     int8 = LLM(kv_cache_memory=memory, dtype="bfloat16", kv_cache_dtype="int8")
-    assert int8.engine.runner.kv_caches[0].dtype == torch.int8
+    assert int8.engine.core.executor.worker.kv_caches[0].dtype == torch.int8
     assert int8.engine.capacity_tokens >= 1.9 * bf16.engine.capacity_tokens
     params = SamplingParams(max_tokens=16, temperature=0)
     prompts = ["The capital of France is", "The capital of Germany is"]

@@ -81,7 +81,7 @@ def test_bf16_models_use_packed_linears_with_unchanged_results(tmp_path, tiny_to
     params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True, logprobs=3)
     prompts = ["Hello, world. How are you", "The quick brown fox"] * 6  # 12 rows: the dense path
     packed = LLM(str(path), **kwargs)
-    model = packed.engine.runner.model
+    model = packed.engine.core.executor.worker.model
     assert not any(type(m) is nn.Linear for m in model.modules())
     quantized = [m for m in model.modules() if isinstance(m, QuantLinear)]
     if quantization == "none":

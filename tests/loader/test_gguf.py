@@ -90,7 +90,7 @@ def test_mixed_type_gguf_matches_transformers(mixed_gguf):
 def test_default_model_tensors_equal_gguf_py(default_llm, default_gguf_path):
     """The embedded Q4_1/Q8_0 model: surge's float weights are gguf-py's dequantized values."""
     reader = open_gguf(default_gguf_path)
-    cfg = default_llm.loaded.config
+    cfg = default_llm.engine.model_config
     checked = 0
     for tensor in reader.tensors:
         if not (tensor.name.startswith(("blk.0.", "blk.29.", "token_embd", "output_norm"))):
@@ -102,8 +102,8 @@ def test_default_model_tensors_equal_gguf_py(default_llm, default_gguf_path):
             want = unpermute_qk(want, cfg.num_attention_heads)
         elif tensor.name.endswith("attn_k.weight"):
             want = unpermute_qk(want, cfg.num_key_value_heads)
-        assert torch.equal(hf_weight(default_llm.loaded.model, hf_name(tensor.name)), want), tensor.name
+        assert torch.equal(hf_weight(default_llm.engine.core.executor.worker.model, hf_name(tensor.name)), want), tensor.name
         checked += 1
     assert checked == 20
-    model = default_llm.loaded.model
+    model = default_llm.engine.core.executor.worker.model
     assert model.lm_head.weight is model.model.embed_tokens.weight  # tied

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from surge import SamplingParams
-from tests.helpers import assert_logits_close, surge_logits
+from tests.helpers import assert_logits_close, loaded_of, surge_logits
 
 PLAIN = [
     "The capital of France is",
@@ -52,7 +52,7 @@ def test_greedy_32_tokens_equal_transformers(default_llm, reference):
 
 def test_prefill_logits_match_transformers(default_llm, reference):
     ids = _prompt_ids(default_llm)[3]
-    (got,) = surge_logits(default_llm.loaded, [ids])
+    (got,) = surge_logits(loaded_of(default_llm), [ids])
     with torch.no_grad():
         want = reference(torch.tensor([ids])).logits[0]
     assert_logits_close(got, want)

@@ -4,6 +4,7 @@ process; settings and the front door's rules, without a network."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import threading
 
@@ -13,7 +14,7 @@ from fastapi.testclient import TestClient
 from surge.engine.args import EngineArgs
 from surge.entrypoints.llm import LLM
 from surge.errors import InvalidArgumentError
-from surge.loader.memory import MemoryBudget, MiB
+from surge.server.budget import MemoryBudget, MiB
 from surge.server.app import ServerState, build_app
 from surge.server.guard import host_name, key_matches
 from surge.server.repository import ModelRepository
@@ -26,7 +27,7 @@ ARGS = EngineArgs(dtype="float32", quantization="none", kv_cache_memory=8 * MiB,
 @pytest.fixture(scope="module")
 def app_state(tmp_path_factory, tiny_tokenizer_dir):
     path = build_tiny_model("llama", tmp_path_factory.mktemp("inproc") / "tiny", tiny_tokenizer_dir)
-    repo = ModelRepository(lambda p, args, reserve: LLM(p, reserve=reserve, **args.llm_kwargs()).engine,
+    repo = ModelRepository(lambda p, args, reserve: LLM.from_engine_args(dataclasses.replace(args, model=p), reserve).engine,
                            ARGS, MemoryBudget(1 << 30))
     repo.add_model("tiny", str(path))
     repo.start()
@@ -43,7 +44,7 @@ def client(app_state):
 
 
 def _fail_requests_whose_prompt_starts_with(engine, marker: list[int]):
-    real = engine.runner.execute
+    real = engine.core.executor.execute_model
 
     def execute(scheduled):
         for r in scheduled.requests:
@@ -57,7 +58,7 @@ def _fail_requests_whose_prompt_starts_with(engine, marker: list[int]):
 def test_a_failing_request_is_a_500_and_the_others_are_served(client, app_state, monkeypatch):
     engine = app_state.repository.deployments()[0].engine
     marker = engine.tokenizer.encode("POISON")
-    monkeypatch.setattr(engine.runner, "execute", _fail_requests_whose_prompt_starts_with(engine, marker))
+    monkeypatch.setattr(engine.core.executor, "execute_model", _fail_requests_whose_prompt_starts_with(engine, marker))
     results: dict[str, object] = {}
 
     def good(i: int) -> None:

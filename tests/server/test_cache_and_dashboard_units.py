@@ -134,7 +134,6 @@ def test_engine_args_from_settings():
     args = EngineArgs().updated({"max_num_seqs": 4, "kv_cache_memory": "8MiB", "warmup": False,
                                  "kv_cache_fraction": 0.25, "dtype": "float32"}, "f.toml")
     assert (args.max_num_seqs, args.kv_cache_memory, args.warmup, args.kv_cache_fraction) == (4, 8 << 20, False, 0.25)
-    assert args.llm_kwargs()["kv_cache_memory"] == 8 << 20
     for bad, needle in (({"nope": 1}, "unknown setting 'nope'"), ({"max_num_seqs": 0}, "positive integer"),
                         ({"warmup": "yes"}, "true or false"), ({"kv_cache_fraction": 2}, "in (0, 1]"),
                         ({"dtype": 3}, "must be a string")):

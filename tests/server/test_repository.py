@@ -3,6 +3,7 @@ failed loads, memory budget, settings files, routing and draining."""
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import shutil
 import time
@@ -10,11 +11,12 @@ import weakref
 from pathlib import Path
 
 import pytest
+import torch
 
 from surge.engine.args import EngineArgs
 from surge.entrypoints.llm import LLM
 from surge.errors import InvalidArgumentError
-from surge.loader.memory import MemoryBudget, MemoryBudgetError, MiB
+from surge.server.budget import MemoryBudget, MemoryBudgetError, MiB
 from surge.sampling_params import SamplingParams
 from surge.server.repository import (
     ModelRepository,
@@ -29,7 +31,7 @@ ARGS = EngineArgs(dtype="float32", quantization="none", kv_cache_memory=8 * MiB,
 
 
 def factory(path, args, reserve):
-    return LLM(path, reserve=reserve, **args.llm_kwargs()).engine
+    return LLM.from_engine_args(dataclasses.replace(args, model=path), reserve).engine
 
 
 def greedy(dep, prompt="Hello, world.") -> list[int]:
@@ -196,7 +198,7 @@ def test_settings_files(make_repo, tiny_versions):
     repo.release(dep)
     engine = dep.engine
     assert engine.scheduler.max_num_seqs == 4 and engine.block_size == 8
-    per_block = bytes_per_block(engine.config, 8, engine.loaded.dtype)
+    per_block = bytes_per_block(engine.model_config, 8, getattr(torch, engine.model_info.dtype))
     assert engine.scheduler.pool.num_blocks == 4 * MiB // per_block
 
     put(root, "tiny", 2, tiny_versions[2])

@@ -40,6 +40,8 @@ def test_chat_keeps_history():
 def test_usage_errors_exit_2():
     assert _surge("generate").returncode == 2  # no prompt
     assert _surge("nonsense").returncode == 2
+    too_long = _surge("generate", "--max-model-len", "100000", "hi")  # SmolLM2's context is 8192
+    assert too_long.returncode == 2 and "max_model_len 100000 is longer than the context" in too_long.stderr
 
 
 def test_bench_latency_and_throughput_report_numbers():

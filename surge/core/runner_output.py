@@ -1,0 +1,34 @@
+"""What one step produced: the contract from worker/ back to the engine, beside SchedulerOutput.
+
+Plain dataclasses, free of torch, so an executor in another process ships them as they are.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(slots=True)
+class TokenLogprobs:
+    """Logprob and rank (1 = most likely) of one chosen token, plus the top alternatives."""
+
+    token_id: int
+    logprob: float
+    rank: int
+    top_ids: list[int]
+    top_logprobs: list[float]
+
+
+@dataclass(slots=True)
+class ModelRunnerOutput:
+    sampled: dict[str, int] = field(default_factory=dict)
+    logprobs: dict[str, TokenLogprobs] = field(default_factory=dict)
+    # prompt logprobs computed this step, in prompt order (position p scores token p + 1)
+    prompt_logprobs: dict[str, list[TokenLogprobs]] = field(default_factory=dict)
+    num_compiles: int = 0  # graphs the worker has compiled so far (with --compile)
+
+    def merge(self, other: "ModelRunnerOutput") -> None:
+        self.sampled.update(other.sampled)
+        self.logprobs.update(other.logprobs)
+        self.prompt_logprobs.update(other.prompt_logprobs)
+        self.num_compiles = max(self.num_compiles, other.num_compiles)

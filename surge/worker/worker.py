@@ -1,0 +1,127 @@
+"""Worker: owns one device's share of the model. It sets up the device and its threads, loads
+the weights, sizes and allocates the KV cache, wraps the forward for compilation, and runs
+steps through its ModelRunner. An executor calls these methods in this process or in another.
+
+    estimate_memory -> load_model -> determine_num_blocks -> initialize_cache -> execute_model ...
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+
+from surge.config import EngineConfig
+from surge.core.runner_output import ModelRunnerOutput
+from surge.core.scheduler_output import SchedulerOutput
+from surge.worker.reports import MemoryEstimate, ModelInfo, StepTimings
+
+logger = logging.getLogger(__name__)
+
+
+class Worker:
+    def __init__(self, config: EngineConfig, rank: int = 0):
+        self.config = config
+        self.rank = rank
+        self.device = config.device.device
+        self.model: torch.nn.Module | None = None
+        self.runner = None  # a ModelRunner once the cache is allocated
+        self.compiled = None  # the CompiledModel with --compile
+        self.info: ModelInfo | None = None
+        self.kv_caches: list[torch.Tensor] = []
+
+    # ---- set-up, in the order an executor calls it --------------------------------------
+
+    def init_device(self) -> None:
+        threads = self.config.device.threads
+        if threads is not None:
+            torch.set_num_threads(threads)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        from surge.platform import TORCH_DTYPES
+
+        return TORCH_DTYPES[self.config.load.dtype]
+
+    def estimate_memory(self) -> MemoryEstimate:
+        """What loading will take, before any weight is read (a model repository checks its budget)."""
+        from surge.loader import estimate_model_bytes
+        from surge.worker.kv_cache import kv_cache_budget
+
+        weights = estimate_model_bytes(self.config.model, self.dtype, self.config.quant.method)
+        return MemoryEstimate(weights, kv_cache_budget(self.config.cache, self.device))
+
+    def load_model(self) -> ModelInfo:
+        from surge.loader import describe_quantization, load_weights
+        from surge.loader.hub import ModelSource
+
+        start = time.perf_counter()
+        load, quant = self.config.load, self.config.quant
+        source = ModelSource(load.kind, load.path, load.name)
+        self.model = load_weights(source, self.config.model, self.dtype, self.device, quant.method, quant.group_size)
+        self.info = ModelInfo(load.name, load.path, self.config.model.architecture, load.dtype,
+                              describe_quantization(self.model))
+        logger.info("loaded %s (%s, %s) in %.1fs", load.name, self.config.model.architecture, load.dtype,
+                    time.perf_counter() - start)
+        return self.info
+
+    def determine_num_blocks(self) -> int:
+        """KV blocks that fit the configured budget (or the fraction of free memory)."""
+        from surge.worker.kv_cache import cache_dtype, num_kv_blocks
+
+        return num_kv_blocks(self.config.model, self.config.cache, cache_dtype(self.config.cache, self.dtype),
+                             self.device)
+
+    def initialize_cache(self, num_blocks: int, eos_token_ids: frozenset[int]) -> ModelInfo:
+        """Allocate the cache, wrap the forward for compilation, build the runner; returns the
+        model's measured footprint."""
+        from surge.loader.memory import module_bytes, tensor_bytes
+        from surge.worker.kv_cache import allocate_kv_caches, cache_dtype
+        from surge.worker.model_runner import ModelRunner
+
+        assert self.model is not None and self.info is not None, "load_model() first"
+        cache = self.config.cache
+        kv_dtype = cache_dtype(cache, self.dtype)
+        self.kv_caches = allocate_kv_caches(self.config.model, num_blocks, cache.block_size, kv_dtype, self.device)
+        logger.info("KV cache: %d blocks of %d tokens = %d tokens (%s)", num_blocks, cache.block_size,
+                    num_blocks * cache.block_size, str(kv_dtype).removeprefix("torch."))
+        model = self.model
+        if self.config.compilation.compile:
+            from surge.worker.compiled import CompiledModel
+
+            model = self.compiled = CompiledModel(self.model, self.config.scheduler.max_model_len)  # type: ignore
+        self.runner = ModelRunner(model, self.kv_caches, cache.block_size, self.device, eos_token_ids)
+        self.info = ModelInfo(self.info.name, self.info.path, self.info.architecture, self.info.dtype,
+                              self.info.quantization, module_bytes(self.model), tensor_bytes(self.kv_caches))
+        return self.info
+
+    # ---- serving ------------------------------------------------------------------------
+
+    def execute_model(self, scheduled: SchedulerOutput) -> ModelRunnerOutput:
+        assert self.runner is not None, "initialize_cache() first"
+        out = self.runner.execute(scheduled)
+        if self.compiled is not None:
+            out.num_compiles = self.compiled.num_compiles
+        return out
+
+    def timings(self) -> StepTimings:
+        return self.runner.timings if self.runner is not None else StepTimings()
+
+    def reset_timings(self) -> None:
+        if self.runner is not None:
+            self.runner.timings = StepTimings()
+
+    def finish_warmup(self) -> None:
+        """Warm-up is over: timings restart, and a compilation from now on is logged as a recompile."""
+        self.reset_timings()
+        if self.compiled is not None:
+            self.compiled.serving = True
+
+    def check_health(self) -> None:
+        """Raises if the worker cannot serve (an in-process worker always can)."""
+
+    def shutdown(self) -> None:
+        self.runner = None
+        self.kv_caches = []
+        self.model = None
