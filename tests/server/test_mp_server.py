@@ -93,7 +93,7 @@ def test_a_killed_worker_ends_the_stream_and_the_server(mp_server):
     killed = time.monotonic()
     os.kill(victim, signal.SIGKILL)
     reader.join(30)
-    assert not reader.is_process_alive()
+    assert not reader.is_alive()
     errors = [json.loads(e[5:]) for e in events if e != "data: [DONE]" and "error" in json.loads(e[5:])]
     assert errors and errors[0]["error"]["code"] == "engine_dead", events[-3:]
     assert f"worker process {victim}" in errors[0]["error"]["message"]
