@@ -153,6 +153,14 @@ def test_an_idle_engine_notices_its_worker_died(llama_path):
         llm.shutdown()
 
 
+def test_a_shut_down_engine_says_so(llama_path):
+    with LLM(str(llama_path), **TINY) as llm:
+        assert llm.generate("hello", SamplingParams(max_tokens=2))[0].finished
+    with pytest.raises(EngineDeadError, match="shut down"):
+        llm.generate("hello", SamplingParams(max_tokens=2))
+    llm.shutdown()  # idempotent
+
+
 def test_shutdown_and_collection_leave_no_worker_process(llama_path):
     llm = LLM(str(llama_path), distributed_executor_backend="mp", **TINY)
     pid = llm.engine.core.executor.pid
