@@ -42,10 +42,9 @@ class EngineBrokenError(RuntimeError):
 
 
 class EngineCore:
-    def __init__(self, config: EngineConfig, eos_token_ids: frozenset[int], reserve: ReserveHook | None = None,
-                 executor_class: type[Executor] | None = None):
+    def __init__(self, config: EngineConfig, eos_token_ids: frozenset[int], reserve: ReserveHook | None = None):
         self.config = config
-        self.executor = (executor_class or Executor.get_class(config))(config)
+        self.executor = Executor.get_class(config)(config)
         try:
             if reserve is not None:
                 reserve(self.executor.estimate_memory())
@@ -105,6 +104,11 @@ class EngineCore:
     def reset_timings(self) -> None:
         self.timings = StepTimings()
         self.executor.reset_timings()
+
+    def finish_warmup(self) -> None:
+        """Timings restart on both sides; the workers log compilations from now on as recompiles."""
+        self.timings = StepTimings()
+        self.executor.finish_warmup()
 
     def shutdown(self) -> None:
         self.executor.shutdown()

@@ -205,8 +205,7 @@ class LLMEngine:
         self.scheduler.pool.reset_prefix_cache()
         self.scheduler.stats = SchedulerStats()
         self.scheduler.kv.stats = PrefixCacheStats()
-        self.core.reset_timings()
-        self.core.executor.finish_warmup()
+        self.core.finish_warmup()
         return WarmupReport(prefills, buckets, time.perf_counter() - start)
 
     def _run_to_end(self, prompts: list[list[int]], params: SamplingParams) -> None:

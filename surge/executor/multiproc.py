@@ -41,8 +41,7 @@ from surge.executor.abstract import Executor
 
 logger = logging.getLogger(__name__)
 
-HEARTBEAT_INTERVAL_S = 0.5
-HANG_TIMEOUT_S = 5.0  # no heartbeat this long: the worker is stuck (stopped, or holding the GIL)
+HANG_TIMEOUT_S = 5.0  # no heartbeat (worker_process.HEARTBEAT_INTERVAL_S) this long: the worker is stuck (stopped, or holding the GIL)
 SHUTDOWN_TIMEOUT_S = 5.0
 POLL_S = 0.5  # how often a waiting call looks whether the monitor found the worker dead
 

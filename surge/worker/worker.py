@@ -7,6 +7,7 @@ steps through its ModelRunner. An executor calls these methods in this process o
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 
@@ -92,8 +93,8 @@ class Worker:
 
             model = self.compiled = CompiledModel(self.model, self.config.scheduler.max_model_len)  # type: ignore
         self.runner = ModelRunner(model, self.kv_caches, cache.block_size, self.device, eos_token_ids)
-        self.info = ModelInfo(self.info.name, self.info.path, self.info.architecture, self.info.dtype,
-                              self.info.quantization, module_bytes(self.model), tensor_bytes(self.kv_caches))
+        self.info = dataclasses.replace(self.info, weight_bytes=module_bytes(self.model),
+                                        kv_cache_bytes=tensor_bytes(self.kv_caches))
         return self.info
 
     # ---- serving ------------------------------------------------------------------------
