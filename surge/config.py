@@ -71,9 +71,16 @@ class RopeConfig:
         return cls(theta=theta, rope_type=rope_type, **kwargs)
 
 
+LAYER_TYPES = ("full_attention", "sliding_attention")
+
+
 @dataclass(frozen=True)
 class ModelConfig:
-    """Architecture and hyperparameters of a Llama-family decoder, whatever the checkpoint format."""
+    """Architecture and hyperparameters of a decoder, whatever the checkpoint format.
+
+    Attention may differ per layer: `layer_types` lists "full_attention" / "sliding_attention"
+    per layer (None: every layer sliding when `sliding_window` is set, else full), and sliding
+    layers use `local_rope` where the model has one (surge.models.interfaces.attention_specs)."""
 
     architecture: str
     hidden_size: int
@@ -91,6 +98,8 @@ class ModelConfig:
     hidden_act: str = "silu"
     sliding_window: int | None = None
     rope: RopeConfig = field(default_factory=RopeConfig)
+    layer_types: tuple[str, ...] | None = None
+    local_rope: RopeConfig | None = None
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
     # dtype the weights are stored in, as a name ("float32", ...); "auto" resolution uses it.
@@ -113,6 +122,20 @@ class ModelConfig:
                 f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
                 f"num_key_value_heads ({self.num_key_value_heads})"
             )
+        if self.layer_types is not None:
+            unknown = set(self.layer_types) - set(LAYER_TYPES)
+            if unknown or len(self.layer_types) != self.num_hidden_layers:
+                raise InvalidArgumentError(
+                    f"layer_types must name one of {', '.join(LAYER_TYPES)} for each of the "
+                    f"{self.num_hidden_layers} layers (got {list(self.layer_types)})"
+                )
+            if "sliding_attention" in self.layer_types and not self.sliding_window:
+                raise InvalidArgumentError("layer_types has sliding_attention layers but the config has no sliding_window")
+
+    def layer_type(self, layer: int) -> str:
+        if self.layer_types is not None:
+            return self.layer_types[layer]
+        return "sliding_attention" if self.sliding_window else "full_attention"
 
     @property
     def q_size(self) -> int:

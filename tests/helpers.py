@@ -58,8 +58,7 @@ def surge_logits(loaded: LoadedModel, sequences: list[list[int]], chunks: int = 
                 scheduled.append((i, ScheduledRequest(str(i), seq[lo:hi], lo, tables[i], True)))
         out = SchedulerOutput([r for _, r in scheduled])
         with torch.inference_mode():
-            ids, positions, meta, _ = runner.prepare(out)
-            hidden = loaded.model(ids, positions, caches, meta)
+            hidden, meta = runner.hidden_states(out)
             logits = loaded.model.compute_logits(hidden)
         for (i, _), start, end in zip(scheduled, meta.query_start_loc, meta.query_start_loc[1:]):
             pieces[i].append(logits[start:end])
@@ -75,18 +74,16 @@ def assert_logits_close(ours: torch.Tensor, ref: torch.Tensor, rel: float = 1e-4
 
 def hf_weight(model: torch.nn.Module, name: str) -> torch.Tensor:
     """A checkpoint tensor by its Hugging Face name, read back from surge's fused modules."""
-    from surge.layers.linear import QuantLinear
+    from surge.layers.quantization.quant_linear import QuantLinear
 
-    shard, fused = 0, name
-    for part, (target, index) in model.STACKED.items():
-        if part in name:
-            fused, shard = name.replace(part, target), index
-            break
+    from surge.models.weights import fused_name
+
+    fused, shard = fused_name(model, name)
     module_name, _, attr = fused.rpartition(".")
     module = model.get_submodule(module_name)
     full = module.dequantize() if isinstance(module, QuantLinear) else getattr(module, attr).detach().float()
-    sizes = model._shards(fused)
-    if not sizes[0]:
+    sizes = model.shard_sizes(fused)
+    if not sizes:
         return full
     start = sum(sizes[:shard])
     return full[start : start + sizes[shard]]

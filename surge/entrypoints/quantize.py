@@ -14,7 +14,7 @@ from surge.quant.activations import (
     DEFAULT_ACT_PERCENTILE,
     DEFAULT_SMOOTH_ALPHA,
 )
-from surge.quant.schemes import METHODS, SCHEMES
+from surge.layers.quantization.schemes import METHODS, SCHEMES
 
 MB = 1e6
 

@@ -12,7 +12,10 @@ import torch
 from surge.config import QUANTIZATIONS, ModelConfig
 from surge.errors import InvalidArgumentError
 from surge.loader.hub import ModelSource, resolve_model
+from surge.layers.quantization.apply import quantize_linears
 from surge.models.registry import get_model_class
+from surge.models.weights import Pending
+from surge.models.weights import load_weights as load_model_weights
 from surge.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
@@ -68,29 +71,29 @@ def load_weights(
     device: str,
     quantization: str = "auto",
     group_size: int = 32,
-    before_finalize: Callable[[torch.nn.Module], None] | None = None,
+    before_finalize: Callable[[torch.nn.Module, Pending], None] | None = None,
 ) -> torch.nn.Module:
     """The model of `config` with the checkpoint's weights, finalized (linears packed), in eval mode.
 
     quantization: "auto" runs a GGUF's Q4_0/Q4_1 weights as int4 and Q8_0 as int8 (other
     types and float checkpoints in float); "int4"/"int8" quantize every linear; "none"
     dequantizes everything to `dtype`. A checkpoint written by `surge quantize` keeps its
-    quantized modules under "auto". before_finalize(model) runs once the weights are read and
-    before linears are packed (surge quantize installs its weights there).
+    quantized modules under "auto". before_finalize(model, pending) runs once the weights are
+    read and before linears are replaced (surge quantize installs its weights there; `pending`:
+    module path -> {shard: quantized weight}, see surge.models.weights).
     """
     if source.kind == "gguf":
         from surge.loader.gguf import iter_gguf_weights, open_gguf
-        from surge.loader.gguf.reader import gguf_architecture
 
-        reader = open_gguf(source.path)
-        arch, _ = gguf_architecture(reader, source.path)
-        weights = iter_gguf_weights(reader, config, arch, source.path, dtype, keep_quantized=quantization != "none")
+        names = get_model_class(config.architecture).gguf_names
+        weights = iter_gguf_weights(open_gguf(source.path), config, names, source.path, dtype,
+                                    keep_quantized=quantization != "none")
     else:
         import os
 
         from surge.loader.hf_config import read_json
         from surge.loader.safetensors_dir import iter_safetensors_weights, safetensors_files
-        from surge.quant.checkpoint import iter_quantized_weights, read_quantization_config
+        from surge.loader.quantized_checkpoint import iter_quantized_weights, read_quantization_config
 
         config_path = os.path.join(source.path, "config.json")
         modules = read_quantization_config(read_json(config_path), config_path)
@@ -101,10 +104,10 @@ def load_weights(
     net = build_meta_model(config)
     net = net.to(dtype=dtype).to_empty(device=device)
     net.tie_weights()  # to_empty gives each module its own tensor; share them again
-    net.load_weights(weights, source.path)
+    pending = load_model_weights(net, weights, source.path)
     if before_finalize is not None:
-        before_finalize(net)
-    net.finalize(quantization, group_size)
+        before_finalize(net, pending)
+    quantize_linears(net, pending, quantization, group_size, output_head=net.output_head)
     net.eval()
     return net
 
@@ -122,7 +125,7 @@ def load_model(
     device: str | None = None,
     quantization: str = "auto",
     group_size: int = 32,
-    before_finalize: Callable[[torch.nn.Module], None] | None = None,
+    before_finalize: Callable[[torch.nn.Module, Pending], None] | None = None,
 ) -> LoadedModel:
     """Model and tokenizer from a GGUF file, a HF directory, a hub id, or the default, in this
     process (the offline tools' path; engines load through their workers). See load_weights."""
@@ -147,8 +150,8 @@ def describe_quantization(net: torch.nn.Module) -> str:
     """"int4-g32 (210 linears), int8 (1 linears)" or "none"."""
     from collections import Counter
 
-    from surge.layers.linear import QuantLinear
-    from surge.layers.w8a8_linear import W8A8Linear
+    from surge.layers.quantization.quant_linear import QuantLinear
+    from surge.layers.quantization.w8a8_linear import W8A8Linear
 
     kinds = Counter(
         "w8a8" if isinstance(m, W8A8Linear) else f"{m.kind.removesuffix('g')}-g{m.group_size}" if m.group_size

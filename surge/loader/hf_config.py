@@ -8,7 +8,7 @@ from typing import Any
 
 from surge.config import ModelConfig, RopeConfig
 from surge.errors import ModelFormatError, UnsupportedArchitectureError
-from surge.models.registry import supported_architectures
+from surge.models.registry import get_architecture, supported_architectures
 
 _TORCH_DTYPE_NAMES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
 
@@ -36,6 +36,7 @@ def config_from_hf_dir(directory: str) -> ModelConfig:
             f"{path}: architecture {arch!r} (model_type {raw.get('model_type')!r}) is not supported; "
             f"surge runs {', '.join(supported_architectures())}"
         )
+    raw = {**get_architecture(arch).config_defaults, **raw}
     try:
         hidden = int(raw["hidden_size"])
         heads = int(raw["num_attention_heads"])
@@ -47,6 +48,7 @@ def config_from_hf_dir(directory: str) -> ModelConfig:
         window = raw.get("sliding_window")
         if raw.get("use_sliding_window") is False:  # Qwen2 declares a window it does not use
             window = None
+        layer_types = _layer_types(raw, window)
         return ModelConfig(
             architecture=arch,
             hidden_size=hidden,
@@ -59,14 +61,31 @@ def config_from_hf_dir(directory: str) -> ModelConfig:
             rms_norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
             max_position_embeddings=int(raw.get("max_position_embeddings", 2048)),
             tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
-            attention_bias=bool(raw.get("attention_bias", arch == "Qwen2ForCausalLM")),
+            attention_bias=bool(raw.get("attention_bias", False)),
             mlp_bias=bool(raw.get("mlp_bias", False)),
             hidden_act=str(raw.get("hidden_act", "silu")),
             sliding_window=int(window) if window else None,
             rope=rope,
+            layer_types=layer_types,
+            # Gemma-style local RoPE of the sliding layers
+            local_rope=RopeConfig(theta=float(raw["rope_local_base_freq"])) if raw.get("rope_local_base_freq")
+            and layer_types else None,
             bos_token_id=raw.get("bos_token_id"),
             eos_token_ids=tuple(int(e) for e in eos_ids),
             checkpoint_dtype=_TORCH_DTYPE_NAMES.get(str(dtype).replace("torch.", ""), "float32"),
         )
     except (KeyError, TypeError, ValueError) as exc:
         raise ModelFormatError(f"{path}: missing or invalid field ({exc})") from exc
+
+
+def _layer_types(raw: dict[str, Any], window: Any) -> tuple[str, ...] | None:
+    """Which layers use the sliding window: config.json's `layer_types`, or Qwen2's rule (layers
+    from `max_window_layers` on) when it enables a window without listing them; None: all alike."""
+    if not window:
+        return None
+    if raw.get("layer_types") is not None:
+        return tuple(str(t) for t in raw["layer_types"])
+    if raw.get("use_sliding_window") and raw.get("max_window_layers") is not None:
+        first = int(raw["max_window_layers"])
+        return tuple("sliding_attention" if i >= first else "full_attention" for i in range(int(raw["num_hidden_layers"])))
+    return None

@@ -1,27 +1,53 @@
-"""Architecture name (as in config.json's `architectures`) -> model class."""
+"""The architectures surge runs: config.json's `architectures` name -> model class, with what
+the checkpoint readers need to know of each (its GGUF name, its config.json `model_type`, the
+defaults its config.json may leave out). Torch-free: reading a config imports no model."""
 
 from __future__ import annotations
 
+import importlib
+from dataclasses import dataclass, field
+from typing import Any
+
 from surge.errors import UnsupportedArchitectureError
 
-# name -> (module, class); imported lazily so reading a config does not import torch.
-_MODELS: dict[str, tuple[str, str]] = {
-    "LlamaForCausalLM": ("surge.models.llama", "LlamaForCausalLM"),
-    "MistralForCausalLM": ("surge.models.llama", "LlamaForCausalLM"),
-    "Qwen2ForCausalLM": ("surge.models.llama", "LlamaForCausalLM"),
-}
+
+@dataclass(frozen=True)
+class Architecture:
+    name: str  # config.json `architectures[0]`, e.g. "Qwen2ForCausalLM"
+    model_class: str  # "module:Class"
+    model_type: str  # config.json `model_type`, written into the configs surge saves
+    gguf: str | None = None  # GGUF `general.architecture`
+    config_defaults: dict[str, Any] = field(default_factory=dict)  # config.json fields it may omit
+
+
+_ARCHITECTURES = {a.name: a for a in (
+    Architecture("LlamaForCausalLM", "surge.models.llama:LlamaForCausalLM", "llama", gguf="llama"),
+    Architecture("MistralForCausalLM", "surge.models.llama:LlamaForCausalLM", "mistral", gguf="mistral"),
+    Architecture("Qwen2ForCausalLM", "surge.models.qwen2:Qwen2ForCausalLM", "qwen2", gguf="qwen2",
+                 config_defaults={"attention_bias": True}),
+)}
 
 
 def supported_architectures() -> list[str]:
-    return sorted(_MODELS)
+    return sorted(_ARCHITECTURES)
+
+
+def get_architecture(name: str | None) -> Architecture:
+    if name not in _ARCHITECTURES:
+        raise UnsupportedArchitectureError(
+            f"architecture {name!r} is not supported; surge runs {', '.join(supported_architectures())}"
+        )
+    return _ARCHITECTURES[name]  # type: ignore[index]
+
+
+def architecture_of_gguf(gguf_name: str) -> Architecture | None:
+    return next((a for a in _ARCHITECTURES.values() if a.gguf == gguf_name), None)
+
+
+def gguf_architectures() -> list[str]:
+    return sorted(a.gguf for a in _ARCHITECTURES.values() if a.gguf)
 
 
 def get_model_class(architecture: str) -> type:
-    if architecture not in _MODELS:
-        raise UnsupportedArchitectureError(
-            f"architecture {architecture!r} is not supported; surge runs {', '.join(supported_architectures())}"
-        )
-    import importlib
-
-    module, name = _MODELS[architecture]
+    module, name = get_architecture(architecture).model_class.split(":")
     return getattr(importlib.import_module(module), name)

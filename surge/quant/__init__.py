@@ -1,1 +1,3 @@
-"""Weight quantization: int4 group-wise and int8 per-channel formats on PyTorch's packed CPU kernels."""
+"""Offline quantization tools: quantize a checkpoint (RTN, GPTQ, SmoothQuant W8A8), calibrate,
+choose schemes per module, measure quality. The runtime formats they write are in
+surge/layers/quantization/; reading them back is surge/loader/quantized_checkpoint.py."""

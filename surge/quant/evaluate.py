@@ -125,8 +125,7 @@ class WindowRunner:
         out = []
         for lo in range(0, len(ids), self.chunk):
             step = SchedulerOutput([ScheduledRequest("eval", ids[lo : lo + self.chunk], lo, self.table, False)])
-            input_ids, positions, meta, _ = self.runner.prepare(step)
-            out.append(self.model(input_ids, positions, self.runner.kv_caches, meta))
+            out.append(self.runner.hidden_states(step)[0])
         return torch.cat(out)
 
     @torch.inference_mode()

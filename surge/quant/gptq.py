@@ -26,7 +26,7 @@ from surge.quant.grid import (
     fit_grid,
     group_size_of,
 )
-from surge.quant.schemes import Scheme
+from surge.layers.quantization.schemes import Scheme
 
 BLOCK = 128  # a multiple of every group size, so a group never straddles two blocks
 DEFAULT_DAMP = 0.01  # of the mean diagonal, added to H: keeps the Cholesky stable

@@ -16,14 +16,14 @@ from dataclasses import dataclass
 import torch
 
 from surge.errors import InvalidArgumentError
-from surge.quant.formats import (
+from surge.layers.quantization.formats import (
     Int4Weight,
     Int8GroupWeight,
     Int8Weight,
     QuantizedWeight,
     check_group_size,
 )
-from surge.quant.schemes import Scheme
+from surge.layers.quantization.schemes import Scheme
 
 MIN_SCALE = 2.0**-20  # exact in fp16 (a subnormal), so a constant group cannot divide by zero
 MSE_STEPS = 40  # clipping ratios tried, from 1 (min-max) down to MSE_MIN_RATIO

@@ -32,7 +32,7 @@ from torch import nn
 
 from surge.errors import InvalidArgumentError
 from surge.quant.grid import group_size_of
-from surge.quant.schemes import Scheme, parse_scheme
+from surge.layers.quantization.schemes import Scheme, parse_scheme
 
 EMBEDDING = "model.embed_tokens"
 LM_HEAD_SCHEME = "int8-g32"

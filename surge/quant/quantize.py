@@ -31,9 +31,8 @@ from surge.quant.activations import (
     DEFAULT_SMOOTH_ALPHA,
     check_act_options,
 )
+from surge.loader.quantized_checkpoint import FORMAT_VERSION, QUANT_METHOD
 from surge.quant.checkpoint import (
-    FORMAT_VERSION,
-    QUANT_METHOD,
     WEIGHTS_FILE,
     hf_config,
     quantized_tensors,
@@ -48,7 +47,7 @@ from surge.quant.evaluate import (
     read_text,
     tokenize_text,
 )
-from surge.quant.formats import Int8Weight, QuantizedWeight, W8A8Weight
+from surge.layers.quantization.formats import Int8Weight, QuantizedWeight, W8A8Weight
 from surge.quant.gptq import DEFAULT_DAMP, gptq
 from surge.quant.grid import DEFAULT_PERCENTILE, quantize_weight
 from surge.quant.policy import (
@@ -58,7 +57,7 @@ from surge.quant.policy import (
     load_policy,
     resolve_policy,
 )
-from surge.quant.schemes import Scheme, check_method, parse_scheme
+from surge.layers.quantization.schemes import Scheme, check_method, parse_scheme
 
 logger = logging.getLogger(__name__)
 
@@ -178,8 +177,8 @@ def quantize_weights(loaded: Any, schemes: dict[str, Scheme], opts: QuantizeOpti
 def install(weights: dict[str, QuantizedWeight | torch.Tensor]) -> Callable[[nn.Module], None]:
     """A load_model before_finalize hook that puts `weights` into a freshly loaded model, so it
     runs exactly what the saved checkpoint will (float weights through the scheme's dtype)."""
-    def hook(net: nn.Module) -> None:
-        pending: dict[str, dict[int, QuantizedWeight]] = {}
+    def hook(net: nn.Module, pending: dict[str, dict[int, QuantizedWeight]]) -> None:
+        pending.clear()  # the file's own quantized weights (a GGUF's) give way to these
         with torch.no_grad():
             for path, w in weights.items():
                 if path == EMBEDDING:
@@ -188,7 +187,6 @@ def install(weights: dict[str, QuantizedWeight | torch.Tensor]) -> Callable[[nn.
                     net.get_submodule(path).weight.copy_(w)
                 else:
                     pending[path] = {0: w}
-        net._quantized = pending  # type: ignore[assignment]
     return hook
 
 
@@ -205,7 +203,7 @@ def checkpoint_tensors(loaded: Any, weights: dict[str, QuantizedWeight | torch.T
         if path == "lm_head" and tied and not scheme.quantized:
             continue  # the embedding table itself
         names = checkpoint_names(path)
-        sizes = net._shards(f"{path}.weight") if len(names) > 1 else [module.out_features]
+        sizes = net.shard_sizes(f"{path}.weight") if len(names) > 1 else [module.out_features]
         bias = split_rows(module.bias.detach().float(), sizes) if module.bias is not None else [None] * len(names)
         for name, piece, b in zip(names, split_rows(weights[path], sizes), bias):
             modules[name] = scheme.name

@@ -1,8 +1,9 @@
 """The model forward under torch.compile (Inductor), with its compilations counted and logged.
 
-Attention of a decode-only step is the native `surge_native::paged_decode_step` fed with the
-step's tensors (a DecodeBatch); any other step runs attention as the opaque `surge::attention`
-op reading the step's metadata from the forward context. Either way the graph depends only on
+The model's attention layers read the forward context (surge/layers/forward_context.py): a
+decode-only step's is a DecodeBatch whose tensors the graph hands to the native
+`surge_native::paged_decode_step`; in any other step each layer is the opaque
+`surge::attention` op reading the step's metadata at run time. Either way the graph depends only on
 tensor shapes; with dynamic shapes a handful of graphs (one token, a few, many: the quantized
 linears switch kernels at 9 rows) cover every batch. Warm-up runs each decode bucket so they are compiled before serving; a
 compilation after that is logged as a recompile. Inductor's on-disk cache is kept under
@@ -23,8 +24,8 @@ from typing import Any
 
 import torch
 
-from surge.layers.attention import AttentionMetadata, DecodeBatch
-from surge.layers.forward_context import forward_context
+from surge.layers.attention import DecodeBatch
+from surge.layers.forward_context import ForwardContext, bind_traced, get_forward_context
 from surge.layers.native import sources_version
 
 logger = logging.getLogger(__name__)
@@ -82,7 +83,12 @@ class CompiledModel:
 
     def _forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[torch.Tensor],
                  batch: DecodeBatch | None) -> Any:
-        return self.model(input_ids, positions, kv_caches, batch)
+        # the traced context: the caches and a decode batch are graph inputs; None makes each
+        # layer the opaque op that reads the step's metadata at run time
+        bind_traced(ForwardContext(kv_caches, batch))
+        hidden = self.model(input_ids, positions)
+        bind_traced(None)
+        return hidden
 
     def _backend(self, gm: torch.fx.GraphModule, example_inputs: list[Any]) -> Callable:
         from torch._inductor.compile_fx import compile_fx
@@ -94,8 +100,10 @@ class CompiledModel:
             " while serving: a shape outside the warmed-up buckets" if self.serving else "")
         return compile_fx(gm, example_inputs)
 
-    def __call__(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[torch.Tensor],
-                 meta: AttentionMetadata | DecodeBatch) -> torch.Tensor:
+    def __call__(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """The model's forward, in the runner's forward context (set_forward_context)."""
+        context = get_forward_context()
+        kv_caches, meta = context.kv_caches, context.metadata
         before = self.num_compiles
         start = time.perf_counter()
         if kv_caches is not self._static_caches:
@@ -105,11 +113,8 @@ class CompiledModel:
                 torch._dynamo.mark_static(cache)
             self._static_caches = kv_caches
         with self._no_duck_shapes, self._graph_limit:
-            if isinstance(meta, DecodeBatch):  # the graph calls the native kernel with the step's tensors
-                out = self._fn(input_ids, positions, kv_caches, meta)
-            else:
-                with forward_context(meta):
-                    out = self._fn(input_ids, positions, kv_caches, None)
+            # a decode batch: the graph calls the native kernel with the step's tensors
+            out = self._fn(input_ids, positions, kv_caches, meta if isinstance(meta, DecodeBatch) else None)
         if self.num_compiles != before:
             self.compile_seconds += time.perf_counter() - start
         return out

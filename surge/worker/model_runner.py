@@ -15,6 +15,7 @@ import torch
 from surge.core.runner_output import ModelRunnerOutput, TokenLogprobs
 from surge.core.scheduler_output import SchedulerOutput
 from surge.layers.attention import AttentionMetadata, native_decode
+from surge.layers.forward_context import ForwardContext, set_forward_context
 from surge.layers.sampler import Sampler, SamplingRow, token_logprobs
 from surge.worker.reports import StepTimings
 
@@ -82,6 +83,20 @@ class ModelRunner:
             sample_rows,
         )
 
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        """The model's hidden states, its attention layers reading the caches and `meta` from the
+        forward context; a decode-only step goes to the native kernel as tensors (a DecodeBatch)."""
+        batch = meta.decode_batch() if self.native_decode else None
+        with set_forward_context(ForwardContext(self.kv_caches, meta if batch is None else batch)):
+            return self.model(input_ids, positions)
+
+    @torch.inference_mode()
+    def hidden_states(self, output: SchedulerOutput) -> tuple[torch.Tensor, AttentionMetadata]:
+        """Run a schedule through the model without sampling (evaluation, calibration, tests):
+        (hidden states of every scheduled token, the step's metadata)."""
+        input_ids, positions, meta, _ = self.prepare(output)
+        return self.forward(input_ids, positions, meta), meta
+
     def _update_states(self, output: SchedulerOutput) -> None:
         for request_id in output.finished_request_ids:
             self.requests.pop(request_id, None)
@@ -104,9 +119,7 @@ class ModelRunner:
         t0 = time.perf_counter()
         input_ids, positions, meta, sample_rows = self.prepare(output)
         t1 = time.perf_counter()
-        # A decode-only step goes to the native kernel as tensors (no Python per layer).
-        batch = meta.decode_batch() if self.native_decode else None
-        hidden = self.model(input_ids, positions, self.kv_caches, meta if batch is None else batch)
+        hidden = self.forward(input_ids, positions, meta)
         sampled = [r for r in output.requests if r.sample]
         logits = self.model.compute_logits(hidden[sample_rows]).cpu() if sampled else None
         t2 = time.perf_counter()

@@ -9,9 +9,10 @@ import torch
 import torch.nn.functional as F
 
 from surge.layers import native_linear
-from surge.layers.linear import DENSE_MIN_ROWS_INT8_PLANES, PackedLinear, QuantLinear
+from surge.layers.linear import PackedLinear
+from surge.layers.quantization.quant_linear import DENSE_MIN_ROWS_INT8_PLANES, QuantLinear
 from surge.layers.native import linear_ops
-from surge.quant.formats import quantize_int4, quantize_int8_groups
+from surge.layers.quantization.formats import quantize_int4, quantize_int8_groups
 
 pytestmark = pytest.mark.skipif(linear_ops() is None, reason="no AVX-512 BF16 on this CPU")
 

@@ -74,7 +74,7 @@ def test_bf16_models_use_packed_linears_with_unchanged_results(tmp_path, tiny_to
     table kept) and the dense copies of quantized ones packed; its tokens and logprobs are
     those of the same model with packing off (logprobs within bf16 rounding)."""
     from surge import LLM, SamplingParams
-    from surge.layers.linear import QuantLinear
+    from surge.layers.quantization.quant_linear import QuantLinear
 
     path = build_tiny_model("llama", tmp_path / "m", tiny_tokenizer_dir, tie_word_embeddings=True)
     kwargs = dict(dtype="bfloat16", quantization=quantization, kv_cache_memory=8 << 20)

@@ -9,7 +9,10 @@ import torch
 
 from surge.loader import load_model
 from surge.loader.gguf import open_gguf
-from surge.loader.gguf.weights import SUPPORTED_TYPES, hf_name, unpermute_qk
+from surge.loader.gguf.weights import SUPPORTED_TYPES, unpermute_qk
+from surge.models.llama import LlamaForCausalLM
+
+hf_name = LlamaForCausalLM.gguf_names.hf_name
 from tests.conftest import build_tiny_model
 from tests.gguf_builder import permute_qk, write_gguf_from_hf
 from tests.helpers import assert_logits_close, hf_weight, surge_logits

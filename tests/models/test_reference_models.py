@@ -24,6 +24,8 @@ VARIANTS = {
     # a window shorter than the prompts, so the sliding-window mask really matters
     "mistral": ("mistral", {"sliding_window": 24}),
     "qwen2": ("qwen2", {}),
+    # per-layer attention: layer 0 full, layer 1 sliding (Qwen2's max_window_layers)
+    "qwen2-window": ("qwen2", {"use_sliding_window": True, "sliding_window": 24, "max_window_layers": 1}),
 }
 PROMPT_LENGTHS = (1, 5, 17, 64)
 

@@ -13,8 +13,9 @@ import torch
 
 from surge.errors import InvalidArgumentError, ModelFormatError
 from surge.loader import load_model
-from surge.quant.checkpoint import pack_nibbles, unpack_nibbles
-from surge.quant.formats import Int4Weight, Int8GroupWeight, Int8Weight
+from surge.loader.quantized_checkpoint import unpack_nibbles
+from surge.quant.checkpoint import pack_nibbles
+from surge.layers.quantization.formats import Int4Weight, Int8GroupWeight, Int8Weight
 from surge.quant.gptq import gptq
 from surge.quant.grid import _group_error, fit_grid, quantize_weight
 from surge.quant.policy import Policy, load_policy, resolve_policy
@@ -24,7 +25,7 @@ from surge.quant.quantize import (
     quantize_model,
     quantize_weights,
 )
-from surge.quant.schemes import SCHEMES, parse_scheme
+from surge.layers.quantization.schemes import SCHEMES, parse_scheme
 from tests.conftest import CORPUS, build_tiny_model
 from tests.helpers import (
     assert_quantize_cli_refuses,

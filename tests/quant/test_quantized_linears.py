@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from surge.errors import InvalidArgumentError
-from surge.layers.linear import DENSE_MIN_ROWS, QuantLinear
-from surge.quant.formats import (
+from surge.layers.quantization.quant_linear import DENSE_MIN_ROWS, QuantLinear
+from surge.layers.quantization.formats import (
     gguf_to_int4,
     gguf_to_int8,
     quantize_int4,

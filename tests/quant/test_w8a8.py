@@ -13,9 +13,9 @@ import pytest
 import torch
 
 from surge.errors import ModelFormatError
-from surge.layers import w8a8_linear
+from surge.layers.quantization import w8a8_linear
 from surge.layers.native import native_ops, w8a8_ops
-from surge.layers.w8a8_linear import W8A8Linear, onednn_int8
+from surge.layers.quantization.w8a8_linear import W8A8Linear, onednn_int8
 from surge.loader import load_model
 from surge.quant.activations import (
     histogram,
@@ -24,7 +24,7 @@ from surge.quant.activations import (
     percentile_bins,
     smoothing_factors,
 )
-from surge.quant.formats import W8A8Weight, quantize_activations
+from surge.layers.quantization.formats import W8A8Weight, quantize_activations
 from surge.quant.quantize import (
     QuantizeOptions,
     quantize_model,

@@ -9,13 +9,7 @@ import gguf
 
 from surge.config import ModelConfig, RopeConfig
 from surge.errors import ModelFormatError, UnsupportedArchitectureError
-
-# GGUF `general.architecture` -> the Hugging Face class name surge's registry knows.
-GGUF_ARCHITECTURES = {
-    "llama": "LlamaForCausalLM",
-    "mistral": "MistralForCausalLM",
-    "qwen2": "Qwen2ForCausalLM",
-}
+from surge.models.registry import architecture_of_gguf, gguf_architectures
 
 
 def open_gguf(path: str) -> gguf.GGUFReader:
@@ -50,12 +44,12 @@ def gguf_architecture(reader: gguf.GGUFReader, path: str) -> tuple[str, str]:
     arch = field_value(reader, "general.architecture")
     if arch is None:
         raise ModelFormatError(f"{path}: GGUF metadata has no general.architecture")
-    if arch not in GGUF_ARCHITECTURES:
+    known = architecture_of_gguf(arch)
+    if known is None:
         raise UnsupportedArchitectureError(
-            f"{path}: architecture {arch!r} is not supported; surge runs "
-            f"{', '.join(sorted(GGUF_ARCHITECTURES))} GGUF files"
+            f"{path}: architecture {arch!r} is not supported; surge runs {', '.join(gguf_architectures())} GGUF files"
         )
-    return arch, GGUF_ARCHITECTURES[arch]
+    return arch, known.name
 
 
 def _rope_from_gguf(reader: gguf.GGUFReader, arch: str) -> RopeConfig:

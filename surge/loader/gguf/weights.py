@@ -1,8 +1,8 @@
-"""GGUF tensors -> (Hugging Face parameter name, float tensor), dequantized with gguf-py."""
+"""GGUF tensors -> (checkpoint name, tensor): names from the model's GgufNames (its contract),
+float tensors dequantized with gguf-py, Q4/Q8 blocks repacked without expanding."""
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterator
 
 import gguf
@@ -11,43 +11,13 @@ import torch
 
 from surge.config import ModelConfig
 from surge.errors import ModelFormatError, UnsupportedTensorTypeError
-from surge.quant.formats import Int4Weight, Int8GroupWeight, gguf_to_int4, gguf_to_int8
+from surge.layers.quantization.formats import Int4Weight, Int8GroupWeight, gguf_to_int4, gguf_to_int8
+from surge.models.interfaces import GgufNames
 
 T = gguf.GGMLQuantizationType
 SUPPORTED_TYPES = frozenset(
     {T.F32, T.F16, T.BF16, T.Q8_0, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K}
 )
-
-_GLOBAL_NAMES = {
-    "token_embd.weight": "model.embed_tokens.weight",
-    "output_norm.weight": "model.norm.weight",
-    "output.weight": "lm_head.weight",
-    "rope_freqs.weight": "model.rope_freqs",
-}
-_BLOCK_NAMES = {
-    "attn_q": "self_attn.q_proj",
-    "attn_k": "self_attn.k_proj",
-    "attn_v": "self_attn.v_proj",
-    "attn_output": "self_attn.o_proj",
-    "attn_norm": "input_layernorm",
-    "ffn_norm": "post_attention_layernorm",
-    "ffn_gate": "mlp.gate_proj",
-    "ffn_up": "mlp.up_proj",
-    "ffn_down": "mlp.down_proj",
-}
-_BLOCK_RE = re.compile(r"^blk\.(\d+)\.([a-z_]+)\.(weight|bias)$")
-
-
-def hf_name(name: str) -> str | None:
-    """The Hugging Face name of a GGUF tensor, or None for tensors the model does not use."""
-    if name in _GLOBAL_NAMES:
-        return _GLOBAL_NAMES[name]
-    match = _BLOCK_RE.match(name)
-    if match and match.group(2) in _BLOCK_NAMES:
-        layer, part, kind = match.groups()
-        return f"model.layers.{layer}.{_BLOCK_NAMES[part]}.{kind}"
-    return None
-
 
 def unpermute_qk(weight: torch.Tensor, num_heads: int) -> torch.Tensor:
     """Undo llama.cpp's convert-time permutation of Q/K rows.
@@ -95,17 +65,18 @@ def _unpermute_any(weight, heads: int):
 
 
 def iter_gguf_weights(
-    reader: gguf.GGUFReader, config: ModelConfig, arch: str, path: str, dtype: torch.dtype,
+    reader: gguf.GGUFReader, config: ModelConfig, names: GgufNames, path: str, dtype: torch.dtype,
     keep_quantized: bool = False,
 ) -> Iterator[tuple[str, torch.Tensor | Int4Weight | Int8GroupWeight]]:
-    """Every used tensor as (HF name, tensor of `dtype`), with Q/K rows restored for llama.
+    """Every tensor the model uses as (checkpoint name, tensor of `dtype`), with Q/K rows
+    restored where llama.cpp permuted them.
 
     With `keep_quantized`, Q4_0/Q4_1 matrices come as Int4Weight and Q8_0 as Int8GroupWeight,
     repacked from their blocks without expanding to float.
     """
-    permuted = arch in ("llama", "mistral")
+    permuted = names.permuted_qk
     for tensor in reader.tensors:
-        name = hf_name(tensor.name)
+        name = names.hf_name(tensor.name)
         if name is None:
             continue
         qtype = T(tensor.tensor_type)

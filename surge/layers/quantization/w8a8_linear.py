@@ -23,7 +23,7 @@ from torch import nn
 from surge.layers import native_linear
 from surge.layers.linear import packed_weight, register_packed
 from surge.layers.native import native_ops, w8a8_ops
-from surge.quant.formats import W8A8Weight, quantize_activations
+from surge.layers.quantization.formats import W8A8Weight, quantize_activations
 
 ZERO_POINT = 128  # of the unsigned input codes (vpdpbusd and oneDNN multiply u8 by s8)
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from surge.errors import InvalidArgumentError
-from surge.quant.formats import INT4_GROUP_SIZES
+from surge.layers.quantization.formats import INT4_GROUP_SIZES
 
 FLOAT_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 SCHEMES = tuple(f"int4-g{g}" for g in INT4_GROUP_SIZES) + ("int8", "int8-g32", "w8a8") + tuple(FLOAT_DTYPES)

@@ -1,0 +1,117 @@
+"""The model contract: what a causal LM gives the rest of surge.
+
+    forward(input_ids [T], positions [T]) -> hidden [T, H]
+        flat tokens of every scheduled sequence; attention layers read their KV cache and the
+        step's metadata from the forward context (surge/layers/attention_layer.py), so the
+        same call runs eager and under torch.compile
+    compute_logits(hidden [N, H]) -> float logits [N, V]
+    packed_modules     checkpoint name part -> (fused module name part, shard index): q/k/v
+                       load into one qkv_proj, gate/up into one gate_up_proj
+    shard_sizes(name)  row counts of the checkpoint tensors stacked in a fused parameter
+    weight_loaders()   checkpoint names loaded by a function instead of copied into a parameter
+    gguf_names         GGUF tensor names -> checkpoint names, and whether llama.cpp permuted Q/K
+    attention_specs(config)  per layer: heads, head size, sliding window, RoPE parameters
+    embedding / output_head  module names (tied weights; quantization keeps the head in int8 groups)
+
+Weights load generically from this (surge/models/weights.py); quantization is applied from
+outside by replacing linears (surge/layers/quantization/apply.py); the architecture registry
+(surge/models/registry.py) maps config names to classes.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from surge.config import ModelConfig, RopeConfig
+
+
+@dataclass(frozen=True)
+class AttentionSpec:
+    """One layer's attention: what its module, its RoPE and its KV cache need."""
+
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    sliding_window: int | None
+    rope: RopeConfig
+
+
+def attention_specs(config: ModelConfig) -> list[AttentionSpec]:
+    """Per layer: "sliding_attention" layers get the window (and the local RoPE where the model
+    has one), "full_attention" layers none."""
+    specs = []
+    for layer in range(config.num_hidden_layers):
+        sliding = config.layer_type(layer) == "sliding_attention"
+        rope = config.local_rope if sliding and config.local_rope is not None else config.rope
+        specs.append(AttentionSpec(config.num_attention_heads, config.num_key_value_heads, config.head_dim,
+                                   config.sliding_window if sliding else None, rope))
+    return specs
+
+
+_BLOCK_RE = re.compile(r"^blk\.(\d+)\.([a-z_]+)\.(weight|bias)$")
+
+
+@dataclass(frozen=True)
+class GgufNames:
+    """GGUF tensor names -> checkpoint (Hugging Face) names.
+
+    `globals` maps whole names (token_embd.weight), `blocks` the part of blk.N.<part>.weight;
+    `permuted_qk`: llama.cpp's converter permuted Q/K rows for ggml's RoPE (Llama, Mistral)."""
+
+    globals: dict[str, str] = field(default_factory=dict)
+    blocks: dict[str, str] = field(default_factory=dict)
+    permuted_qk: bool = False
+
+    def hf_name(self, name: str) -> str | None:
+        """The checkpoint name of a GGUF tensor, or None for tensors the model does not use."""
+        if name in self.globals:
+            return self.globals[name]
+        match = _BLOCK_RE.match(name)
+        if match and match.group(2) in self.blocks:
+            layer, part, kind = match.groups()
+            return f"model.layers.{layer}.{self.blocks[part]}.{kind}"
+        return None
+
+
+class CausalLM(nn.Module):
+    """Base of surge's decoder-only models; subclasses fill in the contract above."""
+
+    packed_modules: ClassVar[dict[str, tuple[str, int]]] = {}
+    gguf_names: ClassVar[GgufNames] = GgufNames()
+    embedding: ClassVar[str] = "model.embed_tokens"
+    output_head: ClassVar[str] = "lm_head"
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.get_submodule(self.output_head)(hidden).float()
+
+    def shard_sizes(self, name: str) -> list[int]:
+        """Rows of each checkpoint tensor stacked into fused parameter `name`; [] if not fused."""
+        return []
+
+    def weight_loaders(self) -> dict[str, Callable[[torch.Tensor], None]]:
+        return {}
+
+    def tie_weights(self) -> None:
+        """Share the output head's weight with the embedding's when the config ties them."""
+        if self.config.tie_word_embeddings:
+            self.get_submodule(self.output_head).weight = self.get_submodule(self.embedding).weight
+
+    def prepare_compile(self, max_positions: int) -> None:
+        """Build what a compiled forward must find ready (tables for every position)."""
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.get_submodule(self.embedding).weight.dtype

@@ -1,0 +1,81 @@
+"""Generic weight loading: (checkpoint name, tensor) pairs into a model's parameters, driven by
+the model contract (surge/models/interfaces.py): packed_modules puts q/k/v and gate/up rows
+into their fused parameters, weight_loaders() takes names that are not parameters (RoPE
+frequency factors), tied embeddings are shared.
+
+Quantized tensors (a GGUF's Q4/Q8 blocks, a surge checkpoint's codes) are not expanded: they
+are returned as pending weights, module path -> {shard: weight}, for
+surge.layers.quantization.apply.quantize_linears. The embedding table is the exception (it
+is looked up, not multiplied): it is dequantized, and kept quantized for a tied output head.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+
+from surge.errors import ModelFormatError
+from surge.layers.quantization.formats import QUANTIZED_TYPES, QuantizedWeight
+from surge.models.interfaces import CausalLM
+
+Pending = dict[str, dict[int, QuantizedWeight]]
+
+
+def fused_name(model: CausalLM, name: str) -> tuple[str, int]:
+    """(the model's parameter name, shard index) of a checkpoint tensor name."""
+    for part, (fused, index) in model.packed_modules.items():
+        if part in name:
+            return name.replace(part, fused), index
+    return name, 0
+
+
+def load_weights(model: CausalLM, weights: Iterable[tuple[str, torch.Tensor | QuantizedWeight]],
+                 source: str = "checkpoint") -> Pending:
+    """Copy every pair into its parameter (rows of its shard); every parameter must be given.
+    Returns the quantized weights kept aside. ModelFormatError names a wrong shape or what is missing."""
+    params = dict(model.named_parameters())
+    loaders = model.weight_loaders()
+    tied = model.config.tie_word_embeddings
+    head_weight, embedding_weight = f"{model.output_head}.weight", f"{model.embedding}.weight"
+    loaded: set[tuple[str, int]] = set()
+    pending: Pending = {}
+    for checkpoint_name, tensor in weights:
+        if checkpoint_name in loaders:
+            loaders[checkpoint_name](tensor)  # type: ignore[arg-type]
+            continue
+        if checkpoint_name == head_weight and tied:
+            if isinstance(tensor, QUANTIZED_TYPES):  # the file's own quantized copy of the head
+                pending.setdefault(model.output_head, {})[0] = tensor
+            continue
+        name, shard = fused_name(model, checkpoint_name)
+        param = params.get(name)
+        if param is None:
+            continue  # e.g. rotary inv_freq buffers saved by old checkpoints
+        if isinstance(tensor, QUANTIZED_TYPES):
+            if name != embedding_weight:
+                pending.setdefault(name.rsplit(".", 1)[0], {})[shard] = tensor
+                loaded.add((name, shard))
+                continue
+            if tied:
+                pending.setdefault(model.output_head, {})[0] = tensor
+            tensor = tensor.dequantize()
+        sizes = model.shard_sizes(name)
+        rows = slice(sum(sizes[:shard]), sum(sizes[: shard + 1])) if sizes else slice(None)
+        target = param.data[rows]
+        if tuple(target.shape) != tuple(tensor.shape):
+            raise ModelFormatError(
+                f"{source}: tensor {checkpoint_name!r} has shape {tuple(tensor.shape)}, the model expects "
+                f"{tuple(target.shape)}"
+            )
+        with torch.no_grad():
+            target.copy_(tensor)
+        loaded.add((name, shard))
+    if tied:
+        loaded.add((head_weight, 0))
+    expected = {(n, i) for n in params for i in range(max(1, len(model.shard_sizes(n))))}
+    missing = sorted(n + (f"[{i}]" if len(model.shard_sizes(n)) > 1 else "") for n, i in expected - loaded)
+    if missing:
+        more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+        raise ModelFormatError(f"{source}: missing weights {', '.join(missing[:3])}{more}")
+    return pending
