@@ -18,7 +18,8 @@ from types import FrameType
 
 import uvicorn
 
-from surge.server.app import ServerState, build_app
+from surge.server.app import create_app
+from surge.server.state import ServerState
 from surge.server.connection import header_timeout_protocol
 from surge.server.repository import ModelRepository
 from surge.server.settings import ServerSettings
@@ -91,7 +92,7 @@ def serve(repository: ModelRepository, settings: ServerSettings,
     """Serve until stopped; returns the process exit code: 0 after a drain, 2 if a model given
     on the command line failed to load (`exit_on_load_failure`), 3 if an engine died."""
     state = ServerState(repository, settings)
-    app = build_app(state)
+    app = create_app(state)
     config = uvicorn.Config(
         app, host=settings.host, port=settings.port, log_level=settings.log_level, access_log=False,
         http=header_timeout_protocol(settings.header_timeout),  # type: ignore[arg-type]

@@ -15,7 +15,8 @@ from surge.engine.args import EngineArgs
 from surge.entrypoints.llm import LLM
 from surge.errors import InvalidArgumentError
 from surge.server.budget import MemoryBudget, MiB
-from surge.server.app import ServerState, build_app
+from surge.server.app import create_app
+from surge.server.state import ServerState
 from surge.server.guard import host_name, key_matches
 from surge.server.repository import ModelRepository
 from surge.server.settings import ServerSettings, read_key_file
@@ -39,7 +40,7 @@ def app_state(tmp_path_factory, tiny_tokenizer_dir):
 
 @pytest.fixture
 def client(app_state):
-    with TestClient(build_app(app_state), base_url="http://127.0.0.1:8000") as c:
+    with TestClient(create_app(app_state), base_url="http://127.0.0.1:8000") as c:
         yield c
 
 
@@ -104,7 +105,7 @@ def test_a_dead_engine_is_reported_and_ends_the_process(app_state, tmp_path):
         watcher.start()
         watcher.join(5)
         assert server.should_exit and "device lost" in app_state.engine_error
-        with TestClient(build_app(app_state), base_url="http://127.0.0.1:8000") as c:
+        with TestClient(create_app(app_state), base_url="http://127.0.0.1:8000") as c:
             r = c.get("/health")
             assert r.status_code == 503 and r.json()["status"] == "dead" and "device lost" in r.json()["error"]
             assert c.get("/ready").status_code == 503
@@ -154,7 +155,7 @@ def test_host_and_origin_rules(app_state):
     old = app_state.settings
     app_state.settings = settings
     try:
-        with TestClient(build_app(app_state), base_url="http://127.0.0.1:8000") as c:
+        with TestClient(create_app(app_state), base_url="http://127.0.0.1:8000") as c:
             assert c.get("/v1/models", headers={"Host": "api.example"}).status_code == 200
             assert c.get("/v1/models", headers={"Host": "10.1.2.3:8000"}).status_code == 200  # an address
             assert c.get("/v1/models", headers={"Host": "rebind.example"}).status_code == 403
@@ -168,10 +169,10 @@ def test_host_and_origin_rules(app_state):
             assert c.get("/v1/models", headers={"Origin": "null"}).status_code == 403
         # bound to a network address, any name (it is reachable there anyway), unless narrowed
         app_state.settings = ServerSettings(host="0.0.0.0")
-        with TestClient(build_app(app_state), base_url="http://surge.internal:8000") as c:
+        with TestClient(create_app(app_state), base_url="http://surge.internal:8000") as c:
             assert c.get("/v1/models").status_code == 200
         app_state.settings = ServerSettings(host="0.0.0.0", allowed_hosts=("surge.internal",))
-        with TestClient(build_app(app_state), base_url="http://surge.internal:8000") as c:
+        with TestClient(create_app(app_state), base_url="http://surge.internal:8000") as c:
             assert c.get("/v1/models").status_code == 200
             assert c.get("/v1/models", headers={"Host": "other.example"}).status_code == 403
     finally:
@@ -182,7 +183,7 @@ def test_max_tokens_default_caps_chat_without_max_tokens(app_state):
     old = app_state.settings
     app_state.settings = ServerSettings(max_tokens_default=3)
     try:
-        with TestClient(build_app(app_state), base_url="http://127.0.0.1:8000") as c:
+        with TestClient(create_app(app_state), base_url="http://127.0.0.1:8000") as c:
             body = {"messages": [{"role": "user", "content": "Hi"}], "ignore_eos": True}
             r = c.post("/v1/chat/completions", json=body)
             assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 3, r.text

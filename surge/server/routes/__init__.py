@@ -1,0 +1,9 @@
+"""The server's routes, one module per API; each gives `router(state) -> APIRouter`.
+
+    completions.py    POST /v1/completions            (OpenAI, on surge/server/generation.py)
+    chat.py           POST /v1/chat/completions       (OpenAI, on surge/server/generation.py)
+    tokenize.py       POST /tokenize, /detokenize
+    models.py         GET /v1/models; Triton's repository API /v2/repository/...
+    health.py         /health, /ready, /metrics
+    dashboard.py      /dashboard, /dashboard/data
+"""
