@@ -1,17 +1,10 @@
-"""Model repository: several models, each in numbered versions, loaded, switched and unloaded
-while the server runs.
+"""The model repository: several models, each in numbered versions, loaded, switched and
+unloaded while the server runs; requests are routed to the serving version of each.
 
-    DIR/
-      <name>/                 one model; `surge.toml` here holds engine settings for every version
-        <version>/            a positive integer: a .gguf file, or a Hugging Face directory,
-          surge.toml          and optionally settings for this version only
-
-A version's life: UNAVAILABLE (on disk) -> LOADING (weights, KV cache, warm-up) -> READY ->
-UNLOADING (no new requests; in-flight ones finish) -> UNAVAILABLE, or LOADING -> FAILED with
-the error. Each model has at most one serving version; a newer one is switched in atomically
-only once it is READY, so a failed load never disturbs the version being served. Requests
-hold a lease on the deployment they were routed to, and a retired version is unloaded only
-when its last lease is returned.
+The pieces: scanning.py (the directory and its surge.toml files), versions.py (the state
+machine of each version), deployments.py (building an engine within the memory budget, and
+draining it). Requests hold a lease on the deployment they were routed to (acquire /
+release), and a retired version is unloaded only when its last lease is returned.
 """
 
 from __future__ import annotations
@@ -20,127 +13,34 @@ import gc
 import logging
 import os
 import threading
-import time
-import tomllib
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from enum import Enum
 from typing import Any
 
 from surge.engine.args import EngineArgs
-from surge.engine.async_engine import AsyncEngine
-from surge.engine.engine_core import ReserveHook
-from surge.engine.llm_engine import LLMEngine
-from surge.errors import InvalidArgumentError, ModelNotFoundError, SurgeError
-from surge.server.budget import MemoryBudget, MiB
+from surge.errors import ModelNotFoundError
+from surge.server.budget import MemoryBudget
+from surge.server.repository.deployments import (
+    Deployment,
+    EngineFactory,
+    build_deployment,
+    wait_drained,
+)
+from surge.server.repository.scanning import (
+    directory_signature,
+    scan_directory,
+    version_engine_args,
+    version_key,
+)
+from surge.server.repository.versions import (
+    ModelEntry,
+    ModelRequiredError,
+    ModelUnavailableError,
+    RepositoryConflictError,
+    State,
+    VersionRecord,
+)
 
 logger = logging.getLogger("surge.repository")
-
-CONFIG_FILE = "surge.toml"
-EngineFactory = Callable[[str | None, EngineArgs, ReserveHook], LLMEngine]
-
-
-class State(str, Enum):
-    UNAVAILABLE = "UNAVAILABLE"
-    LOADING = "LOADING"
-    READY = "READY"
-    UNLOADING = "UNLOADING"
-    FAILED = "FAILED"
-
-
-class ModelUnavailableError(SurgeError):
-    """The named model or version is not in the repository, or not READY."""
-
-
-class ModelRequiredError(SurgeError):
-    """A request without `model` on a server with several models."""
-
-
-class RepositoryConflictError(SurgeError):
-    """The operation cannot run now: another one is in progress, or there is nothing to roll back to."""
-
-
-class ModelLoadError(SurgeError):
-    """A load failed for a reason that is not one of surge's typed input errors."""
-
-
-@dataclass(eq=False)
-class Deployment:
-    """One loaded version: its engine and the requests it is serving."""
-
-    name: str
-    version: str
-    engine: LLMEngine
-    async_engine: AsyncEngine
-    memory_bytes: int
-    in_flight: int = 0  # requests holding a lease
-    sequences: int = 0  # their sequences (n x prompts), what --max-queue counts
-    drained: threading.Event = field(default_factory=threading.Event)
-
-    @property
-    def key(self) -> str:
-        return f"{self.name}:{self.version}"
-
-    def close(self) -> None:
-        """Stop the engine's thread, then its workers (a worker process exits)."""
-        self.async_engine.shutdown()
-        self.engine.shutdown()
-
-
-@dataclass(eq=False)
-class VersionRecord:
-    version: str
-    path: str | None  # None: the embedded default model
-    state: State = State.UNAVAILABLE
-    reason: str | None = "not loaded"
-    deployment: Deployment | None = None
-    signature: tuple | None = None  # the directory's files as last scanned
-    stable: bool = False  # unchanged between the last two scans (a copy into place has finished)
-    tried: tuple | None = None  # the signature at the last load attempt; polling retries only new files
-    loaded_at: float | None = None
-    draining: threading.Event | None = None  # set once a retired deployment of this version is gone
-
-
-@dataclass(eq=False)
-class ModelEntry:
-    name: str
-    root: str | None  # DIR/<name>; None for a model given on the command line
-    versions: dict[str, VersionRecord] = field(default_factory=dict)
-    serving: str | None = None
-    history: list[str] = field(default_factory=list)  # earlier serving versions, for rollback
-    op_lock: threading.Lock = field(default_factory=threading.Lock)
-
-    def newest(self) -> str | None:
-        return max(self.versions, key=int) if self.versions else None
-
-
-def _version_key(version: str) -> tuple[int, str]:
-    return (int(version), version) if version.isdigit() else (-1, version)
-
-
-def directory_signature(path: str) -> tuple:
-    """(relative path, size, mtime) of every file under `path`; changes while a copy is running."""
-    entries = []
-    for dirpath, _dirs, files in os.walk(path, followlinks=True):
-        for name in files:
-            full = os.path.join(dirpath, name)
-            try:
-                st = os.stat(full)
-            except OSError:
-                continue
-            entries.append((os.path.relpath(full, path), st.st_size, st.st_mtime_ns))
-    return tuple(sorted(entries))
-
-
-def read_settings(path: str) -> dict[str, Any]:
-    """A `surge.toml` as a dict ({} when absent); a syntax error names the file and the line."""
-    if not os.path.isfile(path):
-        return {}
-    try:
-        with open(path, "rb") as f:
-            return tomllib.load(f)
-    except tomllib.TOMLDecodeError as exc:
-        raise InvalidArgumentError(f"{path}: not valid TOML: {exc}") from exc
 
 
 class ModelRepository:
@@ -216,14 +116,7 @@ class ModelRepository:
     def scan(self) -> dict[str, dict[str, str]]:
         """{model name: {version: directory}} as the repository is on disk now."""
         assert self.root is not None
-        found: dict[str, dict[str, str]] = {}
-        for name in sorted(os.listdir(self.root)):
-            model_dir = os.path.join(self.root, name)
-            if name.startswith(".") or not os.path.isdir(model_dir):
-                continue
-            found[name] = {v: os.path.join(model_dir, v) for v in os.listdir(model_dir)
-                           if v.isdigit() and int(v) > 0 and os.path.isdir(os.path.join(model_dir, v))}
-        return found
+        return scan_directory(self.root)
 
     def sync(self, initial: bool = False) -> None:
         """Bring the served set in line with the directory: load new models and new newest
@@ -299,7 +192,7 @@ class ModelRepository:
                 version = version or entry.newest()
                 record = entry.versions.get(str(version)) if version is not None else None
                 if record is None:
-                    known = ", ".join(sorted(entry.versions, key=_version_key)) or "none"
+                    known = ", ".join(sorted(entry.versions, key=version_key)) or "none"
                     raise ModelUnavailableError(f"model {name!r} has no version {version!r} (versions: {known})")
                 if record.state is State.READY and record.deployment is not None:
                     self._switch(entry, record, record.deployment, f"replaced by version {record.version}", True)
@@ -360,79 +253,34 @@ class ModelRepository:
     # ---- loading and switching -----------------------------------------------------------
 
     def engine_args(self, entry: ModelEntry, record: VersionRecord) -> EngineArgs:
-        args = self.defaults
-        if entry.root is not None:
-            model_file = os.path.join(entry.root, CONFIG_FILE)
-            args = args.updated(read_settings(model_file), model_file)
-            if record.path is not None:
-                version_file = os.path.join(record.path, CONFIG_FILE)
-                args = args.updated(read_settings(version_file), version_file)
-        return args
+        return version_engine_args(self.defaults, entry.root, record.path)
 
     def _build(self, entry: ModelEntry, record: VersionRecord) -> Deployment:
-        key = f"{entry.name}:{record.version}"
         with self._lock:
-            record.state, record.reason = State.LOADING, None
-            record.tried = record.signature
-        start = time.perf_counter()
-        engine: LLMEngine | None = None
+            record.loading()
         try:
-            args = self.engine_args(entry, record)
-
-            def reserve(estimate: Any) -> None:
-                weights, kv = estimate.weight_bytes, estimate.kv_cache_bytes
-                self.budget.reserve(key, weights + kv, f"weights ~{weights / MiB:.0f} MiB + KV cache {kv / MiB:.0f} MiB")
-
-            engine = self.factory(record.path, args, reserve)
-            warm = engine.warm_up() if args.warmup else None
-            measured = engine.memory_bytes()
-            self.budget.settle(key, measured)
-            aengine = AsyncEngine(engine)
-            aengine.start()
+            return build_deployment(entry.name, record.version, record.path, self.engine_args(entry, record),
+                                    self.factory, self.budget)
         except BaseException as exc:
-            if engine is not None:  # its warm-up failed: its workers go too
-                engine.shutdown()
-            self.budget.release(key)
-            error = exc if isinstance(exc, SurgeError) else ModelLoadError(f"{type(exc).__name__}: {exc}")
             with self._lock:
-                record.state, record.reason = State.FAILED, str(error)
-            logger.error("loading %s from %s failed: %s", key, record.path or "the default model", error)
-            if error is exc:
-                raise
-            raise error from exc
-        info = engine.model_info
-        logger.info(
-            "loaded %s in %.1fs: %s from %s, dtype %s, quantization %s, KV cache %d tokens, %.0f MiB%s", key,
-            time.perf_counter() - start, info.architecture, info.path, info.dtype, info.quantization,
-            engine.capacity_tokens, measured / MiB,
-            f", warm-up {warm.seconds:.1f}s (prefill {warm.prefill_lengths}, decode batches "
-            f"{warm.decode_batch_sizes})" if warm else "",
-        )
-        return Deployment(entry.name, record.version, engine, aengine, measured)
+                record.failed(str(exc))
+            logger.error("loading %s:%s from %s failed: %s", entry.name, record.version,
+                         record.path or "the default model", exc)
+            raise
 
     def _switch(self, entry: ModelEntry, record: VersionRecord, deployment: Deployment, reason: str,
                 remember: bool) -> None:
         """Make `record` the serving version (under the lock); the previous one drains."""
-        record.deployment, record.state, record.reason = deployment, State.READY, None
-        record.loaded_at = record.loaded_at or time.time()
         previous = entry.serving
-        entry.serving = record.version
-        if previous is not None and previous != record.version:
-            if remember:
-                entry.history.append(previous)
-            old = entry.versions.get(previous)
-            if old is not None and old.state is State.READY:
-                self._retire(old, reason)
+        retired = entry.switch(record, deployment, remember)
+        if retired is not None:
+            self._retire(retired, reason)
         logger.info("model %s: serving version %s%s", entry.name, record.version,
                     f" (was {previous})" if previous and previous != record.version else "")
 
     def _retire(self, record: VersionRecord, reason: str) -> None:
         """Stop routing to `record` (under the lock) and unload it once its requests are done."""
-        deployment = record.deployment
-        assert deployment is not None
-        record.state, record.reason = State.UNLOADING, reason
-        record.loaded_at = None
-        record.draining = deployment.drained
+        record.unloading(reason)
         # the thread gets the record, not the deployment, so nothing keeps the engine alive after it
         threading.Thread(target=self._drain, args=(record, reason), name="surge-drain-version",
                          daemon=True).start()
@@ -440,16 +288,10 @@ class ModelRepository:
     def _drain(self, record: VersionRecord, reason: str) -> None:
         dep = record.deployment  # a new load of this version waits for `drained`, so it is still ours
         assert dep is not None
-        deadline = time.monotonic() + self.drain_timeout
-        while (dep.in_flight or dep.async_engine.num_unfinished()) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        if dep.in_flight:
-            logger.warning("%s: %d requests still in flight after %.0fs; unloading anyway", dep.key, dep.in_flight,
-                           self.drain_timeout)
+        wait_drained(dep, self.drain_timeout)
         dep.close()
         with self._lock:
-            if record.deployment is dep:
-                record.deployment = None
+            record.detach(dep)
         key, drained = dep.key, dep.drained
         del dep
         gc.collect()  # the engine's tensors go now, not at some later collection
@@ -457,8 +299,7 @@ class ModelRepository:
         for callback in self.on_unloaded:
             callback(key)
         with self._lock:  # UNAVAILABLE once its memory is returned
-            if record.draining is drained:
-                record.state, record.reason, record.draining = State.UNAVAILABLE, f"unloaded: {reason}", None
+            record.unloaded(drained, reason)
         logger.info("unloaded %s (%s)", key, reason)
         drained.set()
 
@@ -488,7 +329,7 @@ class ModelRepository:
             record = entry.versions.get(version) if version is not None else None
             if record is None or record.state is not State.READY or record.deployment is None:
                 states = ", ".join(f"{v} {r.state.value}" for v, r in sorted(entry.versions.items(),
-                                                                               key=lambda kv: _version_key(kv[0])))
+                                                                               key=lambda kv: version_key(kv[0])))
                 what = f"version {version} of model `{entry.name}`" if version else f"model `{entry.name}`"
                 raise ModelUnavailableError(f"{what} is not being served (versions: {states or 'none'})")
             record.deployment.in_flight += 1
@@ -522,7 +363,7 @@ class ModelRepository:
         with self._lock:
             for name in sorted(self.models):
                 entry = self.models[name]
-                for version in sorted(entry.versions, key=_version_key):
+                for version in sorted(entry.versions, key=version_key):
                     record = entry.versions[version]
                     dep = record.deployment
                     rows.append({
