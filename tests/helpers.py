@@ -76,7 +76,7 @@ def hf_weight(model: torch.nn.Module, name: str) -> torch.Tensor:
     """A checkpoint tensor by its Hugging Face name, read back from surge's fused modules."""
     from surge.layers.quantization.quant_linear import QuantLinear
 
-    from surge.models.weights import fused_name
+    from surge.loader.weight_loading import fused_name
 
     fused, shard = fused_name(model, name)
     module_name, _, attr = fused.rpartition(".")

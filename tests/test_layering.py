@@ -1,6 +1,7 @@
 """The layering rule (docs/architecture.md): core/ imports no torch; server/ nothing from worker/,
-layers/, loader/ or models/; engine/ nothing from layers/ or models/. Every import counts,
-those inside functions too."""
+layers/, loader/ or models/; engine/ nothing from layers/ or models/; models/ nothing of
+quantization, checkpoints or workers (the model contract). Every import counts, those inside
+functions too."""
 
 from __future__ import annotations
 
@@ -18,6 +19,8 @@ RULES = {
              "surge.executor", "surge.server"),
     "server": ("surge.worker", "surge.layers", "surge.loader", "surge.models", "surge.executor"),
     "engine": ("surge.layers", "surge.models"),
+    "models": ("surge.layers.quantization", "surge.quant", "surge.loader", "surge.worker", "surge.engine",
+               "surge.executor", "surge.server"),
 }
 
 

@@ -14,8 +14,8 @@ from surge.errors import InvalidArgumentError
 from surge.loader.hub import ModelSource, resolve_model
 from surge.layers.quantization.apply import quantize_linears
 from surge.models.registry import get_model_class
-from surge.models.weights import Pending
-from surge.models.weights import load_weights as load_model_weights
+from surge.loader.weight_loading import Pending
+from surge.loader.weight_loading import load_weights as load_model_weights
 from surge.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
@@ -80,7 +80,7 @@ def load_weights(
     dequantizes everything to `dtype`. A checkpoint written by `surge quantize` keeps its
     quantized modules under "auto". before_finalize(model, pending) runs once the weights are
     read and before linears are replaced (surge quantize installs its weights there; `pending`:
-    module path -> {shard: quantized weight}, see surge.models.weights).
+    module path -> {shard: quantized weight}, see surge.loader.weight_loading).
     """
     if source.kind == "gguf":
         from surge.loader.gguf import iter_gguf_weights, open_gguf

@@ -13,7 +13,7 @@
     attention_specs(config)  per layer: heads, head size, sliding window, RoPE parameters
     embedding / output_head  module names (tied weights; quantization keeps the head in int8 groups)
 
-Weights load generically from this (surge/models/weights.py); quantization is applied from
+Weights load generically from this (surge/loader/weight_loading.py); quantization is applied from
 outside by replacing linears (surge/layers/quantization/apply.py); the architecture registry
 (surge/models/registry.py) maps config names to classes.
 """

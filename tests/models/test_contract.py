@@ -18,7 +18,7 @@ from surge.loader.hf_config import config_from_hf_dir
 from surge.models.interfaces import attention_specs
 from surge.models.qwen2 import Qwen2ForCausalLM
 from surge.models.registry import architecture_of_gguf, get_architecture, get_model_class
-from surge.models.weights import fused_name, load_weights
+from surge.loader.weight_loading import fused_name, load_weights
 from tests.conftest import build_tiny_model
 
 TINY = dict(architecture="LlamaForCausalLM", hidden_size=64, num_hidden_layers=3, num_attention_heads=4,
