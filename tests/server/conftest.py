@@ -53,6 +53,20 @@ def start_server(tmp_path, *extra: str, wait: bool = True) -> LiveServer:
                   "--served-model-name", MODEL_NAME, *extra, wait=wait)
 
 
+_LAUNCHED: list[LiveServer] = []
+
+
+@pytest.fixture(autouse=True)
+def _no_server_outlives_its_test():
+    """Servers a test started itself are stopped after it, even when it failed half-way (those
+    of module fixtures are started before this runs and stopped by their fixtures)."""
+    before = len(_LAUNCHED)
+    yield
+    for server in _LAUNCHED[before:]:
+        server.stop()
+    del _LAUNCHED[before:]
+
+
 def launch(tmp_path, *args: str, wait: bool = True, env: dict[str, str] | None = None) -> LiveServer:
     """`surge serve ARGS` on a free port, logging to a file under tmp_path."""
     port = free_port()
@@ -63,6 +77,7 @@ def launch(tmp_path, *args: str, wait: bool = True, env: dict[str, str] | None =
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
                             env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})})
     server = LiveServer(proc, port, log_path)
+    _LAUNCHED.append(server)
     if wait:
         wait_ready(server)
     return server
