@@ -35,7 +35,7 @@ from surge.layers.quantization.w8a8_linear import W8A8Linear
 _KINDS = {Int4Weight: "int4", Int8Weight: "int8", Int8GroupWeight: "int8g"}  # w8a8: none of these
 
 
-def _joined(model: nn.Module, module: nn.Linear, parts: dict[int, QuantizedWeight] | None,
+def _joined(module: nn.Linear, parts: dict[int, QuantizedWeight] | None,
             scheme: str) -> QuantizedWeight | None:
     """The pending shards of one linear as one weight; shards of mixed types (or scheme
     "none") are dequantized into the float weight instead."""
@@ -69,7 +69,7 @@ def quantize_linears(model: nn.Module, pending: dict[str, dict[int, QuantizedWei
     for path, module in list(model.named_modules()):
         if not isinstance(module, nn.Linear):
             continue
-        weight = _joined(model, module, pending.get(path), scheme)
+        weight = _joined(module, pending.get(path), scheme)
         if scheme in ("int4", "int8"):
             weight = _requantized(weight, module, "int8g" if path == output_head else scheme, group_size, path)
         parent_path, _, attr = path.rpartition(".")
