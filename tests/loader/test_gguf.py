@@ -110,3 +110,17 @@ def test_default_model_tensors_equal_gguf_py(default_llm, default_gguf_path):
     assert checked == 20
     model = default_llm.engine.core.executor.worker.model
     assert model.lm_head.weight is model.model.embed_tokens.weight  # tied
+
+
+def test_gguf_file_reads_what_gguf_py_reads(default_gguf_path):
+    """surge's one-pass GGUF parser: the same metadata values, tensor table and data as gguf-py."""
+    ours, theirs = open_gguf(default_gguf_path), gguf.GGUFReader(default_gguf_path)
+    fields = {k: f for k, f in theirs.fields.items() if not k.startswith("GGUF.")}  # gguf-py's header
+    assert set(ours.metadata) == set(fields)
+    for key, field in fields.items():
+        assert ours.metadata[key] == field.contents(), key
+    assert [t.name for t in ours.tensors] == [t.name for t in theirs.tensors]
+    for a, b in zip(ours.tensors, theirs.tensors):
+        assert (a.tensor_type, a.data_offset, a.n_bytes, a.n_elements) == (b.tensor_type, b.data_offset, b.n_bytes, b.n_elements)
+        assert a.shape.tolist() == b.shape.tolist() and a.data.shape == b.data.shape and a.data.dtype == b.data.dtype
+        assert np.array_equal(a.data, b.data), a.name

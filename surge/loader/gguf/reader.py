@@ -1,45 +1,33 @@
-"""Open a GGUF file with the `gguf` package and turn its metadata into surge's ModelConfig."""
+"""Open a GGUF file and turn its metadata into surge's ModelConfig."""
 
 from __future__ import annotations
 
-import os
+import struct
 from typing import Any
-
-import gguf
 
 from surge.config import ModelConfig, RopeConfig
 from surge.errors import ModelFormatError, UnsupportedArchitectureError
+from surge.loader.gguf.file import GgufError, GgufFile
 from surge.models.registry import architecture_of_gguf, gguf_architectures
 
 
-def open_gguf(path: str) -> gguf.GGUFReader:
-    """A memory-mapped reader, or ModelFormatError naming the file if it is not a whole GGUF."""
+def open_gguf(path: str) -> GgufFile:
+    """The file's metadata and tensor table, or ModelFormatError naming the file if it is not a
+    whole GGUF (bad magic, truncated, corrupt)."""
     try:
-        reader = gguf.GGUFReader(path, "r")
-    except Exception as exc:  # the reader raises ValueError, struct/index errors on bad bytes
+        return GgufFile(path)
+    except (GgufError, struct.error, IndexError, ValueError, OSError) as exc:
         raise ModelFormatError(
             f"{path}: not a valid GGUF file, truncated or corrupt ({type(exc).__name__}: {exc})"
         ) from exc
-    size = os.path.getsize(path)
-    for tensor in reader.tensors:
-        end = int(tensor.data_offset) + int(tensor.n_bytes)
-        if end > size:
-            raise ModelFormatError(
-                f"{path}: truncated GGUF file: tensor {tensor.name!r} needs bytes up to {end}, "
-                f"the file has {size}; download it again"
-            )
-    return reader
 
 
-def field_value(reader: gguf.GGUFReader, key: str, default: Any = None) -> Any:
+def field_value(reader: GgufFile, key: str, default: Any = None) -> Any:
     """The Python value of a metadata field (str, number, bool or list), or `default`."""
-    field = reader.fields.get(key)
-    if field is None:
-        return default
-    return field.contents()
+    return reader.metadata.get(key, default)
 
 
-def gguf_architecture(reader: gguf.GGUFReader, path: str) -> tuple[str, str]:
+def gguf_architecture(reader: GgufFile, path: str) -> tuple[str, str]:
     """(GGUF architecture name, surge architecture class name) or UnsupportedArchitectureError."""
     arch = field_value(reader, "general.architecture")
     if arch is None:
@@ -52,7 +40,7 @@ def gguf_architecture(reader: gguf.GGUFReader, path: str) -> tuple[str, str]:
     return arch, known.name
 
 
-def _rope_from_gguf(reader: gguf.GGUFReader, arch: str) -> RopeConfig:
+def _rope_from_gguf(reader: GgufFile, arch: str) -> RopeConfig:
     theta = float(field_value(reader, f"{arch}.rope.freq_base", 10000.0))
     scaling = field_value(reader, f"{arch}.rope.scaling.type", "none")
     factor = float(field_value(reader, f"{arch}.rope.scaling.factor", 1.0) or 1.0)
@@ -74,7 +62,7 @@ def _rope_from_gguf(reader: gguf.GGUFReader, arch: str) -> RopeConfig:
     raise ModelFormatError(f"unsupported RoPE scaling type {scaling!r} in GGUF metadata")
 
 
-def config_from_gguf(reader: gguf.GGUFReader, path: str) -> ModelConfig:
+def config_from_gguf(reader: GgufFile, path: str) -> ModelConfig:
     """ModelConfig from `{arch}.*` metadata; tied embeddings when the file has no output tensor."""
     arch, architecture = gguf_architecture(reader, path)
 
@@ -91,10 +79,10 @@ def config_from_gguf(reader: gguf.GGUFReader, path: str) -> ModelConfig:
     head_dim = int(field_value(reader, f"{arch}.attention.key_length", hidden // heads))
     vocab = field_value(reader, f"{arch}.vocab_size")
     if vocab is None:
-        tokens = reader.fields.get("tokenizer.ggml.tokens")
+        tokens = reader.metadata.get("tokenizer.ggml.tokens")
         if tokens is None:
             raise ModelFormatError(f"{path}: GGUF metadata has neither vocab_size nor tokens")
-        vocab = len(tokens.data)
+        vocab = len(tokens)
     eos = field_value(reader, "tokenizer.ggml.eos_token_id")
     eot = field_value(reader, "tokenizer.ggml.eot_token_id")
     eos_ids = tuple(dict.fromkeys(int(t) for t in (eos, eot) if t is not None))
@@ -121,10 +109,10 @@ def config_from_gguf(reader: gguf.GGUFReader, path: str) -> ModelConfig:
     )
 
 
-def tokenizer_metadata(reader: gguf.GGUFReader) -> dict[str, Any]:
+def tokenizer_metadata(reader: GgufFile) -> dict[str, Any]:
     """The `tokenizer.*` fields, keyed without the `tokenizer.ggml.` / `tokenizer.` prefix."""
     meta: dict[str, Any] = {}
-    for key in reader.fields:
+    for key in reader.metadata:
         if key.startswith("tokenizer.ggml."):
             meta[key[len("tokenizer.ggml.") :]] = field_value(reader, key)
         elif key == "tokenizer.chat_template":

@@ -11,6 +11,7 @@ import torch
 
 from surge.config import ModelConfig
 from surge.errors import ModelFormatError, UnsupportedTensorTypeError
+from surge.loader.gguf.file import GgufFile, GgufTensor
 from surge.layers.quantization.formats import Int4Weight, Int8GroupWeight, gguf_to_int4, gguf_to_int8
 from surge.models.interfaces import GgufNames
 
@@ -39,7 +40,7 @@ def unpermute_qk(weight: torch.Tensor, num_heads: int) -> torch.Tensor:
     )
 
 
-def dequantize(tensor: gguf.ReaderTensor, path: str) -> np.ndarray:
+def dequantize(tensor: GgufTensor, path: str) -> np.ndarray:
     """float32 array in the tensor's logical shape (rows, cols) for any supported type."""
     qtype = T(tensor.tensor_type)
     if qtype not in SUPPORTED_TYPES:
@@ -65,7 +66,7 @@ def _unpermute_any(weight, heads: int):
 
 
 def iter_gguf_weights(
-    reader: gguf.GGUFReader, config: ModelConfig, names: GgufNames, path: str, dtype: torch.dtype,
+    reader: GgufFile, config: ModelConfig, names: GgufNames, path: str, dtype: torch.dtype,
     keep_quantized: bool = False,
 ) -> Iterator[tuple[str, torch.Tensor | Int4Weight | Int8GroupWeight]]:
     """Every tensor the model uses as (checkpoint name, tensor of `dtype`), with Q/K rows
