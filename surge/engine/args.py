@@ -73,7 +73,8 @@ class EngineArgs:
     """How to load and run one model: every engine setting, checked when made."""
 
     model: str | None = setting(
-        None, "a .gguf file, a Hugging Face directory or hub id (default: the embedded SmolLM2-135M-Instruct "
+        None, "a .gguf file, a Hugging Face directory, a packaged model name (README) or hub id (default: the "
+        "embedded SmolLM2-135M-Instruct "
         "Q4_1)", OPT_STR, flags=("--model", "-m"), toml=False)
     dtype: str = setting("auto", "auto | float32 | bfloat16 | float16 (default: auto)", STR)
     device: str | None = setting(None, "cpu or cuda (default: cuda when available)", OPT_STR)

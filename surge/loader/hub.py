@@ -46,7 +46,8 @@ def _is_gguf(path: str) -> bool:
 
 
 def resolve_model(model: str | None) -> ModelSource:
-    """Decide what `model` names: None (default), a .gguf file, a HF directory, or a hub id."""
+    """Decide what `model` names: None (default), a .gguf file, a HF directory, a packaged model
+    (surge.loader.zoo), or a hub id."""
     if model is None:
         path = default_model_path()
         return ModelSource("gguf", path, "SmolLM2-135M-Instruct-Q4_1")
@@ -67,11 +68,15 @@ def resolve_model(model: str | None) -> ModelSource:
             f"{path}: no config.json (not a Hugging Face model directory)"
             + (f" and {len(ggufs)} .gguf files; pass one of them" if ggufs else "")
         )
+    from surge.loader import zoo
+
+    if model in zoo.ZOO:
+        return ModelSource("gguf", zoo.assemble(model), model)
     if _HUB_ID.match(model) and not model.startswith((".", "~")):
         return ModelSource("hf", download_from_hub(model), model)
     raise ModelNotFoundError(
         f"{model}: no such file or directory; pass a .gguf file, a Hugging Face model directory, "
-        "or a hub id like org/name"
+        f"a hub id like org/name, or one of the packaged models: {', '.join(zoo.zoo_names())}"
     )
 
 

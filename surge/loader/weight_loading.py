@@ -73,9 +73,25 @@ def load_weights(model: CausalLM, weights: Iterable[tuple[str, torch.Tensor | Qu
         loaded.add((name, shard))
     if tied:
         loaded.add((head_weight, 0))
+    _dequantize_mixed_fusions(model, params, pending)
     expected = {(n, i) for n in params for i in range(max(1, len(model.shard_sizes(n))))}
     missing = sorted(n + (f"[{i}]" if len(model.shard_sizes(n)) > 1 else "") for n, i in expected - loaded)
     if missing:
         more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
         raise ModelFormatError(f"{source}: missing weights {', '.join(missing[:3])}{more}")
     return pending
+
+
+def _dequantize_mixed_fusions(model: CausalLM, params: dict[str, torch.nn.Parameter], pending: Pending) -> None:
+    """A fused linear runs from one quantized weight only when every shard came in the same
+    format (a GGUF may store q/k as Q5_0 and v as Q8_0, or q/k in float): otherwise its
+    quantized shards are dequantized into their rows of the float weight."""
+    for module, shards in list(pending.items()):
+        sizes = model.shard_sizes(f"{module}.weight")
+        if len(sizes) < 2 or (set(shards) == set(range(len(sizes))) and len({type(w) for w in shards.values()}) == 1):
+            continue
+        weight = params[f"{module}.weight"]
+        with torch.no_grad():
+            for shard, quantized in shards.items():
+                weight.data[sum(sizes[:shard]): sum(sizes[: shard + 1])].copy_(quantized.dequantize())
+        del pending[module]

@@ -69,6 +69,16 @@ def test_dequantized_tensors_equal_gguf_py(mixed_gguf):
         assert torch.equal(hf_weight(loaded.model, name), want), tensor.name
 
 
+def test_fused_projection_of_mixed_block_types_runs_quantized(mixed_gguf):
+    """blk.0's q/k are float and its v Q4_0 (as the Qwen2.5 0.5B GGUF mixes Q5_0 q/k with Q8_0 v):
+    the fused QKV loads under the default quantization and gives the float model's logits."""
+    quantized = load_model(str(mixed_gguf), "float32", "cpu")
+    reference = load_model(str(mixed_gguf), "float32", "cpu", quantization="none")
+    prompts = [[5, 9, 77, 120, 3], list(range(10, 40))]
+    for got, want in zip(surge_logits(quantized, prompts), surge_logits(reference, prompts)):
+        assert_logits_close(got, want)
+
+
 def test_unpermute_inverts_llama_cpp_permutation():
     w = np.arange(12 * 3, dtype=np.float32).reshape(12, 3)
     for heads in (1, 2, 3):

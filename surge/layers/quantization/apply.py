@@ -37,12 +37,12 @@ _KINDS = {Int4Weight: "int4", Int8Weight: "int8", Int8GroupWeight: "int8g"}  # w
 
 def _joined(module: nn.Linear, parts: dict[int, QuantizedWeight] | None,
             scheme: str) -> QuantizedWeight | None:
-    """The pending shards of one linear as one weight; shards of mixed types (or scheme
-    "none") are dequantized into the float weight instead."""
+    """The pending shards of one linear as one weight (loading leaves only complete sets of one
+    type: see weight_loading); under scheme "none" they are dequantized into the float weight."""
     if parts is None:
         return None
     ordered = [parts[i] for i in sorted(parts)]
-    if len({type(p) for p in ordered}) == 1 and scheme != "none":
+    if scheme != "none":
         return type(ordered[0]).cat(ordered)  # type: ignore[attr-defined]
     with torch.no_grad():
         module.weight.copy_(torch.cat([p.dequantize() for p in ordered]))
