@@ -73,16 +73,19 @@ def _bytes_to_unicode() -> dict[int, str]:
     return dict(zip(printable, (chr(c) for c in chars)))
 
 
-def _special_added_tokens(tokens: Sequence[str], types: Sequence[int], byte_level: bool) -> list[AddedToken]:
-    """Control tokens (matched whole, special) and user-defined ones (matched whole, not special)."""
+def _add_vocabulary_tokens(backend: BackendTokenizer, tokens: Sequence[str], types: Sequence[int],
+                           byte_level: bool) -> None:
+    """Control tokens (matched whole, special: skipped when decoding) and user-defined ones
+    (matched whole, not special: Gemma's runs of spaces and newlines decode as text)."""
     alphabet = set(_bytes_to_unicode().values()) if byte_level else None
-    added = []
+    control, user = [], []
     for token, kind in zip(tokens, types):
         if kind == _CONTROL and (alphabet is None or set(token) <= alphabet):
-            added.append(AddedToken(token, special=True, normalized=False))
+            control.append(AddedToken(token, special=True, normalized=False))
         elif kind == _USER_DEFINED:
-            added.append(AddedToken(token, special=False, normalized=False))
-    return added
+            user.append(AddedToken(token, special=False, normalized=False))
+    backend.add_special_tokens(control)
+    backend.add_tokens(user)
 
 
 def _byte_level_bpe(meta: dict[str, Any]) -> BackendTokenizer:
@@ -99,7 +102,7 @@ def _byte_level_bpe(meta: dict[str, Any]) -> BackendTokenizer:
         + [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]
     )
     backend.decoder = decoders.ByteLevel()
-    backend.add_special_tokens(_special_added_tokens(tokens, meta.get("token_type") or [], True))
+    _add_vocabulary_tokens(backend, tokens, meta.get("token_type") or [], True)
     return backend
 
 
@@ -141,7 +144,7 @@ def _sentencepiece_bpe(meta: dict[str, Any]) -> BackendTokenizer:
     if prefix:
         dec.append(decoders.Strip(" ", 1, 0))
     backend.decoder = decoders.Sequence(dec)
-    backend.add_special_tokens(_special_added_tokens(tokens, types, False))
+    _add_vocabulary_tokens(backend, tokens, types, False)
     return backend
 
 
