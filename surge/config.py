@@ -100,6 +100,12 @@ class ModelConfig:
     rope: RopeConfig = field(default_factory=RopeConfig)
     layer_types: tuple[str, ...] | None = None
     local_rope: RopeConfig | None = None
+    # RMSNorm of each head's q and k before RoPE (Qwen3, Gemma 3)
+    qk_norm: bool = False
+    # attention scores scaled by query_pre_attn_scalar ** -0.5 instead of head_dim ** -0.5 (Gemma)
+    query_pre_attn_scalar: float | None = None
+    # logits = cap * tanh(logits / cap) (Gemma 2/3 configs may set it)
+    final_logit_softcapping: float | None = None
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
     # dtype the weights are stored in, as a name ("float32", ...); "auto" resolution uses it.

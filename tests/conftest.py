@@ -52,7 +52,8 @@ def build_tiny_model(
     kind: str, path: Path, tokenizer_dir: Path | None = None, save_dtype: torch.dtype | None = None,
     seed: int = 0, **overrides
 ) -> Path:
-    """Save a seeded random `kind` (llama, mistral, qwen2) model small enough to run in milliseconds."""
+    """Save a seeded random `kind` (llama, mistral, qwen2, qwen3, gemma3) model small enough to run in
+    milliseconds."""
     import shutil
 
     import transformers
@@ -61,6 +62,8 @@ def build_tiny_model(
         "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
         "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM),
         "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
+        "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM),
+        "gemma3": (transformers.Gemma3TextConfig, transformers.Gemma3ForCausalLM),
     }
     config_cls, model_cls = classes[kind]
     kwargs = dict(
@@ -81,6 +84,11 @@ def build_tiny_model(
     kwargs.update(overrides)
     torch.manual_seed(seed)
     model = model_cls(config_cls(**kwargs)).eval()
+    if kind in ("qwen3", "gemma3"):  # norms away from their init, so each norm weight matters
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if name.endswith("norm.weight"):
+                    param.add_(0.2 * torch.randn(param.shape))
     if save_dtype is not None:
         model = model.to(save_dtype)
     model.save_pretrained(path)

@@ -36,7 +36,9 @@ def write_gguf_from_hf(
     arch: str = "llama",
     tokenizer_pre: str = "default",
 ) -> Path:
-    """A GGUF of the HF llama checkpoint in `hf_dir` (its tokenizer.json vocab included).
+    """A GGUF of the HF checkpoint in `hf_dir` (its tokenizer.json vocab included), as llama.cpp's
+    converter writes `arch` (llama, mistral, qwen2, qwen3, gemma3): Q/K rows permuted for
+    llama/mistral only, Gemma's norms stored as 1 + w, head_dim and sliding window in metadata.
 
     `types` maps GGUF tensor names to storage types (default F32); norms stay F32.
     """
@@ -46,6 +48,10 @@ def write_gguf_from_hf(
     tok = json.loads((hf_dir / "tokenizer.json").read_text())
     state = load_file(str(hf_dir / "model.safetensors"))
     heads, kv_heads = cfg["num_attention_heads"], cfg["num_key_value_heads"]
+    head_dim = cfg.get("head_dim") or cfg["hidden_size"] // heads
+    permuted = arch in ("llama", "mistral")
+    rope = cfg.get("rope_parameters") or {}
+    rope = rope.get("full_attention", rope)
     w = gguf.GGUFWriter(str(out), arch)
     w.add_block_count(cfg["num_hidden_layers"])
     w.add_context_length(cfg["max_position_embeddings"])
@@ -53,10 +59,17 @@ def write_gguf_from_hf(
     w.add_feed_forward_length(cfg["intermediate_size"])
     w.add_head_count(heads)
     w.add_head_count_kv(kv_heads)
-    w.add_rope_freq_base(float((cfg.get("rope_parameters") or {}).get("rope_theta", 10000.0)))
+    w.add_rope_freq_base(float(rope.get("rope_theta", 10000.0)))
+    if rope.get("rope_type") == "linear":
+        w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        w.add_rope_scaling_factor(float(rope["factor"]))
     w.add_layer_norm_rms_eps(cfg["rms_norm_eps"])
     w.add_vocab_size(cfg["vocab_size"])
-    w.add_rope_dimension_count(cfg["hidden_size"] // heads)
+    w.add_rope_dimension_count(head_dim)
+    w.add_key_length(head_dim)
+    w.add_value_length(head_dim)
+    if cfg.get("sliding_window") and (arch == "gemma3" or cfg.get("use_sliding_window", True)):
+        w.add_sliding_window(cfg["sliding_window"])
     vocab = sorted(tok["model"]["vocab"].items(), key=lambda kv: kv[1])
     added = {t["id"]: t["content"] for t in tok["added_tokens"]}
     tokens = [added.get(i, t) for t, i in vocab]
@@ -76,7 +89,11 @@ def write_gguf_from_hf(
     parts = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
              "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
              "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm",
-             "post_attention_layernorm": "ffn_norm"}
+             "post_attention_layernorm": "ffn_norm", "self_attn.q_norm": "attn_q_norm",
+             "self_attn.k_norm": "attn_k_norm"}
+    if arch == "gemma3":
+        parts.update({"post_attention_layernorm": "post_attention_norm", "pre_feedforward_layernorm": "ffn_norm",
+                      "post_feedforward_layernorm": "post_ffw_norm"})
     for seed, (name, tensor) in enumerate(sorted(state.items())):
         if name in names:
             gname = names[name]
@@ -85,9 +102,11 @@ def write_gguf_from_hf(
             kind = rest[-1]
             gname = f"blk.{layer}.{parts['.'.join(rest[:-1])]}.{kind}"
         data = tensor.to(torch.float32).numpy()
-        if gname.endswith("attn_q.weight"):
+        if arch == "gemma3" and gname.endswith("norm.weight"):
+            data = data + 1.0  # the converter's norm shift: llama.cpp multiplies by the stored weight
+        if permuted and gname.endswith("attn_q.weight"):
             data = permute_qk(data, heads)
-        elif gname.endswith("attn_k.weight"):
+        elif permuted and gname.endswith("attn_k.weight"):
             data = permute_qk(data, kv_heads)
         qtype = types.get(gname, T.F32) if data.ndim == 2 else T.F32
         if qtype == T.F32:

@@ -1,4 +1,5 @@
-"""RMSNorm computed in float32, as the reference does, with the residual add fused in."""
+"""RMSNorm computed in float32, as the reference does, with the residual add fused in (Llama
+style, and Gemma's (1 + w) form)."""
 
 from __future__ import annotations
 
@@ -19,3 +20,17 @@ class RMSNorm(nn.Module):
             x = x + residual
         normed = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
         return self.weight * normed.to(x.dtype), x
+
+
+class GemmaRMSNorm(RMSNorm):
+    """Gemma's RMSNorm: the checkpoint stores w and the norm scales by (1 + w), in float32."""
+
+    def __init__(self, hidden_size: int, eps: float = 1e-6):
+        super().__init__(hidden_size, eps)
+        nn.init.zeros_(self.weight)
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        if residual is not None:
+            x = x + residual
+        normed = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
+        return (normed * (1.0 + self.weight.float())).to(x.dtype), x

@@ -40,8 +40,7 @@ def config_from_hf_dir(directory: str) -> ModelConfig:
     try:
         hidden = int(raw["hidden_size"])
         heads = int(raw["num_attention_heads"])
-        rope_params = raw.get("rope_parameters") or raw.get("rope_scaling")
-        rope = RopeConfig.from_hf(rope_params, float(raw.get("rope_theta", 10000.0)))
+        rope, local_rope = _ropes(raw)
         eos = raw.get("eos_token_id")
         eos_ids = tuple(eos) if isinstance(eos, list) else ((eos,) if eos is not None else ())
         dtype = raw.get("dtype") or raw.get("torch_dtype") or "float32"
@@ -49,6 +48,7 @@ def config_from_hf_dir(directory: str) -> ModelConfig:
         if raw.get("use_sliding_window") is False:  # Qwen2 declares a window it does not use
             window = None
         layer_types = _layer_types(raw, window)
+        _refuse_unsupported(raw, path)
         return ModelConfig(
             architecture=arch,
             hidden_size=hidden,
@@ -63,19 +63,49 @@ def config_from_hf_dir(directory: str) -> ModelConfig:
             tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
             attention_bias=bool(raw.get("attention_bias", False)),
             mlp_bias=bool(raw.get("mlp_bias", False)),
-            hidden_act=str(raw.get("hidden_act", "silu")),
+            hidden_act=str(raw.get("hidden_act") or raw.get("hidden_activation") or "silu"),
             sliding_window=int(window) if window else None,
             rope=rope,
             layer_types=layer_types,
-            # Gemma-style local RoPE of the sliding layers
-            local_rope=RopeConfig(theta=float(raw["rope_local_base_freq"])) if raw.get("rope_local_base_freq")
-            and layer_types else None,
+            local_rope=local_rope if layer_types else None,
+            qk_norm=bool(raw.get("qk_norm", False)),
+            query_pre_attn_scalar=float(raw["query_pre_attn_scalar"]) if raw.get("query_pre_attn_scalar") else None,
+            final_logit_softcapping=float(raw["final_logit_softcapping"]) if raw.get("final_logit_softcapping")
+            else None,
             bos_token_id=raw.get("bos_token_id"),
             eos_token_ids=tuple(int(e) for e in eos_ids),
             checkpoint_dtype=_TORCH_DTYPE_NAMES.get(str(dtype).replace("torch.", ""), "float32"),
         )
     except (KeyError, TypeError, ValueError) as exc:
         raise ModelFormatError(f"{path}: missing or invalid field ({exc})") from exc
+
+
+def _ropes(raw: dict[str, Any]) -> tuple[RopeConfig, RopeConfig | None]:
+    """(RoPE of the full-attention layers, RoPE of the sliding layers or None).
+
+    transformers 5 writes `rope_parameters` either as one dict or, for models whose layer types
+    differ (Gemma 3), as one dict per layer type; older configs give `rope_scaling`, `rope_theta`
+    and Gemma's `rope_local_base_freq`."""
+    params = raw.get("rope_parameters") or raw.get("rope_scaling")
+    theta = float(raw.get("rope_theta", 10000.0))
+    if isinstance(params, dict) and "full_attention" in params:
+        full = RopeConfig.from_hf(params["full_attention"], theta)
+        local = params.get("sliding_attention")
+        return full, RopeConfig.from_hf(local, theta) if local else None
+    local_theta = raw.get("rope_local_base_freq")
+    return RopeConfig.from_hf(params, theta), RopeConfig(theta=float(local_theta)) if local_theta else None
+
+
+def _refuse_unsupported(raw: dict[str, Any], path: str) -> None:
+    """Settings of a supported architecture that surge does not implement: an error, never
+    silently different outputs."""
+    refused = {
+        "attn_logit_softcapping": "attention logit soft-capping",
+        "use_bidirectional_attention": "bidirectional attention",
+    }
+    for key, what in refused.items():
+        if raw.get(key):
+            raise UnsupportedArchitectureError(f"{path}: {what} ({key}={raw[key]!r}) is not supported")
 
 
 def _layer_types(raw: dict[str, Any], window: Any) -> tuple[str, ...] | None:
@@ -85,6 +115,10 @@ def _layer_types(raw: dict[str, Any], window: Any) -> tuple[str, ...] | None:
         return None
     if raw.get("layer_types") is not None:
         return tuple(str(t) for t in raw["layer_types"])
+    if raw.get("sliding_window_pattern"):  # Gemma 3 before layer_types: every n-th layer is global
+        n = int(raw["sliding_window_pattern"])
+        return tuple("full_attention" if (i + 1) % n == 0 else "sliding_attention"
+                     for i in range(int(raw["num_hidden_layers"])))
     if raw.get("use_sliding_window") and raw.get("max_window_layers") is not None:
         first = int(raw["max_window_layers"])
         return tuple("sliding_attention" if i >= first else "full_attention" for i in range(int(raw["num_hidden_layers"])))

@@ -40,17 +40,19 @@ class AttentionSpec:
     head_dim: int
     sliding_window: int | None
     rope: RopeConfig
+    scale: float  # of the attention scores
 
 
 def attention_specs(config: ModelConfig) -> list[AttentionSpec]:
     """Per layer: "sliding_attention" layers get the window (and the local RoPE where the model
     has one), "full_attention" layers none."""
     specs = []
+    scale = (config.query_pre_attn_scalar or config.head_dim) ** -0.5
     for layer in range(config.num_hidden_layers):
         sliding = config.layer_type(layer) == "sliding_attention"
         rope = config.local_rope if sliding and config.local_rope is not None else config.rope
         specs.append(AttentionSpec(config.num_attention_heads, config.num_key_value_heads, config.head_dim,
-                                   config.sliding_window if sliding else None, rope))
+                                   config.sliding_window if sliding else None, rope, scale))
     return specs
 
 
@@ -62,11 +64,13 @@ class GgufNames:
     """GGUF tensor names -> checkpoint (Hugging Face) names.
 
     `globals` maps whole names (token_embd.weight), `blocks` the part of blk.N.<part>.weight;
-    `permuted_qk`: llama.cpp's converter permuted Q/K rows for ggml's RoPE (Llama, Mistral)."""
+    `permuted_qk`: llama.cpp's converter permuted Q/K rows for ggml's RoPE (Llama, Mistral);
+    `norm_offset`: it stored every norm weight plus this (Gemma's 1 + w), which loading subtracts."""
 
     globals: dict[str, str] = field(default_factory=dict)
     blocks: dict[str, str] = field(default_factory=dict)
     permuted_qk: bool = False
+    norm_offset: float = 0.0
 
     def hf_name(self, name: str) -> str | None:
         """The checkpoint name of a GGUF tensor, or None for tensors the model does not use."""

@@ -1,5 +1,6 @@
-"""Llama-family decoder (Llama 2/3, Mistral, SmolLM2; Qwen2 in qwen2.py) over flat tokens and
-a paged KV cache, on the model contract (surge/models/interfaces.py).
+"""Llama-family decoder (Llama 2/3, Mistral, SmolLM2; Qwen2, Qwen3 and Gemma 3 build on it in
+their own files) over flat tokens and a paged KV cache, on the model contract
+(surge/models/interfaces.py).
 
 Parameter names follow Hugging Face's, so safetensors checkpoints load by name and the GGUF
 loader maps its names onto them.
@@ -21,14 +22,21 @@ from surge.models.interfaces import AttentionSpec, CausalLM, GgufNames, attentio
 
 
 class LlamaAttention(nn.Module):
-    def __init__(self, config: ModelConfig, spec: AttentionSpec, layer_index: int, o_bias: bool):
+    """q/k/v projections, RoPE and paged attention; with `config.qk_norm`, each head's q and k
+    pass an RMSNorm of `norm` type over head_dim before RoPE (Qwen3, Gemma 3)."""
+
+    def __init__(self, config: ModelConfig, spec: AttentionSpec, layer_index: int, o_bias: bool,
+                 norm: type[RMSNorm] = RMSNorm):
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = spec.num_heads, spec.num_kv_heads, spec.head_dim
         self.q_size, self.kv_size = spec.num_heads * spec.head_dim, spec.num_kv_heads * spec.head_dim
         # q, k and v as one GEMM; checkpoints' q_proj/k_proj/v_proj load into its row ranges.
         self.qkv_proj = nn.Linear(config.hidden_size, self.q_size + 2 * self.kv_size, bias=config.attention_bias)
         self.o_proj = nn.Linear(self.q_size, config.hidden_size, bias=o_bias)
-        self.attn = Attention(layer_index, spec.num_heads, spec.num_kv_heads, spec.head_dim, spec.sliding_window)
+        self.attn = Attention(layer_index, spec.num_heads, spec.num_kv_heads, spec.head_dim, spec.sliding_window,
+                              spec.scale)
+        self.q_norm = norm(spec.head_dim, config.rms_norm_eps) if config.qk_norm else None
+        self.k_norm = norm(spec.head_dim, config.rms_norm_eps) if config.qk_norm else None
 
     def forward(self, x: torch.Tensor, rotary: RotaryEmbedding,
                 cos_sin: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
@@ -37,6 +45,8 @@ class LlamaAttention(nn.Module):
         q = q.view(tokens, self.num_heads, self.head_dim)
         k = k.view(tokens, self.num_kv_heads, self.head_dim)
         v = v.view(tokens, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q)[0], self.k_norm(k)[0]
         q, k = rotary(cos_sin, q, k)
         return self.o_proj(self.attn(q, k, v).reshape(tokens, -1))
 
@@ -75,6 +85,12 @@ class LlamaDecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
+    """Embedding, decoder layers and final norm; families that differ only in their layer or
+    norm (Gemma 3) subclass it and set `decoder_layer` / `norm_class`."""
+
+    decoder_layer: type[nn.Module] = LlamaDecoderLayer
+    norm_class: type[RMSNorm] = RMSNorm
+
     def __init__(self, config: ModelConfig, o_bias: bool):
         super().__init__()
         specs = attention_specs(config)
@@ -84,11 +100,14 @@ class LlamaModel(nn.Module):
         self.rotary = self.rotaries[0]
         self.layer_rope = [ropes.index((s.rope, s.head_dim)) for s in specs]
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(LlamaDecoderLayer(config, spec, i, o_bias) for i, spec in enumerate(specs))
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.layers = nn.ModuleList(self.decoder_layer(config, spec, i, o_bias) for i, spec in enumerate(specs))
+        self.norm = self.norm_class(config.hidden_size, config.rms_norm_eps)
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.embed_tokens(input_ids)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        x = self.embed_tokens(input_ids)
+        x = self.embed(input_ids)
         residual = None
         tables = [rotary.cos_sin(positions, x.dtype) for rotary in self.rotaries]
         for layer, rope in zip(self.layers, self.layer_rope):
@@ -127,10 +146,11 @@ class LlamaForCausalLM(CausalLM):
         permuted_qk=True,
     )
     o_proj_bias = True  # Llama's `attention_bias` covers o_proj too
+    model_class: type[LlamaModel] = LlamaModel
 
     def __init__(self, config: ModelConfig):
         super().__init__(config)
-        self.model = LlamaModel(config, o_bias=config.attention_bias and self.o_proj_bias)
+        self.model = self.model_class(config, o_bias=config.attention_bias and self.o_proj_bias)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.tie_weights()
 

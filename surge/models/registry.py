@@ -17,7 +17,8 @@ class Architecture:
     model_class: str  # "module:Class"
     model_type: str  # config.json `model_type`, written into the configs surge saves
     gguf: str | None = None  # GGUF `general.architecture`
-    config_defaults: dict[str, Any] = field(default_factory=dict)  # config.json fields it may omit
+    # config.json fields it may omit, and what the family always has ("qk_norm": True)
+    config_defaults: dict[str, Any] = field(default_factory=dict)
 
 
 _ARCHITECTURES = {a.name: a for a in (
@@ -25,6 +26,12 @@ _ARCHITECTURES = {a.name: a for a in (
     Architecture("MistralForCausalLM", "surge.models.llama:LlamaForCausalLM", "mistral", gguf="mistral"),
     Architecture("Qwen2ForCausalLM", "surge.models.qwen2:Qwen2ForCausalLM", "qwen2", gguf="qwen2",
                  config_defaults={"attention_bias": True}),
+    Architecture("Qwen3ForCausalLM", "surge.models.qwen3:Qwen3ForCausalLM", "qwen3", gguf="qwen3",
+                 config_defaults={"qk_norm": True}),
+    Architecture("Gemma3ForCausalLM", "surge.models.gemma3:Gemma3ForCausalLM", "gemma3_text", gguf="gemma3",
+                 config_defaults={"qk_norm": True, "hidden_activation": "gelu_pytorch_tanh",
+                                  "query_pre_attn_scalar": 256, "tie_word_embeddings": True,
+                                  "rope_theta": 1_000_000.0, "rope_local_base_freq": 10_000.0}),
 )}
 
 

@@ -113,6 +113,20 @@ def test_unsupported_architecture_hf(tiny_dir, tmp_path):
         load_model(str(bad))
 
 
+@pytest.mark.parametrize("key, value, what", [
+    ("attn_logit_softcapping", 50.0, "attention logit soft-capping"),
+    ("use_bidirectional_attention", True, "bidirectional attention"),
+])
+def test_unimplemented_setting_of_a_supported_architecture(tiny_dir, tmp_path, key, value, what):
+    bad = tmp_path / key
+    shutil.copytree(tiny_dir, bad)
+    config = json.loads((bad / "config.json").read_text())
+    config[key] = value
+    (bad / "config.json").write_text(json.dumps(config))
+    with pytest.raises(UnsupportedArchitectureError, match=f"{what} \\({key}=.*\\) is not supported"):
+        load_model(str(bad))
+
+
 def test_unsupported_tensor_type(tiny_gguf, tmp_path):
     bad = _rewrite_gguf(tiny_gguf, tmp_path / "tq1.gguf", tensor_type=T.IQ4_NL)
     with pytest.raises(UnsupportedTensorTypeError, match=r"blk\.0\.ffn_up\.weight.*IQ4_NL"):

@@ -106,10 +106,11 @@ def test_qwen2_window_layers_from_config_json(tmp_path, tiny_tokenizer_dir):
 def test_registry_knows_each_architecture_once():
     assert get_model_class("Qwen2ForCausalLM") is Qwen2ForCausalLM
     assert architecture_of_gguf("qwen2").name == "Qwen2ForCausalLM"
-    assert architecture_of_gguf("gemma3") is None
+    assert architecture_of_gguf("gemma3").name == "Gemma3ForCausalLM"
+    assert architecture_of_gguf("mamba") is None
     assert get_architecture("MistralForCausalLM").model_type == "mistral"
-    with pytest.raises(UnsupportedArchitectureError, match="Gemma3ForCausalLM.*surge runs"):
-        get_model_class("Gemma3ForCausalLM")
+    with pytest.raises(UnsupportedArchitectureError, match="MambaForCausalLM.*surge runs"):
+        get_model_class("MambaForCausalLM")
 
 
 def test_gguf_names_and_permutation():

@@ -1,4 +1,5 @@
-"""Tiny random Llama / Mistral / Qwen2 checkpoints: surge matches transformers in float32."""
+"""Tiny random Llama / Mistral / Qwen2 / Qwen3 / Gemma 3 checkpoints: surge matches transformers in
+float32."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import torch
 from surge import LLM, SamplingParams
 from surge.loader import load_model
 from tests.conftest import TINY_VOCAB, build_tiny_model
+from tests.gguf_builder import write_gguf_from_hf
 from tests.helpers import assert_logits_close, surge_logits
 
 VARIANTS = {
@@ -26,8 +28,31 @@ VARIANTS = {
     "qwen2": ("qwen2", {}),
     # per-layer attention: layer 0 full, layer 1 sliding (Qwen2's max_window_layers)
     "qwen2-window": ("qwen2", {"use_sliding_window": True, "sliding_window": 24, "max_window_layers": 1}),
+    # head_dim 32 != hidden 64 / 4 heads; q/k RMSNorm per head
+    "qwen3": ("qwen3", {"head_dim": 32, "initializer_range": 0.15}),
+    "qwen3-tied": ("qwen3", {"head_dim": 32, "tie_word_embeddings": True, "num_key_value_heads": 1}),
+    # Gemma 3: a local layer with a 24-token window and its own RoPE base, then a global one;
+    # scores scaled by query_pre_attn_scalar (not head_dim); tied embeddings scaled by sqrt(hidden)
+    # (6 layers: the 6th global, as llama.cpp assumes of every Gemma 3 GGUF)
+    "gemma3": ("gemma3", {
+        "num_hidden_layers": 6, "head_dim": 32, "query_pre_attn_scalar": 32, "sliding_window": 24,
+        "tie_word_embeddings": True, "hidden_activation": "gelu_pytorch_tanh",
+        "initializer_range": 0.04, "seed": 1,  # tied Gemmas easily repeat one token; this one does not
+        "rope_parameters": {"full_attention": {"rope_type": "default", "rope_theta": 1_000_000.0},
+                            "sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0}}}),
+    # untied head, final logit soft-capping, linear RoPE scaling on the global layers
+    "gemma3-untied": ("gemma3", {
+        "head_dim": 16, "query_pre_attn_scalar": 24, "sliding_window": 24, "tie_word_embeddings": False, "final_logit_softcapping": 3.0,
+        "layer_types": ["full_attention", "sliding_attention"],
+        "rope_parameters": {"full_attention": {"rope_type": "linear", "factor": 4.0, "rope_theta": 100_000.0},
+                            "sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0}}}),
 }
 PROMPT_LENGTHS = (1, 5, 17, 64)
+# variants llama.cpp's converter writes as these GGUF architectures (the others use settings
+# its GGUF metadata cannot carry: rope scaling baked into tensors, per-layer windows, biases
+# it would permute)
+GGUF_ARCH = {"llama": "llama", "llama-gqa1": "llama", "llama-tied": "llama", "qwen2": "qwen2",
+             "qwen3": "qwen3", "qwen3-tied": "qwen3", "gemma3": "gemma3"}
 
 
 def _prompts(lengths=PROMPT_LENGTHS) -> list[list[int]]:
@@ -35,18 +60,23 @@ def _prompts(lengths=PROMPT_LENGTHS) -> list[list[int]]:
     return [torch.randint(3, TINY_VOCAB, (n,), generator=g).tolist() for n in lengths]
 
 
-@pytest.fixture(scope="module", params=sorted(VARIANTS))
-def tiny(request, tmp_path_factory, tiny_tokenizer_dir):
-    kind, overrides = VARIANTS[request.param]
-    path = build_tiny_model(kind, tmp_path_factory.mktemp(request.param), tiny_tokenizer_dir, **overrides)
+def _build(variant: str, tmp_path_factory, tokenizer_dir):
     import transformers
 
-    ref = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    return path, ref
+    kind, overrides = VARIANTS[variant]
+    overrides = dict(overrides)
+    seed = overrides.pop("seed", 0)
+    path = build_tiny_model(kind, tmp_path_factory.mktemp(variant), tokenizer_dir, seed=seed, **overrides)
+    return path, transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval(), variant
+
+
+@pytest.fixture(scope="module", params=sorted(VARIANTS))
+def tiny(request, tmp_path_factory, tiny_tokenizer_dir):
+    return _build(request.param, tmp_path_factory, tiny_tokenizer_dir)
 
 
 def test_logits_match_transformers(tiny):
-    path, ref = tiny
+    path, ref, _ = tiny
     loaded = load_model(str(path), "float32", "cpu")
     prompts = _prompts()
     ours = surge_logits(loaded, prompts)  # all prompts in one flat batch
@@ -58,7 +88,7 @@ def test_logits_match_transformers(tiny):
 
 def test_chunked_prefill_matches_transformers(tiny):
     """Prompts fed in 3 pieces read the earlier pieces back from the paged cache."""
-    path, ref = tiny
+    path, ref, _ = tiny
     loaded = load_model(str(path), "float32", "cpu")
     prompts = _prompts((40, 64))
     for ids, got in zip(prompts, surge_logits(loaded, prompts, chunks=3)):
@@ -68,7 +98,7 @@ def test_chunked_prefill_matches_transformers(tiny):
 
 
 def test_greedy_generation_matches_transformers(tiny):
-    path, ref = tiny
+    path, ref, _ = tiny
     llm = LLM(str(path), dtype="float32", kv_cache_memory=8 << 20)
     prompts = _prompts()
     ref.generation_config.eos_token_id = None  # like ignore_eos: EOS is a token like any other
@@ -83,3 +113,37 @@ def test_greedy_generation_matches_transformers(tiny):
         assert out.outputs[0].token_ids == want
         assert len(set(want)) > 3, "degenerate reference output proves nothing"
     assert llm.engine.is_idle_clean()
+
+
+def test_prefix_hit_and_preemption_keep_transformers_tokens(tiny):
+    """A prompt sharing 32 tokens with an earlier one starts from the prefix cache, and a KV
+    budget for about two sequences forces preemptions: greedy tokens stay transformers'."""
+    path, ref, _ = tiny
+    first, *others = _prompts((48, 60, 40, 52))
+    shared = first[:32] + others[0][:20]
+    probe = LLM(str(path), dtype="float32", kv_cache_memory=1 << 20)
+    per_block = probe.engine.model_info.kv_cache_bytes // probe.engine.scheduler.pool.num_blocks
+    llm = LLM(str(path), dtype="float32", kv_cache_memory=per_block * 13, block_size=16)
+    params = SamplingParams(max_tokens=32, temperature=0, ignore_eos=True)
+    outs = llm.generate([first], params) + llm.generate([shared, *others], params)
+    stats = llm.engine.stats()
+    assert outs[1].num_cached_tokens == 32 and stats.num_preemptions > 0
+    ref.generation_config.eos_token_id = None
+    for ids, out in zip([first, shared, *others], outs):
+        with torch.no_grad():
+            full = ref.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                                max_new_tokens=32, do_sample=False, pad_token_id=0)
+        assert out.outputs[0].token_ids == full[0, len(ids):].tolist()
+    assert llm.engine.is_idle_clean()
+
+
+@pytest.mark.parametrize("variant", sorted(GGUF_ARCH))
+def test_gguf_written_as_llama_cpp_does_gives_the_same_logits(variant, tmp_path_factory, tiny_tokenizer_dir):
+    path, ref, _ = _build(variant, tmp_path_factory, tiny_tokenizer_dir)
+    gguf_path = write_gguf_from_hf(path, path.parent / f"{variant}.gguf", arch=GGUF_ARCH[variant])
+    loaded = load_model(str(gguf_path), "float32", "cpu")
+    prompts = _prompts()
+    for ids, got in zip(prompts, surge_logits(loaded, prompts)):
+        with torch.no_grad():
+            want = ref(torch.tensor([ids])).logits[0]
+        assert_logits_close(got, want)

@@ -88,10 +88,12 @@ def config_from_gguf(reader: GgufFile, path: str) -> ModelConfig:
     eos_ids = tuple(dict.fromkeys(int(t) for t in (eos, eot) if t is not None))
     bos = field_value(reader, "tokenizer.ggml.bos_token_id")
     window = field_value(reader, f"{arch}.attention.sliding_window")
+    layers = int(need("block_count"))
+    family = _family_fields(arch, layers, hidden, heads, head_dim, window)
     return ModelConfig(
         architecture=architecture,
         hidden_size=hidden,
-        num_hidden_layers=int(need("block_count")),
+        num_hidden_layers=layers,
         num_attention_heads=heads,
         num_key_value_heads=kv_heads,
         head_dim=head_dim,
@@ -103,10 +105,27 @@ def config_from_gguf(reader: GgufFile, path: str) -> ModelConfig:
         attention_bias="blk.0.attn_q.bias" in names,
         sliding_window=int(window) if window else None,
         rope=_rope_from_gguf(reader, arch),
+        qk_norm="blk.0.attn_q_norm.weight" in names,
         bos_token_id=int(bos) if bos is not None else None,
         eos_token_ids=eos_ids,
         checkpoint_dtype="float32",
+        **family,
     )
+
+
+def _family_fields(arch: str, layers: int, hidden: int, heads: int, head_dim: int, window: Any) -> dict[str, Any]:
+    """What llama.cpp knows of a family without reading it from the file (llama-model.cpp)."""
+    if arch != "gemma3":
+        return {}
+    # every 6th layer global, the others a sliding window with RoPE base 10000; the 27B model
+    # (62 layers) scales scores by hidden / heads, the others by head_dim
+    return {
+        "hidden_act": "gelu_pytorch_tanh",
+        "layer_types": tuple("full_attention" if (i + 1) % 6 == 0 else "sliding_attention" for i in range(layers))
+        if window else None,
+        "local_rope": RopeConfig(theta=10000.0) if window else None,
+        "query_pre_attn_scalar": float(hidden // heads if layers == 62 else head_dim),
+    }
 
 
 def tokenizer_metadata(reader: GgufFile) -> dict[str, Any]:

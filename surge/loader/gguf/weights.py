@@ -53,7 +53,9 @@ def dequantize(tensor: GgufTensor, path: str) -> np.ndarray:
         data = gguf.quants.dequantize(np.asarray(tensor.data), qtype)
     except Exception as exc:
         raise ModelFormatError(f"{path}: cannot decode tensor {tensor.name!r} ({exc})") from exc
-    return np.array(data, dtype=np.float32).reshape(shape)  # a writable copy, not the mmap
+    if data.dtype != np.float32 or not data.flags.writeable:  # float tensors come as views of the map
+        data = np.array(data, dtype=np.float32)
+    return data.reshape(shape)
 
 
 def _unpermute_any(weight, heads: int):
@@ -89,6 +91,8 @@ def iter_gguf_weights(
             weight = gguf_to_int8(np.asarray(tensor.data), qtype, rows)
         else:
             weight = torch.from_numpy(dequantize(tensor, path))
+            if names.norm_offset and name.endswith("norm.weight"):
+                weight -= names.norm_offset
             # rope frequency factors stay float32: they scale angles, not activations.
             weight = weight if name == "model.rope_freqs" else weight.to(dtype)
         if permuted and ".self_attn.q_proj." in name:
