@@ -106,6 +106,14 @@ class ModelConfig:
     query_pre_attn_scalar: float | None = None
     # logits = cap * tanh(logits / cap) (Gemma 2/3 configs may set it)
     final_logit_softcapping: float | None = None
+    # mixture of experts (Mixtral, Qwen2-MoE, Qwen3-MoE): 0 experts = a dense MLP everywhere
+    num_experts: int = 0
+    num_experts_per_tok: int = 0
+    moe_intermediate_size: int = 0  # of each expert (0: intermediate_size)
+    shared_expert_intermediate_size: int = 0  # Qwen2-MoE's always-on expert, gated (0: none)
+    norm_topk_prob: bool = False  # renormalise the chosen experts' probabilities to sum to 1
+    # layers whose MLP is dense (Qwen's mlp_only_layers / decoder_sparse_step)
+    dense_mlp_layers: tuple[int, ...] = ()
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
     # dtype the weights are stored in, as a name ("float32", ...); "auto" resolution uses it.
@@ -117,7 +125,7 @@ class ModelConfig:
         as many flops as its linear layers: beyond it, prefill chunks cost more per token."""
         h, d = self.hidden_size, self.head_dim
         linear = h * self.num_attention_heads * d * 2 + 2 * h * self.num_key_value_heads * d \
-            + 3 * h * self.intermediate_size
+            + 3 * h * self.active_intermediate_size
         return max(1, linear // (2 * self.num_attention_heads * d))
 
     def __post_init__(self) -> None:
@@ -137,6 +145,22 @@ class ModelConfig:
                 )
             if "sliding_attention" in self.layer_types and not self.sliding_window:
                 raise InvalidArgumentError("layer_types has sliding_attention layers but the config has no sliding_window")
+        if self.num_experts and not 0 < self.num_experts_per_tok <= self.num_experts:
+            raise InvalidArgumentError(
+                f"num_experts_per_tok ({self.num_experts_per_tok}) must be between 1 and num_experts ({self.num_experts})")
+        if self.num_experts and not self.moe_intermediate_size:
+            object.__setattr__(self, "moe_intermediate_size", self.intermediate_size)
+
+    @property
+    def active_intermediate_size(self) -> int:
+        """The MLP width one token runs through: its experts' and the shared expert's, if any."""
+        if not self.num_experts:
+            return self.intermediate_size
+        return self.num_experts_per_tok * self.moe_intermediate_size + self.shared_expert_intermediate_size
+
+    def is_moe_layer(self, layer: int) -> bool:
+        """Layer `layer` routes its tokens to experts (else its MLP is dense)."""
+        return self.num_experts > 0 and layer not in self.dense_mlp_layers
 
     def layer_type(self, layer: int) -> str:
         if self.layer_types is not None:

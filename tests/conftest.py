@@ -52,8 +52,8 @@ def build_tiny_model(
     kind: str, path: Path, tokenizer_dir: Path | None = None, save_dtype: torch.dtype | None = None,
     seed: int = 0, **overrides
 ) -> Path:
-    """Save a seeded random `kind` (llama, mistral, qwen2, qwen3, gemma3) model small enough to run in
-    milliseconds."""
+    """Save a seeded random `kind` (llama, mistral, qwen2, qwen3, gemma3, mixtral, qwen2_moe,
+    qwen3_moe) model small enough to run in milliseconds."""
     import shutil
 
     import transformers
@@ -64,6 +64,9 @@ def build_tiny_model(
         "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
         "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM),
         "gemma3": (transformers.Gemma3TextConfig, transformers.Gemma3ForCausalLM),
+        "mixtral": (transformers.MixtralConfig, transformers.MixtralForCausalLM),
+        "qwen2_moe": (transformers.Qwen2MoeConfig, transformers.Qwen2MoeForCausalLM),
+        "qwen3_moe": (transformers.Qwen3MoeConfig, transformers.Qwen3MoeForCausalLM),
     }
     config_cls, model_cls = classes[kind]
     kwargs = dict(
@@ -84,7 +87,7 @@ def build_tiny_model(
     kwargs.update(overrides)
     torch.manual_seed(seed)
     model = model_cls(config_cls(**kwargs)).eval()
-    if kind in ("qwen3", "gemma3"):  # norms away from their init, so each norm weight matters
+    if kind in ("qwen3", "gemma3", "qwen3_moe"):  # norms away from their init, so each norm weight matters
         with torch.no_grad():
             for name, param in model.named_parameters():
                 if name.endswith("norm.weight"):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import gguf
@@ -35,12 +36,15 @@ def write_gguf_from_hf(
     types: dict[str, T] | None = None,
     arch: str = "llama",
     tokenizer_pre: str = "default",
+    stack_experts: bool = True,
 ) -> Path:
     """A GGUF of the HF checkpoint in `hf_dir` (its tokenizer.json vocab included), as llama.cpp's
-    converter writes `arch` (llama, mistral, qwen2, qwen3, gemma3): Q/K rows permuted for
-    llama/mistral only, Gemma's norms stored as 1 + w, head_dim and sliding window in metadata.
+    converter writes `arch` (llama, mistral, qwen2, qwen3, gemma3, qwen2moe, qwen3moe; Mixtral is
+    llama with experts): Q/K rows permuted for llama/mistral only, Gemma's norms stored as 1 + w,
+    head_dim and sliding window in metadata, experts stacked into one tensor per projection.
 
     `types` maps GGUF tensor names to storage types (default F32); norms stay F32.
+    `stack_experts=False` writes one tensor per expert (blk.N.ffn_gate.E), the older layout.
     """
     from safetensors.torch import load_file
 
@@ -70,6 +74,16 @@ def write_gguf_from_hf(
     w.add_value_length(head_dim)
     if cfg.get("sliding_window") and (arch == "gemma3" or cfg.get("use_sliding_window", True)):
         w.add_sliding_window(cfg["sliding_window"])
+    experts = cfg.get("num_local_experts") or cfg.get("num_experts") or 0
+    if experts:
+        w.add_expert_count(experts)
+        w.add_expert_used_count(cfg["num_experts_per_tok"])
+        if cfg.get("moe_intermediate_size"):
+            w.add_expert_feed_forward_length(cfg["moe_intermediate_size"])
+        if cfg.get("shared_expert_intermediate_size"):
+            w.add_expert_shared_feed_forward_length(cfg["shared_expert_intermediate_size"])
+        if stack_experts:
+            state = _stack_experts(state, experts)
     vocab = sorted(tok["model"]["vocab"].items(), key=lambda kv: kv[1])
     added = {t["id"]: t["content"] for t in tok["added_tokens"]}
     tokens = [added.get(i, t) for t, i in vocab]
@@ -90,13 +104,20 @@ def write_gguf_from_hf(
              "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
              "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm",
              "post_attention_layernorm": "ffn_norm", "self_attn.q_norm": "attn_q_norm",
-             "self_attn.k_norm": "attn_k_norm"}
+             "self_attn.k_norm": "attn_k_norm", "mlp.gate": "ffn_gate_inp", "block_sparse_moe.gate": "ffn_gate_inp",
+             "experts.gate": "ffn_gate_exps", "experts.up": "ffn_up_exps", "experts.down": "ffn_down_exps",
+             "mlp.shared_expert.gate_proj": "ffn_gate_shexp", "mlp.shared_expert.up_proj": "ffn_up_shexp",
+             "mlp.shared_expert.down_proj": "ffn_down_shexp", "mlp.shared_expert_gate": "ffn_gate_inp_shexp"}
     if arch == "gemma3":
         parts.update({"post_attention_layernorm": "post_attention_norm", "pre_feedforward_layernorm": "ffn_norm",
                       "post_feedforward_layernorm": "post_ffw_norm"})
     for seed, (name, tensor) in enumerate(sorted(state.items())):
+        expert = _EXPERT.match(name)
         if name in names:
             gname = names[name]
+        elif expert is not None:  # llama.cpp's layout before it stacked the experts
+            layer, e, proj = expert.groups()
+            gname = f"blk.{layer}.ffn_{_PROJECTION[proj]}.{e}.weight"
         else:
             _, _, layer, *rest = name.split(".")
             kind = rest[-1]
@@ -108,6 +129,8 @@ def write_gguf_from_hf(
             data = permute_qk(data, heads)
         elif permuted and gname.endswith("attn_k.weight"):
             data = permute_qk(data, kv_heads)
+        if gname.endswith("ffn_gate_inp_shexp.weight"):
+            data = data.reshape(-1)  # llama.cpp's shared expert gate is a vector
         qtype = types.get(gname, T.F32) if data.ndim == 2 else T.F32
         if qtype == T.F32:
             w.add_tensor(gname, data)
@@ -118,3 +141,54 @@ def write_gguf_from_hf(
     w.write_tensors_to_file()
     w.close()
     return out
+
+
+_EXPERT = re.compile(r"^model\.layers\.(\d+)\.(?:block_sparse_moe|mlp)\.experts\.(\d+)\.(w1|w2|w3|gate_proj|up_proj|down_proj)\.weight$")
+_PROJECTION = {"w1": "gate", "w3": "up", "w2": "down", "gate_proj": "gate", "up_proj": "up", "down_proj": "down"}
+
+
+def _stack_experts(state: dict[str, torch.Tensor], experts: int) -> dict[str, torch.Tensor]:
+    """Each layer's experts' matrices as one [E, rows, K] tensor per projection, as the converter
+    writes ffn_{gate,up,down}_exps."""
+    out, stacks = {}, {}
+    for name, tensor in state.items():
+        match = _EXPERT.match(name)
+        if match is None:
+            out[name] = tensor
+            continue
+        layer, expert, proj = match.groups()
+        stacks.setdefault((layer, _PROJECTION[proj]), {})[int(expert)] = tensor
+    for (layer, proj), by_expert in stacks.items():
+        out[f"model.layers.{layer}.experts.{proj}.weight"] = torch.stack([by_expert[e] for e in range(experts)])
+    return out
+
+
+def rewrite_gguf(src: Path, dst: Path, arch: str | None = None, tensor_type: "T | None" = None,
+                 metadata: dict[str, tuple[object, gguf.GGUFValueType]] | None = None,
+                 drop: tuple[str, ...] = ()) -> Path:
+    """Copy a GGUF, changing its architecture name, one tensor's storage type (blk.0.ffn_up
+    as zeros of `tensor_type`), metadata keys (key -> (value, type); `drop`: keys left out)."""
+    reader = gguf.GGUFReader(str(src))
+    old_arch = reader.fields["general.architecture"].contents()
+    new_arch = arch or old_arch
+    w = gguf.GGUFWriter(str(dst), new_arch)
+    metadata = dict(metadata or {})
+    for key, field in reader.fields.items():
+        if key.startswith("GGUF.") or key == "general.architecture" or key in drop or key in metadata:
+            continue
+        vtype = field.types[0]
+        sub = field.types[-1] if vtype == gguf.GGUFValueType.ARRAY else None
+        w.add_key_value(key.replace(f"{old_arch}.", f"{new_arch}.", 1), field.contents(), vtype, sub_type=sub)
+    for key, (value, vtype) in metadata.items():
+        w.add_key_value(key, value, vtype)
+    for t in reader.tensors:
+        if tensor_type is not None and t.name == "blk.0.ffn_up.weight":
+            data = encode_tensor(np.zeros((int(t.shape[1]), int(t.shape[0])), np.float32), tensor_type, seed=0)
+            w.add_tensor(t.name, data, raw_dtype=tensor_type)
+        else:
+            w.add_tensor(t.name, t.data, raw_dtype=t.tensor_type)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return dst

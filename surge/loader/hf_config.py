@@ -61,7 +61,7 @@ def config_from_hf_dir(directory: str) -> ModelConfig:
             rms_norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
             max_position_embeddings=int(raw.get("max_position_embeddings", 2048)),
             tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
-            attention_bias=bool(raw.get("attention_bias", False)),
+            attention_bias=bool(raw.get("attention_bias", raw.get("qkv_bias", False))),
             mlp_bias=bool(raw.get("mlp_bias", False)),
             hidden_act=str(raw.get("hidden_act") or raw.get("hidden_activation") or "silu"),
             sliding_window=int(window) if window else None,
@@ -72,6 +72,7 @@ def config_from_hf_dir(directory: str) -> ModelConfig:
             query_pre_attn_scalar=float(raw["query_pre_attn_scalar"]) if raw.get("query_pre_attn_scalar") else None,
             final_logit_softcapping=float(raw["final_logit_softcapping"]) if raw.get("final_logit_softcapping")
             else None,
+            **_experts(raw, path),
             bos_token_id=raw.get("bos_token_id"),
             eos_token_ids=tuple(int(e) for e in eos_ids),
             checkpoint_dtype=_TORCH_DTYPE_NAMES.get(str(dtype).replace("torch.", ""), "float32"),
@@ -94,6 +95,30 @@ def _ropes(raw: dict[str, Any]) -> tuple[RopeConfig, RopeConfig | None]:
         return full, RopeConfig.from_hf(local, theta) if local else None
     local_theta = raw.get("rope_local_base_freq")
     return RopeConfig.from_hf(params, theta), RopeConfig(theta=float(local_theta)) if local_theta else None
+
+
+def _experts(raw: dict[str, Any], path: str) -> dict[str, Any]:
+    """The MoE fields: Mixtral's `num_local_experts`, Qwen's `num_experts` with the dense layers
+    of `mlp_only_layers` and `decoder_sparse_step`; routers other than a softmax are refused."""
+    experts = int(raw.get("num_local_experts") or raw.get("num_experts") or 0)
+    if not experts:
+        return {}
+    for key in ("scoring_func", "router_type", "topk_method"):
+        value = raw.get(key)
+        if value not in (None, "softmax", "greedy"):
+            raise UnsupportedArchitectureError(
+                f"{path}: router {key}={value!r} is not supported; surge routes with a softmax over the experts' logits")
+    layers = int(raw["num_hidden_layers"])
+    step = int(raw.get("decoder_sparse_step") or 1)
+    dense = set(int(i) for i in raw.get("mlp_only_layers") or []) | {i for i in range(layers) if (i + 1) % step}
+    return {
+        "num_experts": experts,
+        "num_experts_per_tok": int(raw["num_experts_per_tok"]),
+        "moe_intermediate_size": int(raw.get("moe_intermediate_size") or raw["intermediate_size"]),
+        "shared_expert_intermediate_size": int(raw.get("shared_expert_intermediate_size") or 0),
+        "norm_topk_prob": bool(raw.get("norm_topk_prob", False)),
+        "dense_mlp_layers": tuple(sorted(dense)),
+    }
 
 
 def _refuse_unsupported(raw: dict[str, Any], path: str) -> None:

@@ -7,6 +7,7 @@ Quantized tensors (a GGUF's Q4/Q8 blocks, a surge checkpoint's codes) are not ex
 are returned as pending weights, module path -> {shard: weight}, for
 surge.layers.quantization.apply.quantize_linears. The embedding table is the exception (it
 is looked up, not multiplied): it is dequantized, and kept quantized for a tied output head.
+Experts' matrices load into their stacked parameters (ExpertWeights in the contract), in float.
 """
 
 from __future__ import annotations
@@ -30,15 +31,26 @@ def fused_name(model: CausalLM, name: str) -> tuple[str, int]:
     return name, 0
 
 
+def expert_target(model: CausalLM, name: str) -> tuple[str, int | None, int] | None:
+    """(stacked parameter, expert index or None for all experts, shard) of an expert's tensor."""
+    for rule in model.expert_weights:
+        found = rule.target(name)
+        if found is not None:
+            return found[0], found[1], rule.shard
+    return None
+
+
 def load_weights(model: CausalLM, weights: Iterable[tuple[str, torch.Tensor | QuantizedWeight]],
                  source: str = "checkpoint") -> Pending:
-    """Copy every pair into its parameter (rows of its shard); every parameter must be given.
-    Returns the quantized weights kept aside. ModelFormatError names a wrong shape or what is missing."""
+    """Copy every pair into its parameter (rows of its shard; for stacked experts, of one
+    expert or all); every parameter must be given. Returns the quantized weights kept aside.
+    ModelFormatError names a wrong shape or what is missing."""
     params = dict(model.named_parameters())
     loaders = model.weight_loaders()
     tied = model.config.tie_word_embeddings
     head_weight, embedding_weight = f"{model.output_head}.weight", f"{model.embedding}.weight"
     loaded: set[tuple[str, int]] = set()
+    experts_loaded: dict[tuple[str, int], set[int]] = {}
     pending: Pending = {}
     for checkpoint_name, tensor in weights:
         if checkpoint_name in loaders:
@@ -48,21 +60,34 @@ def load_weights(model: CausalLM, weights: Iterable[tuple[str, torch.Tensor | Qu
             if isinstance(tensor, QUANTIZED_TYPES):  # the file's own quantized copy of the head
                 pending.setdefault(model.output_head, {})[0] = tensor
             continue
-        name, shard = fused_name(model, checkpoint_name)
+        stacked = expert_target(model, checkpoint_name)
+        expert: int | None = None
+        if stacked is not None:
+            name, expert, shard = stacked
+        else:
+            name, shard = fused_name(model, checkpoint_name)
         param = params.get(name)
         if param is None:
             continue  # e.g. rotary inv_freq buffers saved by old checkpoints
         if isinstance(tensor, QUANTIZED_TYPES):
-            if name != embedding_weight:
+            if name != embedding_weight and stacked is None:
                 pending.setdefault(name.rsplit(".", 1)[0], {})[shard] = tensor
                 loaded.add((name, shard))
                 continue
-            if tied:
+            if tied and name == embedding_weight:
                 pending.setdefault(model.output_head, {})[0] = tensor
-            tensor = tensor.dequantize()
+            tensor = tensor.dequantize()  # the embedding, and experts (quantized from float later)
         sizes = model.shard_sizes(name)
         rows = slice(sum(sizes[:shard]), sum(sizes[: shard + 1])) if sizes else slice(None)
-        target = param.data[rows]
+        if stacked is not None:
+            if expert is not None and not 0 <= expert < param.shape[0]:
+                raise ModelFormatError(f"{source}: tensor {checkpoint_name!r} is expert {expert}, the model has "
+                                       f"{param.shape[0]}")
+            target = param.data[:, rows] if expert is None else param.data[expert, rows]
+        else:
+            target = param.data[rows]
+        if target.dim() == 2 and target.shape[0] == 1 and tuple(tensor.shape) == tuple(target.shape[1:]):
+            tensor = tensor.unsqueeze(0)  # GGUF stores a one-row matrix (a shared expert's gate) as a vector
         if tuple(target.shape) != tuple(tensor.shape):
             raise ModelFormatError(
                 f"{source}: tensor {checkpoint_name!r} has shape {tuple(tensor.shape)}, the model expects "
@@ -70,12 +95,24 @@ def load_weights(model: CausalLM, weights: Iterable[tuple[str, torch.Tensor | Qu
             )
         with torch.no_grad():
             target.copy_(tensor)
-        loaded.add((name, shard))
+        if stacked is not None and expert is not None:
+            experts_loaded.setdefault((name, shard), set()).add(expert)
+        else:
+            loaded.add((name, shard))
+    absent_experts: dict[tuple[str, int], list[int]] = {}
+    for (name, shard), experts in experts_loaded.items():
+        absent = sorted(set(range(params[name].shape[0])) - experts)
+        if absent:
+            absent_experts[(name, shard)] = absent
+        else:
+            loaded.add((name, shard))
     if tied:
         loaded.add((head_weight, 0))
     _dequantize_mixed_fusions(model, params, pending)
     expected = {(n, i) for n in params for i in range(max(1, len(model.shard_sizes(n))))}
-    missing = sorted(n + (f"[{i}]" if len(model.shard_sizes(n)) > 1 else "") for n, i in expected - loaded)
+    missing = sorted(n + (f"[{i}]" if len(model.shard_sizes(n)) > 1 else "")
+                     + (f" (expert {', '.join(map(str, absent_experts[n, i]))})" if (n, i) in absent_experts else "")
+                     for n, i in expected - loaded)
     if missing:
         more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
         raise ModelFormatError(f"{source}: missing weights {', '.join(missing[:3])}{more}")

@@ -7,6 +7,8 @@
     compute_logits(hidden [N, H]) -> float logits [N, V]
     packed_modules     checkpoint name part -> (fused module name part, shard index): q/k/v
                        load into one qkv_proj, gate/up into one gate_up_proj
+    expert_weights     checkpoint names of experts' matrices (one expert's, or all stacked) ->
+                       the stacked [E, rows, K] parameter and shard they load into
     shard_sizes(name)  row counts of the checkpoint tensors stacked in a fused parameter
     weight_loaders()   checkpoint names loaded by a function instead of copied into a parameter
     gguf_names         GGUF tensor names -> checkpoint names, and whether llama.cpp permuted Q/K
@@ -83,10 +85,47 @@ class GgufNames:
         return None
 
 
+@dataclass(frozen=True)
+class ExpertWeights:
+    """Where experts' matrices load: `pattern` matches the end of a checkpoint name, and its
+    group "e", where it has one, is the expert's index (a single expert's matrix); without it
+    the tensor holds every expert, stacked (GGUF's ffn_*_exps). The match is replaced by
+    `parameter`, the stacked [E, rows, K] parameter, whose rows `shard` it fills."""
+
+    pattern: str
+    parameter: str
+    shard: int = 0
+
+    def target(self, name: str) -> tuple[str, int | None] | None:
+        """(parameter name, expert index or None for all) of checkpoint tensor `name`, if it matches."""
+        match = re.search(self.pattern, name)
+        if match is None:
+            return None
+        expert = match.groupdict().get("e")
+        return name[: match.start()] + self.parameter, int(expert) if expert is not None else None
+
+
+def gated_expert_weights(module: str, gate: str, up: str, down: str) -> tuple[ExpertWeights, ...]:
+    """The names of gated experts under `module` (block_sparse_moe, mlp): one expert's
+    `module.experts.{e}.<gate|up|down>.weight` and the stacked `mlp.experts.<gate|up|down>_proj.weight`
+    that GGUF files give, into `mlp.experts.gate_up_proj` / `down_proj`."""
+    fused, down_param = ".mlp.experts.gate_up_proj", ".mlp.experts.down_proj"
+    single = rf"\.{module}\.experts\.(?P<e>\d+)\."
+    return (
+        ExpertWeights(single + rf"{gate}\.weight$", fused, 0),
+        ExpertWeights(single + rf"{up}\.weight$", fused, 1),
+        ExpertWeights(single + rf"{down}\.weight$", down_param, 0),
+        ExpertWeights(r"\.mlp\.experts\.gate_proj\.weight$", fused, 0),
+        ExpertWeights(r"\.mlp\.experts\.up_proj\.weight$", fused, 1),
+        ExpertWeights(r"\.mlp\.experts\.down_proj\.weight$", down_param, 0),
+    )
+
+
 class CausalLM(nn.Module):
     """Base of surge's decoder-only models; subclasses fill in the contract above."""
 
     packed_modules: ClassVar[dict[str, tuple[str, int]]] = {}
+    expert_weights: ClassVar[tuple[ExpertWeights, ...]] = ()
     gguf_names: ClassVar[GgufNames] = GgufNames()
     embedding: ClassVar[str] = "model.embed_tokens"
     output_head: ClassVar[str] = "lm_head"

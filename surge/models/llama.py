@@ -52,9 +52,9 @@ class LlamaAttention(nn.Module):
 
 
 class LlamaMLP(nn.Module):
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, intermediate_size: int | None = None):
         super().__init__()
-        h, i, bias = config.hidden_size, config.intermediate_size, config.mlp_bias
+        h, i, bias = config.hidden_size, intermediate_size or config.intermediate_size, config.mlp_bias
         self.intermediate_size = i
         self.gate_up_proj = nn.Linear(h, 2 * i, bias=bias)  # gate and up as one GEMM
         self.down_proj = nn.Linear(i, h, bias=bias)
@@ -66,12 +66,17 @@ class LlamaMLP(nn.Module):
 
 
 class LlamaDecoderLayer(nn.Module):
+    """Pre-norm attention and MLP; families with another MLP (experts) override `build_mlp`."""
+
     def __init__(self, config: ModelConfig, spec: AttentionSpec, layer_index: int, o_bias: bool):
         super().__init__()
         self.self_attn = LlamaAttention(config, spec, layer_index, o_bias)
-        self.mlp = LlamaMLP(config)
+        self.mlp = self.build_mlp(config, layer_index)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def build_mlp(self, config: ModelConfig, layer_index: int) -> nn.Module:
+        return LlamaMLP(config)
 
     def forward(
         self, x: torch.Tensor, residual: torch.Tensor | None, rotary: RotaryEmbedding,

@@ -17,6 +17,7 @@ class Architecture:
     model_class: str  # "module:Class"
     model_type: str  # config.json `model_type`, written into the configs surge saves
     gguf: str | None = None  # GGUF `general.architecture`
+    gguf_experts: bool = False  # this row is the GGUF architecture's files with experts (Mixtral's `llama`)
     # config.json fields it may omit, and what the family always has ("qk_norm": True)
     config_defaults: dict[str, Any] = field(default_factory=dict)
 
@@ -32,6 +33,14 @@ _ARCHITECTURES = {a.name: a for a in (
                  config_defaults={"qk_norm": True, "hidden_activation": "gelu_pytorch_tanh",
                                   "query_pre_attn_scalar": 256, "tie_word_embeddings": True,
                                   "rope_theta": 1_000_000.0, "rope_local_base_freq": 10_000.0}),
+    # mixtures of experts; Mixtral always renormalises its top-k, Qwen2-MoE never, Qwen3-MoE as
+    # its config says
+    Architecture("MixtralForCausalLM", "surge.models.mixtral:MixtralForCausalLM", "mixtral", gguf="llama",
+                 gguf_experts=True, config_defaults={"norm_topk_prob": True}),
+    Architecture("Qwen2MoeForCausalLM", "surge.models.qwen_moe:Qwen2MoeForCausalLM", "qwen2_moe", gguf="qwen2moe",
+                 config_defaults={"qkv_bias": True, "norm_topk_prob": False}),
+    Architecture("Qwen3MoeForCausalLM", "surge.models.qwen_moe:Qwen3MoeForCausalLM", "qwen3_moe", gguf="qwen3moe",
+                 config_defaults={"qk_norm": True, "norm_topk_prob": False}),
 )}
 
 
@@ -47,12 +56,14 @@ def get_architecture(name: str | None) -> Architecture:
     return _ARCHITECTURES[name]  # type: ignore[index]
 
 
-def architecture_of_gguf(gguf_name: str) -> Architecture | None:
-    return next((a for a in _ARCHITECTURES.values() if a.gguf == gguf_name), None)
+def architecture_of_gguf(gguf_name: str, experts: bool = False) -> Architecture | None:
+    """The row for a GGUF `general.architecture`; `experts`: the file has expert tensors."""
+    rows = [a for a in _ARCHITECTURES.values() if a.gguf == gguf_name]
+    return next((a for a in rows if a.gguf_experts == experts), rows[0] if rows else None)
 
 
 def gguf_architectures() -> list[str]:
-    return sorted(a.gguf for a in _ARCHITECTURES.values() if a.gguf)
+    return sorted({a.gguf for a in _ARCHITECTURES.values() if a.gguf})
 
 
 def get_model_class(architecture: str) -> type:

@@ -10,7 +10,6 @@ import subprocess
 import sys
 
 import gguf
-import numpy as np
 import pytest
 
 from surge import SamplingParams
@@ -23,7 +22,7 @@ from surge.errors import (
 )
 from surge.loader import load_model
 from tests.conftest import build_tiny_model
-from tests.gguf_builder import encode_tensor, write_gguf_from_hf
+from tests.gguf_builder import rewrite_gguf, write_gguf_from_hf
 
 T = gguf.GGMLQuantizationType
 
@@ -68,37 +67,8 @@ def test_file_that_is_not_gguf(tmp_path):
         load_model(str(bad))
 
 
-def _rewrite_gguf(src, dst, arch=None, tensor_type=None):
-    """Copy a GGUF, changing its architecture name or one tensor's storage type."""
-    reader = gguf.GGUFReader(str(src))
-    new_arch = arch or reader.fields["general.architecture"].contents()
-    w = gguf.GGUFWriter(str(dst), new_arch)
-    old_arch = reader.fields["general.architecture"].contents()
-    for key, field in reader.fields.items():
-        if key.startswith("GGUF.") or key == "general.architecture":
-            continue
-        value = field.contents()
-        vtype = field.types[0]
-        sub = field.types[-1] if vtype == gguf.GGUFValueType.ARRAY else None
-        w.add_key_value(key.replace(f"{old_arch}.", f"{new_arch}.", 1), value, vtype, sub_type=sub)
-    for t in reader.tensors:
-        data = t.data
-        if tensor_type is not None and t.name == "blk.0.ffn_up.weight":
-            rows = int(t.shape[1])
-            cols = int(t.shape[0])
-            data = encode_tensor(np.zeros((rows, cols), np.float32), tensor_type, seed=0)
-            w.add_tensor(t.name, data, raw_dtype=tensor_type)
-        else:
-            w.add_tensor(t.name, data, raw_dtype=t.tensor_type)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    return dst
-
-
 def test_unsupported_architecture_gguf(tiny_gguf, tmp_path):
-    bad = _rewrite_gguf(tiny_gguf, tmp_path / "mamba.gguf", arch="mamba")
+    bad = rewrite_gguf(tiny_gguf, tmp_path / "mamba.gguf", arch="mamba")
     with pytest.raises(UnsupportedArchitectureError, match="'mamba'"):
         load_model(str(bad))
 
@@ -128,7 +98,7 @@ def test_unimplemented_setting_of_a_supported_architecture(tiny_dir, tmp_path, k
 
 
 def test_unsupported_tensor_type(tiny_gguf, tmp_path):
-    bad = _rewrite_gguf(tiny_gguf, tmp_path / "tq1.gguf", tensor_type=T.IQ4_NL)
+    bad = rewrite_gguf(tiny_gguf, tmp_path / "tq1.gguf", tensor_type=T.IQ4_NL)
     with pytest.raises(UnsupportedTensorTypeError, match=r"blk\.0\.ffn_up\.weight.*IQ4_NL"):
         load_model(str(bad))
 

@@ -1,5 +1,5 @@
-"""Tiny random Llama / Mistral / Qwen2 / Qwen3 / Gemma 3 checkpoints: surge matches transformers in
-float32."""
+"""Tiny random Llama / Mistral / Qwen2 / Qwen3 / Gemma 3 / Mixtral / Qwen2-MoE / Qwen3-MoE
+checkpoints: surge matches transformers in float32."""
 
 from __future__ import annotations
 
@@ -46,13 +46,24 @@ VARIANTS = {
         "layer_types": ["full_attention", "sliding_attention"],
         "rope_parameters": {"full_attention": {"rope_type": "linear", "factor": 4.0, "rope_theta": 100_000.0},
                             "sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0}}}),
+    # MoE: top-2 of 4 experts (renormalised), and top-1 of 8, more experts than a decode step's
+    # tokens; Mixtral with a sliding window shorter than the prompts
+    "mixtral": ("mixtral", {"num_local_experts": 4, "num_experts_per_tok": 2, "sliding_window": 24}),
+    "mixtral-top1": ("mixtral", {"num_local_experts": 8, "num_experts_per_tok": 1, "sliding_window": None}),
+    # Qwen2-MoE: a gated shared expert, top-k not renormalised, layer 1 dense (mlp_only_layers)
+    "qwen2-moe": ("qwen2_moe", {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32,
+                                "shared_expert_intermediate_size": 48, "mlp_only_layers": [1]}),
+    # Qwen3-MoE: q/k norm, explicit head_dim, top-3 of 6 renormalised
+    "qwen3-moe": ("qwen3_moe", {"num_experts": 6, "num_experts_per_tok": 3, "moe_intermediate_size": 32,
+                                "head_dim": 32, "norm_topk_prob": True, "initializer_range": 0.15}),
 }
 PROMPT_LENGTHS = (1, 5, 17, 64)
 # variants llama.cpp's converter writes as these GGUF architectures (the others use settings
 # its GGUF metadata cannot carry: rope scaling baked into tensors, per-layer windows, biases
 # it would permute)
 GGUF_ARCH = {"llama": "llama", "llama-gqa1": "llama", "llama-tied": "llama", "qwen2": "qwen2",
-             "qwen3": "qwen3", "qwen3-tied": "qwen3", "gemma3": "gemma3"}
+             "qwen3": "qwen3", "qwen3-tied": "qwen3", "gemma3": "gemma3", "mixtral-top1": "llama",
+             "qwen2-moe": "qwen2moe", "qwen3-moe": "qwen3moe"}
 
 
 def _prompts(lengths=PROMPT_LENGTHS) -> list[list[int]]:

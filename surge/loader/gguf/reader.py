@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import struct
 from typing import Any
 
@@ -32,7 +33,7 @@ def gguf_architecture(reader: GgufFile, path: str) -> tuple[str, str]:
     arch = field_value(reader, "general.architecture")
     if arch is None:
         raise ModelFormatError(f"{path}: GGUF metadata has no general.architecture")
-    known = architecture_of_gguf(arch)
+    known = architecture_of_gguf(arch, experts=bool(field_value(reader, f"{arch}.expert_count")))
     if known is None:
         raise UnsupportedArchitectureError(
             f"{path}: architecture {arch!r} is not supported; surge runs {', '.join(gguf_architectures())} GGUF files"
@@ -90,6 +91,7 @@ def config_from_gguf(reader: GgufFile, path: str) -> ModelConfig:
     window = field_value(reader, f"{arch}.attention.sliding_window")
     layers = int(need("block_count"))
     family = _family_fields(arch, layers, hidden, heads, head_dim, window)
+    experts = _experts(reader, arch, layers, names, path)
     return ModelConfig(
         architecture=architecture,
         hidden_size=hidden,
@@ -97,7 +99,8 @@ def config_from_gguf(reader: GgufFile, path: str) -> ModelConfig:
         num_attention_heads=heads,
         num_key_value_heads=kv_heads,
         head_dim=head_dim,
-        intermediate_size=int(need("feed_forward_length")),
+        intermediate_size=int(field_value(reader, f"{arch}.feed_forward_length")
+                              or experts.get("moe_intermediate_size") or need("feed_forward_length")),
         vocab_size=int(vocab),
         rms_norm_eps=float(field_value(reader, f"{arch}.attention.layer_norm_rms_epsilon", 1e-6)),
         max_position_embeddings=int(field_value(reader, f"{arch}.context_length", 2048)),
@@ -110,7 +113,45 @@ def config_from_gguf(reader: GgufFile, path: str) -> ModelConfig:
         eos_token_ids=eos_ids,
         checkpoint_dtype="float32",
         **family,
+        **experts,
     )
+
+
+# llama.cpp's routing per architecture where the file does not say (`expert_weights_norm`)
+_RENORMALIZED_TOP_K = {"llama": True, "qwen2moe": False, "qwen3moe": True}
+_SOFTMAX_GATING = 1  # llama.cpp's LLAMA_EXPERT_GATING_FUNC_TYPE_SOFTMAX
+_PER_EXPERT_TENSOR = re.compile(r"^blk\.\d+\.ffn_(gate|up|down)\.\d+\.weight$")
+
+
+def _experts(reader: GgufFile, arch: str, layers: int, names: set[str], path: str) -> dict[str, Any]:
+    """The MoE fields from `{arch}.expert_*`; a layer without a router tensor is dense."""
+    count = field_value(reader, f"{arch}.expert_count")
+    if not count:
+        return {}
+    if any(_PER_EXPERT_TENSOR.match(name) for name in names):
+        raise UnsupportedArchitectureError(
+            f"{path}: the experts are stored one tensor each (blk.N.ffn_gate.E.weight, the layout of GGUFs "
+            "converted before llama.cpp stacked them); surge reads the stacked blk.N.ffn_gate_exps tensors: "
+            "convert the model again with a current llama.cpp")
+    gating = field_value(reader, f"{arch}.expert_gating_func")
+    if gating is not None and int(gating) != _SOFTMAX_GATING:
+        raise UnsupportedArchitectureError(
+            f"{path}: expert gating function {gating} is not supported; surge routes with a softmax ({_SOFTMAX_GATING})")
+    used = field_value(reader, f"{arch}.expert_used_count")
+    if not used:
+        raise ModelFormatError(f"{path}: GGUF metadata has {arch}.expert_count but no {arch}.expert_used_count")
+    size = field_value(reader, f"{arch}.expert_feed_forward_length") or field_value(reader, f"{arch}.feed_forward_length")
+    if not size:
+        raise ModelFormatError(f"{path}: GGUF metadata lacks {arch}.expert_feed_forward_length")
+    norm = field_value(reader, f"{arch}.expert_weights_norm")
+    return {
+        "num_experts": int(count),
+        "num_experts_per_tok": int(used),
+        "moe_intermediate_size": int(size),
+        "shared_expert_intermediate_size": int(field_value(reader, f"{arch}.expert_shared_feed_forward_length") or 0),
+        "norm_topk_prob": bool(norm) if norm is not None else _RENORMALIZED_TOP_K.get(arch, True),
+        "dense_mlp_layers": tuple(i for i in range(layers) if f"blk.{i}.ffn_gate_inp.weight" not in names),
+    }
 
 
 def _family_fields(arch: str, layers: int, hidden: int, heads: int, head_dim: int, window: Any) -> dict[str, Any]:
