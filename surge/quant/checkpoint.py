@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from surge.config import ModelConfig
+from surge.config import ModelConfig, RopeConfig
 from surge.models.registry import get_architecture
 from surge.layers.quantization.formats import (
     Int4Weight,
@@ -23,8 +23,9 @@ WEIGHTS_FILE = "model.safetensors"
 
 
 def hf_config(config: ModelConfig, dtype: str, quantization_config: dict[str, Any]) -> dict[str, Any]:
-    """config.json for `config`, readable by surge.loader.hf_config (and transformers' fields)."""
-    rope = config.rope
+    """config.json for `config`, which surge.loader.hf_config reads back into the same config
+    (transformers' field names; RoPE as `rope_parameters`, per layer type where the sliding
+    layers have their own)."""
     raw: dict[str, Any] = {
         "architectures": [config.architecture],
         "model_type": get_architecture(config.architecture).model_type,
@@ -43,16 +44,34 @@ def hf_config(config: ModelConfig, dtype: str, quantization_config: dict[str, An
         "hidden_act": config.hidden_act,
         "sliding_window": config.sliding_window,
         "layer_types": list(config.layer_types) if config.layer_types is not None else None,
-        "rope_theta": rope.theta,
+        "rope_theta": config.rope.theta,
+        "rope_parameters": _rope_parameters(config.rope),
+        "qk_norm": config.qk_norm,
+        "query_pre_attn_scalar": config.query_pre_attn_scalar,
+        "final_logit_softcapping": config.final_logit_softcapping,
         "bos_token_id": config.bos_token_id,
         "eos_token_id": list(config.eos_token_ids),
         "dtype": dtype,
         "quantization_config": quantization_config,
     }
-    if rope.rope_type != "default" or rope.partial_rotary_factor != 1.0:
-        fields = {k: v for k, v in vars(rope).items() if k not in ("theta",) and v is not None}
-        raw["rope_scaling"] = fields
+    if config.local_rope is not None and config.layer_types is not None:
+        raw["rope_parameters"] = {"full_attention": raw["rope_parameters"],
+                                  "sliding_attention": _rope_parameters(config.local_rope)}
+    if config.num_experts:
+        raw.update({
+            "num_experts": config.num_experts,
+            "num_experts_per_tok": config.num_experts_per_tok,
+            "moe_intermediate_size": config.moe_intermediate_size,
+            "shared_expert_intermediate_size": config.shared_expert_intermediate_size,
+            "norm_topk_prob": config.norm_topk_prob,
+            "mlp_only_layers": list(config.dense_mlp_layers),
+        })
     return raw
+
+
+def _rope_parameters(rope: RopeConfig) -> dict[str, Any]:
+    fields = {k: v for k, v in vars(rope).items() if k not in ("theta", "rope_type") and v is not None}
+    return {"rope_type": rope.rope_type, "rope_theta": rope.theta, **fields}
 
 
 def save_tokenizer(tokenizer: Any, directory: str) -> None:

@@ -263,6 +263,10 @@ def quantize_model(model: str | None, output: str, opts: QuantizeOptions) -> Qua
     start = time.perf_counter()
     policy, calib_text, eval_text = check_options(opts, output)
     loaded = load_model(model, "float32", "cpu", "none")
+    if loaded.config.num_experts:
+        raise InvalidArgumentError(
+            f"{model}: surge quantize does not write mixture-of-experts checkpoints; serve the model with "
+            "-q int4 or -q int8, which quantize every expert at load")
     schemes = resolve_policy(loaded.model, policy, opts.scheme)
     calib_ids = tokenize_text(loaded, calib_text, opts.calib_tokens) if calib_text is not None else None
     eval_ids = tokenize_text(loaded, eval_text, opts.eval_tokens) if eval_text is not None else None
