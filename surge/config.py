@@ -53,22 +53,39 @@ class RopeConfig:
     mscale_all_dim: float | None = None
     truncate: bool = True
     partial_rotary_factor: float = 1.0
+    # longrope (Phi-3): per-frequency divisors for a context within / beyond the original one
+    short_factor: tuple[float, ...] | None = None
+    long_factor: tuple[float, ...] | None = None
 
-    SUPPORTED = ("default", "linear", "llama3", "yarn")
+    SUPPORTED = ("default", "linear", "llama3", "yarn", "longrope")
+    ALIASES = {"su": "longrope"}  # early Phi-3 configs
 
     @classmethod
     def from_hf(cls, params: dict[str, Any] | None, theta: float) -> "RopeConfig":
         """From a transformers `rope_parameters` (v5) or `rope_scaling` (v4) dict."""
         params = dict(params or {})
         rope_type = params.get("rope_type") or params.get("type") or "default"
+        rope_type = cls.ALIASES.get(rope_type, rope_type)
         theta = float(params.get("rope_theta", theta))
         if rope_type not in cls.SUPPORTED:
             raise InvalidArgumentError(
                 f"unsupported RoPE scaling type {rope_type!r}; surge supports {', '.join(cls.SUPPORTED)}"
             )
         known = {f for f in cls.__dataclass_fields__ if f not in ("theta", "rope_type")}
-        kwargs = {k: v for k, v in params.items() if k in known and v is not None}
+        kwargs = {k: tuple(float(f) for f in v) if k in ("short_factor", "long_factor") else v
+                  for k, v in params.items() if k in known and v is not None}
+        if rope_type == "longrope" and not (kwargs.get("short_factor") and kwargs.get("long_factor")):
+            raise InvalidArgumentError("longrope RoPE scaling needs short_factor and long_factor")
         return cls(theta=theta, rope_type=rope_type, **kwargs)
+
+    def check_dims(self, head_dim: int) -> None:
+        """longrope's factors: one per rotated frequency."""
+        half = int(head_dim * self.partial_rotary_factor) // 2
+        for name in ("short_factor", "long_factor"):
+            factors = getattr(self, name)
+            if factors is not None and len(factors) != half:
+                raise InvalidArgumentError(f"RoPE {name} has {len(factors)} values; the rotated head dimension needs "
+                                           f"{half} (one per frequency)")
 
 
 LAYER_TYPES = ("full_attention", "sliding_attention")
@@ -145,6 +162,9 @@ class ModelConfig:
                 )
             if "sliding_attention" in self.layer_types and not self.sliding_window:
                 raise InvalidArgumentError("layer_types has sliding_attention layers but the config has no sliding_window")
+        for rope in (self.rope, self.local_rope):
+            if rope is not None:
+                rope.check_dims(self.head_dim)
         if self.num_experts and not 0 < self.num_experts_per_tok <= self.num_experts:
             raise InvalidArgumentError(
                 f"num_experts_per_tok ({self.num_experts_per_tok}) must be between 1 and num_experts ({self.num_experts})")

@@ -52,7 +52,7 @@ def build_tiny_model(
     kind: str, path: Path, tokenizer_dir: Path | None = None, save_dtype: torch.dtype | None = None,
     seed: int = 0, **overrides
 ) -> Path:
-    """Save a seeded random `kind` (llama, mistral, qwen2, qwen3, gemma3, mixtral, qwen2_moe,
+    """Save a seeded random `kind` (llama, mistral, qwen2, qwen3, gemma3, phi3, mixtral, qwen2_moe,
     qwen3_moe) model small enough to run in milliseconds."""
     import shutil
 
@@ -64,6 +64,7 @@ def build_tiny_model(
         "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
         "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM),
         "gemma3": (transformers.Gemma3TextConfig, transformers.Gemma3ForCausalLM),
+        "phi3": (transformers.Phi3Config, transformers.Phi3ForCausalLM),
         "mixtral": (transformers.MixtralConfig, transformers.MixtralForCausalLM),
         "qwen2_moe": (transformers.Qwen2MoeConfig, transformers.Qwen2MoeForCausalLM),
         "qwen3_moe": (transformers.Qwen3MoeConfig, transformers.Qwen3MoeForCausalLM),
@@ -84,6 +85,8 @@ def build_tiny_model(
         eos_token_id=2,
         tie_word_embeddings=False,
     )
+    if kind == "phi3":
+        kwargs["pad_token_id"] = 0  # its default (32000) is outside the tiny vocabulary
     kwargs.update(overrides)
     torch.manual_seed(seed)
     model = model_cls(config_cls(**kwargs)).eval()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import re
 from pathlib import Path
 
@@ -39,8 +40,8 @@ def write_gguf_from_hf(
     stack_experts: bool = True,
 ) -> Path:
     """A GGUF of the HF checkpoint in `hf_dir` (its tokenizer.json vocab included), as llama.cpp's
-    converter writes `arch` (llama, mistral, qwen2, qwen3, gemma3, qwen2moe, qwen3moe; Mixtral is
-    llama with experts): Q/K rows permuted for llama/mistral only, Gemma's norms stored as 1 + w,
+    converter writes `arch` (llama, mistral, qwen2, qwen3, gemma3, phi3, qwen2moe, qwen3moe; Mixtral
+    is llama with experts): Q/K rows permuted for llama/mistral only, Gemma's norms stored as 1 + w,
     head_dim and sliding window in metadata, experts stacked into one tensor per projection.
 
     `types` maps GGUF tensor names to storage types (default F32); norms stay F32.
@@ -69,7 +70,14 @@ def write_gguf_from_hf(
         w.add_rope_scaling_factor(float(rope["factor"]))
     w.add_layer_norm_rms_eps(cfg["rms_norm_eps"])
     w.add_vocab_size(cfg["vocab_size"])
-    w.add_rope_dimension_count(head_dim)
+    w.add_rope_dimension_count(int(head_dim * float(rope.get("partial_rotary_factor", 1.0))))
+    if rope.get("rope_type") == "longrope":  # Phi-3: the factors as tensors, the scale as the converter computes it
+        original = rope.get("original_max_position_embeddings") or cfg["original_max_position_embeddings"]
+        scale = cfg["max_position_embeddings"] / original
+        w.add_rope_scaling_orig_ctx_len(original)
+        w.add_rope_scaling_attn_factors(1.0 if scale <= 1.0 else math.sqrt(1 + math.log(scale) / math.log(original)))
+        state = {**state, "rope_factors_long": torch.tensor(rope["long_factor"]),
+                 "rope_factors_short": torch.tensor(rope["short_factor"])}
     w.add_key_length(head_dim)
     w.add_value_length(head_dim)
     if cfg.get("sliding_window") and (arch == "gemma3" or cfg.get("use_sliding_window", True)):
@@ -99,7 +107,8 @@ def write_gguf_from_hf(
     w.add_add_bos_token(False)
     types = types or {}
     names = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
-             "lm_head.weight": "output.weight"}
+             "lm_head.weight": "output.weight", "rope_factors_long": "rope_factors_long.weight",
+             "rope_factors_short": "rope_factors_short.weight"}
     parts = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
              "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
              "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm",
@@ -107,7 +116,8 @@ def write_gguf_from_hf(
              "self_attn.k_norm": "attn_k_norm", "mlp.gate": "ffn_gate_inp", "block_sparse_moe.gate": "ffn_gate_inp",
              "experts.gate": "ffn_gate_exps", "experts.up": "ffn_up_exps", "experts.down": "ffn_down_exps",
              "mlp.shared_expert.gate_proj": "ffn_gate_shexp", "mlp.shared_expert.up_proj": "ffn_up_shexp",
-             "mlp.shared_expert.down_proj": "ffn_down_shexp", "mlp.shared_expert_gate": "ffn_gate_inp_shexp"}
+             "mlp.shared_expert.down_proj": "ffn_down_shexp", "mlp.shared_expert_gate": "ffn_gate_inp_shexp",
+             "self_attn.qkv_proj": "attn_qkv", "mlp.gate_up_proj": "ffn_up"}  # Phi-3's own fusions
     if arch == "gemma3":
         parts.update({"post_attention_layernorm": "post_attention_norm", "pre_feedforward_layernorm": "ffn_norm",
                       "post_feedforward_layernorm": "post_ffw_norm"})

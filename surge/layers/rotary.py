@@ -1,4 +1,4 @@
-"""Rotary position embedding (neox / rotate-half layout) with default, linear, llama3 and yarn scaling.
+"""Rotary position embedding (neox / rotate-half layout) with default, linear, llama3, yarn and longrope scaling.
 
 cos/sin come from a float32 table indexed by each token's position, so a flat batch of tokens
 from many sequences at different positions needs no padding.
@@ -34,6 +34,8 @@ def inverse_frequencies(rope: RopeConfig, head_dim: int, max_positions: int) -> 
         return torch.where(medium, smoothed, scaled), 1.0
     if rope.rope_type == "yarn":
         return _yarn(rope, dim, base, original)
+    if rope.rope_type == "longrope":
+        return _longrope(rope, dim, base, original, max_positions)
     raise ValueError(f"unknown rope type {rope.rope_type!r}")
 
 
@@ -64,6 +66,22 @@ def _yarn(rope: RopeConfig, dim: int, base: float, original: int) -> tuple[torch
     pos_freqs = base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim)
     extrapolation = 1.0 - ramp
     inv_freq = (1.0 / (factor * pos_freqs)) * (1 - extrapolation) + (1.0 / pos_freqs) * extrapolation
+    return inv_freq, float(attention)
+
+
+def _longrope(rope: RopeConfig, dim: int, base: float, original: int, max_positions: int) -> tuple[torch.Tensor, float]:
+    """LongRoPE (Phi-3): per-frequency divisors, the long ones for a model whose context is
+    longer than the one it was pretrained on (as llama.cpp chooses by its context; transformers
+    switches per forward by the longest sequence, which would rotate a cached prefix with
+    other frequencies than its continuation); cos/sin scaled by sqrt(1 + ln s / ln original)
+    for the extension s unless the config gives the factor."""
+    factors = rope.long_factor if max_positions > original else rope.short_factor
+    assert factors is not None and len(factors) == dim // 2
+    exponents = torch.arange(0, dim, 2, dtype=torch.int64).float() / dim
+    inv_freq = 1.0 / (torch.tensor(factors, dtype=torch.float32) * base ** exponents)
+    attention = rope.attention_factor
+    if attention is None:
+        attention = 1.0 if rope.factor <= 1.0 else math.sqrt(1 + math.log(rope.factor) / math.log(original))
     return inv_freq, float(attention)
 
 

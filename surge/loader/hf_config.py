@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import replace
 from typing import Any
 
 from surge.config import ModelConfig, RopeConfig
@@ -94,7 +95,21 @@ def _ropes(raw: dict[str, Any]) -> tuple[RopeConfig, RopeConfig | None]:
         local = params.get("sliding_attention")
         return full, RopeConfig.from_hf(local, theta) if local else None
     local_theta = raw.get("rope_local_base_freq")
-    return RopeConfig.from_hf(params, theta), RopeConfig(theta=float(local_theta)) if local_theta else None
+    rope = RopeConfig.from_hf(params, theta)
+    if "partial_rotary_factor" in raw and not (params or {}).get("partial_rotary_factor"):
+        rope = replace(rope, partial_rotary_factor=float(raw["partial_rotary_factor"]))
+    if rope.rope_type == "longrope":
+        rope = _longrope(rope, raw, params or {})
+    return rope, RopeConfig(theta=float(local_theta)) if local_theta else None
+
+
+def _longrope(rope: RopeConfig, raw: dict[str, Any], params: dict[str, Any]) -> RopeConfig:
+    """Phi-3 keeps the pretrained context in `original_max_position_embeddings` beside the
+    parameters, and the extension factor is the ratio of the two contexts unless given."""
+    original = int(params.get("original_max_position_embeddings") or raw.get("original_max_position_embeddings")
+                   or raw.get("max_position_embeddings", 2048))
+    factor = params.get("factor") or int(raw.get("max_position_embeddings", original)) / original
+    return replace(rope, original_max_position_embeddings=original, factor=float(factor))
 
 
 def _experts(raw: dict[str, Any], path: str) -> dict[str, Any]:

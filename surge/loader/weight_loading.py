@@ -1,6 +1,6 @@
 """Generic weight loading: (checkpoint name, tensor) pairs into a model's parameters, driven by
 the model contract (surge/models/interfaces.py): packed_modules puts q/k/v and gate/up rows
-into their fused parameters, weight_loaders() takes names that are not parameters (RoPE
+into their fused parameters (a checkpoint's own fused tensor fills them whole), weight_loaders() takes names that are not parameters (RoPE
 frequency factors), tied embeddings are shared.
 
 Quantized tensors (a GGUF's Q4/Q8 blocks, a surge checkpoint's codes) are not expanded: they
@@ -17,7 +17,7 @@ from collections.abc import Iterable
 import torch
 
 from surge.errors import ModelFormatError
-from surge.layers.quantization.formats import QUANTIZED_TYPES, QuantizedWeight
+from surge.layers.quantization.formats import QUANTIZED_TYPES, QuantizedWeight, split_rows
 from surge.models.interfaces import CausalLM
 
 Pending = dict[str, dict[int, QuantizedWeight]]
@@ -69,16 +69,23 @@ def load_weights(model: CausalLM, weights: Iterable[tuple[str, torch.Tensor | Qu
         param = params.get(name)
         if param is None:
             continue  # e.g. rotary inv_freq buffers saved by old checkpoints
+        sizes = model.shard_sizes(name)
+        # a checkpoint that stores the fused tensor itself (Phi-3's qkv_proj, gate_up_proj) fills every shard
+        whole = stacked is None and len(sizes) > 1 and name == checkpoint_name
         if isinstance(tensor, QUANTIZED_TYPES):
             if name != embedding_weight and stacked is None:
-                pending.setdefault(name.rsplit(".", 1)[0], {})[shard] = tensor
-                loaded.add((name, shard))
+                if whole and tensor.q.shape[0] != sum(sizes):
+                    raise ModelFormatError(f"{source}: tensor {checkpoint_name!r} has {tensor.q.shape[0]} rows, the "
+                                           f"model expects {sum(sizes)}")
+                parts = enumerate(split_rows(tensor, sizes)) if whole else [(shard, tensor)]
+                for index, part in parts:
+                    pending.setdefault(name.rsplit(".", 1)[0], {})[index] = part  # type: ignore[assignment]
+                    loaded.add((name, index))
                 continue
             if tied and name == embedding_weight:
                 pending.setdefault(model.output_head, {})[0] = tensor
             tensor = tensor.dequantize()  # the embedding, and experts (quantized from float later)
-        sizes = model.shard_sizes(name)
-        rows = slice(sum(sizes[:shard]), sum(sizes[: shard + 1])) if sizes else slice(None)
+        rows = slice(sum(sizes[:shard]), sum(sizes[: shard + 1])) if sizes and not whole else slice(None)
         if stacked is not None:
             if expert is not None and not 0 <= expert < param.shape[0]:
                 raise ModelFormatError(f"{source}: tensor {checkpoint_name!r} is expert {expert}, the model has "
@@ -98,7 +105,7 @@ def load_weights(model: CausalLM, weights: Iterable[tuple[str, torch.Tensor | Qu
         if stacked is not None and expert is not None:
             experts_loaded.setdefault((name, shard), set()).add(expert)
         else:
-            loaded.add((name, shard))
+            loaded.update((name, i) for i in (range(len(sizes)) if whole else [shard]))
     absent_experts: dict[tuple[str, int], list[int]] = {}
     for (name, shard), experts in experts_loaded.items():
         absent = sorted(set(range(params[name].shape[0])) - experts)

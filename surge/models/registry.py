@@ -33,6 +33,7 @@ _ARCHITECTURES = {a.name: a for a in (
                  config_defaults={"qk_norm": True, "hidden_activation": "gelu_pytorch_tanh",
                                   "query_pre_attn_scalar": 256, "tie_word_embeddings": True,
                                   "rope_theta": 1_000_000.0, "rope_local_base_freq": 10_000.0}),
+    Architecture("Phi3ForCausalLM", "surge.models.phi3:Phi3ForCausalLM", "phi3", gguf="phi3"),
     # mixtures of experts; Mixtral always renormalises its top-k, Qwen2-MoE never, Qwen3-MoE as
     # its config says
     Architecture("MixtralForCausalLM", "surge.models.mixtral:MixtralForCausalLM", "mixtral", gguf="llama",

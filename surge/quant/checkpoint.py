@@ -14,7 +14,6 @@ from surge.models.registry import get_architecture
 from surge.layers.quantization.formats import (
     Int4Weight,
     Int8GroupWeight,
-    Int8Weight,
     QuantizedWeight,
     W8A8Weight,
 )
@@ -100,23 +99,6 @@ def quantized_tensors(name: str, weight: QuantizedWeight) -> dict[str, torch.Ten
         tensors[f"{name}.input_scale"] = weight.input_scale.float().reshape(1).clone()
         tensors[f"{name}.smooth"] = weight.smooth.float().contiguous().clone()
     return tensors
-
-
-def split_rows(weight: QuantizedWeight | torch.Tensor, sizes: list[int]) -> list[QuantizedWeight | torch.Tensor]:
-    """A fused module's weight cut back into the checkpoint's parts (rows)."""
-    if len(sizes) == 1:
-        return [weight]
-    bounds = [sum(sizes[:i]) for i in range(len(sizes) + 1)]
-    pieces = [slice(a, b) for a, b in zip(bounds, bounds[1:])]
-    if isinstance(weight, torch.Tensor):
-        return [weight[s] for s in pieces]
-    if isinstance(weight, Int4Weight):
-        return [Int4Weight(weight.q[s], weight.scale[s], weight.zero[s], weight.group_size) for s in pieces]
-    if isinstance(weight, Int8GroupWeight):
-        return [Int8GroupWeight(weight.q[s], weight.scale[s], weight.group_size) for s in pieces]
-    if isinstance(weight, W8A8Weight):  # the parts read one input: they share its quantizer
-        return [W8A8Weight(weight.q[s], weight.scale[s], weight.input_scale, weight.smooth) for s in pieces]
-    return [Int8Weight(weight.q[s], weight.scale[s]) for s in pieces]
 
 
 def write_checkpoint(directory: str, tensors: dict[str, torch.Tensor], config: dict[str, Any],

@@ -36,7 +36,6 @@ from surge.quant.checkpoint import (
     WEIGHTS_FILE,
     hf_config,
     quantized_tensors,
-    split_rows,
     write_checkpoint,
 )
 from surge.quant.evaluate import (
@@ -47,7 +46,7 @@ from surge.quant.evaluate import (
     read_text,
     tokenize_text,
 )
-from surge.layers.quantization.formats import Int8Weight, QuantizedWeight, W8A8Weight
+from surge.layers.quantization.formats import Int8Weight, QuantizedWeight, W8A8Weight, split_rows
 from surge.quant.gptq import DEFAULT_DAMP, gptq
 from surge.quant.grid import DEFAULT_PERCENTILE, quantize_weight
 from surge.quant.policy import (

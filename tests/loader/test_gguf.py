@@ -134,3 +134,33 @@ def test_gguf_file_reads_what_gguf_py_reads(default_gguf_path):
         assert (a.tensor_type, a.data_offset, a.n_bytes, a.n_elements) == (b.tensor_type, b.data_offset, b.n_bytes, b.n_elements)
         assert a.shape.tolist() == b.shape.tolist() and a.data.shape == b.data.shape and a.data.dtype == b.data.dtype
         assert np.array_equal(a.data, b.data), a.name
+
+
+def test_phi3_fused_tensors_quantized_whole_split_into_their_shards(tmp_path, tiny_tokenizer_dir):
+    """Phi-3 GGUFs store q/k/v as one attn_qkv and gate/up as one ffn_up: in Q8_0 / Q4_0 / Q4_1
+    they run quantized from their blocks, and give the dequantized model's logits."""
+    from surge.layers.quantization.quant_linear import QuantLinear
+
+    hf = build_tiny_model("phi3", tmp_path / "hf", tiny_tokenizer_dir)
+    types = {"blk.0.attn_qkv.weight": T.Q8_0, "blk.0.ffn_up.weight": T.Q4_0,
+             "blk.1.attn_qkv.weight": T.Q4_1, "blk.1.ffn_up.weight": T.Q8_0}
+    path = write_gguf_from_hf(hf, tmp_path / "phi3.gguf", types, arch="phi3")
+    quantized = load_model(str(path), "float32", "cpu")
+    reference = load_model(str(path), "float32", "cpu", quantization="none")
+    for layer in quantized.model.model.layers:
+        assert isinstance(layer.self_attn.qkv_proj, QuantLinear) and isinstance(layer.mlp.gate_up_proj, QuantLinear)
+    prompts = [[5, 9, 77, 120, 3], list(range(10, 40)), [7]]
+    for got, want in zip(surge_logits(quantized, prompts), surge_logits(reference, prompts)):
+        assert_logits_close(got, want, rel=1e-3)
+    # a file whose metadata disagrees with its fused tensor: the tensor and both row counts named
+    from surge.errors import ModelFormatError
+    from tests.gguf_builder import rewrite_gguf
+
+    kv = {"phi3.attention.head_count_kv": (1, gguf.GGUFValueType.UINT32)}
+    bad = rewrite_gguf(path, tmp_path / "bad.gguf", metadata=kv)
+    with pytest.raises(ModelFormatError, match=r"'model.layers.0.self_attn.qkv_proj.weight' has 128 rows, the model expects 96"):
+        load_model(str(bad))
+    bad_float = rewrite_gguf(write_gguf_from_hf(hf, tmp_path / "f32.gguf", arch="phi3"), tmp_path / "bad32.gguf",
+                             metadata=kv)
+    with pytest.raises(ModelFormatError, match=r"qkv_proj.weight' has shape \(128, 64\), the model expects \(96, 64\)"):
+        load_model(str(bad_float))

@@ -1,4 +1,4 @@
-"""Tiny random Llama / Mistral / Qwen2 / Qwen3 / Gemma 3 / Mixtral / Qwen2-MoE / Qwen3-MoE
+"""Tiny random Llama / Mistral / Qwen2 / Qwen3 / Gemma 3 / Phi-3 / Mixtral / Qwen2-MoE / Qwen3-MoE
 checkpoints: surge matches transformers in float32."""
 
 from __future__ import annotations
@@ -46,6 +46,15 @@ VARIANTS = {
         "layer_types": ["full_attention", "sliding_attention"],
         "rope_parameters": {"full_attention": {"rope_type": "linear", "factor": 4.0, "rope_theta": 100_000.0},
                             "sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0}}}),
+    # Phi-3: checkpoints with fused qkv_proj / gate_up_proj; a window shorter than the prompts
+    "phi3": ("phi3", {"sliding_window": 24}),
+    # LongRoPE of a long-context variant (context 1024 > 64 pretrained: the long factors, cos/sin
+    # scaled) over half the head dimension, as Phi-4-mini; short and long factors equal, since
+    # transformers picks them per forward by length (tests/layers/test_rotary.py checks each set)
+    "phi3-longrope": ("phi3", {"original_max_position_embeddings": 64, "rope_parameters": {
+        "rope_type": "longrope", "rope_theta": 10000.0, "partial_rotary_factor": 0.5,
+        "original_max_position_embeddings": 64,
+        "short_factor": [1.0 + 0.37 * i for i in range(4)], "long_factor": [1.0 + 0.37 * i for i in range(4)]}}),
     # MoE: top-2 of 4 experts (renormalised), and top-1 of 8, more experts than a decode step's
     # tokens; Mixtral with a sliding window shorter than the prompts
     "mixtral": ("mixtral", {"num_local_experts": 4, "num_experts_per_tok": 2, "sliding_window": 24}),
@@ -62,7 +71,8 @@ PROMPT_LENGTHS = (1, 5, 17, 64)
 # its GGUF metadata cannot carry: rope scaling baked into tensors, per-layer windows, biases
 # it would permute)
 GGUF_ARCH = {"llama": "llama", "llama-gqa1": "llama", "llama-tied": "llama", "qwen2": "qwen2",
-             "qwen3": "qwen3", "qwen3-tied": "qwen3", "gemma3": "gemma3", "mixtral-top1": "llama",
+             "qwen3": "qwen3", "qwen3-tied": "qwen3", "gemma3": "gemma3", "phi3": "phi3", "phi3-longrope": "phi3",
+             "mixtral-top1": "llama",
              "qwen2-moe": "qwen2moe", "qwen3-moe": "qwen3moe"}
 
 

@@ -135,6 +135,23 @@ class W8A8Weight:
                           first.smooth)
 
 
+def split_rows(weight: QuantizedWeight | torch.Tensor, sizes: list[int]) -> list[QuantizedWeight | torch.Tensor]:
+    """A fused module's weight (quantized or float) cut into its parts' rows."""
+    if len(sizes) == 1:
+        return [weight]
+    bounds = [sum(sizes[:i]) for i in range(len(sizes) + 1)]
+    pieces = [slice(a, b) for a, b in zip(bounds, bounds[1:])]
+    if isinstance(weight, torch.Tensor):
+        return [weight[s] for s in pieces]
+    if isinstance(weight, Int4Weight):
+        return [Int4Weight(weight.q[s], weight.scale[s], weight.zero[s], weight.group_size) for s in pieces]
+    if isinstance(weight, Int8GroupWeight):
+        return [Int8GroupWeight(weight.q[s], weight.scale[s], weight.group_size) for s in pieces]
+    if isinstance(weight, W8A8Weight):  # the parts read one input: they share its quantizer
+        return [W8A8Weight(weight.q[s], weight.scale[s], weight.input_scale, weight.smooth) for s in pieces]
+    return [Int8Weight(weight.q[s], weight.scale[s]) for s in pieces]
+
+
 def quantize_activations(x: torch.Tensor, act_inv: torch.Tensor) -> torch.Tensor:
     """The int8 codes of x [..., K] under a W8A8 quantizer (the reference the kernels match)."""
     return torch.round(x.float() * act_inv).clamp_(-127, 127).to(torch.int8)

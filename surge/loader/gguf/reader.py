@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import struct
+from dataclasses import replace
 from typing import Any
 
 from surge.config import ModelConfig, RopeConfig
@@ -63,6 +64,34 @@ def _rope_from_gguf(reader: GgufFile, arch: str) -> RopeConfig:
     raise ModelFormatError(f"unsupported RoPE scaling type {scaling!r} in GGUF metadata")
 
 
+def _longrope_from_gguf(reader: GgufFile, arch: str, path: str) -> RopeConfig | None:
+    """Phi-3's LongRoPE: its factors are the `rope_factors_short` / `rope_factors_long` tensors."""
+    tensors = {t.name: t for t in reader.tensors if t.name in ("rope_factors_short.weight", "rope_factors_long.weight")}
+    if not tensors:
+        return None
+    if len(tensors) != 2:
+        raise ModelFormatError(f"{path}: GGUF has only one of rope_factors_short / rope_factors_long")
+    from surge.loader.gguf.weights import dequantize
+
+    short, long = (tuple(float(f) for f in dequantize(tensors[f"rope_factors_{k}.weight"], path).reshape(-1))
+                   for k in ("short", "long"))
+    context = int(field_value(reader, f"{arch}.context_length", 2048))
+    original = int(field_value(reader, f"{arch}.rope.scaling.original_context_length") or context)
+    attention = field_value(reader, f"{arch}.rope.scaling.attn_factor")
+    return RopeConfig(theta=float(field_value(reader, f"{arch}.rope.freq_base", 10000.0)), rope_type="longrope",
+                      factor=context / original, original_max_position_embeddings=original,
+                      attention_factor=float(attention) if attention is not None else None,
+                      short_factor=short, long_factor=long)
+
+
+def _partial_rotary(reader: GgufFile, arch: str, head_dim: int, rope: RopeConfig) -> RopeConfig:
+    """`rope.dimension_count` below the head dimension: only that many dimensions rotate."""
+    dims = field_value(reader, f"{arch}.rope.dimension_count")
+    if dims is None or int(dims) == head_dim:
+        return rope
+    return replace(rope, partial_rotary_factor=int(dims) / head_dim)
+
+
 def config_from_gguf(reader: GgufFile, path: str) -> ModelConfig:
     """ModelConfig from `{arch}.*` metadata; tied embeddings when the file has no output tensor."""
     arch, architecture = gguf_architecture(reader, path)
@@ -107,7 +136,7 @@ def config_from_gguf(reader: GgufFile, path: str) -> ModelConfig:
         tie_word_embeddings="output.weight" not in names,
         attention_bias="blk.0.attn_q.bias" in names,
         sliding_window=int(window) if window else None,
-        rope=_rope_from_gguf(reader, arch),
+        rope=_partial_rotary(reader, arch, head_dim, _longrope_from_gguf(reader, arch, path) or _rope_from_gguf(reader, arch)),
         qk_norm="blk.0.attn_q_norm.weight" in names,
         bos_token_id=int(bos) if bos is not None else None,
         eos_token_ids=eos_ids,
