@@ -52,7 +52,7 @@ def build_tiny_model(
     kind: str, path: Path, tokenizer_dir: Path | None = None, save_dtype: torch.dtype | None = None,
     seed: int = 0, **overrides
 ) -> Path:
-    """Save a seeded random `kind` (llama, mistral, qwen2, qwen3, gemma3, phi3, mixtral, qwen2_moe,
+    """Save a seeded random `kind` (llama, mistral, qwen2, qwen3, gemma3, phi3, gpt2, mixtral, qwen2_moe,
     qwen3_moe) model small enough to run in milliseconds."""
     import shutil
 
@@ -65,6 +65,7 @@ def build_tiny_model(
         "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM),
         "gemma3": (transformers.Gemma3TextConfig, transformers.Gemma3ForCausalLM),
         "phi3": (transformers.Phi3Config, transformers.Phi3ForCausalLM),
+        "gpt2": (transformers.GPT2Config, transformers.GPT2LMHeadModel),
         "mixtral": (transformers.MixtralConfig, transformers.MixtralForCausalLM),
         "qwen2_moe": (transformers.Qwen2MoeConfig, transformers.Qwen2MoeForCausalLM),
         "qwen3_moe": (transformers.Qwen3MoeConfig, transformers.Qwen3MoeForCausalLM),
@@ -87,6 +88,9 @@ def build_tiny_model(
     )
     if kind == "phi3":
         kwargs["pad_token_id"] = 0  # its default (32000) is outside the tiny vocabulary
+    if kind == "gpt2":  # its own names for the same settings; tied embeddings, no KV groups
+        kwargs = dict(vocab_size=TINY_VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=256, initializer_range=0.3,
+                      bos_token_id=1, eos_token_id=2, layer_norm_epsilon=1e-5)
     kwargs.update(overrides)
     torch.manual_seed(seed)
     model = model_cls(config_cls(**kwargs)).eval()

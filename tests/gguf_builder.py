@@ -40,7 +40,7 @@ def write_gguf_from_hf(
     stack_experts: bool = True,
 ) -> Path:
     """A GGUF of the HF checkpoint in `hf_dir` (its tokenizer.json vocab included), as llama.cpp's
-    converter writes `arch` (llama, mistral, qwen2, qwen3, gemma3, phi3, qwen2moe, qwen3moe; Mixtral
+    converter writes `arch` (llama, mistral, qwen2, qwen3, gemma3, phi3, gpt2, qwen2moe, qwen3moe; Mixtral
     is llama with experts): Q/K rows permuted for llama/mistral only, Gemma's norms stored as 1 + w,
     head_dim and sliding window in metadata, experts stacked into one tensor per projection.
 
@@ -52,6 +52,8 @@ def write_gguf_from_hf(
     cfg = json.loads((hf_dir / "config.json").read_text())
     tok = json.loads((hf_dir / "tokenizer.json").read_text())
     state = load_file(str(hf_dir / "model.safetensors"))
+    if arch == "gpt2":
+        cfg, state = _gpt2_as_common(cfg, state)
     heads, kv_heads = cfg["num_attention_heads"], cfg["num_key_value_heads"]
     head_dim = cfg.get("head_dim") or cfg["hidden_size"] // heads
     permuted = arch in ("llama", "mistral")
@@ -68,7 +70,10 @@ def write_gguf_from_hf(
     if rope.get("rope_type") == "linear":
         w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
         w.add_rope_scaling_factor(float(rope["factor"]))
-    w.add_layer_norm_rms_eps(cfg["rms_norm_eps"])
+    if arch == "gpt2":
+        w.add_layer_norm_eps(cfg["rms_norm_eps"])
+    else:
+        w.add_layer_norm_rms_eps(cfg["rms_norm_eps"])
     w.add_vocab_size(cfg["vocab_size"])
     w.add_rope_dimension_count(int(head_dim * float(rope.get("partial_rotary_factor", 1.0))))
     if rope.get("rope_type") == "longrope":  # Phi-3: the factors as tensors, the scale as the converter computes it
@@ -108,7 +113,8 @@ def write_gguf_from_hf(
     types = types or {}
     names = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
              "lm_head.weight": "output.weight", "rope_factors_long": "rope_factors_long.weight",
-             "rope_factors_short": "rope_factors_short.weight"}
+             "rope_factors_short": "rope_factors_short.weight",
+             "model.embed_positions.weight": "position_embd.weight", "model.norm.bias": "output_norm.bias"}
     parts = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
              "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
              "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm",
@@ -117,7 +123,7 @@ def write_gguf_from_hf(
              "experts.gate": "ffn_gate_exps", "experts.up": "ffn_up_exps", "experts.down": "ffn_down_exps",
              "mlp.shared_expert.gate_proj": "ffn_gate_shexp", "mlp.shared_expert.up_proj": "ffn_up_shexp",
              "mlp.shared_expert.down_proj": "ffn_down_shexp", "mlp.shared_expert_gate": "ffn_gate_inp_shexp",
-             "self_attn.qkv_proj": "attn_qkv", "mlp.gate_up_proj": "ffn_up"}  # Phi-3's own fusions
+             "self_attn.qkv_proj": "attn_qkv", "mlp.gate_up_proj": "ffn_up"}  # Phi-3's and GPT-2's fusions
     if arch == "gemma3":
         parts.update({"post_attention_layernorm": "post_attention_norm", "pre_feedforward_layernorm": "ffn_norm",
                       "post_feedforward_layernorm": "post_ffw_norm"})
@@ -202,3 +208,30 @@ def rewrite_gguf(src: Path, dst: Path, arch: str | None = None, tensor_type: "T 
     w.write_tensors_to_file()
     w.close()
     return dst
+
+
+_GPT2_KEYS = {"n_embd": "hidden_size", "n_layer": "num_hidden_layers", "n_head": "num_attention_heads",
+              "n_positions": "max_position_embeddings", "layer_norm_epsilon": "rms_norm_eps"}
+_GPT2_NAMES = [(r"^transformer\.wte\.", "model.embed_tokens."), (r"^transformer\.wpe\.", "model.embed_positions."),
+               (r"^transformer\.ln_f\.", "model.norm."), (r"^transformer\.h\.", "model.layers."),
+               (r"\.ln_1\.", ".input_layernorm."), (r"\.ln_2\.", ".post_attention_layernorm."),
+               (r"\.attn\.c_attn\.", ".self_attn.qkv_proj."), (r"\.attn\.c_proj\.", ".self_attn.o_proj."),
+               (r"\.mlp\.c_fc\.", ".mlp.up_proj."), (r"\.mlp\.c_proj\.", ".mlp.down_proj.")]
+
+
+def _gpt2_as_common(cfg: dict, state: dict[str, torch.Tensor]) -> tuple[dict, dict[str, torch.Tensor]]:
+    """GPT-2's config keys and tensor names as the other families', its Conv1D matrices
+    transposed to [out, in] (what llama.cpp's converter does); the tied head is not written."""
+    cfg = {**cfg, **{common: cfg[key] for key, common in _GPT2_KEYS.items()}}
+    cfg["intermediate_size"] = cfg.get("n_inner") or 4 * cfg["hidden_size"]
+    cfg["num_key_value_heads"] = cfg["num_attention_heads"]
+    out = {}
+    for name, tensor in state.items():
+        if name.endswith((".attn.bias", ".attn.masked_bias")) or name == "lm_head.weight":
+            continue
+        if re.search(r"\.(attn\.c_attn|attn\.c_proj|mlp\.c_fc|mlp\.c_proj)\.weight$", name):
+            tensor = tensor.t().contiguous()
+        for pattern, replacement in _GPT2_NAMES:
+            name = re.sub(pattern, replacement, name)
+        out[name] = tensor
+    return cfg, out

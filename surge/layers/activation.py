@@ -1,4 +1,4 @@
-"""Gated activations of the MLP."""
+"""Activations of the MLP (gated or not)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,12 @@ import torch.nn.functional as F
 
 from surge.errors import UnsupportedArchitectureError
 
-_ACTIVATIONS = {"silu": F.silu, "gelu": F.gelu, "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh")}
+def _gelu_tanh(x):
+    return F.gelu(x, approximate="tanh")
+
+
+# gelu_new (GPT-2) is the same tanh approximation as gelu_pytorch_tanh
+_ACTIVATIONS = {"silu": F.silu, "gelu": F.gelu, "gelu_pytorch_tanh": _gelu_tanh, "gelu_new": _gelu_tanh}
 
 
 def get_activation(name: str):

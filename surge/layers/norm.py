@@ -1,5 +1,5 @@
 """RMSNorm computed in float32, as the reference does, with the residual add fused in (Llama
-style, and Gemma's (1 + w) form)."""
+style, and Gemma's (1 + w) form); LayerNorm with a bias (GPT-2) on the same interface."""
 
 from __future__ import annotations
 
@@ -34,3 +34,19 @@ class GemmaRMSNorm(RMSNorm):
             x = x + residual
         normed = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
         return (normed * (1.0 + self.weight.float())).to(x.dtype), x
+
+
+class LayerNorm(nn.Module):
+    """(x - mean) / std * w + b over the last dimension, in float32, residual fused as RMSNorm's."""
+
+    def __init__(self, hidden_size: int, eps: float = 1e-5):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.bias = nn.Parameter(torch.zeros(hidden_size))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        if residual is not None:
+            x = x + residual
+        normed = F.layer_norm(x.float(), (x.shape[-1],), self.weight.float(), self.bias.float(), self.eps)
+        return normed.to(x.dtype), x

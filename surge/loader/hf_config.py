@@ -37,7 +37,13 @@ def config_from_hf_dir(directory: str) -> ModelConfig:
             f"{path}: architecture {arch!r} (model_type {raw.get('model_type')!r}) is not supported; "
             f"surge runs {', '.join(supported_architectures())}"
         )
-    raw = {**get_architecture(arch).config_defaults, **raw}
+    family = get_architecture(arch)
+    raw = {**family.config_defaults, **raw}
+    for key, common in family.config_keys.items():
+        if raw.get(key) is not None and raw.get(common) is None:
+            raw[common] = raw[key]
+    if raw.get("intermediate_size") is None and family.mlp_ratio and raw.get("hidden_size"):
+        raw["intermediate_size"] = family.mlp_ratio * int(raw["hidden_size"])
     try:
         hidden = int(raw["hidden_size"])
         heads = int(raw["num_attention_heads"])
@@ -142,10 +148,13 @@ def _refuse_unsupported(raw: dict[str, Any], path: str) -> None:
     refused = {
         "attn_logit_softcapping": "attention logit soft-capping",
         "use_bidirectional_attention": "bidirectional attention",
+        "scale_attn_by_inverse_layer_idx": "scores scaled by the inverse layer index",
     }
     for key, what in refused.items():
         if raw.get(key):
             raise UnsupportedArchitectureError(f"{path}: {what} ({key}={raw[key]!r}) is not supported")
+    if raw.get("scale_attn_weights") is False:  # GPT-2 without the 1/sqrt(head_dim) of its scores
+        raise UnsupportedArchitectureError(f"{path}: unscaled attention scores (scale_attn_weights=False) are not supported")
 
 
 def _layer_types(raw: dict[str, Any], window: Any) -> tuple[str, ...] | None:

@@ -53,6 +53,12 @@ def load_weights(model: CausalLM, weights: Iterable[tuple[str, torch.Tensor | Qu
     experts_loaded: dict[tuple[str, int], set[int]] = {}
     pending: Pending = {}
     for checkpoint_name, tensor in weights:
+        checkpoint_name, transposed = model.hf_names.model_name(checkpoint_name)
+        if transposed:
+            if isinstance(tensor, QUANTIZED_TYPES):
+                raise ModelFormatError(f"{source}: tensor {checkpoint_name!r} is stored [in, out] and quantized; "
+                                       "surge loads such matrices from float only")
+            tensor = tensor.t()
         if checkpoint_name in loaders:
             loaders[checkpoint_name](tensor)  # type: ignore[arg-type]
             continue

@@ -12,6 +12,7 @@
     shard_sizes(name)  row counts of the checkpoint tensors stacked in a fused parameter
     weight_loaders()   checkpoint names loaded by a function instead of copied into a parameter
     gguf_names         GGUF tensor names -> checkpoint names, and whether llama.cpp permuted Q/K
+    hf_names           a family's checkpoint names -> the model's, and which are stored [in, out]
     attention_specs(config)  per layer: heads, head size, sliding window, RoPE parameters
     embedding / output_head  module names (tied weights; quantization keeps the head in int8 groups)
 
@@ -86,6 +87,24 @@ class GgufNames:
 
 
 @dataclass(frozen=True)
+class HfNames:
+    """A family's own checkpoint names -> the model's, where they differ (GPT-2's
+    transformer.h.N.attn.c_attn -> model.layers.N.self_attn.qkv_proj): `renames` are regex
+    substitutions applied in order; `transposed` matches the checkpoint names of matrices stored
+    [in, out] (GPT-2's Conv1D), which load transposed."""
+
+    renames: tuple[tuple[str, str], ...] = ()
+    transposed: str | None = None
+
+    def model_name(self, name: str) -> tuple[str, bool]:
+        """(the model's name for checkpoint tensor `name`, whether it is stored transposed)."""
+        transposed = self.transposed is not None and re.search(self.transposed, name) is not None
+        for pattern, replacement in self.renames:
+            name = re.sub(pattern, replacement, name)
+        return name, transposed
+
+
+@dataclass(frozen=True)
 class ExpertWeights:
     """Where experts' matrices load: `pattern` matches the end of a checkpoint name, and its
     group "e", where it has one, is the expert's index (a single expert's matrix); without it
@@ -127,6 +146,7 @@ class CausalLM(nn.Module):
     packed_modules: ClassVar[dict[str, tuple[str, int]]] = {}
     expert_weights: ClassVar[tuple[ExpertWeights, ...]] = ()
     gguf_names: ClassVar[GgufNames] = GgufNames()
+    hf_names: ClassVar[HfNames] = HfNames()
     embedding: ClassVar[str] = "model.embed_tokens"
     output_head: ClassVar[str] = "lm_head"
 

@@ -20,6 +20,9 @@ class Architecture:
     gguf_experts: bool = False  # this row is the GGUF architecture's files with experts (Mixtral's `llama`)
     # config.json fields it may omit, and what the family always has ("qk_norm": True)
     config_defaults: dict[str, Any] = field(default_factory=dict)
+    # the family's own config.json keys -> the common ones (GPT-2's n_embd -> hidden_size)
+    config_keys: dict[str, str] = field(default_factory=dict)
+    mlp_ratio: int = 0  # intermediate_size = hidden_size * mlp_ratio where config.json gives none
 
 
 _ARCHITECTURES = {a.name: a for a in (
@@ -34,6 +37,14 @@ _ARCHITECTURES = {a.name: a for a in (
                                   "query_pre_attn_scalar": 256, "tie_word_embeddings": True,
                                   "rope_theta": 1_000_000.0, "rope_local_base_freq": 10_000.0}),
     Architecture("Phi3ForCausalLM", "surge.models.phi3:Phi3ForCausalLM", "phi3", gguf="phi3"),
+    Architecture("GPT2LMHeadModel", "surge.models.gpt2:GPT2LMHeadModel", "gpt2", gguf="gpt2",
+                 config_defaults={"tie_word_embeddings": True, "activation_function": "gelu_new",
+                                  "layer_norm_epsilon": 1e-5, "attention_bias": True, "mlp_bias": True},
+                 config_keys={"n_embd": "hidden_size", "n_layer": "num_hidden_layers", "n_head": "num_attention_heads",
+                              "n_positions": "max_position_embeddings", "n_ctx": "max_position_embeddings",
+                              "n_inner": "intermediate_size", "layer_norm_epsilon": "rms_norm_eps",
+                              "activation_function": "hidden_act"},
+                 mlp_ratio=4),
     # mixtures of experts; Mixtral always renormalises its top-k, Qwen2-MoE never, Qwen3-MoE as
     # its config says
     Architecture("MixtralForCausalLM", "surge.models.mixtral:MixtralForCausalLM", "mixtral", gguf="llama",

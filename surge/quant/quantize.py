@@ -218,7 +218,8 @@ def checkpoint_tensors(loaded: Any, weights: dict[str, QuantizedWeight | torch.T
     for name, param in net.named_parameters():
         if name not in skip:
             tensors[name] = param.detach().float().clone()  # norms: small, kept exact
-    factors = net.model.rotary.frequency_factors
+    rotary = getattr(net.model, "rotary", None)  # a family with learned positions (GPT-2) has none
+    factors = rotary.frequency_factors if rotary is not None else None
     if factors is not None:
         tensors["model.rope_freqs"] = factors.clone()
     return tensors, modules

@@ -74,12 +74,12 @@ def test_unsupported_architecture_gguf(tiny_gguf, tmp_path):
 
 
 def test_unsupported_architecture_hf(tiny_dir, tmp_path):
-    bad = tmp_path / "gpt2"
+    bad = tmp_path / "mamba"
     shutil.copytree(tiny_dir, bad)
     config = json.loads((bad / "config.json").read_text())
-    config["architectures"] = ["GPT2LMHeadModel"]
+    config["architectures"] = ["MambaForCausalLM"]
     (bad / "config.json").write_text(json.dumps(config))
-    with pytest.raises(UnsupportedArchitectureError, match="GPT2LMHeadModel"):
+    with pytest.raises(UnsupportedArchitectureError, match="MambaForCausalLM"):
         load_model(str(bad))
 
 
@@ -189,3 +189,16 @@ def test_cli_prints_one_line_and_exits_2(case, tmp_path):
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("surge: error: "), proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("key, value, what", [
+    ("scale_attn_weights", False, r"unscaled attention scores \(scale_attn_weights=False\)"),
+    ("scale_attn_by_inverse_layer_idx", True, r"scores scaled by the inverse layer index"),
+])
+def test_gpt2_settings_surge_does_not_implement(tmp_path, tiny_tokenizer_dir, key, value, what):
+    gpt2 = build_tiny_model("gpt2", tmp_path / "gpt2", tiny_tokenizer_dir)
+    config = json.loads((gpt2 / "config.json").read_text())
+    config[key] = value
+    (gpt2 / "config.json").write_text(json.dumps(config))
+    with pytest.raises(UnsupportedArchitectureError, match=f"config.json: {what}"):
+        load_model(str(gpt2))

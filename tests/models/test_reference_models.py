@@ -1,4 +1,4 @@
-"""Tiny random Llama / Mistral / Qwen2 / Qwen3 / Gemma 3 / Phi-3 / Mixtral / Qwen2-MoE / Qwen3-MoE
+"""Tiny random Llama / Mistral / Qwen2 / Qwen3 / Gemma 3 / Phi-3 / GPT-2 / Mixtral / Qwen2-MoE / Qwen3-MoE
 checkpoints: surge matches transformers in float32."""
 
 from __future__ import annotations
@@ -55,6 +55,9 @@ VARIANTS = {
         "rope_type": "longrope", "rope_theta": 10000.0, "partial_rotary_factor": 0.5,
         "original_max_position_embeddings": 64,
         "short_factor": [1.0 + 0.37 * i for i in range(4)], "long_factor": [1.0 + 0.37 * i for i in range(4)]}}),
+    # GPT-2: LayerNorm, learned positions, Conv1D weights, tied head; with n_inner given
+    "gpt2": ("gpt2", {}),
+    "gpt2-inner": ("gpt2", {"n_inner": 96, "activation_function": "gelu"}),
     # MoE: top-2 of 4 experts (renormalised), and top-1 of 8, more experts than a decode step's
     # tokens; Mixtral with a sliding window shorter than the prompts
     "mixtral": ("mixtral", {"num_local_experts": 4, "num_experts_per_tok": 2, "sliding_window": 24}),
@@ -71,7 +74,7 @@ PROMPT_LENGTHS = (1, 5, 17, 64)
 # its GGUF metadata cannot carry: rope scaling baked into tensors, per-layer windows, biases
 # it would permute)
 GGUF_ARCH = {"llama": "llama", "llama-gqa1": "llama", "llama-tied": "llama", "qwen2": "qwen2",
-             "qwen3": "qwen3", "qwen3-tied": "qwen3", "gemma3": "gemma3", "phi3": "phi3", "phi3-longrope": "phi3",
+             "qwen3": "qwen3", "qwen3-tied": "qwen3", "gemma3": "gemma3", "phi3": "phi3", "phi3-longrope": "phi3", "gpt2": "gpt2",
              "mixtral-top1": "llama",
              "qwen2-moe": "qwen2moe", "qwen3-moe": "qwen3moe"}
 

@@ -30,7 +30,7 @@ def test_written_config_reads_back_the_same(variant, tmp_path, tiny_tokenizer_di
     assert again == dataclasses.replace(config, checkpoint_dtype="bfloat16")
 
 
-@pytest.mark.parametrize("variant", ["gemma3", "qwen3", "llama-bias", "llama3-rope", "phi3-longrope"])
+@pytest.mark.parametrize("variant", ["gemma3", "qwen3", "llama-bias", "llama3-rope", "phi3-longrope", "gpt2-inner"])
 def test_quantized_checkpoint_of_each_family_runs_what_memory_does(variant, tmp_path, tiny_tokenizer_dir):
     """quantize -> save -> load gives the in-memory quantized model's logits bit for bit: the
     norms Gemma stores as w (run as 1 + w), q/k norms, biases, scaled RoPE and Phi-3's fused

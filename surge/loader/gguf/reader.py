@@ -131,10 +131,11 @@ def config_from_gguf(reader: GgufFile, path: str) -> ModelConfig:
         intermediate_size=int(field_value(reader, f"{arch}.feed_forward_length")
                               or experts.get("moe_intermediate_size") or need("feed_forward_length")),
         vocab_size=int(vocab),
-        rms_norm_eps=float(field_value(reader, f"{arch}.attention.layer_norm_rms_epsilon", 1e-6)),
+        rms_norm_eps=float(field_value(reader, f"{arch}.attention.layer_norm_rms_epsilon")
+                           or field_value(reader, f"{arch}.attention.layer_norm_epsilon", 1e-6)),
         max_position_embeddings=int(field_value(reader, f"{arch}.context_length", 2048)),
         tie_word_embeddings="output.weight" not in names,
-        attention_bias="blk.0.attn_q.bias" in names,
+        attention_bias="blk.0.attn_q.bias" in names or "blk.0.attn_qkv.bias" in names,
         sliding_window=int(window) if window else None,
         rope=_partial_rotary(reader, arch, head_dim, _longrope_from_gguf(reader, arch, path) or _rope_from_gguf(reader, arch)),
         qk_norm="blk.0.attn_q_norm.weight" in names,
@@ -185,6 +186,8 @@ def _experts(reader: GgufFile, arch: str, layers: int, names: set[str], path: st
 
 def _family_fields(arch: str, layers: int, hidden: int, heads: int, head_dim: int, window: Any) -> dict[str, Any]:
     """What llama.cpp knows of a family without reading it from the file (llama-model.cpp)."""
+    if arch == "gpt2":
+        return {"hidden_act": "gelu_new", "mlp_bias": True}
     if arch != "gemma3":
         return {}
     # every 6th layer global, the others a sliding window with RoPE base 10000; the 27B model
