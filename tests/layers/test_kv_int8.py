@@ -58,7 +58,7 @@ def test_native_decode_step_writes_the_python_bytes(ops, kind):  # noqa: F811
     torch.testing.assert_close(out, want, atol=1e-2, rtol=1e-2)
 
 
-@pytest.mark.parametrize("group, head_dim", [(3, 64), (4, 128), (2, 40), (12, 64)])  # vector and scalar paths
+@pytest.mark.parametrize("group, head_dim", [(3, 64), (4, 128), (4, 256), (2, 96), (2, 40), (12, 64)])  # fixed, vector and scalar paths
 @pytest.mark.parametrize("window", [-1, 50])
 def test_native_kernel_reads_int8_as_the_dequantized_floats(ops, group, head_dim, window):  # noqa: F811
     q, cache, tables, lens = make(4, 2 * group, 2, head_dim, [1, 37, 700, 3000], torch.float32, torch.float32)

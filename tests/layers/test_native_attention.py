@@ -48,7 +48,8 @@ def reference(q, cache, tables, lens, scale, window):
 
 
 @pytest.mark.parametrize("group", [1, 2, 3, 4, 5, 6, 7, 8, 12])  # 12: beyond the specialized sizes
-@pytest.mark.parametrize("head_dim", [64, 128, 40])  # 40: not a multiple of the vector width
+# 96 (Phi-3), 256 (Gemma 3): vector loops without a fixed kernel; 40: not a multiple of the vector width
+@pytest.mark.parametrize("head_dim", [64, 128, 96, 256, 40])
 def test_group_and_head_sizes(ops, group, head_dim):
     hk = 2
     q, cache, tables, lens = make(3, hk * group, hk, head_dim, [1, 37, 70], torch.float32, torch.float32)
@@ -82,8 +83,9 @@ def test_same_result_on_any_thread_count(ops, threads):
     (torch.bfloat16, torch.bfloat16), (torch.float16, torch.float16), (torch.bfloat16, torch.float32),
     (torch.float32, torch.bfloat16),
 ])
-def test_dtypes(ops, q_dtype, kv_dtype):
-    q, cache, tables, lens = make(3, 9, 3, 64, [5, 200, 64], q_dtype, kv_dtype, seed=3)
+@pytest.mark.parametrize("head_dim", [64, 256])
+def test_dtypes(ops, q_dtype, kv_dtype, head_dim):
+    q, cache, tables, lens = make(3, 9, 3, head_dim, [5, 200, 64], q_dtype, kv_dtype, seed=3)
     out = ops.paged_decode_attention(q, cache, tables, lens, 0.125, -1)
     assert out.dtype == q_dtype and out.shape == q.shape
     # Exact float32 math on the stored values: only the output's rounding to q's dtype remains.

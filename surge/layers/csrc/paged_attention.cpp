@@ -162,7 +162,35 @@ void attend_fixed(const Item<KT>& it, int64_t Hk) {
   }
 }
 
-// Any other shape: scalar loops (head sizes that are not a multiple of the vector width, large groups).
+// Head sizes that are a multiple of the vector width without a fixed kernel (80, 96, 256, ...)
+// or large groups: vector loops over D, heads in turn.
+template <typename KT>
+void attend_vectorized(const Item<KT>& it, int64_t Hk, int64_t G, int64_t D) {
+  const int64_t V = Vec::size();
+  for (int64_t t = it.t0; t < it.t1; ++t) {
+    const KT* key = it.key(t);
+    for (int64_t hq = 0; hq < Hk * G; ++hq) {
+      const KT* k = key + (hq / G) * it.row;
+      const float* q = it.q + hq * D;
+      Vec acc = Vec::loadu(q) * load_float(k);
+      for (int64_t d = V; d < D; d += V) acc = at::vec::fmadd(Vec::loadu(q + d), load_float(k + d), acc);
+      it.scores[hq * it.part + t - it.t0] = acc.reduce_add() * row_scale(k, D);
+    }
+  }
+  softmax_numerators(it, Hk * G);
+  std::fill(it.out, it.out + Hk * G * D, 0.f);
+  for (int64_t t = it.t0; t < it.t1; ++t) {
+    const KT* value = it.value(t);
+    for (int64_t hq = 0; hq < Hk * G; ++hq) {
+      const KT* v = value + (hq / G) * it.row;
+      const Vec p(it.scores[hq * it.part + t - it.t0] * row_scale(v, D));
+      float* out = it.out + hq * D;
+      for (int64_t d = 0; d < D; d += V) at::vec::fmadd(p, load_float(v + d), Vec::loadu(out + d)).store(out + d);
+    }
+  }
+}
+
+// Any other shape: scalar loops (head sizes that are not a multiple of the vector width).
 template <typename KT>
 void attend_generic(const Item<KT>& it, int64_t Hk, int64_t G, int64_t D) {
   for (int64_t t = it.t0; t < it.t1; ++t) {
@@ -297,6 +325,8 @@ void decode_kernel(const at::Tensor& q, const at::Tensor& kv_cache, const at::Te
                         qf.data(), scores.data(), part, o, m, s};
       if (fixed != nullptr) {
         fixed(it, Hk);
+      } else if (D % Vec::size() == 0) {
+        attend_vectorized(it, Hk, G, D);
       } else {
         attend_generic(it, Hk, G, D);
       }
