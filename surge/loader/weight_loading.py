@@ -1,7 +1,8 @@
 """Generic weight loading: (checkpoint name, tensor) pairs into a model's parameters, driven by
-the model contract (surge/models/interfaces.py): packed_modules puts q/k/v and gate/up rows
-into their fused parameters (a checkpoint's own fused tensor fills them whole), weight_loaders() takes names that are not parameters (RoPE
-frequency factors), tied embeddings are shared.
+the model contract (surge/models/interfaces.py): hf_names maps a family's own names (GPT-2's,
+Conv1D matrices transposed), packed_modules puts q/k/v and gate/up rows into their fused
+parameters (a checkpoint's own fused tensor fills them whole), weight_loaders() takes names
+that are not parameters (RoPE frequency factors), tied embeddings are shared.
 
 Quantized tensors (a GGUF's Q4/Q8 blocks, a surge checkpoint's codes) are not expanded: they
 are returned as pending weights, module path -> {shard: weight}, for
