@@ -162,43 +162,20 @@ void attend_fixed(const Item<KT>& it, int64_t Hk) {
   }
 }
 
-// Head sizes that are a multiple of the vector width without a fixed kernel (80, 96, 256, ...)
-// or large groups: vector loops over D, heads in turn.
+// Any other shape (head sizes without a fixed kernel: 80, 96, 256, ..., large groups): loops
+// over D, heads in turn, 16 floats at a time with a scalar tail for the last D % 16.
 template <typename KT>
-void attend_vectorized(const Item<KT>& it, int64_t Hk, int64_t G, int64_t D) {
-  const int64_t V = Vec::size();
+void attend_generic(const Item<KT>& it, int64_t Hk, int64_t G, int64_t D) {
+  const int64_t V = Vec::size(), vd = D - D % V;
   for (int64_t t = it.t0; t < it.t1; ++t) {
     const KT* key = it.key(t);
     for (int64_t hq = 0; hq < Hk * G; ++hq) {
       const KT* k = key + (hq / G) * it.row;
       const float* q = it.q + hq * D;
-      Vec acc = Vec::loadu(q) * load_float(k);
-      for (int64_t d = V; d < D; d += V) acc = at::vec::fmadd(Vec::loadu(q + d), load_float(k + d), acc);
-      it.scores[hq * it.part + t - it.t0] = acc.reduce_add() * row_scale(k, D);
-    }
-  }
-  softmax_numerators(it, Hk * G);
-  std::fill(it.out, it.out + Hk * G * D, 0.f);
-  for (int64_t t = it.t0; t < it.t1; ++t) {
-    const KT* value = it.value(t);
-    for (int64_t hq = 0; hq < Hk * G; ++hq) {
-      const KT* v = value + (hq / G) * it.row;
-      const Vec p(it.scores[hq * it.part + t - it.t0] * row_scale(v, D));
-      float* out = it.out + hq * D;
-      for (int64_t d = 0; d < D; d += V) at::vec::fmadd(p, load_float(v + d), Vec::loadu(out + d)).store(out + d);
-    }
-  }
-}
-
-// Any other shape: scalar loops (head sizes that are not a multiple of the vector width).
-template <typename KT>
-void attend_generic(const Item<KT>& it, int64_t Hk, int64_t G, int64_t D) {
-  for (int64_t t = it.t0; t < it.t1; ++t) {
-    const KT* key = it.key(t);
-    for (int64_t hq = 0; hq < Hk * G; ++hq) {
-      const KT* k = key + (hq / G) * it.row;
-      float s = 0.f;
-      for (int64_t d = 0; d < D; ++d) s += it.q[hq * D + d] * static_cast<float>(k[d]);
+      Vec acc(0.f);
+      for (int64_t d = 0; d < vd; d += V) acc = at::vec::fmadd(Vec::loadu(q + d), load_float(k + d), acc);
+      float s = acc.reduce_add();
+      for (int64_t d = vd; d < D; ++d) s += q[d] * static_cast<float>(k[d]);
       it.scores[hq * it.part + t - it.t0] = s * row_scale(k, D);
     }
   }
@@ -209,7 +186,9 @@ void attend_generic(const Item<KT>& it, int64_t Hk, int64_t G, int64_t D) {
     for (int64_t hq = 0; hq < Hk * G; ++hq) {
       const KT* v = value + (hq / G) * it.row;
       const float p = it.scores[hq * it.part + t - it.t0] * row_scale(v, D);
-      for (int64_t d = 0; d < D; ++d) it.out[hq * D + d] += p * static_cast<float>(v[d]);
+      float* out = it.out + hq * D;
+      for (int64_t d = 0; d < vd; d += V) at::vec::fmadd(Vec(p), load_float(v + d), Vec::loadu(out + d)).store(out + d);
+      for (int64_t d = vd; d < D; ++d) out[d] += p * static_cast<float>(v[d]);
     }
   }
 }
@@ -325,8 +304,6 @@ void decode_kernel(const at::Tensor& q, const at::Tensor& kv_cache, const at::Te
                         qf.data(), scores.data(), part, o, m, s};
       if (fixed != nullptr) {
         fixed(it, Hk);
-      } else if (D % Vec::size() == 0) {
-        attend_vectorized(it, Hk, G, D);
       } else {
         attend_generic(it, Hk, G, D);
       }
