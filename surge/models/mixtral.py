@@ -11,14 +11,14 @@ from dataclasses import replace
 
 from surge.models.interfaces import gated_expert_weights
 from surge.models.llama import LlamaForCausalLM, LlamaModel
-from surge.models.moe import GGUF_MOE_BLOCKS, MoeDecoderLayer, moe_shard_sizes
+from surge.models.moe import GGUF_MOE_BLOCKS, MoeDecoderLayer, MoeShardSizes
 
 
 class MixtralModel(LlamaModel):
     decoder_layer = MoeDecoderLayer
 
 
-class MixtralForCausalLM(LlamaForCausalLM):
+class MixtralForCausalLM(MoeShardSizes, LlamaForCausalLM):
     model_class = MixtralModel
     packed_modules = {
         **LlamaForCausalLM.packed_modules,
@@ -26,7 +26,3 @@ class MixtralForCausalLM(LlamaForCausalLM):
     }
     expert_weights = gated_expert_weights("block_sparse_moe", "w1", "w3", "w2")
     gguf_names = replace(LlamaForCausalLM.gguf_names, blocks={**LlamaForCausalLM.gguf_names.blocks, **GGUF_MOE_BLOCKS})
-
-    def shard_sizes(self, name: str) -> list[int]:
-        sizes = moe_shard_sizes(self.config, name)
-        return sizes if sizes is not None else super().shard_sizes(name)

@@ -42,11 +42,15 @@ class MoeDecoderLayer(LlamaDecoderLayer):
         )
 
 
-def moe_shard_sizes(config: ModelConfig, name: str) -> list[int] | None:
-    """Rows of the tensors stacked in an MoE parameter (experts' gate/up, the shared expert's
-    gate/up), or None where the name is not one of them."""
-    if name.endswith(".mlp.experts.gate_up_proj"):
-        return [config.moe_intermediate_size] * 2
-    if ".mlp.shared_expert.gate_up_proj." in name:
-        return [config.shared_expert_intermediate_size] * 2
-    return None
+class MoeShardSizes:
+    """Mixed in before a family's CausalLM: the rows stacked in its MoE parameters (experts'
+    gate/up, the shared expert's gate/up), the family's own shard sizes for the rest."""
+
+    config: ModelConfig
+
+    def shard_sizes(self, name: str) -> list[int]:
+        if name.endswith(".mlp.experts.gate_up_proj"):
+            return [self.config.moe_intermediate_size] * 2
+        if ".mlp.shared_expert.gate_up_proj." in name:
+            return [self.config.shared_expert_intermediate_size] * 2
+        return super().shard_sizes(name)  # type: ignore[misc]

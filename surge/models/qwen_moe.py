@@ -9,7 +9,7 @@ from dataclasses import replace
 
 from surge.models.interfaces import gated_expert_weights
 from surge.models.llama import LlamaModel
-from surge.models.moe import GGUF_MOE_BLOCKS, SHARED_EXPERT_PACKING, MoeDecoderLayer, moe_shard_sizes
+from surge.models.moe import GGUF_MOE_BLOCKS, SHARED_EXPERT_PACKING, MoeDecoderLayer, MoeShardSizes
 from surge.models.qwen2 import Qwen2ForCausalLM
 from surge.models.qwen3 import Qwen3ForCausalLM
 
@@ -18,22 +18,14 @@ class QwenMoeModel(LlamaModel):
     decoder_layer = MoeDecoderLayer
 
 
-class Qwen2MoeForCausalLM(Qwen2ForCausalLM):
+class Qwen2MoeForCausalLM(MoeShardSizes, Qwen2ForCausalLM):
     model_class = QwenMoeModel
     packed_modules = {**Qwen2ForCausalLM.packed_modules, **SHARED_EXPERT_PACKING}
     expert_weights = gated_expert_weights("mlp", "gate_proj", "up_proj", "down_proj")
     gguf_names = replace(Qwen2ForCausalLM.gguf_names, blocks={**Qwen2ForCausalLM.gguf_names.blocks, **GGUF_MOE_BLOCKS})
 
-    def shard_sizes(self, name: str) -> list[int]:
-        sizes = moe_shard_sizes(self.config, name)
-        return sizes if sizes is not None else super().shard_sizes(name)
 
-
-class Qwen3MoeForCausalLM(Qwen3ForCausalLM):
+class Qwen3MoeForCausalLM(MoeShardSizes, Qwen3ForCausalLM):
     model_class = QwenMoeModel
     expert_weights = Qwen2MoeForCausalLM.expert_weights
     gguf_names = replace(Qwen3ForCausalLM.gguf_names, blocks={**Qwen3ForCausalLM.gguf_names.blocks, **GGUF_MOE_BLOCKS})
-
-    def shard_sizes(self, name: str) -> list[int]:
-        sizes = moe_shard_sizes(self.config, name)
-        return sizes if sizes is not None else super().shard_sizes(name)
