@@ -181,9 +181,10 @@ def _stack_experts(state: dict[str, torch.Tensor], experts: int) -> dict[str, to
 
 def rewrite_gguf(src: Path, dst: Path, arch: str | None = None, tensor_type: "T | None" = None,
                  metadata: dict[str, tuple[object, gguf.GGUFValueType]] | None = None,
-                 drop: tuple[str, ...] = ()) -> Path:
+                 drop: tuple[str, ...] = (), row_length: int | None = None) -> Path:
     """Copy a GGUF, changing its architecture name, one tensor's storage type (blk.0.ffn_up
-    as zeros of `tensor_type`), metadata keys (key -> (value, type); `drop`: keys left out)."""
+    as zeros of `tensor_type`; with `row_length`, its header claims rows of that many values
+    whatever the type's block), metadata keys (key -> (value, type); `drop`: keys left out)."""
     reader = gguf.GGUFReader(str(src))
     old_arch = reader.fields["general.architecture"].contents()
     new_arch = arch or old_arch
@@ -198,7 +199,12 @@ def rewrite_gguf(src: Path, dst: Path, arch: str | None = None, tensor_type: "T 
     for key, (value, vtype) in metadata.items():
         w.add_key_value(key, value, vtype)
     for t in reader.tensors:
-        if tensor_type is not None and t.name == "blk.0.ffn_up.weight":
+        if tensor_type is not None and t.name == "blk.0.ffn_up.weight" and row_length is not None:
+            block, size = gguf.GGML_QUANT_SIZES[tensor_type]
+            rows = int(t.shape[1])
+            data = np.zeros(max(1, rows * row_length * size // block), np.int8)  # int8: the shape is taken as given
+            w.add_tensor(t.name, data, raw_shape=(rows, row_length), raw_dtype=tensor_type)
+        elif tensor_type is not None and t.name == "blk.0.ffn_up.weight":
             data = encode_tensor(np.zeros((int(t.shape[1]), int(t.shape[0])), np.float32), tensor_type, seed=0)
             w.add_tensor(t.name, data, raw_dtype=tensor_type)
         else:

@@ -103,6 +103,12 @@ def test_unsupported_tensor_type(tiny_gguf, tmp_path):
         load_model(str(bad))
 
 
+def test_k_quant_rows_not_a_multiple_of_its_block(tiny_gguf, tmp_path):
+    bad = rewrite_gguf(tiny_gguf, tmp_path / "rows.gguf", tensor_type=T.Q4_K, row_length=96)
+    with pytest.raises(ModelFormatError, match=rf"{bad}.*blk\.0\.ffn_up\.weight.*Q4_K.*rows of 96 values.*block of 256"):
+        load_model(str(bad))
+
+
 def test_directory_without_config(tmp_path):
     (tmp_path / "model.safetensors").write_bytes(b"")
     with pytest.raises(ModelFormatError, match="no config.json"):

@@ -146,6 +146,9 @@ class GgufFile:
             except ValueError:
                 raise GgufError(f"tensor {name!r} has unknown type {raw_type}") from None
             block, type_size = GGML_QUANT_SIZES[qtype]
+            if len(dims) and int(dims[0]) % block:
+                raise GgufError(f"tensor {name!r} of type {qtype.name} has rows of {int(dims[0])} values, which is "
+                                f"not a multiple of the type's block of {block}")
             n_elements = int(np.prod(dims)) if len(dims) else 1
             n_bytes = n_elements * type_size // block
             data_offset = start + int(rel)
