@@ -92,6 +92,20 @@ class PackedLinear(nn.Module):
         return f"{self.in_features}, {self.out_features}, packed for {'surge' if self.native else 'oneDNN'}"
 
 
+class ConcatLinear(nn.Module):
+    """One fused projection (q/k/v, gate/up) run as its parts, outputs concatenated: for parts
+    stored in different formats (a GGUF's Q4_K q/k with a Q6_K v)."""
+
+    def __init__(self, parts: list[nn.Module]):
+        super().__init__()
+        self.parts = nn.ModuleList(parts)
+        self.in_features = parts[0].in_features
+        self.out_features = sum(p.out_features for p in parts)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([part(x) for part in self.parts], dim=-1)
+
+
 def dense_linear(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Module:
     """The fastest dense linear for this weight: prepacked where oneDNN supports its dtype."""
     if can_pack(weight.dtype):

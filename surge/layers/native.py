@@ -142,8 +142,11 @@ def _register_fakes() -> None:
     def linear_bf16_fake(x, w, bias):  # noqa: ANN001, ANN202
         return x.new_empty((x.shape[0], w.shape[0] * w.shape[2] // 2))
 
-    def linear_int4_fake(x, q, s, group_size, bias, planes):  # noqa: ANN001, ANN202
+    def linear_quant_fake(x, q, qh, s, kind, group_size, bias, planes, tile_min_rows):  # noqa: ANN001, ANN202
         return x.new_empty((x.shape[0], q.shape[0] * q.shape[2] // planes))
+
+    def quant_rows_fake(ids, q, qh, s, kind, group_size, planes):  # noqa: ANN001, ANN202
+        return q.new_empty((ids.shape[0], 2 * q.shape[1]), dtype=torch.float32)
 
     torch.library.register_fake("surge_native::linear_bf16", linear_bf16_fake)
     def quantize_u8_fake(x, inv):  # noqa: ANN001, ANN202
@@ -152,7 +155,8 @@ def _register_fakes() -> None:
     def linear_w8a8_fake(codes, w, comp, corr, bias, out_bf16):  # noqa: ANN001, ANN202
         return codes.new_empty((codes.shape[0], comp.shape[0]), dtype=torch.bfloat16 if out_bf16 else torch.float32)
 
-    torch.library.register_fake("surge_native::linear_int4", linear_int4_fake)
+    torch.library.register_fake("surge_native::linear_quant", linear_quant_fake)
+    torch.library.register_fake("surge_native::quant_rows", quant_rows_fake)
     torch.library.register_fake("surge_native::quantize_u8", quantize_u8_fake)
     torch.library.register_fake("surge_native::linear_w8a8", linear_w8a8_fake)
     torch.library.register_fake("surge_native::paged_decode_attention", attention_fake)

@@ -2,13 +2,18 @@
 
 Output channels in blocks of 64, the reduction dimension in pairs, so that one 64-byte load
 feeds the dot-product instruction for 16 channels (bf16) or 64 channels (int4 nibbles).
-`pack_*` build the layouts from plain weights once, at load; `unpack_int4` inverts it (tests,
-dequantize).
+`pack_*` build the layouts from plain weights once, at load; `unpack_int4` inverts the int4
+one (tests). Block-quantized weights (int4 groups, GGUF's K-quants and Q5) share one layout of
+codes and their scales (`PackedQuant`, see csrc/linear.cpp), run by `linear_quant`.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
+
+from surge.layers.quantization.gguf_blocks import BlockCodes
 
 BLOCK = 64  # output channels per block
 
@@ -39,19 +44,85 @@ def _nibble_sources() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return 16 * parity + channel, 32 + 16 * parity + channel, word % 2
 
 
+def _by_byte(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """[N, K] -> the values of the low and of the high nibble of each byte, [64 bytes, N/64, K/2]."""
+    n, k = values.shape
+    v = values.reshape(n // BLOCK, BLOCK, k // 2, 2)
+    lo_ch, hi_ch, elem = _nibble_sources()
+    return v[:, lo_ch, :, elem], v[:, hi_ch, :, elem]
+
+
+def _pack_nibbles(q: torch.Tensor) -> torch.Tensor:
+    """codes [N, K] (their low 4 bits) -> uint8 [N/64, K/2, 64]."""
+    lo, hi = _by_byte(q.to(torch.uint8) & 0xF)
+    return (lo | (hi << 4)).permute(1, 2, 0).contiguous()
+
+
+def _group_scales(scale: torch.Tensor, minimum: torch.Tensor) -> torch.Tensor:
+    """[N, K/G] each -> fp16 [N/64, K/G, 2, 64]."""
+    n, groups = scale.shape
+    s = torch.stack([scale, minimum]).to(torch.float16)  # [2, N, K/G]
+    return s.reshape(2, n // BLOCK, BLOCK, groups).permute(1, 3, 0, 2).contiguous()
+
+
 def pack_int4(q: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """W[n, k] = scale[n, g] * q[n, k] + minimum[n, g] (q in 0..15, g = k // G) ->
     nibbles uint8 [N/64, K/2, 64] and fp16 [N/64, K/G, 2, 64] (scale, minimum)."""
-    n, k = q.shape
-    groups = scale.shape[1]
-    q4 = q.to(torch.uint8).reshape(n // BLOCK, BLOCK, k // 2, 2)
-    lo_ch, hi_ch, elem = _nibble_sources()
-    lo = q4[:, lo_ch, :, elem]  # [64 bytes, N/64, K/2]
-    hi = q4[:, hi_ch, :, elem]
-    nibbles = (lo | (hi << 4)).permute(1, 2, 0).contiguous()
-    s = torch.stack([scale, minimum]).to(torch.float16)  # [2, N, K/G]
-    s = s.reshape(2, n // BLOCK, BLOCK, groups).permute(1, 3, 0, 2).contiguous()
-    return nibbles, s
+    return _pack_nibbles(q), _group_scales(scale, minimum)
+
+
+KIND_CODES = {"int4": 0, "q5": 1, "q4_k": 2, "q5_k": 3, "q6_k": 4}  # csrc/linear.cpp's Kind
+
+
+@dataclass
+class PackedQuant:
+    """A block-quantized weight in linear_quant's layout: codes' low nibbles q, their high bits
+    qh (empty for 4-bit codes), scales s, `kind` (KIND_CODES), group size of s (int4, q5)."""
+
+    q: torch.Tensor
+    qh: torch.Tensor
+    s: torch.Tensor
+    kind: str
+    group_size: int
+
+
+def _pack_high_bits(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """The bits above the nibble of codes [N, K] -> uint8 [N/64, K/2/R, 64]: 5-bit codes, R = 4
+    pairs a byte (bit 2j: low nibble's value of pair j, 2j + 1: high nibble's); 6-bit, R = 2
+    (bits 4j..4j+1 and 4j+2..4j+3)."""
+    lo, hi = _by_byte(codes.to(torch.uint8) >> 4)  # [64, N/64, K/2]
+    per = 4 if bits == 5 else 2
+    width = 8 // per  # bits per pair in a byte
+    lo = lo.reshape(*lo.shape[:2], -1, per).to(torch.int32)
+    hi = hi.reshape(*hi.shape[:2], -1, per).to(torch.int32)
+    shift = width * torch.arange(per, dtype=torch.int32)
+    packed = ((lo << shift) | (hi << (shift + width // 2))).sum(-1)
+    return packed.to(torch.uint8).permute(1, 2, 0).contiguous()
+
+
+def _k_records(c: BlockCodes) -> torch.Tensor:
+    """The scales of Q4_K / Q5_K / Q6_K per (block of 64 channels, 256 of K), uint8 [N/64, K/256, bytes]:
+    fp16 d[64], (fp16 -dmin[64]), sc[groups][64], (m[groups][64])."""
+    n, supers = c.d.shape
+
+    def channels_last(t: torch.Tensor) -> torch.Tensor:  # [N, S * per] -> [N/64, S, per * 64 bytes]
+        per = t.shape[1] // supers
+        t = t.reshape(n // BLOCK, BLOCK, supers, per).permute(0, 2, 3, 1).contiguous()
+        return t.view(torch.uint8).reshape(n // BLOCK, supers, -1)
+
+    assert c.sc is not None
+    parts = [c.d, -c.dmin, c.sc, c.m] if c.kind != "q6_k" else [c.d, c.sc]
+    return torch.cat([channels_last(p) for p in parts], dim=-1).contiguous()  # type: ignore[arg-type]
+
+
+def pack_codes(c: BlockCodes) -> PackedQuant:
+    """Decoded GGUF blocks (surge.layers.quantization.gguf_blocks) in linear_quant's layout."""
+    bits = 6 if c.kind == "q6_k" else 5 if c.kind in ("q5", "q5_k") else 4
+    qh = _pack_high_bits(c.codes, bits) if bits > 4 else torch.empty(0, dtype=torch.uint8)
+    if c.kind == "q5":
+        assert c.minimum is not None
+        return PackedQuant(_pack_nibbles(c.codes), qh, _group_scales(c.d, c.minimum), "q5", 32)
+    return PackedQuant(_pack_nibbles(c.codes), qh, _k_records(c), c.kind, 256)
 
 
 def unpack_int4(nibbles: torch.Tensor, s: torch.Tensor) -> torch.Tensor:

@@ -18,7 +18,7 @@ from collections.abc import Iterable
 import torch
 
 from surge.errors import ModelFormatError
-from surge.layers.quantization.formats import QUANTIZED_TYPES, QuantizedWeight, split_rows
+from surge.layers.quantization.formats import QUANTIZED_TYPES, QuantizedWeight, rows_of, split_rows
 from surge.models.interfaces import CausalLM
 
 Pending = dict[str, dict[int, QuantizedWeight]]
@@ -81,17 +81,19 @@ def load_weights(model: CausalLM, weights: Iterable[tuple[str, torch.Tensor | Qu
         whole = stacked is None and len(sizes) > 1 and name == checkpoint_name
         if isinstance(tensor, QUANTIZED_TYPES):
             if name != embedding_weight and stacked is None:
-                if whole and tensor.q.shape[0] != sum(sizes):
-                    raise ModelFormatError(f"{source}: tensor {checkpoint_name!r} has {tensor.q.shape[0]} rows, the "
+                if whole and rows_of(tensor) != sum(sizes):
+                    raise ModelFormatError(f"{source}: tensor {checkpoint_name!r} has {rows_of(tensor)} rows, the "
                                            f"model expects {sum(sizes)}")
                 parts = enumerate(split_rows(tensor, sizes)) if whole else [(shard, tensor)]
                 for index, part in parts:
                     pending.setdefault(name.rsplit(".", 1)[0], {})[index] = part  # type: ignore[assignment]
                     loaded.add((name, index))
                 continue
-            if tied and name == embedding_weight:
-                pending.setdefault(model.output_head, {})[0] = tensor
-            tensor = tensor.dequantize()  # the embedding, and experts (quantized from float later)
+            if name == embedding_weight:  # looked up from its quantized rows where the kernels run
+                pending.setdefault(model.embedding, {})[0] = tensor
+                if tied:
+                    pending.setdefault(model.output_head, {})[0] = tensor
+            tensor = tensor.dequantize()  # the embedding (its float fallback), and experts (quantized from float later)
         rows = slice(sum(sizes[:shard]), sum(sizes[: shard + 1])) if sizes and not whole else slice(None)
         if stacked is not None:
             if expert is not None and not 0 <= expert < param.shape[0]:
@@ -134,12 +136,13 @@ def load_weights(model: CausalLM, weights: Iterable[tuple[str, torch.Tensor | Qu
 
 
 def _dequantize_mixed_fusions(model: CausalLM, params: dict[str, torch.nn.Parameter], pending: Pending) -> None:
-    """A fused linear runs from one quantized weight only when every shard came in the same
-    format (a GGUF may store q/k as Q5_0 and v as Q8_0, or q/k in float): otherwise its
-    quantized shards are dequantized into their rows of the float weight."""
+    """A fused linear runs quantized only when every shard came quantized (in one format, or
+    in several, run as parts: see quantization/apply.py); where some came in float (a GGUF may
+    store q/k in F16 and v as Q8_0) its quantized shards are dequantized into their rows of the
+    float weight."""
     for module, shards in list(pending.items()):
         sizes = model.shard_sizes(f"{module}.weight")
-        if len(sizes) < 2 or (set(shards) == set(range(len(sizes))) and len({type(w) for w in shards.values()}) == 1):
+        if len(sizes) < 2 or set(shards) == set(range(len(sizes))):
             continue
         weight = params[f"{module}.weight"]
         with torch.no_grad():

@@ -177,4 +177,6 @@ class CausalLM(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.get_submodule(self.embedding).weight.dtype
+        embedding = self.get_submodule(self.embedding)
+        weight = getattr(embedding, "weight", None)  # a table looked up from quantized rows has none
+        return weight.dtype if weight is not None else embedding.dtype

@@ -164,7 +164,7 @@ class LlamaForCausalLM(CausalLM):
 
     def prepare_compile(self, max_positions: int) -> None:
         for rotary in self.model.rotaries:
-            rotary.prepare(max_positions, self.model.embed_tokens.weight.device, self.dtype)
+            rotary.prepare(max_positions, self.model.norm.weight.device, self.dtype)
 
     def shard_sizes(self, name: str) -> list[int]:
         c = self.config

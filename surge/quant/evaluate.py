@@ -101,7 +101,7 @@ class WindowRunner:
         self.loaded = loaded
         self.ctx = ctx
         self.chunk = chunk
-        device = str(loaded.model.model.embed_tokens.weight.device)
+        device = str(loaded.model.model.norm.weight.device)
         blocks = -(-ctx // block_size)
         # block 0 stays unused, as in the engine, so a zero-padded block table cannot alias a live block
         kv_dtype = cache_dtype(CacheConfig(block_size, cache_dtype=kv_cache_dtype), loaded.dtype)

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from surge.layers import native_linear
 from surge.layers.linear import PackedLinear
-from surge.layers.quantization.quant_linear import DENSE_MIN_ROWS_INT8_PLANES, QuantLinear
+from surge.layers.quantization.quant_linear import TILE_MIN_ROWS, QuantLinear
 from surge.layers.native import linear_ops
 from surge.layers.quantization.formats import quantize_int4, quantize_int8_groups
 
@@ -52,9 +52,18 @@ def test_int4_layout_round_trips():
     assert torch.equal(native_linear.unpack_int4(nibbles, s), want)
 
 
+NO_TILES = 1 << 30  # linear_quant's tile_min_rows: always from the codes
+EMPTY = torch.empty(0, dtype=torch.uint8)  # no high bits: 4-bit codes
+
+
+def _int4(x, nibbles, s, group, bias, planes=1, tile_min_rows=NO_TILES):
+    return torch.ops.surge_native.linear_quant(x, nibbles, EMPTY, s, 0, group, bias, planes, tile_min_rows)
+
+
 @pytest.mark.parametrize("group", [32, 64, 128])
 @pytest.mark.parametrize("rows", ROWS)
-def test_int4_kernel_matches_float64(group, rows):
+@pytest.mark.parametrize("tiles", [False, True])
+def test_int4_kernel_matches_float64(group, rows, tiles):
     n, k = 128, 256
     q = torch.randint(0, 16, (n, k), generator=_gen(0))
     scale = torch.rand(n, k // group, generator=_gen(1)) * 0.02 + 1e-3
@@ -62,8 +71,10 @@ def test_int4_kernel_matches_float64(group, rows):
     nibbles, s = native_linear.pack_int4(q, scale, minimum)
     b = torch.randn(n, generator=_gen(3)).bfloat16()
     x = torch.randn(rows, k, generator=_gen(4)).bfloat16()
-    got = torch.ops.surge_native.linear_int4(x, nibbles, s, group, b, 1)
-    ref = x.double() @ native_linear.unpack_int4(nibbles, s).double().t() + b.double()
+    got = _int4(x, nibbles, s, group, b, tile_min_rows=1 if tiles else NO_TILES)
+    weight = native_linear.unpack_int4(nibbles, s)
+    weight = weight.bfloat16() if tiles else weight  # a tile holds the weight rounded to bf16
+    ref = x.double() @ weight.double().t() + b.double()
     _assert_close_to(got, ref)
 
 
@@ -75,11 +86,11 @@ def test_kernels_reject_mismatched_inputs():
         torch.ops.surge_native.linear_bf16(torch.randn(1, 32), w, None)
     nibbles, s = native_linear.pack_int4(torch.zeros(64, 64, dtype=torch.int64), torch.ones(64, 2), torch.zeros(64, 2))
     with pytest.raises(RuntimeError, match="group size 48"):
-        torch.ops.surge_native.linear_int4(torch.randn(1, 64).bfloat16(), nibbles, s, 48, None, 1)
-    with pytest.raises(RuntimeError, match="planes must be 1 or 2"):
-        torch.ops.surge_native.linear_int4(torch.randn(1, 64).bfloat16(), nibbles, s, 32, None, 2)  # one block
+        _int4(torch.randn(1, 64).bfloat16(), nibbles, s, 48, None)
+    with pytest.raises(RuntimeError, match="planes must be 1, or 2"):
+        _int4(torch.randn(1, 64).bfloat16(), nibbles, s, 32, None, planes=2)  # one block
     with pytest.raises(RuntimeError, match="bias must be"):
-        torch.ops.surge_native.linear_int4(torch.randn(1, 64).bfloat16(), nibbles, s, 32, torch.zeros(3).bfloat16(), 1)
+        _int4(torch.randn(1, 64).bfloat16(), nibbles, s, 32, torch.zeros(3).bfloat16())
 
 
 def test_packed_linear_takes_the_native_kernel_where_the_shape_fits(monkeypatch):
@@ -107,11 +118,9 @@ def test_packed_linear_compiled_equals_eager(rows):
     torch._dynamo.reset()
 
 
-@pytest.mark.parametrize("make,native_rows", [
-    (lambda w: quantize_int4(w, 64), [1, 3, 8]),
-    (quantize_int8_groups, [1, DENSE_MIN_ROWS_INT8_PLANES - 1]),
-], ids=["int4-g64", "int8-g32"])
-def test_quant_linear_native_path_matches_its_dequantized_weight(make, native_rows):
+@pytest.mark.parametrize("make,kind", [(lambda w: quantize_int4(w, 64), "int4"), (quantize_int8_groups, "int8g")],
+                         ids=["int4-g64", "int8-g32"])
+def test_quant_linear_native_path_matches_its_dequantized_weight(make, kind):
     w = torch.randn(128, 256, generator=_gen(0)) * 0.05
     qw = make(w)
     layer = QuantLinear(qw, torch.randn(128, generator=_gen(1)) * 0.1, torch.bfloat16)
@@ -119,7 +128,10 @@ def test_quant_linear_native_path_matches_its_dequantized_weight(make, native_ro
     # scales and mins kept in fp16: the weight it holds is the quantized one within fp16 rounding
     want = qw.dequantize()
     assert (layer.dequantize() - want).abs().max() <= 2**-10 * want.abs().max()
-    for rows in native_rows:
+    assert layer.dense is None  # many rows dequantize tiles: no dense copy
+    for rows in [1, 3, 8, TILE_MIN_ROWS[kind] - 1, TILE_MIN_ROWS[kind], 40]:
         x = torch.randn(rows, 256, generator=_gen(rows)).bfloat16()
-        ref = x.double() @ layer.dequantize().double().t() + layer.bias.double()
+        weight = layer.dequantize()
+        weight = weight.bfloat16() if rows >= TILE_MIN_ROWS[kind] else weight  # tiles hold bf16
+        ref = x.double() @ weight.double().t() + layer.bias.double()
         _assert_close_to(layer(x), ref)

@@ -1,8 +1,12 @@
 """Quantization applied to a loaded model from outside: each nn.Linear is replaced by the
 layer that runs its weight (the model classes know nothing of quantization).
 
-    "auto"         a GGUF's Q4/Q8 weights run as int4/int8 and a surge checkpoint's as stored
-                   (w8a8 on the int8 GEMM); float weights stay float
+    "auto"         a GGUF's quantized weights run from their blocks (Q4_0/Q4_1 as int4, Q8_0
+                   as int8 groups, Q4_K/Q5_K/Q6_K/Q5_0/Q5_1 as they are, where the CPU
+                   kernels run; elsewhere in float), its embedding table too; a fused
+                   projection whose parts came in different formats runs as its parts; a
+                   surge checkpoint's weights as stored (w8a8 on the int8 GEMM); float
+                   weights stay float
     "int4"/"int8"  every linear quantized, each expert's of an MoE layer too (the router stays
                    float); the output head in int8 groups of 32: it is the most
                    sensitive matrix (per-channel int8 flips ~3% of the default model's top-1
@@ -18,7 +22,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from surge.layers.linear import PackedLinear, can_pack
+from surge.layers.linear import ConcatLinear, PackedLinear, can_pack
 from surge.layers.moe import FusedExperts
 from surge.layers.quantization.formats import (
     Int4Weight,
@@ -31,24 +35,50 @@ from surge.layers.quantization.formats import (
     quantize_int8,
     quantize_int8_groups,
 )
-from surge.layers.quantization.quant_linear import QuantLinear
+from surge.layers.quantization.gguf_blocks import GgufBlockWeight
+from surge.layers.quantization.quant_embedding import QuantEmbedding
+from surge.layers.quantization.quant_linear import QuantLinear, runs_natively
 from surge.layers.quantization.w8a8_linear import W8A8Linear
 
 _KINDS = {Int4Weight: "int4", Int8Weight: "int8", Int8GroupWeight: "int8g"}  # w8a8: none of these
 
 
-def _joined(module: nn.Linear, parts: dict[int, QuantizedWeight] | None,
-            scheme: str) -> QuantizedWeight | None:
-    """The pending shards of one linear as one weight (loading leaves only complete sets of one
-    type: see weight_loading); under scheme "none" they are dequantized into the float weight."""
+def _format(weight: QuantizedWeight) -> tuple[type, int]:
+    return type(weight), getattr(weight, "qtype", 0)
+
+
+def _runs(weight: QuantizedWeight, dtype: torch.dtype) -> bool:
+    """GGUF blocks run only on the native kernel, in shapes it takes (else they are dequantized)."""
+    if not isinstance(weight, GgufBlockWeight):
+        return True
+    return runs_natively(weight.rows, weight.cols, 2, dtype)
+
+
+def _joined(module: nn.Linear, parts: dict[int, QuantizedWeight] | None, scheme: str,
+            dtype: torch.dtype) -> QuantizedWeight | list[QuantizedWeight] | None:
+    """The pending shards of one linear (loading leaves only complete sets: see weight_loading)
+    as one weight, or as its parts where they came in different formats (under "auto", where
+    each runs); otherwise they are dequantized into the float weight and None is returned."""
     if parts is None:
         return None
     ordered = [parts[i] for i in sorted(parts)]
-    if scheme != "none":
-        return type(ordered[0]).cat(ordered)  # type: ignore[attr-defined]
+    if scheme != "none" and all(_runs(p, dtype) for p in ordered):
+        if len({_format(p) for p in ordered}) == 1:
+            return type(ordered[0]).cat(ordered)  # type: ignore[attr-defined]
+        if scheme == "auto" and not any(isinstance(p, W8A8Weight) for p in ordered):
+            return ordered
     with torch.no_grad():
         module.weight.copy_(torch.cat([p.dequantize() for p in ordered]))
     return None
+
+
+def _concat(weights: list[QuantizedWeight], bias: torch.Tensor | None, dtype: torch.dtype) -> ConcatLinear:
+    """A fused projection from parts of different formats, each its own QuantLinear."""
+    bounds = [0]
+    for w in weights:
+        bounds.append(bounds[-1] + QuantLinear.shape_of(w)[0])
+    return ConcatLinear([QuantLinear(w, bias[a:b] if bias is not None else None, dtype)
+                         for w, a, b in zip(weights, bounds, bounds[1:])])
 
 
 def _requantized(weight: QuantizedWeight | None, module: nn.Linear, target: str, group_size: int,
@@ -73,20 +103,46 @@ def quantize_linears(model: nn.Module, pending: dict[str, dict[int, QuantizedWei
             _quantize_experts(module, scheme, group_size, keep_dense, dtype, path)
         if not isinstance(module, nn.Linear):
             continue
-        weight = _joined(module, pending.get(path), scheme)
+        weight = _joined(module, pending.get(path), scheme, dtype)
         if scheme in ("int4", "int8"):
             weight = _requantized(weight, module, "int8g" if path == output_head else scheme, group_size, path)
-        parent_path, _, attr = path.rpartition(".")
-        parent = model.get_submodule(parent_path) if parent_path else model
+        bias = module.bias.detach() if module.bias is not None else None
         if weight is None or scheme == "none":
             if can_pack(dtype):
-                setattr(parent, attr, PackedLinear(module.weight, module.bias))
-            continue
-        bias = module.bias.detach() if module.bias is not None else None
-        if isinstance(weight, W8A8Weight):
-            setattr(parent, attr, W8A8Linear(weight, bias, dtype))
+                _replace(model, path, PackedLinear(module.weight, module.bias))
+        elif isinstance(weight, list):
+            _replace(model, path, _concat(weight, bias, dtype))
+        elif isinstance(weight, W8A8Weight):
+            _replace(model, path, W8A8Linear(weight, bias, dtype))
         else:
-            setattr(parent, attr, QuantLinear(weight, bias, dtype, keep_dense))
+            _replace(model, path, QuantLinear(weight, bias, dtype, keep_dense))
+    if scheme == "auto":
+        _embedding_from_blocks(model, pending, output_head, dtype)
+
+
+def _replace(model: nn.Module, path: str, layer: nn.Module) -> None:
+    parent_path, _, attr = path.rpartition(".")
+    setattr(model.get_submodule(parent_path) if parent_path else model, attr, layer)
+
+
+def _embedding_from_blocks(model: nn.Module, pending: dict[str, dict[int, QuantizedWeight]], output_head: str,
+                           dtype: torch.dtype) -> None:
+    """The embedding table looked up from its quantized rows where the file stored it quantized
+    and the native kernels run: shared with the output head when the head runs from the same
+    tensor (tied embeddings), else packed on its own."""
+    embedding = getattr(model, "embedding", None)
+    stored = pending.get(embedding, {}).get(0) if embedding else None
+    if stored is None or isinstance(stored, (W8A8Weight, Int8Weight)):
+        return
+    head = model.get_submodule(output_head)
+    if isinstance(head, QuantLinear) and pending.get(output_head, {}).get(0) is stored:
+        table = head
+    elif _runs(stored, dtype):
+        table = QuantLinear(stored, None, dtype, keep_dense=False)
+    else:
+        return
+    if table.native:
+        _replace(model, embedding, QuantEmbedding(table, dtype))
 
 
 def _quantize_experts(experts: FusedExperts, scheme: str, group_size: int, keep_dense: bool, dtype: torch.dtype,

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from surge.errors import InvalidArgumentError, ModelFormatError
+from surge.layers.quantization.gguf_blocks import GgufBlockWeight
 
 T = gguf.GGMLQuantizationType
 INT4_GROUP_SIZES = (32, 64, 128)
@@ -149,7 +150,14 @@ def split_rows(weight: QuantizedWeight | torch.Tensor, sizes: list[int]) -> list
         return [Int8GroupWeight(weight.q[s], weight.scale[s], weight.group_size) for s in pieces]
     if isinstance(weight, W8A8Weight):  # the parts read one input: they share its quantizer
         return [W8A8Weight(weight.q[s], weight.scale[s], weight.input_scale, weight.smooth) for s in pieces]
+    if isinstance(weight, GgufBlockWeight):
+        return [weight.take_rows(s) for s in pieces]
     return [Int8Weight(weight.q[s], weight.scale[s]) for s in pieces]
+
+
+def rows_of(weight: QuantizedWeight) -> int:
+    """Output rows of a quantized weight."""
+    return weight.rows if isinstance(weight, GgufBlockWeight) else int(weight.q.shape[0])
 
 
 def quantize_activations(x: torch.Tensor, act_inv: torch.Tensor) -> torch.Tensor:
@@ -157,8 +165,8 @@ def quantize_activations(x: torch.Tensor, act_inv: torch.Tensor) -> torch.Tensor
     return torch.round(x.float() * act_inv).clamp_(-127, 127).to(torch.int8)
 
 
-QUANTIZED_TYPES = (Int4Weight, Int8Weight, Int8GroupWeight, W8A8Weight)
-QuantizedWeight = Int4Weight | Int8Weight | Int8GroupWeight | W8A8Weight
+QUANTIZED_TYPES = (Int4Weight, Int8Weight, Int8GroupWeight, W8A8Weight, GgufBlockWeight)
+QuantizedWeight = Int4Weight | Int8Weight | Int8GroupWeight | W8A8Weight | GgufBlockWeight
 
 
 def quantize_int8_groups(w: torch.Tensor, group_size: int = 32) -> Int8GroupWeight:

@@ -13,6 +13,7 @@ from surge.config import ModelConfig
 from surge.errors import ModelFormatError, UnsupportedTensorTypeError
 from surge.loader.gguf.file import GgufFile, GgufTensor
 from surge.layers.quantization.formats import Int4Weight, Int8GroupWeight, gguf_to_int4, gguf_to_int8
+from surge.layers.quantization.gguf_blocks import BLOCK_TYPES, GgufBlockWeight
 from surge.models.interfaces import GgufNames
 
 T = gguf.GGMLQuantizationType
@@ -64,18 +65,21 @@ def _unpermute_any(weight, heads: int):
                           unpermute_qk(weight.zero, heads), weight.group_size)
     if isinstance(weight, Int8GroupWeight):
         return Int8GroupWeight(unpermute_qk(weight.q, heads), unpermute_qk(weight.scale, heads), weight.group_size)
+    if isinstance(weight, GgufBlockWeight):  # blocks lie within rows: the rows move whole
+        return GgufBlockWeight(unpermute_qk(weight.raw, heads), weight.qtype, weight.cols)
     return unpermute_qk(weight, heads)
 
 
 def iter_gguf_weights(
     reader: GgufFile, config: ModelConfig, names: GgufNames, path: str, dtype: torch.dtype,
     keep_quantized: bool = False,
-) -> Iterator[tuple[str, torch.Tensor | Int4Weight | Int8GroupWeight]]:
+) -> Iterator[tuple[str, torch.Tensor | Int4Weight | Int8GroupWeight | GgufBlockWeight]]:
     """Every tensor the model uses as (checkpoint name, tensor of `dtype`), with Q/K rows
     restored where llama.cpp permuted them.
 
     With `keep_quantized`, Q4_0/Q4_1 matrices come as Int4Weight and Q8_0 as Int8GroupWeight,
-    repacked from their blocks without expanding to float.
+    repacked from their blocks without expanding to float, and K-quant / Q5 matrices as their
+    blocks (GgufBlockWeight).
     """
     permuted = names.permuted_qk
     for tensor in reader.tensors:
@@ -84,11 +88,14 @@ def iter_gguf_weights(
             continue
         qtype = T(tensor.tensor_type)
         rows = int(tensor.shape[1]) if len(tensor.shape) == 2 else 0
-        weight: torch.Tensor | Int4Weight | Int8GroupWeight
+        weight: torch.Tensor | Int4Weight | Int8GroupWeight | GgufBlockWeight
         if keep_quantized and rows and qtype in (T.Q4_0, T.Q4_1):
             weight = gguf_to_int4(np.asarray(tensor.data), qtype, rows)
         elif keep_quantized and rows and qtype == T.Q8_0:
             weight = gguf_to_int8(np.asarray(tensor.data), qtype, rows)
+        elif keep_quantized and rows and qtype in BLOCK_TYPES:
+            raw = torch.from_numpy(np.array(tensor.data, dtype=np.uint8).reshape(rows, -1))
+            weight = GgufBlockWeight(raw, int(qtype), int(tensor.shape[0]))
         else:
             weight = torch.from_numpy(dequantize(tensor, path))
             if names.norm_offset and name.endswith("norm.weight"):
