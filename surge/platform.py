@@ -1,7 +1,10 @@
-"""What the machine can do: bf16 support on this CPU or GPU, the default device, dtype resolution."""
+"""What the machine can do: bf16 support on this CPU or GPU, the default device, dtype
+resolution; handing memory freed by a load back to the system."""
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import functools
 
 import torch
@@ -48,3 +51,13 @@ def resolve_dtype(dtype: str, device: str, checkpoint_dtype: str = "float32") ->
             return "float16"
         return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
     return "bfloat16" if cpu_has_fast_bf16() else "float32"
+
+
+def release_free_memory() -> None:
+    """Return the heap pages freed during a load to the system (glibc's malloc_trim): decoding
+    and packing weights frees gigabytes in pieces glibc keeps mapped, which would otherwise stay
+    in the process's resident memory for its whole life. A no-op where the C library has none."""
+    name = ctypes.util.find_library("c")
+    trim = getattr(ctypes.CDLL(name), "malloc_trim", None) if name else None
+    if trim is not None:
+        trim(0)

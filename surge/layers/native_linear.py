@@ -9,11 +9,13 @@ codes and their scales (`PackedQuant`, see csrc/linear.cpp), run by `linear_quan
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
 
-from surge.layers.quantization.gguf_blocks import BlockCodes
+from surge.layers.quantization.formats import Int4Weight, Int8GroupWeight, split_rows
+from surge.layers.quantization.gguf_blocks import BlockCodes, GgufBlockWeight, decode_blocks
 
 BLOCK = 64  # output channels per block
 
@@ -113,6 +115,66 @@ def _k_records(c: BlockCodes) -> torch.Tensor:
     assert c.sc is not None
     parts = [c.d, -c.dmin, c.sc, c.m] if c.kind != "q6_k" else [c.d, c.sc]
     return torch.cat([channels_last(p) for p in parts], dim=-1).contiguous()  # type: ignore[arg-type]
+
+
+def _slice_rows(rows: int, cols: int, values_per_slice: int) -> list[int]:
+    """Row counts of the slices a weight is packed in: whole blocks of 64, about values_per_slice values each."""
+    step = max(BLOCK, values_per_slice // cols // BLOCK * BLOCK)
+    return [min(step, rows - r) for r in range(0, rows, step)]
+
+
+def _assemble(slices: Iterator[tuple[torch.Tensor, ...]], blocks: int, planes: int = 1) -> list[torch.Tensor]:
+    """Tensors packed a slice of rows at a time ([planes * slice blocks, ...] each) written into
+    one tensor each ([planes * blocks, ...]: plane 0's blocks for every row, then plane 1's),
+    so the whole weight is held once, beside one slice's intermediates."""
+    out: list[torch.Tensor] = []
+    at = 0
+    for parts in slices:
+        if not out:
+            out = [torch.empty((planes * blocks, *t.shape[1:]), dtype=t.dtype) if t.numel() else t for t in parts]
+        size = parts[0].shape[0] // planes
+        for whole, t in zip(out, parts):
+            if t.numel():
+                for plane in range(planes):
+                    whole[plane * blocks + at:plane * blocks + at + size] = t[plane * size:(plane + 1) * size]
+        at += size
+    return out
+
+
+def pack_groups(weight: Int4Weight | Int8GroupWeight, values_per_slice: int = 1 << 22) -> PackedQuant:
+    """int4 groups, or int8 groups as two int4 planes summed (high and low nibbles, W = 16 s h +
+    s l, see Int8GroupWeight.planes), in linear_quant's layout [plane 0's blocks; plane 1's],
+    packed a slice of rows at a time (the planes take int32 intermediates)."""
+    planes = 2 if isinstance(weight, Int8GroupWeight) else 1
+
+    def slices() -> Iterator[tuple[torch.Tensor, ...]]:
+        for part in split_rows(weight, _slice_rows(*weight.q.shape, values_per_slice)):
+            p = part.planes() if isinstance(part, Int8GroupWeight) else part
+            assert isinstance(p, Int4Weight)
+            yield pack_int4(p.q, p.scale, p.zero - 8 * p.scale)  # W = scale q + (zero - 8 scale)
+
+    q, s = _assemble(slices(), weight.q.shape[0] // BLOCK, planes)
+    return PackedQuant(q, torch.empty(0, dtype=torch.uint8), s, "int4", weight.group_size)
+
+
+def pack_blocks(weight: GgufBlockWeight, values_per_slice: int = 1 << 22) -> PackedQuant:
+    """A GGUF matrix's blocks in linear_quant's layout, decoded and packed a slice of rows at a
+    time (blocks of 64 channels are independent): decoding takes several bytes per weight for a
+    moment, and a 150k-row embedding table decoded whole would need gigabytes at load."""
+    bounds = [0]
+    for rows in _slice_rows(weight.rows, weight.cols, values_per_slice):
+        bounds.append(bounds[-1] + rows)
+    kind, group_size = "", 0
+
+    def slices() -> Iterator[tuple[torch.Tensor, ...]]:
+        nonlocal kind, group_size
+        for a, b in zip(bounds, bounds[1:]):
+            packed = pack_codes(decode_blocks(weight.take_rows(slice(a, b))))
+            kind, group_size = packed.kind, packed.group_size
+            yield packed.q, packed.qh, packed.s
+
+    q, qh, s = _assemble(slices(), weight.rows // BLOCK)
+    return PackedQuant(q, qh, s, kind, group_size)
 
 
 def pack_codes(c: BlockCodes) -> PackedQuant:

@@ -14,6 +14,7 @@ from surge.errors import InvalidArgumentError
 from surge.loader.hub import ModelSource, resolve_model
 from surge.layers.quantization.apply import quantize_linears
 from surge.models.registry import get_model_class
+from surge.platform import release_free_memory
 from surge.loader.weight_loading import Pending
 from surge.loader.weight_loading import load_weights as load_model_weights
 from surge.tokenizer import Tokenizer
@@ -109,6 +110,8 @@ def load_weights(
         before_finalize(net, pending)
     quantize_linears(net, pending, quantization, group_size, output_head=net.output_head)
     net.eval()
+    del pending, weights
+    release_free_memory()
     return net
 
 

@@ -93,7 +93,10 @@ def load_weights(model: CausalLM, weights: Iterable[tuple[str, torch.Tensor | Qu
                 pending.setdefault(model.embedding, {})[0] = tensor
                 if tied:
                     pending.setdefault(model.output_head, {})[0] = tensor
-            tensor = tensor.dequantize()  # the embedding (its float fallback), and experts (quantized from float later)
+                _dequantize_into(param.data, tensor, f"{source}: tensor {checkpoint_name!r}")  # its float fallback
+                loaded.add((name, 0))
+                continue
+            tensor = tensor.dequantize()  # experts (quantized from float later)
         rows = slice(sum(sizes[:shard]), sum(sizes[: shard + 1])) if sizes and not whole else slice(None)
         if stacked is not None:
             if expert is not None and not 0 <= expert < param.shape[0]:
@@ -133,6 +136,22 @@ def load_weights(model: CausalLM, weights: Iterable[tuple[str, torch.Tensor | Qu
         more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
         raise ModelFormatError(f"{source}: missing weights {', '.join(missing[:3])}{more}")
     return pending
+
+
+def _dequantize_into(target: torch.Tensor, weight: QuantizedWeight, what: str, values_per_slice: int = 1 << 24) -> None:
+    """target[:] = weight dequantized, a slice of rows at a time: a 150k-row table dequantized
+    whole would take gigabytes of float32 for a moment."""
+    rows, cols = target.shape
+    if rows_of(weight) != rows:
+        raise ModelFormatError(f"{what} has {rows_of(weight)} rows, the model expects {rows}")
+    step = max(1, values_per_slice // max(1, cols))
+    sizes = [min(step, rows - r) for r in range(0, rows, step)]
+    with torch.no_grad():
+        for start, part in zip(range(0, rows, step), split_rows(weight, sizes)):
+            values = part.dequantize()
+            if values.shape[1] != cols:
+                raise ModelFormatError(f"{what} has rows of {values.shape[1]} values, the model expects {cols}")
+            target[start:start + values.shape[0]].copy_(values)
 
 
 def _dequantize_mixed_fusions(model: CausalLM, params: dict[str, torch.nn.Parameter], pending: Pending) -> None:

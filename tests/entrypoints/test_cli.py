@@ -30,11 +30,14 @@ def test_generate_several_prompts_with_chat_template():
 
 
 def test_chat_keeps_history():
+    # the second question's first token has a clear margin: after /reset it starts from a
+    # prefix-cache hit, whose few rows round differently from a whole prefill, and France's
+    # first token ("The" / "L") is a tie in bf16 on this model
     proc = _surge("chat", "--max-tokens", "40",
-                  stdin="What is the capital of Germany?\n/reset\nWhat is the capital of France?\n")
+                  stdin="What is the capital of Germany?\n/reset\nWhat is the capital of Japan?\n")
     assert proc.returncode == 0, proc.stderr
     replies = [line for line in proc.stdout.splitlines() if line.strip()]
-    assert "Berlin" in proc.stdout and "Paris" in proc.stdout, replies
+    assert "Berlin" in proc.stdout and "Tokyo" in proc.stdout, replies
 
 
 def test_usage_errors_exit_2():

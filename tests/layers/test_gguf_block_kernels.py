@@ -53,6 +53,16 @@ def test_packed_layout_gives_the_weight_back_exactly(qtype):
     assert torch.equal(layer.rows(ids), w.dequantize()[ids])
 
 
+@pytest.mark.parametrize("qtype", [T.Q6_K, T.Q5_0], ids=lambda t: t.name)
+def test_packing_a_slice_of_rows_at_a_time_equals_packing_whole(qtype):
+    w = random_blocks(qtype, 320, 512)  # slices of 128 rows: 128, 128, 64
+    whole = native_linear.pack_codes(decode_blocks(w))
+    sliced = native_linear.pack_blocks(w, values_per_slice=128 * 512 + 100)
+    for a, b in [(whole.q, sliced.q), (whole.qh, sliced.qh), (whole.s, sliced.s)]:
+        assert torch.equal(a, b)
+    assert (sliced.kind, sliced.group_size) == (whole.kind, whole.group_size)
+
+
 def _bound(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return x.double().abs() @ w.double().abs().t()
 

@@ -135,3 +135,14 @@ def test_quant_linear_native_path_matches_its_dequantized_weight(make, kind):
         weight = weight.bfloat16() if rows >= TILE_MIN_ROWS[kind] else weight  # tiles hold bf16
         ref = x.double() @ weight.double().t() + layer.bias.double()
         _assert_close_to(layer(x), ref)
+
+
+@pytest.mark.parametrize("make", [lambda w: quantize_int4(w, 64), quantize_int8_groups], ids=["int4-g64", "int8-g32"])
+def test_packing_a_slice_of_rows_at_a_time_equals_packing_whole(make):
+    """[plane 0's blocks; plane 1's] whichever slices the rows were packed in."""
+    qw = make(torch.randn(320, 256, generator=_gen(0)))
+    whole = native_linear.pack_groups(qw, values_per_slice=1 << 30)  # one slice
+    sliced = native_linear.pack_groups(qw, values_per_slice=128 * 256 + 5)  # 128, 128, 64 rows
+    assert torch.equal(whole.q, sliced.q) and torch.equal(whole.s, sliced.s)
+    planes = 2 if isinstance(qw, type(quantize_int8_groups(torch.zeros(64, 32)))) else 1
+    assert whole.q.shape[0] == planes * 320 // 64

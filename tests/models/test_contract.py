@@ -140,6 +140,31 @@ def test_wrong_shape_names_the_tensor():
         load_weights(model, weights.items(), "ckpt")
 
 
+def test_quantized_embedding_is_dequantized_in_slices_and_checked():
+    """A quantized embedding table fills its float fallback a slice of rows at a time, equal to
+    the whole table dequantized; a table of the wrong size is named with both sizes."""
+    from surge.layers.quantization.formats import quantize_int8_groups
+    from surge.loader import weight_loading
+
+    model = tiny_model()
+    weights = checkpoint(model)
+    table = quantize_int8_groups(weights["model.embed_tokens.weight"])
+    weights["model.embed_tokens.weight"] = table
+    pending = weight_loading.load_weights(model, weights.items(), "ckpt")
+    assert pending["model.embed_tokens"][0] is table
+    assert torch.equal(model.model.embed_tokens.weight, table.dequantize())
+    target = torch.empty_like(model.model.embed_tokens.weight)
+    weight_loading._dequantize_into(target, table, "t", values_per_slice=7 * target.shape[1])  # uneven slices
+    assert torch.equal(target, table.dequantize())
+    weights["model.embed_tokens.weight"] = quantize_int8_groups(torch.zeros(5, 64))
+    with pytest.raises(ModelFormatError, match=r"ckpt: tensor 'model.embed_tokens.weight' has 5 rows, the model "
+                                               r"expects \d+"):
+        load_weights(tiny_model(), weights.items(), "ckpt")
+    weights["model.embed_tokens.weight"] = quantize_int8_groups(torch.zeros(target.shape[0], 32))
+    with pytest.raises(ModelFormatError, match=r"has rows of 32 values, the model expects 64"):
+        load_weights(tiny_model(), weights.items(), "ckpt")
+
+
 def test_missing_shard_is_named():
     model = tiny_model()
     weights = checkpoint(model)

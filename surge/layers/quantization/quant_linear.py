@@ -19,7 +19,7 @@ from surge.layers import native_linear
 from surge.layers.linear import dense_linear
 from surge.layers.native import linear_ops
 from surge.layers.quantization.formats import Int4Weight, Int8GroupWeight, Int8Weight
-from surge.layers.quantization.gguf_blocks import GgufBlockWeight, decode_blocks
+from surge.layers.quantization.gguf_blocks import GgufBlockWeight
 
 INNER_K_TILES = 8
 DENSE_MIN_ROWS = 9  # ATen's int4 path: rows from which its dense copy is faster
@@ -49,15 +49,15 @@ class QuantLinear(nn.Module):
         if isinstance(weight, GgufBlockWeight):
             if not self.native:
                 raise ValueError(f"{weight.kind} blocks run on surge's AVX-512 BF16 kernel only")
-            packed = native_linear.pack_codes(decode_blocks(weight))
+            packed = native_linear.pack_blocks(weight)
             self.kind, self.group_size = packed.kind, packed.group_size
         elif isinstance(weight, (Int4Weight, Int8GroupWeight)):
-            planes = weight.planes() if isinstance(weight, Int8GroupWeight) else weight
             self.kind = "int8g" if isinstance(weight, Int8GroupWeight) else "int4"
-            if self.native:  # W = scale * q + (zero - 8 scale)
+            if self.native:
                 self.planes = 2 if self.kind == "int8g" else 1
-                q, s = native_linear.pack_int4(planes.q, planes.scale, planes.zero - 8 * planes.scale)
-                packed = native_linear.PackedQuant(q, torch.empty(0, dtype=torch.uint8), s, "int4", self.group_size)
+                packed = native_linear.pack_groups(weight)
+            else:
+                planes = weight.planes() if isinstance(weight, Int8GroupWeight) else weight
         else:
             self.kind = "int8"
         self.bias: torch.Tensor | None
