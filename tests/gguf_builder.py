@@ -147,11 +147,12 @@ def write_gguf_from_hf(
             data = permute_qk(data, kv_heads)
         if gname.endswith("ffn_gate_inp_shexp.weight"):
             data = data.reshape(-1)  # llama.cpp's shared expert gate is a vector
-        qtype = types.get(gname, T.F32) if data.ndim == 2 else T.F32
+        qtype = types.get(gname, T.F32) if data.ndim in (2, 3) else T.F32
         if qtype == T.F32:
             w.add_tensor(gname, data)
-        else:
-            w.add_tensor(gname, encode_tensor(data, qtype, seed), raw_dtype=qtype)
+        else:  # a stack of experts' matrices as its rows, the blocks of each row in order
+            rows = encode_tensor(data.reshape(-1, data.shape[-1]), qtype, seed)
+            w.add_tensor(gname, rows.reshape(*data.shape[:-1], -1), raw_dtype=qtype)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()

@@ -4,11 +4,13 @@ Conv1D matrices transposed), packed_modules puts q/k/v and gate/up rows into the
 parameters (a checkpoint's own fused tensor fills them whole), weight_loaders() takes names
 that are not parameters (RoPE frequency factors), tied embeddings are shared.
 
-Quantized tensors (a GGUF's Q4/Q8 blocks, a surge checkpoint's codes) are not expanded: they
-are returned as pending weights, module path -> {shard: weight}, for
-surge.layers.quantization.apply.quantize_linears. The embedding table is the exception (it
-is looked up, not multiplied): it is dequantized, and kept quantized for a tied output head.
-Experts' matrices load into their stacked parameters (ExpertWeights in the contract), in float.
+Quantized tensors (a GGUF's blocks, a surge checkpoint's codes) are not expanded: they are
+returned as pending weights, module path -> {shard: weight}, for
+surge.layers.quantization.apply.quantize_linears. The embedding table is looked up, not
+multiplied: it is also dequantized into its float parameter (the fallback where its rows
+cannot be read from the blocks). Experts' matrices load into their stacked parameters
+(ExpertWeights in the contract) when float; quantized, each expert's waits under the stacked
+parameter's name (experts_key) for apply.py.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from collections.abc import Iterable
 import torch
 
 from surge.errors import ModelFormatError
-from surge.layers.quantization.formats import QUANTIZED_TYPES, QuantizedWeight, rows_of, split_rows
+from surge.layers.quantization.formats import QUANTIZED_TYPES, QuantizedWeight, cols_of, rows_of, split_rows
 from surge.models.interfaces import CausalLM
 
 Pending = dict[str, dict[int, QuantizedWeight]]
@@ -96,7 +98,10 @@ def load_weights(model: CausalLM, weights: Iterable[tuple[str, torch.Tensor | Qu
                 _dequantize_into(param.data, tensor, f"{source}: tensor {checkpoint_name!r}")  # its float fallback
                 loaded.add((name, 0))
                 continue
-            tensor = tensor.dequantize()  # experts (quantized from float later)
+            if stacked is not None:
+                _pend_experts(pending, experts_loaded, name, param, expert, shard, sizes, tensor,
+                              f"{source}: tensor {checkpoint_name!r}")
+                continue
         rows = slice(sum(sizes[:shard]), sum(sizes[: shard + 1])) if sizes and not whole else slice(None)
         if stacked is not None:
             if expert is not None and not 0 <= expert < param.shape[0]:
@@ -138,6 +143,32 @@ def load_weights(model: CausalLM, weights: Iterable[tuple[str, torch.Tensor | Qu
     return pending
 
 
+def experts_key(parameter: str, expert: int, shard: int, shards: int) -> tuple[str, int]:
+    """Where an expert's quantized matrix waits in the pending weights: under its stacked
+    parameter's name, at expert * shards + shard."""
+    return parameter, expert * shards + shard
+
+
+def _pend_experts(pending: Pending, experts_loaded: dict[tuple[str, int], set[int]], name: str,
+                  param: torch.nn.Parameter, expert: int | None, shard: int, sizes: list[int],
+                  tensor: QuantizedWeight, what: str) -> None:
+    """One expert's quantized matrix, or every expert's stacked (E * rows rows), kept aside for
+    quantization/apply.py, which runs it from its blocks or dequantizes it into `param`."""
+    experts, rows, cols = param.shape
+    part_rows = sizes[shard] if sizes else rows
+    count = 1 if expert is not None else experts
+    if rows_of(tensor) != count * part_rows or cols_of(tensor) != cols:
+        raise ModelFormatError(f"{what} has shape ({rows_of(tensor)}, {cols_of(tensor)}), the model expects "
+                               f"({count * part_rows}, {cols})")
+    if expert is not None and not 0 <= expert < experts:
+        raise ModelFormatError(f"{what} is expert {expert}, the model has {experts}")
+    indices = [expert] if expert is not None else list(range(experts))
+    for e, part in zip(indices, split_rows(tensor, [part_rows] * count)):
+        key, index = experts_key(name, e, shard, max(1, len(sizes)))
+        pending.setdefault(key, {})[index] = part  # type: ignore[assignment]
+        experts_loaded.setdefault((name, shard), set()).add(e)
+
+
 def _dequantize_into(target: torch.Tensor, weight: QuantizedWeight, what: str, values_per_slice: int = 1 << 24) -> None:
     """target[:] = weight dequantized, a slice of rows at a time: a 150k-row table dequantized
     whole would take gigabytes of float32 for a moment."""
@@ -160,6 +191,8 @@ def _dequantize_mixed_fusions(model: CausalLM, params: dict[str, torch.nn.Parame
     store q/k in F16 and v as Q8_0) its quantized shards are dequantized into their rows of the
     float weight."""
     for module, shards in list(pending.items()):
+        if module in params:  # experts' matrices, under their stacked parameter: apply.py's
+            continue
         sizes = model.shard_sizes(f"{module}.weight")
         if len(sizes) < 2 or set(shards) == set(range(len(sizes))):
             continue

@@ -69,6 +69,36 @@ def test_dequantized_tensors_equal_gguf_py(mixed_gguf):
         assert torch.equal(hf_weight(loaded.model, name), want), tensor.name
 
 
+def test_bf16_runs_the_blocks_on_the_native_kernels(mixed_gguf):
+    """In bf16 (the default dtype on AVX-512 BF16) each K-quant and Q5 tensor runs from its
+    blocks, a fusion of two formats as its parts (blk.0's Q5_0 gate with its Q5_1 up; blk.1's
+    Q8_0 gate with its Q4_K up), one with a float shard (blk.1's Q3_K q) dequantized, the Q8_0
+    embedding looked up from its rows; the logits are as close to float32's as those of the same
+    weights dequantized to bf16."""
+    from surge.layers.linear import ConcatLinear
+    from surge.layers.native import linear_ops
+    from surge.layers.quantization.quant_embedding import QuantEmbedding
+    from surge.layers.quantization.quant_linear import QuantLinear
+
+    if linear_ops() is None:
+        pytest.skip("K-quant and Q5 blocks run on AVX-512 BF16 only")
+    blocks = load_model(str(mixed_gguf), "bfloat16", "cpu")
+    dense = load_model(str(mixed_gguf), "bfloat16", "cpu", quantization="none")
+    reference = load_model(str(mixed_gguf), "float32", "cpu", quantization="none")
+    layers = blocks.model.model.layers
+    kinds = lambda m: [p.kind for p in m.parts]  # noqa: E731
+    assert isinstance(layers[0].mlp.gate_up_proj, ConcatLinear) and kinds(layers[0].mlp.gate_up_proj) == ["q5", "q5"]
+    assert isinstance(layers[1].mlp.gate_up_proj, ConcatLinear) and kinds(layers[1].mlp.gate_up_proj) == ["int8g", "q4_k"]
+    assert isinstance(layers[1].self_attn.o_proj, QuantLinear) and layers[1].self_attn.o_proj.kind == "q6_k"
+    assert not isinstance(layers[1].self_attn.qkv_proj, (QuantLinear, ConcatLinear))  # its q came in float
+    assert blocks.model.lm_head.kind == "q6_k" and isinstance(blocks.model.model.embed_tokens, QuantEmbedding)
+    prompts = [[5, 9, 77, 120, 3], list(range(10, 40))]
+    for got, bf16, want in zip(surge_logits(blocks, prompts), surge_logits(dense, prompts),
+                               surge_logits(reference, prompts)):
+        bound = (bf16.float() - want).abs().max().item()
+        assert 0 < (got.float() - want).abs().max().item() <= 2 * bound
+
+
 def test_fused_projection_of_mixed_block_types_runs_quantized(mixed_gguf):
     """blk.0's q/k are float and its v Q4_0 (as the Qwen2.5 0.5B GGUF mixes Q5_0 q/k with Q8_0 v):
     the fused QKV loads under the default quantization and gives the float model's logits."""

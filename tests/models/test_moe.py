@@ -96,6 +96,61 @@ def test_quantized_experts_generate_in_bf16(mixtral):
     assert llm.engine.is_idle_clean()
 
 
+@pytest.fixture(scope="module")
+def k_quant_mixtral_gguf(tmp_path_factory, tiny_tokenizer_dir):
+    """A Mixtral wide enough for K-quant rows (256), its expert stacks in three formats: Q4_K
+    gate, Q5_0 up (a gate/up pair of two formats), Q6_K down; attention in Q8_0."""
+    base = tmp_path_factory.mktemp("kq-mixtral")
+    hf = build_tiny_model("mixtral", base / "hf", tiny_tokenizer_dir, hidden_size=256, intermediate_size=256,
+                          num_attention_heads=4, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2,
+                          initializer_range=0.05, sliding_window=None)
+    types = {}
+    for layer in range(2):
+        types |= {f"blk.{layer}.ffn_gate_exps.weight": gguf.GGMLQuantizationType.Q4_K,
+                  f"blk.{layer}.ffn_up_exps.weight": gguf.GGMLQuantizationType.Q5_0,
+                  f"blk.{layer}.ffn_down_exps.weight": gguf.GGMLQuantizationType.Q6_K,
+                  f"blk.{layer}.attn_q.weight": gguf.GGMLQuantizationType.Q8_0}
+    return write_gguf_from_hf(hf, base / "kq-mixtral.gguf", types, arch="llama")
+
+
+def test_gguf_experts_run_from_their_blocks(k_quant_mixtral_gguf):
+    """-q auto in bf16: each expert runs from its own blocks (no stacked float weights left),
+    gate and up of two formats as the parts of one linear; its logits are as close to the
+    float32 model's as the same weights dequantized to bf16. In float32 (no block kernels) the
+    stacks are dequantized, exactly the float model; a stack of the wrong size is named."""
+    from surge.layers.linear import ConcatLinear
+    from surge.layers.native import linear_ops
+
+    reference = load_model(str(k_quant_mixtral_gguf), "float32", "cpu", "none")
+    fallback = load_model(str(k_quant_mixtral_gguf), "float32", "cpu")
+    prompts = _prompts((1, 5, 17, 40))
+    want = surge_logits(reference, prompts)
+    for got, ref in zip(surge_logits(fallback, prompts), want):
+        assert torch.equal(got, ref)
+    if linear_ops() is None:
+        pytest.skip("K-quant and Q5 blocks run on AVX-512 BF16 only")
+    blocks = load_model(str(k_quant_mixtral_gguf), "bfloat16", "cpu")
+    dense = load_model(str(k_quant_mixtral_gguf), "bfloat16", "cpu", "none")
+    for block in [m for m in blocks.model.modules() if isinstance(m, SparseMoeBlock)]:
+        experts = block.experts
+        assert not hasattr(experts, "gate_up_proj") and not hasattr(experts, "down_proj")
+        for gate_up, down in experts.expert_linears:
+            assert isinstance(gate_up, ConcatLinear) and [p.kind for p in gate_up.parts] == ["q4_k", "q5"]
+            assert isinstance(down, QuantLinear) and down.kind == "q6_k"
+    assert "q4_k" in describe_quantization(blocks.model)
+    for got, bf16, ref in zip(surge_logits(blocks, prompts), surge_logits(dense, prompts), want):
+        assert 0 < (got.float() - ref).abs().max().item() <= 2 * (bf16.float() - ref).abs().max().item()
+
+
+def test_gguf_expert_stack_of_the_wrong_size_is_named(k_quant_mixtral_gguf, tmp_path):
+    """Metadata that disagrees with a quantized expert stack: the tensor and both shapes named."""
+    bad = rewrite_gguf(k_quant_mixtral_gguf, tmp_path / "bad.gguf",
+                       metadata={"llama.feed_forward_length": (128, KV.UINT32)})
+    with pytest.raises(ModelFormatError, match=r"bad\.gguf: tensor 'model\.layers\.0\.mlp\.experts\.down_proj\.weight' "
+                                               r"has shape \(1024, 256\), the model expects \(1024, 128\)"):
+        load_model(str(bad))
+
+
 @pytest.mark.slow
 def test_compiled_moe_forward_equals_eager(qwen2_moe):
     """The experts run as one opaque op inside the compiled graph: same greedy tokens and

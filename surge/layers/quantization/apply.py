@@ -3,7 +3,8 @@ layer that runs its weight (the model classes know nothing of quantization).
 
     "auto"         a GGUF's quantized weights run from their blocks (Q4_0/Q4_1 as int4, Q8_0
                    as int8 groups, Q4_K/Q5_K/Q6_K/Q5_0/Q5_1 as they are, where the CPU
-                   kernels run; elsewhere in float), its embedding table too; a fused
+                   kernels run; elsewhere in float), its embedding table and its MoE
+                   experts' stacks (one linear per expert) too; a fused
                    projection whose parts came in different formats runs as its parts; a
                    surge checkpoint's weights as stored (w8a8 on the int8 GEMM); float
                    weights stay float
@@ -99,8 +100,9 @@ def quantize_linears(model: nn.Module, pending: dict[str, dict[int, QuantizedWei
     `pending` holds the quantized weights loading kept aside (module path -> {shard: weight})."""
     dtype = next(model.parameters()).dtype
     for path, module in list(model.named_modules()):
-        if isinstance(module, FusedExperts) and scheme in ("int4", "int8"):
-            _quantize_experts(module, scheme, group_size, keep_dense, dtype, path)
+        if isinstance(module, FusedExperts):
+            if not _experts_from_blocks(module, pending, path, scheme, dtype) and scheme in ("int4", "int8"):
+                _quantize_experts(module, scheme, group_size, keep_dense, dtype, path)
         if not isinstance(module, nn.Linear):
             continue
         weight = _joined(module, pending.get(path), scheme, dtype)
@@ -143,6 +145,39 @@ def _embedding_from_blocks(model: nn.Module, pending: dict[str, dict[int, Quanti
         return
     if table.native:
         _replace(model, embedding, QuantEmbedding(table, dtype))
+
+
+def _experts_from_blocks(experts: FusedExperts, pending: dict[str, dict[int, QuantizedWeight]], path: str,
+                         scheme: str, dtype: torch.dtype) -> bool:
+    """A GGUF's quantized expert stacks: under "auto", where every expert's gate, up and down
+    came quantized and the kernels run them, each expert runs from its own blocks (gate and up
+    as one linear, or as its parts where their formats differ); otherwise the quantized ones
+    are dequantized into the stacked float weights (to run in float, or to be quantized from).
+    Returns whether the experts now run from their blocks."""
+    gate_up = pending.pop(f"{path}.gate_up_proj", {})
+    down = pending.pop(f"{path}.down_proj", {})
+    if not gate_up and not down:
+        return False
+    count, rows = experts.num_experts, experts.intermediate_size
+    weights = list(gate_up.values()) + list(down.values())
+    if (scheme == "auto" and len(gate_up) == 2 * count and len(down) == count
+            and not any(isinstance(w, W8A8Weight) for w in weights) and all(_runs(w, dtype) for w in weights)):
+        fused = [_joined_experts([gate_up[2 * e], gate_up[2 * e + 1]], dtype) for e in range(count)]
+        experts.use_expert_linears(fused, [QuantLinear(down[e], None, dtype) for e in range(count)])
+        return True
+    with torch.no_grad():
+        for index, weight in gate_up.items():
+            e, shard = divmod(index, 2)
+            experts.gate_up_proj[e, shard * rows:(shard + 1) * rows].copy_(weight.dequantize())
+        for e, weight in down.items():
+            experts.down_proj[e].copy_(weight.dequantize())
+    return False
+
+
+def _joined_experts(parts: list[QuantizedWeight], dtype: torch.dtype) -> nn.Module:
+    if len({_format(p) for p in parts}) == 1:
+        return QuantLinear(type(parts[0]).cat(parts), None, dtype)  # type: ignore[attr-defined]
+    return _concat(parts, None, dtype)
 
 
 def _quantize_experts(experts: FusedExperts, scheme: str, group_size: int, keep_dense: bool, dtype: torch.dtype,

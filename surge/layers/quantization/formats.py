@@ -160,6 +160,11 @@ def rows_of(weight: QuantizedWeight) -> int:
     return weight.rows if isinstance(weight, GgufBlockWeight) else int(weight.q.shape[0])
 
 
+def cols_of(weight: QuantizedWeight) -> int:
+    """Input columns (values a row) of a quantized weight."""
+    return weight.cols if isinstance(weight, GgufBlockWeight) else int(weight.q.shape[1])
+
+
 def quantize_activations(x: torch.Tensor, act_inv: torch.Tensor) -> torch.Tensor:
     """The int8 codes of x [..., K] under a W8A8 quantizer (the reference the kernels match)."""
     return torch.round(x.float() * act_inv).clamp_(-127, 127).to(torch.int8)

@@ -79,7 +79,8 @@ def iter_gguf_weights(
 
     With `keep_quantized`, Q4_0/Q4_1 matrices come as Int4Weight and Q8_0 as Int8GroupWeight,
     repacked from their blocks without expanding to float, and K-quant / Q5 matrices as their
-    blocks (GgufBlockWeight).
+    blocks (GgufBlockWeight); a stack of experts' matrices (ffn_*_exps) as one such weight of
+    E * rows rows, expert e's rows at e * rows.
     """
     permuted = names.permuted_qk
     for tensor in reader.tensors:
@@ -87,7 +88,8 @@ def iter_gguf_weights(
         if name is None:
             continue
         qtype = T(tensor.tensor_type)
-        rows = int(tensor.shape[1]) if len(tensor.shape) == 2 else 0
+        # a matrix's rows; a stack of experts' matrices [E, rows, K] as E * rows rows
+        rows = int(np.prod([int(d) for d in tensor.shape[1:]])) if len(tensor.shape) in (2, 3) else 0
         weight: torch.Tensor | Int4Weight | Int8GroupWeight | GgufBlockWeight
         if keep_quantized and rows and qtype in (T.Q4_0, T.Q4_1):
             weight = gguf_to_int4(np.asarray(tensor.data), qtype, rows)
