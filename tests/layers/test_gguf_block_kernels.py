@@ -135,3 +135,22 @@ def test_kernel_rejects_mismatched_blocks():
         torch.ops.surge_native.linear_quant(x, w.packed, w.high, w.scales_zeros, 9, 256, None, 1, 8)
     with pytest.raises(RuntimeError, match="planes must be 1"):
         torch.ops.surge_native.linear_quant(x, w.packed, w.high, w.scales_zeros, w.kind_code, 256, None, 2, 8)
+
+
+@pytest.mark.parametrize("rows, dtype", [(96, torch.bfloat16), (128, torch.float32)], ids=["rows-not-64s", "float32"])
+def test_blocks_the_kernels_cannot_take_run_dequantized(rows, dtype):
+    """Output rows not in whole blocks of 64, or a float32 model: the blocks are dequantized
+    into the float weight (the values gguf-py gives), not refused."""
+    from torch import nn
+
+    from surge.layers.quantization.apply import quantize_linears
+
+    w = random_blocks(T.Q4_K, rows, 256)
+    model = nn.Sequential(nn.Linear(256, rows, bias=False)).to(dtype)
+    quantize_linears(model, {"0": {0: w}}, "auto", output_head="none")
+    layer = model[0]
+    assert not isinstance(layer, QuantLinear)
+    x = torch.randn(3, 256, generator=torch.Generator().manual_seed(0)).to(dtype)
+    ref = x.double() @ w.dequantize().to(dtype).double().t()
+    err = (layer(x).double() - ref).abs()
+    assert (err <= 2**-7 * ref.abs() + 1e-3 * _bound(x, w.dequantize())).all()
