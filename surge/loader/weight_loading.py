@@ -10,7 +10,7 @@ surge.layers.quantization.apply.quantize_linears. The embedding table is looked 
 multiplied: it is also dequantized into its float parameter (the fallback where its rows
 cannot be read from the blocks). Experts' matrices load into their stacked parameters
 (ExpertWeights in the contract) when float; quantized, each expert's waits under the stacked
-parameter's name (experts_key) for apply.py.
+parameter's name for apply.py.
 """
 
 from __future__ import annotations
@@ -81,6 +81,9 @@ def load_weights(model: CausalLM, weights: Iterable[tuple[str, torch.Tensor | Qu
         sizes = model.shard_sizes(name)
         # a checkpoint that stores the fused tensor itself (Phi-3's qkv_proj, gate_up_proj) fills every shard
         whole = stacked is None and len(sizes) > 1 and name == checkpoint_name
+        if expert is not None and not 0 <= expert < param.shape[0]:
+            raise ModelFormatError(f"{source}: tensor {checkpoint_name!r} is expert {expert}, the model has "
+                                   f"{param.shape[0]}")
         if isinstance(tensor, QUANTIZED_TYPES):
             if name != embedding_weight and stacked is None:
                 if whole and rows_of(tensor) != sum(sizes):
@@ -104,9 +107,6 @@ def load_weights(model: CausalLM, weights: Iterable[tuple[str, torch.Tensor | Qu
                 continue
         rows = slice(sum(sizes[:shard]), sum(sizes[: shard + 1])) if sizes and not whole else slice(None)
         if stacked is not None:
-            if expert is not None and not 0 <= expert < param.shape[0]:
-                raise ModelFormatError(f"{source}: tensor {checkpoint_name!r} is expert {expert}, the model has "
-                                       f"{param.shape[0]}")
             target = param.data[:, rows] if expert is None else param.data[expert, rows]
         else:
             target = param.data[rows]
@@ -143,29 +143,21 @@ def load_weights(model: CausalLM, weights: Iterable[tuple[str, torch.Tensor | Qu
     return pending
 
 
-def experts_key(parameter: str, expert: int, shard: int, shards: int) -> tuple[str, int]:
-    """Where an expert's quantized matrix waits in the pending weights: under its stacked
-    parameter's name, at expert * shards + shard."""
-    return parameter, expert * shards + shard
-
-
 def _pend_experts(pending: Pending, experts_loaded: dict[tuple[str, int], set[int]], name: str,
                   param: torch.nn.Parameter, expert: int | None, shard: int, sizes: list[int],
                   tensor: QuantizedWeight, what: str) -> None:
     """One expert's quantized matrix, or every expert's stacked (E * rows rows), kept aside for
-    quantization/apply.py, which runs it from its blocks or dequantizes it into `param`."""
+    quantization/apply.py (which runs it from its blocks or dequantizes it into `param`) under
+    the stacked parameter's name, at expert * shards + shard."""
     experts, rows, cols = param.shape
     part_rows = sizes[shard] if sizes else rows
     count = 1 if expert is not None else experts
     if rows_of(tensor) != count * part_rows or cols_of(tensor) != cols:
         raise ModelFormatError(f"{what} has shape ({rows_of(tensor)}, {cols_of(tensor)}), the model expects "
                                f"({count * part_rows}, {cols})")
-    if expert is not None and not 0 <= expert < experts:
-        raise ModelFormatError(f"{what} is expert {expert}, the model has {experts}")
     indices = [expert] if expert is not None else list(range(experts))
     for e, part in zip(indices, split_rows(tensor, [part_rows] * count)):
-        key, index = experts_key(name, e, shard, max(1, len(sizes)))
-        pending.setdefault(key, {})[index] = part  # type: ignore[assignment]
+        pending.setdefault(name, {})[e * max(1, len(sizes)) + shard] = part  # type: ignore[assignment]
         experts_loaded.setdefault((name, shard), set()).add(e)
 
 

@@ -447,7 +447,8 @@ QuantShape check_quant(const at::Tensor& q, const at::Tensor& qh, const at::Tens
   return sh;
 }
 
-const uint8_t* block_scales(const at::Tensor& s, const QuantShape& sh, int64_t b) {
+// Block b's scales (its first plane's, where there are two).
+const uint8_t* block_scales(const at::Tensor& s, int64_t b) {
   return static_cast<const uint8_t*>(s.data_ptr()) + b * (s.numel() * s.element_size() / s.size(0));
 }
 
@@ -479,7 +480,7 @@ at::Tensor linear_quant(const at::Tensor& x, const at::Tensor& q, const at::Tens
         for (int64_t b = b0; b < b1; ++b) {
           for (int64_t p0 = 0; p0 < pairs; p0 += tile_pairs) {
             const int64_t p1 = std::min(pairs, p0 + tile_pairs);
-            dequantize_tile<F>(qp + b * pairs * kBlock, hp ? hp + b * high_block : nullptr, block_scales(s, sh, b),
+            dequantize_tile<F>(qp + b * pairs * kBlock, hp ? hp + b * high_block : nullptr, block_scales(s, b),
                                sh.group_pairs, planes, sh.plane_q, sh.plane_s, p0, p1, tile.data());
             for_row_chunks(rows, [&](int64_t m0, auto mb) {
               bf16_block<decltype(mb)::value>(xp + m0 * ldx + 2 * p0, ldx, tile.data(), p1 - p0,
@@ -501,7 +502,7 @@ at::Tensor linear_quant(const at::Tensor& x, const at::Tensor& q, const at::Tens
         for_row_chunks(rows, [&](int64_t m0, auto mb) {
           quant_block<decltype(mb)::value, F>(xp + m0 * ldx, ldx, xsp + m0 * groups, groups, sh.group_pairs,
                                               qp + b * pairs * kBlock, hp ? hp + b * high_block : nullptr,
-                                              block_scales(s, sh, b), planes, sh.plane_q, sh.plane_s,
+                                              block_scales(s, b), planes, sh.plane_q, sh.plane_s,
                                               bp ? bp + b * kBlock : nullptr, op + m0 * n + b * kBlock, n);
         });
       }
@@ -536,7 +537,7 @@ at::Tensor quant_rows(const at::Tensor& ids, const at::Tensor& q, const at::Tens
         const int64_t b = ip[r] / kBlock, c = ip[r] % kBlock;
         const uint8_t* hb = hp ? hp + b * high_block : nullptr;
         for (int64_t kk = 0; kk < sh.k; ++kk)
-          op[r * sh.k + kk] = weight_at<F>(qp + b * sh.pairs * kBlock, hb, block_scales(s, sh, b), sh.group_pairs,
+          op[r * sh.k + kk] = weight_at<F>(qp + b * sh.pairs * kBlock, hb, block_scales(s, b), sh.group_pairs,
                                            planes, sh.plane_q, sh.plane_s, c, kk);
       }
     });

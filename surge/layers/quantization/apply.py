@@ -35,6 +35,7 @@ from surge.layers.quantization.formats import (
     quantize_int4,
     quantize_int8,
     quantize_int8_groups,
+    rows_of,
 )
 from surge.layers.quantization.gguf_blocks import GgufBlockWeight
 from surge.layers.quantization.quant_embedding import QuantEmbedding
@@ -64,22 +65,31 @@ def _joined(module: nn.Linear, parts: dict[int, QuantizedWeight] | None, scheme:
         return None
     ordered = [parts[i] for i in sorted(parts)]
     if scheme != "none" and all(_runs(p, dtype) for p in ordered):
-        if len({_format(p) for p in ordered}) == 1:
-            return type(ordered[0]).cat(ordered)  # type: ignore[attr-defined]
-        if scheme == "auto" and not any(isinstance(p, W8A8Weight) for p in ordered):
-            return ordered
+        fused = _fused(ordered)
+        if not isinstance(fused, list) or (scheme == "auto" and not any(isinstance(p, W8A8Weight) for p in ordered)):
+            return fused
     with torch.no_grad():
         module.weight.copy_(torch.cat([p.dequantize() for p in ordered]))
     return None
 
 
-def _concat(weights: list[QuantizedWeight], bias: torch.Tensor | None, dtype: torch.dtype) -> ConcatLinear:
-    """A fused projection from parts of different formats, each its own QuantLinear."""
+def _fused(parts: list[QuantizedWeight]) -> QuantizedWeight | list[QuantizedWeight]:
+    """The parts of a fused projection as one weight where they share a format, else as they are."""
+    if len({_format(p) for p in parts}) == 1:
+        return type(parts[0]).cat(parts)  # type: ignore[attr-defined]
+    return parts
+
+
+def _quant_layer(weight: QuantizedWeight | list[QuantizedWeight], bias: torch.Tensor | None, dtype: torch.dtype,
+                 keep_dense: bool = True) -> nn.Module:
+    """A QuantLinear, or for parts of different formats a ConcatLinear of one QuantLinear each."""
+    if not isinstance(weight, list):
+        return QuantLinear(weight, bias, dtype, keep_dense)
     bounds = [0]
-    for w in weights:
-        bounds.append(bounds[-1] + QuantLinear.shape_of(w)[0])
-    return ConcatLinear([QuantLinear(w, bias[a:b] if bias is not None else None, dtype)
-                         for w, a, b in zip(weights, bounds, bounds[1:])])
+    for w in weight:
+        bounds.append(bounds[-1] + rows_of(w))
+    return ConcatLinear([QuantLinear(w, bias[a:b] if bias is not None else None, dtype, keep_dense)
+                         for w, a, b in zip(weight, bounds, bounds[1:])])
 
 
 def _requantized(weight: QuantizedWeight | None, module: nn.Linear, target: str, group_size: int,
@@ -112,12 +122,10 @@ def quantize_linears(model: nn.Module, pending: dict[str, dict[int, QuantizedWei
         if weight is None or scheme == "none":
             if can_pack(dtype):
                 _replace(model, path, PackedLinear(module.weight, module.bias))
-        elif isinstance(weight, list):
-            _replace(model, path, _concat(weight, bias, dtype))
         elif isinstance(weight, W8A8Weight):
             _replace(model, path, W8A8Linear(weight, bias, dtype))
         else:
-            _replace(model, path, QuantLinear(weight, bias, dtype, keep_dense))
+            _replace(model, path, _quant_layer(weight, bias, dtype, keep_dense))
     if scheme == "auto":
         _embedding_from_blocks(model, pending, output_head, dtype)
 
@@ -162,7 +170,7 @@ def _experts_from_blocks(experts: FusedExperts, pending: dict[str, dict[int, Qua
     weights = list(gate_up.values()) + list(down.values())
     if (scheme == "auto" and len(gate_up) == 2 * count and len(down) == count
             and not any(isinstance(w, W8A8Weight) for w in weights) and all(_runs(w, dtype) for w in weights)):
-        fused = [_joined_experts([gate_up[2 * e], gate_up[2 * e + 1]], dtype) for e in range(count)]
+        fused = [_quant_layer(_fused([gate_up[2 * e], gate_up[2 * e + 1]]), None, dtype) for e in range(count)]
         experts.use_expert_linears(fused, [QuantLinear(down[e], None, dtype) for e in range(count)])
         return True
     with torch.no_grad():
@@ -172,12 +180,6 @@ def _experts_from_blocks(experts: FusedExperts, pending: dict[str, dict[int, Qua
         for e, weight in down.items():
             experts.down_proj[e].copy_(weight.dequantize())
     return False
-
-
-def _joined_experts(parts: list[QuantizedWeight], dtype: torch.dtype) -> nn.Module:
-    if len({_format(p) for p in parts}) == 1:
-        return QuantLinear(type(parts[0]).cat(parts), None, dtype)  # type: ignore[attr-defined]
-    return _concat(parts, None, dtype)
 
 
 def _quantize_experts(experts: FusedExperts, scheme: str, group_size: int, keep_dense: bool, dtype: torch.dtype,

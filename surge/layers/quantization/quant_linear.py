@@ -18,7 +18,7 @@ from torch import nn
 from surge.layers import native_linear
 from surge.layers.linear import dense_linear
 from surge.layers.native import linear_ops
-from surge.layers.quantization.formats import Int4Weight, Int8GroupWeight, Int8Weight
+from surge.layers.quantization.formats import Int4Weight, Int8GroupWeight, Int8Weight, cols_of, rows_of
 from surge.layers.quantization.gguf_blocks import GgufBlockWeight
 
 INNER_K_TILES = 8
@@ -40,7 +40,7 @@ class QuantLinear(nn.Module):
 
     def __init__(self, weight: QuantWeight, bias: torch.Tensor | None, dtype: torch.dtype, keep_dense: bool = True):
         super().__init__()
-        self.out_features, self.in_features = self.shape_of(weight)
+        self.out_features, self.in_features = rows_of(weight), cols_of(weight)
         self.dtype = dtype
         self.planes = 1
         self.group_size = getattr(weight, "group_size", 0)
@@ -80,13 +80,6 @@ class QuantLinear(nn.Module):
             self.register_buffer("scales_zeros", sz.to(dtype).contiguous())
         if keep_dense:  # for batches of DENSE_MIN_ROWS and more
             self.dense = dense_linear(weight.dequantize().to(dtype), self.bias)
-
-    @staticmethod
-    def shape_of(weight: QuantWeight) -> tuple[int, int]:
-        """(out_features, in_features) of a quantized weight."""
-        if isinstance(weight, GgufBlockWeight):
-            return weight.rows, weight.cols
-        return int(weight.q.shape[0]), int(weight.q.shape[1])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
