@@ -318,6 +318,7 @@ class DeviceConfig:
 class CompilationConfig:
     compile: bool = False  # the forward under torch.compile (Inductor)
     warmup: bool = True  # a server runs every decode bucket and some prefill shapes before serving
+    native_decode: bool = True  # decode-only steps through the native decoder stack where it runs
 
 
 @dataclass(frozen=True)

@@ -113,6 +113,10 @@ class EngineArgs:
         "or hangs is detected, the engine reports dead instead of hanging)", STR, choices=EXECUTOR_BACKENDS)
     compile: bool = setting(False, "run the forward under torch.compile (first use of each shape class "
                                    "compiles; cached on disk under ~/.cache/surge/inductor)", BOOL)
+    native_decode: bool = setting(
+        True, "decode every step through the model's layers in PyTorch, not the native decoder stack (one "
+        "native call per decode step where the CPU and the model's formats allow it)", BOOL,
+        flags=("--no-native-decode",))
     warmup: bool = setting(True, "serve without first running each decode batch size and some prefill shapes",
                            BOOL, flags=("--no-warmup",), serve_only=True)
 
@@ -199,7 +203,7 @@ class EngineArgs:
                                                                                  model.checkpoint_dtype)),
             quant=QuantConfig(quantization, self.group_size),
             device=DeviceConfig(device, self.threads),
-            compilation=CompilationConfig(self.compile, self.warmup),
+            compilation=CompilationConfig(self.compile, self.warmup, self.native_decode),
         )
 
 

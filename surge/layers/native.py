@@ -20,7 +20,9 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-_SOURCES = [Path(__file__).parent / "csrc" / name for name in ("paged_attention.cpp", "linear.cpp", "sampling.cpp")]
+_CSRC = Path(__file__).parent / "csrc"
+_SOURCES = [_CSRC / name for name in ("paged_attention.cpp", "linear.cpp", "sampling.cpp", "decoder.cpp")]
+_HEADERS = [_CSRC / "kernels.h"]
 _lock = threading.Lock()
 _state: dict[str, Any] = {}
 
@@ -66,7 +68,7 @@ def sources_version() -> str:
     """A digest of the kernels' sources: compiled graphs that call the kernels are cached under
     it, since Inductor's cache key does not cover a custom op's schema."""
     digest = hashlib.sha256()
-    for path in _SOURCES:
+    for path in (*_SOURCES, *_HEADERS):
         digest.update(path.read_bytes())
     return digest.hexdigest()[:12]
 
@@ -120,7 +122,10 @@ def _build() -> Any:
         name="surge_native",
         sources=[str(p) for p in _SOURCES],
         # OpenMP: at::parallel_for is inlined into the kernel and runs on torch's own libgomp.
-        extra_cflags=["-O3", "-fopenmp", *_isa_flags()],
+        # the sources' digest as a flag: a changed header changes the build's key too
+        # no fused multiply-adds the source does not ask for: the decoder's elementwise rounding
+        # must equal ATen's
+        extra_cflags=["-O3", "-fopenmp", "-ffp-contract=off", *_isa_flags(), f"-DSURGE_SOURCES_VERSION={sources_version()}"],
         extra_ldflags=["-fopenmp"],
         build_directory=str(build_dir),
         is_python_module=False,
@@ -155,6 +160,10 @@ def _register_fakes() -> None:
     def linear_w8a8_fake(codes, w, comp, corr, bias, out_bf16):  # noqa: ANN001, ANN202
         return codes.new_empty((codes.shape[0], comp.shape[0]), dtype=torch.bfloat16 if out_bf16 else torch.float32)
 
+    def norm_fake(x, weight, bias, eps, mode):  # noqa: ANN001, ANN202
+        return torch.empty_like(x)
+
+    torch.library.register_fake("surge_native::norm", norm_fake)
     torch.library.register_fake("surge_native::linear_quant", linear_quant_fake)
     torch.library.register_fake("surge_native::quant_rows", quant_rows_fake)
     torch.library.register_fake("surge_native::quantize_u8", quantize_u8_fake)

@@ -18,8 +18,8 @@ from torch import nn
 from surge.config import ModelConfig
 from surge.layers.norm import GemmaRMSNorm
 from surge.layers.rotary import RotaryEmbedding
-from surge.models.interfaces import AttentionSpec, GgufNames
-from surge.models.llama import LlamaAttention, LlamaForCausalLM, LlamaMLP, LlamaModel
+from surge.models.interfaces import AttentionSpec, GgufNames, LayerPlan
+from surge.models.llama import LlamaAttention, LlamaForCausalLM, LlamaMLP, LlamaModel, attention_plan
 
 
 class Gemma3DecoderLayer(nn.Module):
@@ -32,6 +32,13 @@ class Gemma3DecoderLayer(nn.Module):
         self.post_attention_layernorm = GemmaRMSNorm(h, eps)
         self.pre_feedforward_layernorm = GemmaRMSNorm(h, eps)
         self.post_feedforward_layernorm = GemmaRMSNorm(h, eps)
+        self.spec = spec
+        self.activation = config.hidden_act
+
+    def plan(self, rope: int) -> LayerPlan:
+        return attention_plan(self, rope, attn_norm=self.input_layernorm,
+                              attn_out_norm=self.post_attention_layernorm, mlp_norm=self.pre_feedforward_layernorm,
+                              mlp_out_norm=self.post_feedforward_layernorm)
 
     def forward(
         self, x: torch.Tensor, residual: torch.Tensor | None, rotary: RotaryEmbedding,

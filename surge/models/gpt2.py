@@ -19,7 +19,7 @@ from surge.config import ModelConfig
 from surge.layers.activation import get_activation
 from surge.layers.attention_layer import Attention
 from surge.layers.norm import LayerNorm
-from surge.models.interfaces import AttentionSpec, CausalLM, GgufNames, HfNames, attention_specs
+from surge.models.interfaces import AttentionSpec, CausalLM, DecoderPlan, GgufNames, HfNames, LayerPlan, attention_specs
 
 
 class GPT2Attention(nn.Module):
@@ -57,6 +57,14 @@ class GPT2Block(nn.Module):
         self.self_attn = GPT2Attention(config, spec, layer_index)
         self.post_attention_layernorm = LayerNorm(config.hidden_size, eps)
         self.mlp = GPT2MLP(config)
+        self.spec = spec
+        self.activation = config.hidden_act
+
+    def plan(self) -> LayerPlan:
+        attn = self.self_attn
+        return LayerPlan(attn_norm=self.input_layernorm, qkv=attn.qkv_proj, o=attn.o_proj, attn_out_norm=None,
+                         mlp_norm=self.post_attention_layernorm, up=self.mlp.up_proj, down=self.mlp.down_proj,
+                         mlp_out_norm=None, activation=self.activation, gated=False, spec=self.spec, rope=None)
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         h, residual = self.input_layernorm(x, residual)
@@ -78,6 +86,12 @@ class GPT2Model(nn.Module):
         for layer in self.layers:
             x, residual = layer(x, residual)
         return self.norm(x, residual)[0]
+
+    def plan(self) -> DecoderPlan:
+        def embed(ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+            return self.embed_tokens(ids) + self.embed_positions(positions)
+
+        return DecoderPlan(embed, [layer.plan() for layer in self.layers], self.norm, [])
 
 
 _CONV1D = r"\.(attn\.c_attn|attn\.c_proj|mlp\.c_fc|mlp\.c_proj)\.weight$"
@@ -130,6 +144,9 @@ class GPT2LMHeadModel(CausalLM):
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         return self.model(input_ids, positions)
+
+    def decoder_plan(self) -> DecoderPlan:
+        return self.model.plan()
 
     def shard_sizes(self, name: str) -> list[int]:
         if ".qkv_proj." in name:

@@ -15,6 +15,9 @@
     hf_names           a family's checkpoint names -> the model's, and which are stored [in, out]
     attention_specs(config)  per layer: heads, head size, sliding window, RoPE parameters
     embedding / output_head  module names (tied weights; quantization keeps the head in int8 groups)
+    decoder_plan()     the decoder's layers as plain parts (norms, linears, attention, MLP) for the
+                       native decode step (surge/layers/native_decoder.py), or None where the
+                       model's layers are not of those parts (experts): it then decodes eagerly
 
 Weights load generically from this (surge/loader/weight_loading.py); quantization is applied from
 outside by replacing linears (surge/layers/quantization/apply.py); the architecture registry
@@ -57,6 +60,45 @@ def attention_specs(config: ModelConfig) -> list[AttentionSpec]:
         specs.append(AttentionSpec(config.num_attention_heads, config.num_key_value_heads, config.head_dim,
                                    config.sliding_window if sliding else None, rope, scale))
     return specs
+
+
+@dataclass(frozen=True)
+class LayerPlan:
+    """One pre-norm decoder layer as its parts, in the order they run:
+
+        h = attn_norm(x + r) ; a = o(attention(rope(q_norm(q)), rope(k_norm(k)), v)) of qkv(h)
+        a = attn_out_norm(a) if any ; r' = x + r + a ; h = mlp_norm(r')
+        y = down(act(gate) * up) of up(h) when gated (gate | up in one output), else down(act(up(h)))
+        y = mlp_out_norm(y) if any ; the next layer gets (y, r')
+
+    Norms are the modules of surge/layers/norm.py; linears any of the model's (the native step
+    takes those with a native kernel); `rope` indexes DecoderPlan.rotaries, None: no RoPE."""
+
+    attn_norm: nn.Module
+    qkv: nn.Module
+    o: nn.Module
+    attn_out_norm: nn.Module | None
+    mlp_norm: nn.Module
+    up: nn.Module
+    down: nn.Module
+    mlp_out_norm: nn.Module | None
+    activation: str
+    gated: bool
+    spec: AttentionSpec
+    rope: int | None
+    q_norm: nn.Module | None = None
+    k_norm: nn.Module | None = None
+
+
+@dataclass(frozen=True)
+class DecoderPlan:
+    """A decoder as plain parts: `embed(ids, positions)` -> the first layer's input, the layers,
+    the final norm (whose output compute_logits takes), and the RoPE tables the layers index."""
+
+    embed: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    layers: list[LayerPlan]
+    norm: nn.Module
+    rotaries: list  # surge.layers.rotary.RotaryEmbedding
 
 
 _BLOCK_RE = re.compile(r"^blk\.(\d+)\.([a-z_]+)\.(weight|bias)$")
@@ -174,6 +216,10 @@ class CausalLM(nn.Module):
 
     def prepare_compile(self, max_positions: int) -> None:
         """Build what a compiled forward must find ready (tables for every position)."""
+
+    def decoder_plan(self) -> DecoderPlan | None:
+        """The decoder as plain parts for the native decode step; None: decode eagerly."""
+        return None
 
     @property
     def dtype(self) -> torch.dtype:

@@ -18,7 +18,7 @@ from surge.layers.activation import get_activation
 from surge.layers.attention_layer import Attention
 from surge.layers.norm import RMSNorm
 from surge.layers.rotary import RotaryEmbedding
-from surge.models.interfaces import AttentionSpec, CausalLM, GgufNames, attention_specs
+from surge.models.interfaces import AttentionSpec, CausalLM, DecoderPlan, GgufNames, LayerPlan, attention_specs
 
 
 class LlamaAttention(nn.Module):
@@ -74,6 +74,15 @@ class LlamaDecoderLayer(nn.Module):
         self.mlp = self.build_mlp(config, layer_index)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.spec = spec
+        self.activation = config.hidden_act
+
+    def plan(self, rope: int) -> LayerPlan | None:
+        """This layer as plain parts (None where its MLP is not the gated one: experts)."""
+        if type(self.mlp) is not LlamaMLP:
+            return None
+        return attention_plan(self, rope, attn_norm=self.input_layernorm, attn_out_norm=None,
+                              mlp_norm=self.post_attention_layernorm, mlp_out_norm=None)
 
     def build_mlp(self, config: ModelConfig, layer_index: int) -> nn.Module:
         return LlamaMLP(config)
@@ -87,6 +96,14 @@ class LlamaDecoderLayer(nn.Module):
         h = self.self_attn(h, rotary, cos_sin)
         h, residual = self.post_attention_layernorm(h, residual)
         return self.mlp(h), residual
+
+
+def attention_plan(layer: nn.Module, rope: int, **norms: nn.Module | None) -> LayerPlan:
+    """The LayerPlan of a layer made of LlamaAttention and LlamaMLP, given its norms."""
+    attn, mlp = layer.self_attn, layer.mlp
+    return LayerPlan(qkv=attn.qkv_proj, o=attn.o_proj, up=mlp.gate_up_proj, down=mlp.down_proj,
+                     activation=layer.activation, gated=True, spec=layer.spec, rope=rope,
+                     q_norm=attn.q_norm, k_norm=attn.k_norm, **norms)  # type: ignore[arg-type]
 
 
 class LlamaModel(nn.Module):
@@ -118,6 +135,12 @@ class LlamaModel(nn.Module):
         for layer, rope in zip(self.layers, self.layer_rope):
             x, residual = layer(x, residual, self.rotaries[rope], tables[rope])
         return self.norm(x, residual)[0]
+
+    def plan(self) -> DecoderPlan | None:
+        layers = [layer.plan(rope) for layer, rope in zip(self.layers, self.layer_rope)]
+        if any(layer is None for layer in layers):
+            return None
+        return DecoderPlan(lambda ids, positions: self.embed(ids), layers, self.norm, self.rotaries)  # type: ignore[arg-type]
 
 
 class LlamaForCausalLM(CausalLM):
@@ -165,6 +188,9 @@ class LlamaForCausalLM(CausalLM):
     def prepare_compile(self, max_positions: int) -> None:
         for rotary in self.model.rotaries:
             rotary.prepare(max_positions, self.model.norm.weight.device, self.dtype)
+
+    def decoder_plan(self) -> DecoderPlan | None:
+        return self.model.plan()
 
     def shard_sizes(self, name: str) -> list[int]:
         c = self.config

@@ -16,6 +16,7 @@ from surge.core.runner_output import ModelRunnerOutput, TokenLogprobs
 from surge.core.scheduler_output import SchedulerOutput
 from surge.layers.attention import AttentionMetadata, native_decode
 from surge.layers.forward_context import ForwardContext, set_forward_context
+from surge.layers.native_decoder import NativeDecoder
 from surge.layers.sampler import Sampler, SamplingRow, token_logprobs
 from surge.worker.reports import StepTimings
 
@@ -33,6 +34,7 @@ class ModelRunner:
         block_size: int,
         device: str,
         eos_ids: frozenset[int] = frozenset(),
+        decoder: NativeDecoder | None = None,
     ):
         self.model = model
         self.kv_caches = kv_caches
@@ -44,6 +46,7 @@ class ModelRunner:
         self.timings = StepTimings()
         # Builds (or loads from its cache) the native decode kernel now, at load, not in the first step.
         self.native_decode = bool(kv_caches) and native_decode(kv_caches[0])
+        self.decoder = decoder if self.native_decode else None  # a decode-only step's stack in one call
 
     def prepare(self, output: SchedulerOutput) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, list[int]]:
         """(input ids, positions, attention metadata, rows of the tokens to sample from)."""
@@ -85,8 +88,11 @@ class ModelRunner:
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         """The model's hidden states, its attention layers reading the caches and `meta` from the
-        forward context; a decode-only step goes to the native kernel as tensors (a DecodeBatch)."""
+        forward context; a decode-only step goes to the native kernel as tensors (a DecodeBatch),
+        through the native decoder stack where the model has one."""
         batch = meta.decode_batch() if self.native_decode else None
+        if batch is not None and self.decoder is not None:
+            return self.decoder(input_ids, positions, self.kv_caches, batch)
         with set_forward_context(ForwardContext(self.kv_caches, meta if batch is None else batch)):
             return self.model(input_ids, positions)
 

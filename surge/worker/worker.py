@@ -92,7 +92,12 @@ class Worker:
             from surge.worker.compiled import CompiledModel
 
             model = self.compiled = CompiledModel(self.model, self.config.scheduler.max_model_len)  # type: ignore
-        self.runner = ModelRunner(model, self.kv_caches, cache.block_size, self.device, eos_token_ids)
+        decoder = None
+        if self.config.compilation.native_decode:
+            from surge.layers.native_decoder import build_native_decoder
+
+            decoder = build_native_decoder(self.model, self.kv_caches)
+        self.runner = ModelRunner(model, self.kv_caches, cache.block_size, self.device, eos_token_ids, decoder)
         self.info = dataclasses.replace(self.info, weight_bytes=module_bytes(self.model),
                                         kv_cache_bytes=tensor_bytes(self.kv_caches))
         return self.info

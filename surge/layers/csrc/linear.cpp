@@ -22,6 +22,8 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include "kernels.h"
+
 #include <immintrin.h>
 
 #include <algorithm>
@@ -625,6 +627,20 @@ at::Tensor quantize_u8(const at::Tensor& x, const at::Tensor& inv) {
 }
 
 }  // namespace
+
+namespace surge_kernels {
+
+at::Tensor linear_bf16(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& bias) {
+  return ::linear_bf16(x, w, bias);
+}
+
+at::Tensor linear_quant(const at::Tensor& x, const at::Tensor& q, const at::Tensor& qh, const at::Tensor& s,
+                        int64_t kind, int64_t group_size, const c10::optional<at::Tensor>& bias, int64_t planes,
+                        int64_t tile_min_rows) {
+  return ::linear_quant(x, q, qh, s, kind, group_size, bias, planes, tile_min_rows);
+}
+
+}  // namespace surge_kernels
 
 TORCH_LIBRARY_FRAGMENT(surge_native, m) {
   m.def("linear_bf16(Tensor x, Tensor w, Tensor? bias) -> Tensor");

@@ -22,6 +22,8 @@
 #include <ATen/cpu/vec/vec.h>
 #include <torch/library.h>
 
+#include "kernels.h"
+
 #if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
 #include <immintrin.h>
 #endif
@@ -459,6 +461,16 @@ at::Tensor paged_decode_step(const at::Tensor& q, const at::Tensor& k, const at:
 }
 
 }  // namespace
+
+namespace surge_kernels {
+
+at::Tensor paged_decode_step(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor& kv_cache,
+                             const at::Tensor& slot_mapping, const at::Tensor& block_tables,
+                             const at::Tensor& seq_lens, double scale, int64_t window) {
+  return ::paged_decode_step(q, k, v, kv_cache, slot_mapping, block_tables, seq_lens, scale, window);
+}
+
+}  // namespace surge_kernels
 
 TORCH_LIBRARY(surge_native, m) {
   m.def("paged_decode_attention(Tensor q, Tensor kv_cache, Tensor block_tables, Tensor seq_lens, float scale, "
