@@ -252,10 +252,15 @@ def _wait_http(url: str, proc: subprocess.Popen, timeout: float = 300) -> None:
     raise RuntimeError(f"{url} not ready after {timeout}s")
 
 
-def bench_serving(gguf: str, threads: int, concurrency: int = 32, num_prompts: int = 64,
+SERVE_LOADS = {"c1": (1, 8), "c32": (32, 64)}  # name: (concurrent streams, requests)
+
+
+def bench_serving(gguf: str, threads: int, concurrency: int = 32,
                   compile: bool = False) -> dict[str, dict]:
-    """The same load (streams of 20-200-word prompts, 64 tokens, ignore_eos) against llama-server
-    with `concurrency` slots and against `surge serve`, one after the other."""
+    """The same loads (streams of 20-200-word prompts, 64 tokens, ignore_eos: one client alone,
+    then 32 at once) against llama-server with `concurrency` slots and against `surge serve`
+    with its defaults, one server after the other; results under "<server>" (32 streams) and
+    "<server>_c1"."""
     import asyncio
 
     from surge.entrypoints.bench import _serve_load
@@ -277,7 +282,9 @@ def bench_serving(gguf: str, threads: int, concurrency: int = 32, num_prompts: i
         try:
             _wait_http(url + health, proc)
             asyncio.run(_serve_load(url, None, 4, 4, (20, 40), 8, None, 300))  # warm up
-            out[name] = asyncio.run(_serve_load(url, None, concurrency, num_prompts, (20, 200), 64, None, 600))
+            for load, (streams, requests) in SERVE_LOADS.items():
+                key = name if load == "c32" else f"{name}_{load}"
+                out[key] = asyncio.run(_serve_load(url, None, streams, requests, (20, 200), 64, None, 600))
         finally:
             proc.terminate()
             proc.wait(60)
@@ -293,7 +300,7 @@ def main() -> int:
     ap.add_argument("--skip-llama-cpp", action="store_true")
     ap.add_argument("--skip-transformers", action="store_true")
     ap.add_argument("--serve", action="store_true",
-                    help="also compare serving (32 streams) against llama-server, built from source if needed")
+                    help="also compare serving (1 stream, then 32) against llama-server, built from source if needed")
     ap.add_argument("--compile", action="store_true", help="surge with --compile (torch.compile, C++ wrapper)")
     ap.add_argument("--skip-surge-bf16", action="store_true", help="skip surge with dequantized bf16 weights")
     ap.add_argument("--rounds", type=int, default=0,
@@ -346,9 +353,12 @@ def main() -> int:
                     statistics.median(per_round))
     serving = bench_serving(gguf, args.threads, compile=args.compile) if args.serve else {}
     for name, r in serving.items():
-        print(f"serving {name:<14} output {r['output_tok_s']:.1f} tok/s, TTFT p50 {r['ttft_s'].get('p50', 0):.2f} s "
+        print(f"serving {name:<17} output {r['output_tok_s']:.1f} tok/s, TTFT p50 {r['ttft_s'].get('p50', 0):.2f} s "
               f"p99 {r['ttft_s'].get('p99', 0):.2f} s, TPOT p50 {r['tpot_s'].get('p50', 0) * 1000:.0f} ms, "
-              f"{r['completed']} done, {r['errors']} errors")
+              f"{r['completed']} done, {r['errors']} errors" + (f" (first: {r['first_error']})" if r["errors"] else ""))
+    if "llama_server_c1" in serving and "surge_c1" in serving:
+        ratios["serving c=1 TPOT p50 surge / llama-server (lower is better)"] = (
+            serving["surge_c1"]["tpot_s"]["p50"] / serving["llama_server_c1"]["tpot_s"]["p50"])
     if "llama_server" in serving and "surge" in serving:
         ratios["serving output tok/s surge / llama-server"] = (
             serving["surge"]["output_tok_s"] / serving["llama_server"]["output_tok_s"])

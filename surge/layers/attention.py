@@ -115,6 +115,14 @@ class AttentionMetadata:
             chosen = [i for i in range(self.num_seqs) if new[i] == 1]
             if len(chosen) < 2:
                 chosen = []
+        if len(chosen) == self.num_seqs and all(n == 1 for n in new):  # a decode-only step: no gathers
+            dev = self.block_tables.device
+            self.decode_seqs = self.decode_rows = torch.arange(self.num_seqs, device=dev)
+            self.decode_seq_lens = torch.tensor(lens, dtype=torch.int64, device=dev)
+            self.decode_width = max(lens)
+            self.decode_tables = self.block_tables[:, : -(-self.decode_width // self.block_size)]
+            self.prefill_seqs, self.all_decode = [], True
+            return
         picked = set(chosen)
         self.prefill_seqs = [i for i in range(self.num_seqs) if new[i] > 0 and i not in picked]
         if not chosen:

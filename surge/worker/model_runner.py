@@ -127,7 +127,8 @@ class ModelRunner:
         t1 = time.perf_counter()
         hidden = self.forward(input_ids, positions, meta)
         sampled = [r for r in output.requests if r.sample]
-        logits = self.model.compute_logits(hidden[sample_rows]).cpu() if sampled else None
+        rows = hidden if len(sample_rows) == hidden.shape[0] else hidden[sample_rows]  # all rows: in order
+        logits = self.model.compute_logits(rows).cpu() if sampled else None
         t2 = time.perf_counter()
         clock.prepare += t1 - t0
         clock.forward += t2 - t1
