@@ -116,12 +116,7 @@ class AttentionMetadata:
             if len(chosen) < 2:
                 chosen = []
         if len(chosen) == self.num_seqs and all(n == 1 for n in new):  # a decode-only step: no gathers
-            dev = self.block_tables.device
-            self.decode_seqs = self.decode_rows = torch.arange(self.num_seqs, device=dev)
-            self.decode_seq_lens = torch.tensor(lens, dtype=torch.int64, device=dev)
-            self.decode_width = max(lens)
-            self.decode_tables = self.block_tables[:, : -(-self.decode_width // self.block_size)]
-            self.prefill_seqs, self.all_decode = [], True
+            self.set_decode_only(torch.tensor(lens, dtype=torch.int64, device=self.block_tables.device))
             return
         picked = set(chosen)
         self.prefill_seqs = [i for i in range(self.num_seqs) if new[i] > 0 and i not in picked]
@@ -144,6 +139,18 @@ class AttentionMetadata:
         self.decode_tables = self.block_tables[index, :blocks]
         self.all_decode = not self.prefill_seqs and len(rows) == len(chosen) == self.num_seqs
 
+    def set_decode_only(self, seq_lens: torch.Tensor) -> None:
+        """The split of a step in which every sequence has exactly one new token (`seq_lens`:
+        this step's lengths as a tensor): every row attended by the per-row path, the block
+        tables as they are."""
+        self.decode_seqs = self.decode_rows = _arange(self.num_seqs, seq_lens.device)
+        self.decode_seq_lens = seq_lens
+        self.decode_width = max(self.seq_lens)
+        blocks = -(-self.decode_width // self.block_size)
+        tables = self.block_tables
+        self.decode_tables = tables if tables.shape[1] == blocks else tables[:, :blocks]
+        self.prefill_seqs, self.all_decode = [], True
+
     def decode_batch(self) -> DecodeBatch | None:
         """The step as a DecodeBatch when every sequence decodes (after split_decode), else None."""
         if not self.all_decode:
@@ -152,6 +159,17 @@ class AttentionMetadata:
         if tables.shape[1] < 2:
             tables = F.pad(tables, (0, 2 - tables.shape[1]))
         return DecodeBatch(self.slot_mapping, tables, self.decode_seq_lens)
+
+
+_ARANGES: dict[tuple[int, str], torch.Tensor] = {}
+
+
+def _arange(n: int, device: torch.device) -> torch.Tensor:
+    """0..n-1 as int64 (read-only, shared: each op on a step's path costs microseconds)."""
+    key = (n, str(device))
+    if key not in _ARANGES:
+        _ARANGES[key] = torch.arange(n, device=device)
+    return _ARANGES[key]
 
 
 def decode_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, batch: DecodeBatch,

@@ -129,7 +129,8 @@ class Sampler:
     def __call__(
         self, logits: torch.Tensor, rows: list[SamplingRow], eos_ids: frozenset[int] = frozenset()
     ) -> tuple[list[int], list[TokenLogprobs | None]]:
-        logits = logits.float()
+        if logits.dtype != torch.float32:
+            logits = logits.float()
         want_logprobs = [r.params.logprobs is not None for r in rows]
         raw_logprobs = logits.log_softmax(-1) if any(want_logprobs) else None
         if any(r.params.logit_bias or r.params.has_penalties or r.params.min_tokens for r in rows):

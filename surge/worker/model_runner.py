@@ -50,6 +50,8 @@ class ModelRunner:
 
     def prepare(self, output: SchedulerOutput) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, list[int]]:
         """(input ids, positions, attention metadata, rows of the tokens to sample from)."""
+        if self.native_decode and output.requests and all(len(r.token_ids) == 1 for r in output.requests):
+            return self._prepare_decode(output)
         ids: list[int] = []
         positions: list[int] = []
         slots: list[int] = []
@@ -85,6 +87,23 @@ class ModelRunner:
             meta,
             sample_rows,
         )
+
+    def _prepare_decode(self, output: SchedulerOutput) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, list[int]]:
+        """prepare() of a step in which every request decodes one token: the per-token values in
+        one tensor (a batch-1 step's Python is measurable against its forward)."""
+        bs, reqs = self.block_size, output.requests
+        positions = [r.start_position for r in reqs]
+        lens = [p + 1 for p in positions]
+        values = torch.tensor([[r.token_ids[0] for r in reqs], positions,
+                               [r.block_ids[p // bs] * bs + p % bs for r, p in zip(reqs, positions)], lens],
+                              dtype=torch.int64, device=self.device)
+        ids, pos, slots, seq_lens = values.unbind(0)
+        width = max(len(r.block_ids) for r in reqs)
+        tables = torch.tensor([r.block_ids + [0] * (width - len(r.block_ids)) for r in reqs], dtype=torch.int64,
+                              device=self.device)
+        meta = AttentionMetadata(slots, tables, list(range(len(reqs) + 1)), lens, bs)
+        meta.set_decode_only(seq_lens)
+        return ids, pos, meta, [i for i, r in enumerate(reqs) if r.sample]
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         """The model's hidden states, its attention layers reading the caches and `meta` from the
@@ -128,7 +147,9 @@ class ModelRunner:
         hidden = self.forward(input_ids, positions, meta)
         sampled = [r for r in output.requests if r.sample]
         rows = hidden if len(sample_rows) == hidden.shape[0] else hidden[sample_rows]  # all rows: in order
-        logits = self.model.compute_logits(rows).cpu() if sampled else None
+        logits = self.model.compute_logits(rows) if sampled else None
+        if logits is not None and logits.device.type != "cpu":
+            logits = logits.cpu()
         t2 = time.perf_counter()
         clock.prepare += t1 - t0
         clock.forward += t2 - t1
