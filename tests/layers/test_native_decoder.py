@@ -51,6 +51,8 @@ def tiny_models(tmp_path_factory, tiny_tokenizer_dir):
              for name, (kind, extra) in FAMILIES.items()}
     paths["gpt2"] = build_tiny_model("gpt2", base / "gpt2", tiny_tokenizer_dir, n_embd=128, n_head=4,
                                      initializer_range=0.05)
+    paths["gpt2-erf-gelu"] = build_tiny_model("gpt2", base / "gpt2-erf", tiny_tokenizer_dir, n_embd=128, n_head=4,
+                                              n_inner=256, activation_function="gelu", initializer_range=0.05)
     mixed = build_tiny_model("llama", base / "mixed-hf", tiny_tokenizer_dir, hidden_size=256, intermediate_size=512,
                              num_attention_heads=4, num_key_value_heads=2, initializer_range=0.05)
     paths["gguf-every-type"] = write_gguf_from_hf(mixed, base / "mixed.gguf", MIXED_TYPES)
@@ -94,7 +96,7 @@ def assert_same_decode(model, batch: int, kv_dtype=torch.bfloat16) -> None:
         assert torch.equal(a, b)
 
 
-@pytest.mark.parametrize("name", [*FAMILIES, "gpt2"])
+@pytest.mark.parametrize("name", [*FAMILIES, "gpt2", "gpt2-erf-gelu"])
 @pytest.mark.parametrize("batch", [1, 3])
 def test_native_step_equals_eager_bf16(tiny_models, name, batch):
     model = load_model(str(tiny_models[name]), "bfloat16", "cpu", quantization="none").model

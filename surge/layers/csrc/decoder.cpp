@@ -309,22 +309,6 @@ struct Decoder : torch::CustomClassHolder {
   std::vector<Layer> layers;
   Norm final_norm;
   int64_t hidden = 0;
-  bool tracing = false;
-  std::vector<at::Tensor> trace;  // with tracing on, each layer's intermediate values (tests)
-
-  void record(const at::Tensor& t) {
-    if (tracing) trace.push_back(t.clone());
-  }
-
-  // Layer by layer: attention's input norm, qkv, q and k as attended, attention, its output
-  // projection (after the output norm, if any), the residual after it, the MLP's input norm,
-  // the MLP's input projection, its activation, its output (after the output norm, if any).
-  std::vector<at::Tensor> traced(bool on) {
-    std::vector<at::Tensor> out = std::move(trace);
-    trace.clear();
-    tracing = on;
-    return out;
-  }
 
   explicit Decoder(int64_t hidden_size) : hidden(hidden_size) {}
 
@@ -430,36 +414,27 @@ struct Decoder : torch::CustomClassHolder {
         residual = x.clone();
       }
       at::Tensor h = norm_rows(l.norms[kAttnNorm], residual);
-      record(h);
       // attention
       const at::Tensor qkv = l.linears[kQkv].run(h);
-      record(qkv);
       const int64_t D = l.head_dim, qw = l.heads * D, kvw = l.kv_heads * D;
       const at::Tensor* c = l.rope >= 0 ? &cos[l.rope] : nullptr;
       const at::Tensor* s = l.rope >= 0 ? &sin[l.rope] : nullptr;
+      TORCH_CHECK(c == nullptr || (c->size(1) <= D && c->size(1) % 2 == 0),
+                  "Decoder.forward: RoPE over ", c == nullptr ? 0 : c->size(1), " of a head of ", D);
       at::Tensor q = heads_out(qkv, 0, l.heads, D, l.norms[kQNorm], c, s);
       at::Tensor k = heads_out(qkv, qw, l.kv_heads, D, l.norms[kKNorm], c, s);
       at::Tensor v = qkv.narrow(1, qw + kvw, kvw).view({T, l.kv_heads, D});
-      record(q);
-      record(k);
       at::Tensor attn = surge_kernels::paged_decode_step(q, k, v, kv_caches[i], slot_mapping, block_tables,
                                                          seq_lens, l.scale, l.window);
-      record(attn);
       h = l.linears[kOut].run(attn.view({T, qw}));
       if (l.norms[kAttnOutNorm].present) h = norm_rows(l.norms[kAttnOutNorm], h);
-      record(h);
       add_rows(h.data_ptr<bf16>(), residual.data_ptr<bf16>(), residual.data_ptr<bf16>(), h.numel());
-      record(residual);
       // MLP
       h = norm_rows(l.norms[kMlpNorm], residual);
-      record(h);
       const at::Tensor up = l.linears[kUp].run(h);
-      record(up);
       const at::Tensor act = mlp_hidden(up, l.activation, l.gated);
-      record(act);
       h = l.linears[kDown].run(act);
       if (l.norms[kMlpOutNorm].present) h = norm_rows(l.norms[kMlpOutNorm], h);
-      record(h);
       x = h;
     }
     if (residual.defined()) add_rows(x.data_ptr<bf16>(), residual.data_ptr<bf16>(), residual.data_ptr<bf16>(), x.numel());
@@ -477,7 +452,6 @@ TORCH_LIBRARY_FRAGMENT(surge_native, m) {
       .def("add_linear_part", &Decoder::add_linear_part)
       .def("validate", &Decoder::validate)
       .def("num_layers", &Decoder::num_layers)
-      .def("traced", &Decoder::traced)
       .def("forward", &Decoder::forward);
 }
 
