@@ -73,7 +73,7 @@ def pack_int4(q: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor) -> tu
     return _pack_nibbles(q), _group_scales(scale, minimum)
 
 
-KIND_CODES = {"int4": 0, "q5": 1, "q4_k": 2, "q5_k": 3, "q6_k": 4}  # csrc/linear.cpp's Kind
+KIND_CODES = {"int4": 0, "q5": 1, "q4_k": 2, "q5_k": 3, "q6_k": 4, "q8": 5}  # csrc/linear.cpp's Kind
 
 
 @dataclass
@@ -142,19 +142,32 @@ def _assemble(slices: Iterator[tuple[torch.Tensor, ...]], blocks: int, planes: i
 
 
 def pack_groups(weight: Int4Weight | Int8GroupWeight, values_per_slice: int = 1 << 22) -> PackedQuant:
-    """int4 groups, or int8 groups as two int4 planes summed (high and low nibbles, W = 16 s h +
-    s l, see Int8GroupWeight.planes), in linear_quant's layout [plane 0's blocks; plane 1's],
-    packed a slice of rows at a time (the planes take int32 intermediates)."""
-    planes = 2 if isinstance(weight, Int8GroupWeight) else 1
+    """int4 groups, or int8 groups (GGUF's Q8_0: code = q + 128, its low nibbles in q and its
+    high ones in qh, one fp16 scale a group: W = d (code - 128)), in linear_quant's layout,
+    packed a slice of rows at a time."""
+    if isinstance(weight, Int8GroupWeight):
+        def int8_slices() -> Iterator[tuple[torch.Tensor, ...]]:
+            for part in split_rows(weight, _slice_rows(*weight.q.shape, values_per_slice)):
+                assert isinstance(part, Int8GroupWeight)
+                codes = part.q.to(torch.int32) + 128
+                yield _pack_nibbles(codes & 0xF), _pack_nibbles(codes >> 4), _group_scale(part.scale)
+
+        q, qh, s = _assemble(int8_slices(), weight.q.shape[0] // BLOCK)
+        return PackedQuant(q, qh, s, "q8", weight.group_size)
 
     def slices() -> Iterator[tuple[torch.Tensor, ...]]:
         for part in split_rows(weight, _slice_rows(*weight.q.shape, values_per_slice)):
-            p = part.planes() if isinstance(part, Int8GroupWeight) else part
-            assert isinstance(p, Int4Weight)
-            yield pack_int4(p.q, p.scale, p.zero - 8 * p.scale)  # W = scale q + (zero - 8 scale)
+            assert isinstance(part, Int4Weight)
+            yield pack_int4(part.q, part.scale, part.zero - 8 * part.scale)  # W = scale q + (zero - 8 scale)
 
-    q, s = _assemble(slices(), weight.q.shape[0] // BLOCK, planes)
+    q, s = _assemble(slices(), weight.q.shape[0] // BLOCK)
     return PackedQuant(q, torch.empty(0, dtype=torch.uint8), s, "int4", weight.group_size)
+
+
+def _group_scale(scale: torch.Tensor) -> torch.Tensor:
+    """[N, K/G] -> fp16 [N/64, K/G, 64] (int8 groups' scales)."""
+    n, groups = scale.shape
+    return scale.to(torch.float16).reshape(n // BLOCK, BLOCK, groups).permute(0, 2, 1).contiguous()
 
 
 def pack_blocks(weight: GgufBlockWeight, values_per_slice: int = 1 << 22) -> PackedQuant:

@@ -139,10 +139,30 @@ def test_quant_linear_native_path_matches_its_dequantized_weight(make, kind):
 
 @pytest.mark.parametrize("make", [lambda w: quantize_int4(w, 64), quantize_int8_groups], ids=["int4-g64", "int8-g32"])
 def test_packing_a_slice_of_rows_at_a_time_equals_packing_whole(make):
-    """[plane 0's blocks; plane 1's] whichever slices the rows were packed in."""
+    """The same layout whichever slices the rows were packed in."""
     qw = make(torch.randn(320, 256, generator=_gen(0)))
     whole = native_linear.pack_groups(qw, values_per_slice=1 << 30)  # one slice
     sliced = native_linear.pack_groups(qw, values_per_slice=128 * 256 + 5)  # 128, 128, 64 rows
-    assert torch.equal(whole.q, sliced.q) and torch.equal(whole.s, sliced.s)
-    planes = 2 if isinstance(qw, type(quantize_int8_groups(torch.zeros(64, 32)))) else 1
-    assert whole.q.shape[0] == planes * 320 // 64
+    assert torch.equal(whole.q, sliced.q) and torch.equal(whole.qh, sliced.qh) and torch.equal(whole.s, sliced.s)
+    assert whole.q.shape[0] == 320 // 64
+
+
+def test_int8_groups_every_code_exactly():
+    """GGUF's Q8_0 / int8 groups as 8-bit codes (two nibbles) and one fp16 scale a group: every
+    code -128..127 in every nibble position comes back exactly, and the product of few rows
+    (codes) and many (tiles) equals the float64 one within bf16 rounding."""
+    from surge.layers.quantization.formats import Int8GroupWeight
+
+    q = (torch.arange(128 * 256) % 256 - 128).reshape(128, 256)
+    q = q[:, torch.randperm(256, generator=_gen(0))].to(torch.int8)  # each code in several channels and columns
+    scale = (torch.rand(128, 256 // 32, generator=_gen(1)) * 0.01 + 1e-4).half().float()  # fp16-exact
+    weight = Int8GroupWeight(q, scale)
+    layer = QuantLinear(weight, None, torch.bfloat16)
+    assert layer.native and layer.kind == "int8g" and layer.planes == 1
+    assert torch.equal(layer.dequantize(), weight.dequantize())
+    assert layer.packed.numel() + layer.high.numel() == q.numel() and layer.scales_zeros.numel() == scale.numel()
+    for rows in [1, 5, TILE_MIN_ROWS["int8g"], 33]:
+        x = torch.randn(rows, 256, generator=_gen(rows)).bfloat16()
+        w = weight.dequantize()
+        w = w.bfloat16() if rows >= TILE_MIN_ROWS["int8g"] else w
+        _assert_close_to(layer(x), x.double() @ w.double().t())

@@ -106,19 +106,26 @@ void bf16_block(const uint16_t* x, int64_t ldx, const uint16_t* w, int64_t pairs
 //                           u8 sc[8][64], u8 m[8][64]: W = d sc code - dmin m, groups of 32  (Q4_K, Q5_K)
 //          (kScalesKSym)    per 256 of K a record of 1152 bytes: fp16 d[64], i8 sc[16][64]:
 //                           W = d sc (code - 32), groups of 16                              (Q6_K)
+//          (kScalesQ8)      fp16 [N/64, K/G, 64]: W = d (code - 128)                          (Q8_0, int8 groups)
+// 8-bit codes (code = q + 128) keep their low nibbles in q and their high nibbles in qh, both
+// laid out as pack_int4's nibbles (R = 1).
 // A group's dot product runs over the codes as bf16 (128 + code, see above); the group's
 // scale finishes it: acc += scale (dot - offset sum x) + min sum x, offset 128 (+ 32 for Q6_K).
-enum Scales { kScalesGroup = 0, kScalesKAsym = 1, kScalesKSym = 2 };
-enum Kind : int64_t { kInt4 = 0, kQ5 = 1, kQ4K = 2, kQ5K = 3, kQ6K = 4 };
+// 8-bit codes take two products a pair, (128 + low nibble) and (2048 + 16 high nibble), the
+// latter the bf16 word 0x4500 | nibble: their sum is code + 2176, offset 2304 (2176 + 128).
+enum Scales { kScalesGroup = 0, kScalesKAsym = 1, kScalesKSym = 2, kScalesQ8 = 3 };
+enum Kind : int64_t { kInt4 = 0, kQ5 = 1, kQ4K = 2, kQ5K = 3, kQ6K = 4, kQ8 = 5 };
 
 template <int BITS, int SCALES>
 struct Format {
   static constexpr int bits = BITS;
   static constexpr int scales = SCALES;
-  static constexpr int64_t high_pairs = BITS == 5 ? 4 : 2;  // pairs per 64-byte record of high bits
+  static constexpr int64_t high_pairs = BITS == 5 ? 4 : BITS == 8 ? 1 : 2;  // pairs per 64-byte record of high bits
+  static constexpr int products = BITS == 8 ? 8 : 4;  // bf16 vectors a pair of a block feeds
   static constexpr int64_t k_group = SCALES == kScalesKAsym ? 32 : 16;  // the K formats' fixed groups
   static constexpr int64_t record = SCALES == kScalesKAsym ? 1280 : 1152;  // bytes per 256 of K
-  static constexpr float offset = SCALES == kScalesKSym ? 160.0f : 128.0f;
+  static constexpr float offset = SCALES == kScalesKSym ? 160.0f : SCALES == kScalesQ8 ? 2304.0f : 128.0f;
+  static constexpr float zero = SCALES == kScalesKSym ? 32.0f : SCALES == kScalesQ8 ? 128.0f : 0.0f;  // W's zero code
 };
 
 #if defined(__AVX512BF16__)
@@ -134,6 +141,9 @@ inline void group_scale(const uint8_t* s, int64_t g, int t, __m512& scale, __m51
     const uint16_t* sg = reinterpret_cast<const uint16_t*>(s) + g * 2 * kBlock;
     scale = half_to_float(sg + 16 * t);
     minimum = half_to_float(sg + kBlock + 16 * t);
+  } else if constexpr (F::scales == kScalesQ8) {
+    scale = half_to_float(reinterpret_cast<const uint16_t*>(s) + g * kBlock + 16 * t);
+    minimum = _mm512_setzero_ps();
   } else {
     constexpr int64_t per = 256 / F::k_group;
     const uint8_t* rec = s + (g / per) * F::record;
@@ -152,15 +162,25 @@ inline void group_scale(const uint8_t* s, int64_t g, int t, __m512& scale, __m51
   }
 }
 
-// The codes of pair p as four vectors of bf16 (128 + code), channels 16t..16t+15 in vector t.
+// The codes of pair p as four vectors of bf16 (128 + code), channels 16t..16t+15 in vector t
+// (8-bit codes: eight, the high nibbles' (2048 + 16 nibble) in vectors 4..7).
 template <class F>
-inline void pair_codes(const uint8_t* q, const uint8_t* qh, int64_t p, __m512bh (&wt)[4]) {
+inline void pair_codes(const uint8_t* q, const uint8_t* qh, int64_t p, __m512bh (&wt)[F::products]) {
   const __m512i low4 = _mm512_set1_epi8(0x0F);
   const __m512i exp128 = _mm512_set1_epi8(0x43);
   const __m512i v = _mm512_loadu_si512(q + p * kBlock);
   __m512i lo = _mm512_and_si512(v, low4);
   __m512i hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), low4);
-  if constexpr (F::bits > 4) {  // shifts by whole 16-bit words keep each byte's bits in its byte (masked)
+  if constexpr (F::bits == 8) {
+    const __m512i exp2048 = _mm512_set1_epi8(0x45);
+    const __m512i h = _mm512_loadu_si512(qh + p * kBlock);
+    const __m512i hlo = _mm512_and_si512(h, low4);
+    const __m512i hhi = _mm512_and_si512(_mm512_srli_epi16(h, 4), low4);
+    wt[4] = (__m512bh)_mm512_unpacklo_epi8(hlo, exp2048);
+    wt[5] = (__m512bh)_mm512_unpackhi_epi8(hlo, exp2048);
+    wt[6] = (__m512bh)_mm512_unpacklo_epi8(hhi, exp2048);
+    wt[7] = (__m512bh)_mm512_unpackhi_epi8(hhi, exp2048);
+  } else if constexpr (F::bits > 4) {  // shifts by whole 16-bit words keep each byte's bits in its byte (masked)
     const int64_t j = p % F::high_pairs;
     const __m512i h = _mm512_srl_epi16(_mm512_loadu_si512(qh + (p / F::high_pairs) * kBlock),
                                        _mm_cvtsi64_si128((F::bits == 5 ? 2 : 4) * j));
@@ -193,11 +213,11 @@ void quant_block(const uint16_t* x, int64_t ldx, const float* xs, int64_t groups
     for (int m = 0; m < MB; ++m)
       for (int t = 0; t < 4; ++t) dot[m][t] = _mm512_setzero_ps();
     for (int64_t p = g * group_pairs; p < (g + 1) * group_pairs; ++p) {
-      __m512bh wt[4];
+      __m512bh wt[F::products];
       pair_codes<F>(qp, qh, p, wt);
       for (int m = 0; m < MB; ++m) {
         __m512bh xb = pair(x + m * ldx + 2 * p);
-        for (int t = 0; t < 4; ++t) dot[m][t] = _mm512_dpbf16_ps(dot[m][t], xb, wt[t]);
+        for (int t = 0; t < F::products; ++t) dot[m][t % 4] = _mm512_dpbf16_ps(dot[m][t % 4], xb, wt[t]);
       }
     }
     for (int t = 0; t < 4; ++t) {
@@ -231,12 +251,19 @@ void dequantize_tile(const uint8_t* q, const uint8_t* qh, const uint8_t* s, int6
     }
     __m512 w[2][4];  // [pair element][channels 16t..]
     for (int64_t plane = 0; plane < planes; ++plane) {
-      __m512bh wt[4];
+      __m512bh wt[F::products];
       pair_codes<F>(q + plane * plane_q, qh, p, wt);
       for (int t = 0; t < 4; ++t) {
         const __m512i bits = (__m512i)wt[t];
-        const __m512 even = _mm512_sub_ps(_mm512_castsi512_ps(_mm512_slli_epi32(bits, 16)), offset);
-        const __m512 odd = _mm512_sub_ps(_mm512_castsi512_ps(_mm512_and_si512(bits, high_half)), offset);
+        __m512 even = _mm512_castsi512_ps(_mm512_slli_epi32(bits, 16));
+        __m512 odd = _mm512_castsi512_ps(_mm512_and_si512(bits, high_half));
+        if constexpr (F::bits == 8) {  // (128 + low) + (2048 + 16 high), both exact in float
+          const __m512i high = (__m512i)wt[t + 4];
+          even = _mm512_add_ps(even, _mm512_castsi512_ps(_mm512_slli_epi32(high, 16)));
+          odd = _mm512_add_ps(odd, _mm512_castsi512_ps(_mm512_and_si512(high, high_half)));
+        }
+        even = _mm512_sub_ps(even, offset);
+        odd = _mm512_sub_ps(odd, offset);
         if (plane == 0) {
           w[0][t] = _mm512_fmadd_ps(scale[0][t], even, minimum[0][t]);
           w[1][t] = _mm512_fmadd_ps(scale[0][t], odd, minimum[0][t]);
@@ -268,7 +295,10 @@ float weight_at(const uint8_t* q, const uint8_t* qh, const uint8_t* s, int64_t g
   for (int64_t plane = 0; plane < planes; ++plane) {
     const uint8_t v = q[plane * plane_q + p * kBlock + byte];
     int code = half ? v >> 4 : v & 0x0F;
-    if constexpr (F::bits > 4) {
+    if constexpr (F::bits == 8) {
+      const uint8_t h = qh[p * kBlock + byte];
+      code |= (half ? h >> 4 : h & 0x0F) << 4;
+    } else if constexpr (F::bits > 4) {
       const uint8_t h = qh[(p / F::high_pairs) * kBlock + byte];
       const int64_t jj = p % F::high_pairs;
       code |= F::bits == 5 ? ((h >> (2 * jj + half)) & 1) << 4 : ((h >> (4 * jj + 2 * half)) & 3) << 4;
@@ -279,6 +309,9 @@ float weight_at(const uint8_t* q, const uint8_t* qh, const uint8_t* s, int64_t g
       const auto* sg = reinterpret_cast<const at::Half*>(sp) + g * 2 * kBlock;
       scale = static_cast<float>(sg[c]);
       minimum = static_cast<float>(sg[kBlock + c]);
+    } else if constexpr (F::scales == kScalesQ8) {
+      scale = static_cast<float>(reinterpret_cast<const at::Half*>(sp)[g * kBlock + c]);
+      minimum = 0.0f;
     } else {
       constexpr int64_t per = 256 / F::k_group;
       const uint8_t* rec = sp + (g / per) * F::record;
@@ -293,7 +326,7 @@ float weight_at(const uint8_t* q, const uint8_t* qh, const uint8_t* s, int64_t g
         minimum = 0.0f;
       }
     }
-    total += std::fma(scale, static_cast<float>(code) - (F::offset - 128.0f), minimum);
+    total += std::fma(scale, static_cast<float>(code) - F::zero, minimum);
   }
   return total;
 }
@@ -399,6 +432,7 @@ void with_format(int64_t kind, Fn&& fn) {
     case kQ4K: fn(Format<4, kScalesKAsym>{}); break;
     case kQ5K: fn(Format<5, kScalesKAsym>{}); break;
     case kQ6K: fn(Format<6, kScalesKSym>{}); break;
+    case kQ8: fn(Format<8, kScalesQ8>{}); break;
     default: TORCH_CHECK(false, "linear_quant: unknown weight kind ", kind);
   }
 }
@@ -431,6 +465,14 @@ QuantShape check_quant(const at::Tensor& q, const at::Tensor& qh, const at::Tens
                       s.size(3) == kBlock && s.scalar_type() == at::kHalf && s.is_contiguous(),
                   "linear_quant: s must be a contiguous fp16 [N/64, K/G, 2, 64] tensor");
       sh.plane_s = sh.blocks * sh.groups * 2 * kBlock * 2;
+    } else if constexpr (F::scales == kScalesQ8) {
+      TORCH_CHECK(group_size > 0 && group_size % 2 == 0 && sh.k % group_size == 0,
+                  "linear_quant: group size ", group_size, " must be even and divide K = ", sh.k);
+      sh.groups = sh.k / group_size;
+      TORCH_CHECK(s.dim() == 3 && s.size(0) == sh.blocks && s.size(1) == sh.groups && s.size(2) == kBlock &&
+                      s.scalar_type() == at::kHalf && s.is_contiguous(),
+                  "linear_quant: s must be a contiguous fp16 [N/64, K/G, 64] tensor");
+      sh.plane_s = 0;
     } else {
       TORCH_CHECK(sh.k % 256 == 0, "linear_quant: K = ", sh.k, " is not a multiple of 256");
       sh.groups = sh.k / F::k_group;

@@ -8,7 +8,8 @@ GGUF's Q4_0 (w = d * (q - 8)) and Q4_1 (w = d * q + m) blocks of 32 map onto it 
 scale = d, zero = 0 for Q4_0 and zero = m + 8 d for Q4_1.
 
 int8 per output channel, the layout of `_weight_int8pack_mm`:  w[n, k] = q[n, k] * scale[n].
-int8 per group of 32 (GGUF's Q8_0) runs as two int4 planes (see Int8GroupWeight).
+int8 per group of 32 (GGUF's Q8_0): on surge's kernel as 8-bit codes with one fp16 scale a
+group (native_linear.pack_groups); on ATen's as two int4 planes (see Int8GroupWeight).
 W8A8 (W8A8Weight): int8 per output channel for the weight and a static int8 quantizer for the
 inputs, so the product runs as an int8 GEMM.
 """
@@ -68,8 +69,9 @@ class Int8Weight:
 class Int8GroupWeight:
     r"""int8 with a scale per group of 32 (GGUF's Q8_0): q [N, K] int8, scale [N, K // 32] float32.
 
-    No packed kernel takes int8 groups, so it runs as two int4 planes on the int4 kernel,
-    exactly: q = 16 h + l with h in -8..7 and l in 0..15, so
+    surge's kernel (csrc/linear.cpp, kind q8) takes them as they are. ATen has no int8-group
+    kernel, so there it runs as two int4 planes on the int4 kernel, exactly: q = 16 h + l with
+    h in -8..7 and l in 0..15, so
 
         w = d q = [(h + 8) - 8] * 16 d  +  [(l - 8) * d + 8 d]
                   \___ plane "h": scale 16d, zero 0 __/  \___ plane "l": scale d, zero 8d _/

@@ -54,7 +54,6 @@ class QuantLinear(nn.Module):
         elif isinstance(weight, (Int4Weight, Int8GroupWeight)):
             self.kind = "int8g" if isinstance(weight, Int8GroupWeight) else "int4"
             if self.native:
-                self.planes = 2 if self.kind == "int8g" else 1
                 packed = native_linear.pack_groups(weight)
             else:
                 planes = weight.planes() if isinstance(weight, Int8GroupWeight) else weight
@@ -84,7 +83,7 @@ class QuantLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, self.in_features)
-        if self.native:  # int8 groups as two int4 planes summed; the bias added before the one rounding
+        if self.native:  # the bias added before the one rounding
             y = torch.ops.surge_native.linear_quant(x2, self.packed, self.high, self.scales_zeros, self.kind_code,
                                                     self.group_size, self.bias, self.planes, self.tile_min_rows)
             return y.reshape(*shape[:-1], self.out_features)
