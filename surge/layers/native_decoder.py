@@ -108,9 +108,12 @@ class NativeDecoder:
 def build_native_decoder(model: nn.Module, kv_caches: list[torch.Tensor]) -> NativeDecoder | None:
     """The model's native decoder, or None with the reason logged (the model then decodes eagerly)."""
     reason = _unsupported_reason(model, kv_caches)
+    plan = model.decoder_plan() if reason is None else None  # type: ignore[operator]
+    if reason is None and plan is None:
+        reason = f"{type(model).__name__}'s layers have no plain form (mixture of experts)"
     if reason is None:
         try:
-            decoder = NativeDecoder(model.decoder_plan(), model.config.hidden_size)  # type: ignore[operator]
+            decoder = NativeDecoder(plan, model.config.hidden_size)  # type: ignore[union-attr]
         except (Unsupported, RuntimeError) as exc:
             reason = str(exc).strip().splitlines()[0]
         else:
@@ -121,13 +124,13 @@ def build_native_decoder(model: nn.Module, kv_caches: list[torch.Tensor]) -> Nat
 
 
 def _unsupported_reason(model: nn.Module, kv_caches: list[torch.Tensor]) -> str | None:
+    """Why the CPU, the dtype or the cache rule the native step out (the plan is checked apart)."""
     if linear_ops() is None:
         return "needs surge's AVX-512 BF16 kernels, which this CPU or build lacks"
     if getattr(model, "dtype", None) != torch.bfloat16:
         return f"activations are {str(getattr(model, 'dtype', '?')).removeprefix('torch.')}, it runs bf16 only"
     if not kv_caches or kv_caches[0].device.type != "cpu":
         return "no CPU KV cache"
-    plan_of = getattr(model, "decoder_plan", None)
-    if plan_of is None or plan_of() is None:
-        return f"{type(model).__name__}'s layers have no plain form (mixture of experts)"
+    if not hasattr(model, "decoder_plan"):
+        return f"{type(model).__name__} is not a CausalLM"
     return None

@@ -96,23 +96,6 @@ inline Vec load_bf16(const bf16* p) {  // Vec::size() values
   return out;
 }
 
-inline void store_bf16(const Vec& v, bf16* p) {  // rounded to nearest even, as c10::BFloat16
-#if defined(__AVX512BF16__)
-  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), (__m256i)_mm512_cvtneps_pbh(__m512(v)));
-#else
-  alignas(64) float tmp[Vec::size()];
-  v.store(tmp);
-  for (int i = 0; i < Vec::size(); ++i) p[i] = bf16(tmp[i]);
-#endif
-}
-
-// out[i] = bf16(a[i] + b[i]), rows of n
-void add_rows(const bf16* a, const bf16* b, bf16* out, int64_t count) {
-  int64_t i = 0;
-  for (; i + Vec::size() <= count; i += Vec::size()) store_bf16(load_bf16(a + i) + load_bf16(b + i), out + i);
-  for (; i < count; ++i) out[i] = bf16(to_f(a[i]) + to_f(b[i]));
-}
-
 #if defined(__AVX512BF16__)
 inline __m512 load16(const bf16* p) {  // 16 bf16 -> float
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(
@@ -127,6 +110,23 @@ inline __m512 round16(__m512 v) {  // to the nearest bf16, as float
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(v)), 16));
 }
 #endif
+
+inline void store_bf16(const Vec& v, bf16* p) {  // rounded to nearest even, as c10::BFloat16
+#if defined(__AVX512BF16__)
+  store16(__m512(v), p);
+#else
+  alignas(64) float tmp[Vec::size()];
+  v.store(tmp);
+  for (int i = 0; i < Vec::size(); ++i) p[i] = bf16(tmp[i]);
+#endif
+}
+
+// out[i] = bf16(a[i] + b[i]), rows of n
+void add_rows(const bf16* a, const bf16* b, bf16* out, int64_t count) {
+  int64_t i = 0;
+  for (; i + Vec::size() <= count; i += Vec::size()) store_bf16(load_bf16(a + i) + load_bf16(b + i), out + i);
+  for (; i < count; ++i) out[i] = bf16(to_f(a[i]) + to_f(b[i]));
+}
 
 // One row of n values (stride 1) normalized into out; w (and b) float32.
 void norm_row(int64_t mode, const float* w, const float* b, double eps, const bf16* x, bf16* out, int64_t n,
