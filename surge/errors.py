@@ -27,6 +27,11 @@ class InvalidArgumentError(SurgeError, ValueError):
     """A bad argument: an unknown dtype, an out-of-range sampling parameter, a prompt too long."""
 
 
+class StructuredOutputError(InvalidArgumentError):
+    """An output constraint (JSON schema, regex, choice, grammar) that is malformed or that
+    surge cannot enforce exactly; raised before the request is queued."""
+
+
 class EngineDeadError(SurgeError):
     """The engine cannot serve any more: its worker process died or hung, its step loop failed,
     or it was shut down. Requests in flight end with this error; the engine must be rebuilt."""

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import enum
+import json
 import math
 from dataclasses import dataclass, field
+from typing import Any
 
-from surge.errors import InvalidArgumentError
+from surge.errors import InvalidArgumentError, StructuredOutputError
 
 MAX_LOGPROBS = 20
 MAX_LOGIT_BIAS = 100.0  # OpenAI's range, [-100, 100]
@@ -17,6 +19,75 @@ class RequestOutputKind(enum.Enum):
     CUMULATIVE = "cumulative"  # every output carries all text and tokens so far
     DELTA = "delta"  # every output carries only what is new (streaming)
     FINAL_ONLY = "final_only"  # one output when the request finishes
+
+
+MAX_GRAMMAR_CHARS = 1 << 20  # a schema, regex or grammar of up to 1 MiB of text
+MAX_CHOICES = 4096
+
+
+@dataclass
+class StructuredOutputsParams:
+    """A constraint on the output (vLLM's `structured_outputs`): exactly one of a JSON schema
+    (`json`, a dict or its text), any JSON object (`json_object`), a regular expression the whole
+    output matches (`regex`), one of some strings (`choice`), or a grammar (`grammar`: GBNF /
+    EBNF, or Lark). Checked for shape here; compiled (and refused when it cannot be) by the
+    engine before the request is queued."""
+
+    json: dict[str, Any] | str | None = None
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool = False
+    _key: tuple[str, str] = field(init=False, repr=False, compare=False, default=("", ""))
+
+    def __post_init__(self) -> None:
+        given = [name for name in ("json", "regex", "choice", "grammar") if getattr(self, name) is not None]
+        given += ["json_object"] if self.json_object else []
+        if len(given) != 1:
+            raise StructuredOutputError(
+                "structured outputs take exactly one of json, json_object, regex, choice or grammar"
+                + (f" (got {', '.join(given)})" if given else ""))
+        if isinstance(self.json, str):
+            try:
+                self.json = json.loads(self.json)
+            except ValueError as exc:
+                raise StructuredOutputError(f"the JSON schema is not valid JSON: {exc}") from exc
+        if self.json is not None and not isinstance(self.json, (dict, bool)):
+            raise StructuredOutputError("a JSON schema must be an object")
+        if self.json is not None and len(json.dumps(self.json)) > MAX_GRAMMAR_CHARS:
+            raise StructuredOutputError(f"the JSON schema is longer than {MAX_GRAMMAR_CHARS} characters")
+        for name in ("regex", "grammar"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, str) or not value.strip()):
+                raise StructuredOutputError(f"structured outputs: {name} must be a non-empty string")
+            if value is not None and len(value) > MAX_GRAMMAR_CHARS:
+                raise StructuredOutputError(f"structured outputs: {name} is longer than {MAX_GRAMMAR_CHARS} characters")
+        if self.choice is not None:
+            if not isinstance(self.choice, list) or not self.choice \
+                    or not all(isinstance(c, str) and c for c in self.choice):
+                raise StructuredOutputError("structured outputs: choice must be a list of non-empty strings")
+            if len(self.choice) > MAX_CHOICES:
+                raise StructuredOutputError(f"structured outputs: at most {MAX_CHOICES} choices")
+        self._key = self._make_key()
+        if self.json is not None:  # the constraint as it was given: a caller's later edits change nothing
+            self.json = json.loads(self._key[1])
+
+    @property
+    def kind(self) -> str:
+        return "json_object" if self.json_object else next(
+            name for name in ("json", "regex", "choice", "grammar") if getattr(self, name) is not None)
+
+    def key(self) -> tuple[str, str]:
+        """What identifies the compiled grammar: (kind, canonical text)."""
+        return self._key
+
+    def _make_key(self) -> tuple[str, str]:
+        kind = self.kind
+        if kind == "json":
+            return kind, json.dumps(self.json)  # key order kept: properties are written in it
+        if kind == "choice":
+            return kind, json.dumps(list(self.choice))
+        return kind, "" if kind == "json_object" else getattr(self, kind)
 
 
 @dataclass
@@ -43,8 +114,16 @@ class SamplingParams:
     prompt_logprobs: int | None = None
     skip_special_tokens: bool = True
     output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
+    structured_outputs: StructuredOutputsParams | None = None
 
     def __post_init__(self) -> None:
+        if isinstance(self.structured_outputs, dict):
+            try:
+                self.structured_outputs = StructuredOutputsParams(**self.structured_outputs)
+            except TypeError as exc:
+                raise StructuredOutputError(f"structured_outputs: {exc}") from exc
+        if self.structured_outputs is not None and not isinstance(self.structured_outputs, StructuredOutputsParams):
+            raise StructuredOutputError("structured_outputs must be a StructuredOutputsParams or a dict of its fields")
         if isinstance(self.stop, str):
             self.stop = [self.stop]
         self.stop = list(self.stop or [])

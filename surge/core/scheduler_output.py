@@ -27,6 +27,9 @@ class ScheduledRequest:
     block_ids: list[int]
     sample: bool  # this chunk reaches the end of the known tokens: sample the next one
     new: NewRequestData | None = None
+    # a constrained request's allowed next tokens (int32 bitmask words: bit b of word w is
+    # token 32 w + b), filled by the engine before the step; None: any token
+    allowed: Any = None
 
 
 @dataclass(slots=True)

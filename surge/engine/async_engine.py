@@ -104,7 +104,10 @@ class AsyncEngine:
             raise EngineDeadError(f"the engine is not running ({self.error or 'shut down'})")
         text, ids = self.engine.tokenize_prompt(prompt)
         text = text if text is not None else prompt_text
-        self.engine.validate(ids, params)  # raises InvalidArgumentError before anything is queued
+        if params.structured_outputs is not None:  # a grammar to compile (or find cached): not on the loop
+            await asyncio.to_thread(self.engine.validate, ids, params)
+        else:
+            self.engine.validate(ids, params)  # raises InvalidArgumentError before anything is queued
         loop = asyncio.get_running_loop()
         request_id = request_id or f"async-{next(self._ids)}"
         stream: asyncio.Queue = asyncio.Queue()

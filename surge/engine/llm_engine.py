@@ -24,6 +24,7 @@ from surge.engine.output_processor import OutputProcessor
 from surge.errors import InvalidArgumentError
 from surge.outputs import RequestOutput
 from surge.sampling_params import RequestOutputKind, SamplingParams
+from surge.structured.manager import StructuredOutputManager
 from surge.tokenizer import Tokenizer
 from surge.worker.reports import ModelInfo, StepTimings
 
@@ -79,7 +80,8 @@ class LLMEngine:
         self.core = EngineCore(config, self.eos_ids, reserve)
         self.scheduler = self.core.scheduler
         self.model_info: ModelInfo = self.core.model_info
-        self.processor = OutputProcessor(self.tokenizer, self.scheduler, self.eos_ids)
+        self.structured = StructuredOutputManager(self.tokenizer, config.model.vocab_size, self.eos_ids)
+        self.processor = OutputProcessor(self.tokenizer, self.scheduler, self.eos_ids, self.structured)
         self.max_model_len = config.scheduler.max_model_len
         self.max_num_seqs = config.scheduler.max_num_seqs
         self.block_size = config.cache.block_size
@@ -119,6 +121,8 @@ class LLMEngine:
         bad_bias = [t for t in (params.logit_bias or {}) if not 0 <= t < self.vocab_size]
         if bad_bias:
             raise InvalidArgumentError(f"logit_bias token id {bad_bias[0]} is outside the vocabulary")
+        if params.structured_outputs is not None:
+            self.structured.grammar(params.structured_outputs)  # compiled (or refused) here, then cached
         return max_tokens
 
     def add_request(
@@ -159,6 +163,8 @@ class LLMEngine:
         scheduled = self.scheduler.schedule()
         if not scheduled.requests and not scheduled.finished_request_ids:
             return []
+        if self.structured.active:
+            self.structured.fill(scheduled)
         clock = self.core.timings
         t1 = time.perf_counter()
         clock.schedule += t1 - t0

@@ -21,6 +21,7 @@ from surge.engine.detokenizer import RequestDetokenizer
 from surge.engine.engine_core import check_recoverable
 from surge.outputs import CompletionOutput, Logprob, PositionLogprobs, RequestOutput
 from surge.sampling_params import RequestOutputKind, SamplingParams
+from surge.structured.manager import StructuredOutputManager
 from surge.tokenizer import Tokenizer
 
 
@@ -56,10 +57,12 @@ class _Parent:
 
 
 class OutputProcessor:
-    def __init__(self, tokenizer: Tokenizer, scheduler: Scheduler, eos_ids: frozenset[int]):
+    def __init__(self, tokenizer: Tokenizer, scheduler: Scheduler, eos_ids: frozenset[int],
+                 structured: StructuredOutputManager):
         self.tokenizer = tokenizer
         self.scheduler = scheduler
         self.eos_ids = eos_ids
+        self.structured = structured
         self._parents: dict[str, _Parent] = {}
         self._child_parent: dict[str, tuple[_Parent, _Child]] = {}
         self._token_texts: dict[int, str] = {}
@@ -99,11 +102,15 @@ class OutputProcessor:
         added: list[Request] = []
         try:
             for child in children:
+                if params.structured_outputs is not None:  # a matcher of its own per completion
+                    self.structured.add(child.request.request_id, params.structured_outputs)
                 self.scheduler.add_request(child.request)
                 added.append(child.request)
         except BaseException:
             for request in added:
                 self.scheduler.finish(request, FinishReason.ABORT)
+            for child in children:
+                self.structured.free(child.request.request_id)
             raise
         parent.children = children
         self._parents[request_id] = parent
@@ -117,6 +124,7 @@ class OutputProcessor:
         for child in parent.children:
             self.scheduler.finish(child.request, FinishReason.ABORT)
             self._child_parent.pop(child.request.request_id, None)
+            self.structured.free(child.request.request_id)
 
     # ---- one step -----------------------------------------------------------------------
 
@@ -183,6 +191,7 @@ class OutputProcessor:
         self._parents.pop(parent.request_id, None)
         for child in parent.children:
             self._child_parent.pop(child.request.request_id, None)
+            self.structured.free(child.request.request_id)
 
     # ---- text, logprobs, stops ----------------------------------------------------------
 
@@ -204,10 +213,17 @@ class OutputProcessor:
 
     def _check_stop(self, child: _Child, token: int) -> None:
         request, params = child.request, child.request.sampling_params
+        ended = self.structured.accept(request.request_id, token)  # the grammar has accepted an end
         stop_string = child.detok.add(token) if child.detok is not None else None
         count = len(request.output_token_ids)
         reason: FinishReason | None = None
-        if stop_string is not None:
+        if ended:
+            reason = FinishReason.STOP
+            if stop_string is not None:
+                request.stop_reason = stop_string
+            elif token in params.stop_token_ids:
+                request.stop_reason = token
+        elif stop_string is not None:
             reason, request.stop_reason = FinishReason.STOP, stop_string
         elif count >= params.min_tokens and token in params.stop_token_ids:
             reason, request.stop_reason = FinishReason.STOP, token

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy
 import torch
 
 from surge.core.runner_output import TokenLogprobs
@@ -41,6 +42,23 @@ def argmax_rows(logits: torch.Tensor) -> torch.Tensor:
         if ops is not None:
             return ops.argmax_rows(logits)
     return logits.argmax(-1)
+
+
+def apply_token_bitmask(logits: torch.Tensor, bitmask: torch.Tensor, rows: list[int]) -> None:
+    """In place: logits[rows[i], t] = -inf where bit t of bitmask[i] (int32 words) is clear. On
+    CPU the native kernel (csrc/sampling.cpp); elsewhere the bits unpacked with tensor ops."""
+    index = torch.tensor(rows, dtype=torch.long)
+    ops = native_ops() if logits.device.type == "cpu" else None
+    if ops is not None and logits.dtype == torch.float32 and logits.dim() == 2 and logits.stride(1) == 1:
+        ops.apply_token_bitmask(logits, bitmask.contiguous(), index)
+        return
+    vocab = logits.shape[1]
+    shifts = torch.arange(32, dtype=torch.int32, device=bitmask.device)
+    allowed = ((bitmask.unsqueeze(-1) >> shifts) & 1).view(bitmask.shape[0], -1)[:, :vocab].bool()
+    if allowed.shape[1] < vocab:  # tokens past the bitmask: not allowed
+        allowed = torch.nn.functional.pad(allowed, (0, vocab - allowed.shape[1]))
+    index = index.to(logits.device)
+    logits[index] = logits[index].masked_fill(~allowed.to(logits.device), float("-inf"))
 
 
 def token_logprobs(logprobs: torch.Tensor, token_ids: torch.Tensor, top_n: list[int]) -> list[TokenLogprobs]:
@@ -124,18 +142,35 @@ def finite_logits(logits: torch.Tensor) -> torch.Tensor:
 
 
 class Sampler:
-    """Samples one token per row of logits [N, vocab]."""
+    """Samples one token per row of logits [N, vocab].
+
+    `allowed` (per row, or None): a constrained request's grammar bitmask. It masks the logits
+    first, so logprobs are those of the constrained distribution and every filter works on the
+    allowed tokens only; where min_tokens would ban the only tokens the grammar allows (its end),
+    the grammar wins.
+    """
 
     def __call__(
-        self, logits: torch.Tensor, rows: list[SamplingRow], eos_ids: frozenset[int] = frozenset()
+        self, logits: torch.Tensor, rows: list[SamplingRow], eos_ids: frozenset[int] = frozenset(),
+        allowed: list[numpy.ndarray | None] | None = None,
     ) -> tuple[list[int], list[TokenLogprobs | None]]:
         if logits.dtype != torch.float32:
             logits = logits.float()
+        masked = [i for i, a in enumerate(allowed or ()) if a is not None]
+        if masked:
+            assert allowed is not None
+            logits = logits.clone()  # the caller's logits stay as the model gave them
+            apply_token_bitmask(logits, torch.from_numpy(numpy.stack([allowed[i] for i in masked])), masked)
         want_logprobs = [r.params.logprobs is not None for r in rows]
         raw_logprobs = logits.log_softmax(-1) if any(want_logprobs) else None
         if any(r.params.logit_bias or r.params.has_penalties or r.params.min_tokens for r in rows):
-            logits = logits.clone()
+            before = logits[masked].clone() if masked else None
+            logits = logits if masked else logits.clone()
             apply_penalties(logits, rows, eos_ids)
+            if before is not None:
+                dead = ~torch.isfinite(logits[masked]).any(-1) if masked else None
+                for j in (dead.nonzero().flatten().tolist() if dead is not None else []):
+                    logits[masked[j]] = before[j]  # nothing left but what min_tokens banned
         tokens = argmax_rows(logits)
         random_rows = [i for i, r in enumerate(rows) if not r.params.greedy]
         if random_rows:

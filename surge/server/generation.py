@@ -23,7 +23,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.background import BackgroundTask
 
 from surge.engine.llm_engine import LLMEngine
-from surge.errors import SurgeError
+from surge.errors import StructuredOutputError, SurgeError
 from surge.outputs import RequestOutput
 from surge.sampling_params import SamplingParams
 from surge.server.errors import APIError, bad_request
@@ -35,21 +35,27 @@ from surge.server.state import ServerState
 Prompt = tuple[str | None, list[int]]  # (text if given as text, token ids)
 
 
-def sampling(build: Callable[[], SamplingParams]) -> SamplingParams:
+def sampling(build: Callable[[], SamplingParams], constraint_param: str | None = None) -> SamplingParams:
     try:
         return build()
+    except StructuredOutputError as exc:
+        raise bad_request(str(exc), constraint_param) from exc
     except SurgeError as exc:
         raise bad_request(str(exc)) from exc
 
 
-def prepare_prompts(engine: LLMEngine, prompts: list[str | list[int]], params: SamplingParams) -> list[Prompt]:
-    """Tokenize and check each prompt (blocking: run it off the event loop)."""
+def prepare_prompts(engine: LLMEngine, prompts: list[str | list[int]], params: SamplingParams,
+                    constraint_param: str | None = None) -> list[Prompt]:
+    """Tokenize and check each prompt, and compile the output constraint (blocking: run it off
+    the event loop; the compiled grammar is cached for the engine's thread)."""
     out = []
     try:
         for prompt in prompts:
             text, ids = engine.tokenize_prompt(prompt)
             engine.validate(ids, params)
             out.append((text, ids))
+    except StructuredOutputError as exc:
+        raise bad_request(str(exc), param=constraint_param) from exc
     except SurgeError as exc:
         raise bad_request(str(exc), param="prompt") from exc
     return out

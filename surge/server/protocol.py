@@ -15,7 +15,14 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from surge.sampling_params import MAX_LOGIT_BIAS, MAX_LOGPROBS, SEED_RANGE, RequestOutputKind, SamplingParams
+from surge.sampling_params import (
+    MAX_LOGIT_BIAS,
+    MAX_LOGPROBS,
+    SEED_RANGE,
+    RequestOutputKind,
+    SamplingParams,
+    StructuredOutputsParams,
+)
 
 Probability = Annotated[float, Field(ge=0.0, le=1.0)]
 Int32 = Annotated[int, Field(ge=-(2**31), le=2**31 - 1)]
@@ -32,6 +39,50 @@ class _Strict(BaseModel):
 
 class StreamOptions(_Strict):
     include_usage: bool = False
+
+
+class JsonSchemaFormat(_Strict):
+    """OpenAI's response_format.json_schema. surge enforces the schema whether `strict` is set or not."""
+
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")
+    schema_: dict[str, Any] | None = Field(None, alias="schema")
+    description: str | None = None
+    strict: bool | None = None
+
+
+class ResponseFormat(_Strict):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_iff_json_schema(self) -> "ResponseFormat":
+        if (self.type == "json_schema") != (self.json_schema is not None):
+            raise ValueError("'json_schema' is required with type \"json_schema\" and only there")
+        return self
+
+    def constraint(self) -> StructuredOutputsParams | None:
+        if self.type == "json_object":
+            return StructuredOutputsParams(json_object=True)
+        if self.type == "json_schema":
+            assert self.json_schema is not None
+            # no schema: any JSON value, as OpenAI's own default
+            return StructuredOutputsParams(json=self.json_schema.schema_ if self.json_schema.schema_ is not None
+                                           else {})
+        return None
+
+
+class StructuredOutputs(_Strict):
+    """vLLM's `structured_outputs`: exactly one of json (a schema), json_object, regex, choice, grammar."""
+
+    json_: dict[str, Any] | str | None = Field(None, alias="json")
+    json_object: bool | None = None
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+
+    def constraint(self) -> StructuredOutputsParams:
+        return StructuredOutputsParams(json=self.json_, json_object=bool(self.json_object), regex=self.regex,
+                                       choice=self.choice, grammar=self.grammar)
 
 
 class _SamplingFields(_Strict):
@@ -63,6 +114,13 @@ class _SamplingFields(_Strict):
     min_tokens: int = Field(0, ge=0, le=2**31 - 1)
     skip_special_tokens: bool = True
     priority: Int32 = 0
+    structured_outputs: StructuredOutputs | None = None
+    response_format: ResponseFormat | None = None
+    # vLLM's earlier names of structured_outputs' fields
+    guided_json: dict[str, Any] | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
 
     @field_validator("stop")
     @classmethod
@@ -89,6 +147,34 @@ class _SamplingFields(_Strict):
     def streaming(self) -> bool:
         return bool(self.stream)
 
+    @property
+    def constraint_param(self) -> str | None:
+        """The field that carries this request's output constraint, if any."""
+        given = [name for name in ("structured_outputs", "guided_json", "guided_regex", "guided_choice",
+                                   "guided_grammar") if getattr(self, name) is not None]
+        if self.response_format is not None and self.response_format.type != "text":
+            given.append("response_format")
+        if len(given) > 1:
+            raise ValueError(f"give one output constraint, not {' and '.join(given)}")
+        return given[0] if given else None
+
+    def constraint(self) -> StructuredOutputsParams | None:
+        name = self.constraint_param
+        if name is None:
+            return None
+        if name == "response_format":
+            assert self.response_format is not None
+            return self.response_format.constraint()
+        if name == "structured_outputs":
+            assert self.structured_outputs is not None
+            return self.structured_outputs.constraint()
+        return StructuredOutputsParams(**{name.removeprefix("guided_"): getattr(self, name)})
+
+    @model_validator(mode="after")
+    def _one_constraint(self) -> "_SamplingFields":
+        self.constraint_param  # raises when several are given
+        return self
+
     def sampling_params(self, max_tokens: int | None, logprobs: int | None, prompt_logprobs: int | None
                         ) -> SamplingParams:
         return SamplingParams(
@@ -110,6 +196,7 @@ class _SamplingFields(_Strict):
             prompt_logprobs=prompt_logprobs,
             skip_special_tokens=self.skip_special_tokens,
             output_kind=RequestOutputKind.DELTA if self.streaming else RequestOutputKind.FINAL_ONLY,
+            structured_outputs=self.constraint(),
         )
 
 
@@ -222,7 +309,6 @@ class ChatCompletionRequest(_SamplingFields):
     tool_choice: Any = None
     functions: list[Any] | None = None
     function_call: Any = None
-    response_format: dict[str, Any] | None = None
     audio: dict[str, Any] | None = None
     modalities: list[str] | None = None
     prediction: dict[str, Any] | None = None
@@ -233,10 +319,10 @@ class ChatCompletionRequest(_SamplingFields):
     def _honest(self) -> "ChatCompletionRequest":
         _unsupported(
             {name: getattr(self, name) for name in ("tools", "tool_choice", "functions", "function_call",
-                                                    "response_format", "audio", "modalities", "prediction",
+                                                    "audio", "modalities", "prediction",
                                                     "web_search_options", "reasoning_effort")},
             {"tools": ([],), "tool_choice": ("none",), "functions": ([],), "function_call": ("none",),
-             "response_format": ({"type": "text"},), "modalities": (["text"],)},
+             "modalities": (["text"],)},
         )
         return self
 

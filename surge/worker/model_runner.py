@@ -158,7 +158,8 @@ class ModelRunner:
             clock.sample += time.perf_counter() - t2
             return result
         rows = [self.requests[r.request_id] for r in sampled]
-        tokens, logprobs = self.sampler(logits, rows, self.eos_ids)
+        allowed = [r.allowed for r in sampled] if any(r.allowed is not None for r in sampled) else None
+        tokens, logprobs = self.sampler(logits, rows, self.eos_ids, allowed)
         clock.sample += time.perf_counter() - t2
         for r, row, token, lp in zip(sampled, rows, tokens, logprobs):
             row.output_ids.append(token)

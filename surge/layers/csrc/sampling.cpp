@@ -12,6 +12,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <limits>
 #include <vector>
 
 namespace {
@@ -100,12 +101,54 @@ at::Tensor argmax_rows(const at::Tensor& logits) {
   return out;
 }
 
+// Structured outputs: logits[rows[i], t] = -inf wherever bit t of bitmask[i] is clear (bit b of
+// int32 word w is token 32 w + b; tokens past the logits' width are ignored). A word of all
+// ones is skipped and 16 tokens are written per mask register, so a row of 151k tokens costs a
+// few microseconds where unpacking the bits with tensor ops costs ~0.4 ms.
+void apply_token_bitmask(const at::Tensor& logits, const at::Tensor& bitmask, const at::Tensor& rows) {
+  TORCH_CHECK(logits.dim() == 2 && logits.scalar_type() == at::kFloat && logits.stride(1) == 1,
+              "apply_token_bitmask: logits must be a float32 [N, V] tensor with unit stride along V");
+  TORCH_CHECK(bitmask.dim() == 2 && bitmask.scalar_type() == at::kInt && bitmask.is_contiguous(),
+              "apply_token_bitmask: bitmask must be a contiguous int32 [M, W] tensor");
+  TORCH_CHECK(rows.dim() == 1 && rows.scalar_type() == at::kLong && rows.size(0) == bitmask.size(0),
+              "apply_token_bitmask: rows must be int64 [M], one logits row per bitmask row");
+  const int64_t n = logits.size(1), ld = logits.stride(0), words = bitmask.size(1);
+  const int64_t used = std::min(words, (n + 31) / 32);
+  const int64_t* row_ids = rows.data_ptr<int64_t>();
+  for (int64_t i = 0; i < rows.size(0); ++i)
+    TORCH_CHECK(row_ids[i] >= 0 && row_ids[i] < logits.size(0), "apply_token_bitmask: row ", row_ids[i],
+                " is outside the logits' ", logits.size(0), " rows");
+  const float ninf = -std::numeric_limits<float>::infinity();
+  at::parallel_for(0, bitmask.size(0), 1, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      float* x = logits.data_ptr<float>() + row_ids[i] * ld;
+      const uint32_t* bits = reinterpret_cast<const uint32_t*>(bitmask.data_ptr<int32_t>() + i * words);
+      for (int64_t w = 0; w < used; ++w) {
+        const uint32_t word = bits[w];
+        if (word == 0xFFFFFFFFu) continue;
+        const int64_t base = w * 32;
+        if (base + 32 <= n) {
+#if defined(__AVX512F__)
+          _mm512_mask_storeu_ps(x + base, static_cast<__mmask16>(~word & 0xFFFF), _mm512_set1_ps(ninf));
+          _mm512_mask_storeu_ps(x + base + 16, static_cast<__mmask16>(~word >> 16), _mm512_set1_ps(ninf));
+          continue;
+#endif
+        }
+        for (int64_t b = 0; b < 32 && base + b < n; ++b)
+          if (!((word >> b) & 1u)) x[base + b] = ninf;
+      }
+    }
+  });
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(surge_native, m) {
   m.def("argmax_rows(Tensor logits) -> Tensor");
+  m.def("apply_token_bitmask(Tensor(a!) logits, Tensor bitmask, Tensor rows) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(surge_native, CPU, m) {
   m.impl("argmax_rows", &argmax_rows);
+  m.impl("apply_token_bitmask", &apply_token_bitmask);
 }

@@ -60,12 +60,12 @@ def router(state: ServerState) -> APIRouter:
             raise bad_request("'top_logprobs' requires 'logprobs' to be true", "top_logprobs")
         top_n = (body.top_logprobs or 0) if body.logprobs else None
         params = sampling(lambda: body.sampling_params(
-            body.effective_max_tokens(state.settings.max_tokens_default), top_n, None))
+            body.effective_max_tokens(state.settings.max_tokens_default), top_n, None), body.constraint_param)
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
 
         def prepare(engine: LLMEngine) -> list[Prompt]:
             ids = encode_chat(engine, body.messages, body.add_generation_prompt)
-            return [(None, prepare_prompts(engine, [ids], params)[0][1])]
+            return [(None, prepare_prompts(engine, [ids], params, body.constraint_param)[0][1])]
 
         gen = await Generation.start(state, body.model, body.n, prepare, params, "chatcmpl", body.priority,
                                      include_usage)

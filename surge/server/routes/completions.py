@@ -96,11 +96,12 @@ def router(state: ServerState) -> APIRouter:
                               "(--max-prompts)", "prompt")
         want_prompt_lps = bool(body.echo) and body.logprobs is not None
         params = sampling(lambda: body.sampling_params(body.effective_max_tokens(), body.logprobs,
-                                                       body.logprobs if want_prompt_lps else None))
+                                                       body.logprobs if want_prompt_lps else None),
+                          body.constraint_param)
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
 
         def prepare(engine: LLMEngine) -> list[Any]:
-            return prepare_prompts(engine, raw_prompts, params)
+            return prepare_prompts(engine, raw_prompts, params, body.constraint_param)
 
         gen = await Generation.start(state, body.model, body.n * len(raw_prompts), prepare, params, "cmpl",
                                      body.priority, include_usage, numbered=True)

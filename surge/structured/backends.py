@@ -1,0 +1,209 @@
+"""The grammar engines behind structured outputs: xgrammar (main) and llguidance (fallback).
+
+Each turns a constraint into a compiled grammar, shared by every request that asks for the
+same constraint, and a grammar into per-request matchers. A matcher fills one row of a token
+bitmask (int32 words; bit b of word w allows token 32 w + b, the layout both engines use),
+accepts the sampled token, and says when the grammar has ended (it accepted an end of sequence).
+Compilation errors come back as StructuredOutputError naming the problem (a 400).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from typing import Any, Protocol
+
+import torch
+
+from surge.errors import StructuredOutputError
+from surge.tokenizer import Tokenizer
+
+logger = logging.getLogger(__name__)
+
+# JSON as json.dumps writes it by default: what the models were shown, and one way to write each value
+ITEM_SEPARATOR, KEY_SEPARATOR = ", ", ": "
+
+
+class Matcher(Protocol):
+    def fill(self, bitmask: torch.Tensor, row: int) -> None: ...
+
+    def accept(self, token: int) -> bool: ...
+
+    def is_terminated(self) -> bool: ...
+
+
+class Grammar(Protocol):
+    backend: str
+
+    def matcher(self) -> Matcher: ...
+
+
+def _first_line(exc: BaseException) -> str:
+    """xgrammar's errors start with a source location line; keep what names the problem."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    text = lines[0] if lines else type(exc).__name__
+    return text.split(": ", 1)[1] if text.startswith("[") and ": " in text else text
+
+
+# ---- xgrammar ------------------------------------------------------------------------------
+
+
+class _XgrMatcher:
+    __slots__ = ("_m",)
+
+    def __init__(self, matcher: Any):
+        self._m = matcher
+
+    def fill(self, bitmask: torch.Tensor, row: int) -> None:
+        self._m.fill_next_token_bitmask(bitmask, row)
+
+    def accept(self, token: int) -> bool:
+        return bool(self._m.accept_token(token))
+
+    def is_terminated(self) -> bool:
+        return bool(self._m.is_terminated())
+
+
+class _XgrGrammar:
+    backend = "xgrammar"
+
+    def __init__(self, compiled: Any):
+        self._compiled = compiled
+
+    def matcher(self) -> Matcher:
+        import xgrammar
+
+        return _XgrMatcher(xgrammar.GrammarMatcher(self._compiled))
+
+
+class XGrammarBackend:
+    """xgrammar's compiler over the model's tokenizer (built on first use: ~0.2-1 s)."""
+
+    name = "xgrammar"
+
+    def __init__(self, tokenizer: Tokenizer, vocab_size: int, eos_ids: frozenset[int]):
+        self._tokenizer, self._vocab_size, self._eos_ids = tokenizer, vocab_size, sorted(eos_ids)
+        self._compiler: Any = None
+        self._lock = threading.Lock()
+
+    def _get_compiler(self) -> Any:
+        with self._lock:
+            if self._compiler is None:
+                import xgrammar
+                from transformers import PreTrainedTokenizerFast
+
+                wrapped = PreTrainedTokenizerFast(tokenizer_object=self._tokenizer.backend)
+                info = xgrammar.TokenizerInfo.from_huggingface(
+                    wrapped, vocab_size=self._vocab_size, stop_token_ids=self._eos_ids)
+                # surge caches compiled grammars itself (StructuredOutputManager)
+                self._compiler = xgrammar.GrammarCompiler(info, max_threads=1, cache_enabled=False)
+            return self._compiler
+
+    def _compile(self, what: str, fn: Any) -> Grammar:
+        try:
+            return _XgrGrammar(fn())
+        except (RuntimeError, ValueError) as exc:
+            raise StructuredOutputError(f"{what}: {_first_line(exc)}") from None
+
+    def json_schema(self, schema: Any) -> Grammar:
+        compiler = self._get_compiler()
+        return self._compile("JSON schema", lambda: compiler.compile_json_schema(
+            json.dumps(schema), any_whitespace=False, strict_mode=False,
+            separators=(ITEM_SEPARATOR, KEY_SEPARATOR)))
+
+    def regex(self, pattern: str) -> Grammar:
+        compiler = self._get_compiler()
+        return self._compile("regex", lambda: compiler.compile_regex(pattern))
+
+    def grammar(self, text: str) -> Grammar:
+        compiler = self._get_compiler()
+        return self._compile("grammar", lambda: compiler.compile_grammar(text))
+
+
+# ---- llguidance ----------------------------------------------------------------------------
+
+
+class _LlgMatcher:
+    __slots__ = ("_m",)
+
+    def __init__(self, matcher: Any):
+        self._m = matcher
+
+    def fill(self, bitmask: torch.Tensor, row: int) -> None:
+        import llguidance.torch
+
+        llguidance.torch.fill_next_token_bitmask(self._m, bitmask, row)
+
+    def accept(self, token: int) -> bool:
+        return bool(self._m.consume_token(token)) and not self._m.is_error()
+
+    def is_terminated(self) -> bool:
+        return bool(self._m.is_stopped())
+
+
+class _LlgGrammar:
+    backend = "guidance"
+
+    def __init__(self, tokenizer: Any, grammar: str):
+        self._tokenizer, self._grammar = tokenizer, grammar
+
+    def matcher(self) -> Matcher:
+        import llguidance
+
+        return _LlgMatcher(llguidance.LLMatcher(self._tokenizer, self._grammar))
+
+
+class GuidanceBackend:
+    """llguidance over the model's tokenizer (its tokenizer.json as the Rust side reads it)."""
+
+    name = "guidance"
+
+    def __init__(self, tokenizer: Tokenizer, vocab_size: int, eos_ids: frozenset[int]):
+        self._tokenizer, self._vocab_size, self._eos_ids = tokenizer, vocab_size, sorted(eos_ids)
+        self._ll: Any = None
+        self._lock = threading.Lock()
+
+    def _get_tokenizer(self) -> Any:
+        with self._lock:
+            if self._ll is None:
+                import llguidance
+
+                self._ll = llguidance.LLTokenizer(self._tokenizer.backend.to_str(), n_vocab=self._vocab_size,
+                                                  eos_token=self._eos_ids or None)
+            return self._ll
+
+    def _check(self, what: str, grammar: str) -> Grammar:
+        import llguidance
+
+        ll = self._get_tokenizer()
+        is_error, messages = llguidance.LLMatcher.validate_grammar_with_warnings(grammar, ll)
+        if is_error or messages:  # a warning is something it would not enforce: refused too
+            text = "; ".join(m.strip().replace("\n", " ") for m in messages) or "cannot be compiled"
+            raise StructuredOutputError(f"{what}: {text}")
+        return _LlgGrammar(ll, grammar)
+
+    def json_schema(self, schema: Any) -> Grammar:
+        import llguidance
+
+        options = {"whitespace_flexible": False, "item_separator": ITEM_SEPARATOR,
+                   "key_separator": KEY_SEPARATOR}
+        try:
+            grammar = llguidance.LLMatcher.grammar_from_json_schema(json.dumps(schema), defaults=options)
+        except (ValueError, RuntimeError) as exc:
+            raise StructuredOutputError(f"JSON schema: {_first_line(exc)}") from None
+        return self._check("JSON schema", grammar)
+
+    def regex(self, pattern: str) -> Grammar:
+        import llguidance
+
+        return self._check("regex", llguidance.LLMatcher.grammar_from_regex(pattern))
+
+    def grammar(self, text: str) -> Grammar:
+        import llguidance
+
+        try:
+            grammar = llguidance.grammar_from("grammar", text)  # Lark or GBNF
+        except (ValueError, RuntimeError) as exc:
+            raise StructuredOutputError(f"grammar: {_first_line(exc)}") from None
+        return self._check("grammar", grammar)

@@ -1,0 +1,162 @@
+"""StructuredOutputManager: the engine's side of constrained decoding.
+
+Grammars are compiled once per constraint (kind and text) and cached, errors included, in
+whatever thread asks first: the server validates a request in a worker thread before queueing
+it, so a slow schema never stalls the step loop, and the engine thread only finds it cached.
+Each constrained request (each of its n > 1 completions) gets its own matcher. Before a step
+runs, every scheduled request that samples gets the row of allowed tokens its matcher gives
+(`ScheduledRequest.allowed`, int32 bitmask words in a numpy array: plain data an executor
+ships as it is); the
+sampler masks that row's logits; the sampled token is accepted back here. A preempted request
+keeps its matcher: its tokens are recomputed, not re-chosen, so the grammar state stays valid.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import threading
+import time
+from collections import OrderedDict
+from typing import Any
+
+import torch
+
+from surge.core.scheduler_output import SchedulerOutput
+from surge.errors import StructuredOutputError
+from surge.sampling_params import StructuredOutputsParams
+from surge.structured.backends import Grammar, GuidanceBackend, Matcher, XGrammarBackend
+from surge.structured.schema import prepare_schema
+from surge.tokenizer import Tokenizer
+
+CACHE_SIZE = 512  # compiled grammars (and refusals) kept, least recently used first out
+_REGEX_EXTENSIONS = re.compile(r"\(\?[^:]|\\[1-9]|\\[kgbBAzZG]")  # what xgrammar's regex lacks
+
+
+class _Pending:
+    """A compilation in progress: other threads asking for the same constraint wait on it."""
+
+    def __init__(self) -> None:
+        self.done = threading.Event()
+        self.value: Grammar | StructuredOutputError | None = None
+
+
+class StructuredOutputManager:
+    def __init__(self, tokenizer: Tokenizer, vocab_size: int, eos_ids: frozenset[int]):
+        self.vocab_size = vocab_size
+        self.words = (vocab_size + 31) // 32
+        self.xgrammar = XGrammarBackend(tokenizer, vocab_size, eos_ids)
+        self.guidance = GuidanceBackend(tokenizer, vocab_size, eos_ids)
+        self._cache: OrderedDict[tuple[str, str], Grammar | StructuredOutputError] = OrderedDict()
+        self._pending: dict[tuple[str, str], _Pending] = {}
+        self._lock = threading.Lock()
+        self._matchers: dict[str, Matcher] = {}
+        self.compiles = 0
+        self.compile_seconds = 0.0
+
+    # ---- grammars ---------------------------------------------------------------------
+
+    def grammar(self, spec: StructuredOutputsParams) -> Grammar:
+        """The compiled grammar of `spec` (cached); StructuredOutputError naming what is wrong."""
+        key = spec.key()
+        with self._lock:
+            value = self._cache.get(key)
+            if value is not None:
+                self._cache.move_to_end(key)
+            else:
+                pending = self._pending.get(key)
+                owner = pending is None
+                if owner:
+                    pending = self._pending[key] = _Pending()
+        if value is None:
+            assert pending is not None
+            if owner:
+                t0 = time.perf_counter()
+                try:
+                    pending.value = self._compile(spec)
+                except StructuredOutputError as exc:
+                    pending.value = exc
+                except Exception as exc:  # a backend's own error: still this request's problem alone
+                    pending.value = StructuredOutputError(f"{spec.kind}: cannot be compiled ({type(exc).__name__}: {exc})")
+                with self._lock:
+                    self.compiles += 1
+                    self.compile_seconds += time.perf_counter() - t0
+                    self._cache[key] = pending.value
+                    while len(self._cache) > CACHE_SIZE:
+                        self._cache.popitem(last=False)
+                    del self._pending[key]
+                pending.done.set()
+            else:
+                pending.done.wait()
+            value = pending.value
+        if isinstance(value, StructuredOutputError):
+            raise StructuredOutputError(str(value))
+        assert value is not None
+        return value
+
+    def _compile(self, spec: StructuredOutputsParams) -> Grammar:
+        kind = spec.kind
+        if kind == "json_object":
+            return self.xgrammar.json_schema({"type": "object"})
+        if kind == "json":
+            schema, backend = prepare_schema(spec.json)
+            return (self.xgrammar if backend == "xgrammar" else self.guidance).json_schema(schema)
+        if kind == "regex":
+            assert spec.regex is not None
+            if _REGEX_EXTENSIONS.search(spec.regex):
+                return self.guidance.regex(spec.regex)
+            return self.xgrammar.regex(spec.regex)
+        if kind == "choice":
+            assert spec.choice is not None
+            # a grammar of string literals: JSON's escapes are also the EBNF's
+            return self.xgrammar.grammar("root ::= " + " | ".join(json.dumps(c, ensure_ascii=False)
+                                                                  for c in spec.choice))
+        assert spec.grammar is not None
+        try:
+            return self.xgrammar.grammar(spec.grammar)
+        except StructuredOutputError as first:
+            try:
+                return self.guidance.grammar(spec.grammar)
+            except StructuredOutputError as second:
+                raise StructuredOutputError(
+                    f"the grammar is neither GBNF / EBNF ({first}) nor Lark ({second})") from None
+
+    # ---- requests ---------------------------------------------------------------------
+
+    def add(self, request_id: str, spec: StructuredOutputsParams) -> None:
+        self._matchers[request_id] = self.grammar(spec).matcher()
+
+    def free(self, request_id: str) -> None:
+        self._matchers.pop(request_id, None)
+
+    def __contains__(self, request_id: str) -> bool:
+        return request_id in self._matchers
+
+    @property
+    def active(self) -> bool:
+        return bool(self._matchers)
+
+    def fill(self, scheduled: SchedulerOutput) -> None:
+        """Give each scheduled request that samples this step and is constrained its allowed tokens."""
+        for r in scheduled.requests:
+            matcher = self._matchers.get(r.request_id) if r.sample else None
+            if matcher is not None:
+                row = torch.zeros((1, self.words), dtype=torch.int32)
+                matcher.fill(row, 0)
+                # numpy, not a tensor: pickled by value to a worker process (a tensor would go as
+                # a shared-memory handle the worker cannot open)
+                r.allowed = row.numpy()[0]
+
+    def accept(self, request_id: str, token: int) -> bool:
+        """Advance the request's matcher by its sampled token; True when the grammar has ended.
+        A token the grammar refuses fails the request (the sampler never picks one)."""
+        matcher = self._matchers.get(request_id)
+        if matcher is None:
+            return False
+        if not matcher.accept(token):
+            raise RuntimeError(f"token {token} is not allowed by the request's grammar")
+        return matcher.is_terminated()
+
+    def stats(self) -> dict[str, Any]:
+        return {"grammars_compiled": self.compiles, "grammar_compile_seconds": self.compile_seconds,
+                "constrained_requests": len(self._matchers)}
