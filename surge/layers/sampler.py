@@ -72,12 +72,10 @@ def token_logprobs(logprobs: torch.Tensor, token_ids: torch.Tensor, top_n: list[
     top_vals_l = top_vals.tolist() if top_vals is not None else None
     top_idx_l = top_idx.tolist() if top_idx is not None else None
     for row, n in enumerate(top_n):
-        out.append(
-            TokenLogprobs(
-                ids_l[row], chosen_l[row], ranks_l[row],
-                top_idx_l[row][:n] if n else [], top_vals_l[row][:n] if n else [],
-            )
-        )
+        ids, vals = (top_idx_l[row][:n], top_vals_l[row][:n]) if n else ([], [])
+        while vals and vals[-1] == float("-inf"):  # a token a grammar rules out is no alternative
+            ids, vals = ids[:-1], vals[:-1]
+        out.append(TokenLogprobs(ids_l[row], chosen_l[row], ranks_l[row], ids, vals))
     return out
 
 

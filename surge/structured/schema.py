@@ -8,7 +8,8 @@ arrays, an unanchored or look-around pattern, strings with length bounds, bounde
 numbers, formats beyond `XGRAMMAR_FORMATS`: tests/structured/test_grammar_state.py found each)
 goes to llguidance, which follows JSON Schema's semantics more closely and names what it does
 not implement (that becomes the 400). Neither enforces `uniqueItems`; an array of a few fixed values (enum, const, boolean)
-is rewritten into the finite set of its unique sequences, anything else is refused.
+is rewritten into the finite set of its unique sequences, anything else is refused. An integer
+without bounds is bounded to JSON's interoperable range (see `_safe_integer`).
 """
 
 from __future__ import annotations
@@ -35,6 +36,8 @@ _SCHEMA_MAPS = ("properties", "patternProperties", "$defs", "definitions", "depe
 _SCHEMA_ONE = ("items", "additionalProperties", "not", "contains", "propertyNames", "if", "then", "else",
                "additionalItems", "unevaluatedItems", "unevaluatedProperties")
 _SCHEMA_LISTS = ("prefixItems", "anyOf", "oneOf", "allOf")
+# RFC 8259 §6: integers in [-(2^53 - 1), 2^53 - 1] are the interoperable ones (exact in a double)
+SAFE_INTEGERS = (-(2**53 - 1), 2**53 - 1)
 _BOUNDS = ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum")
 MAX_UNIQUE_SEQUENCES = 512  # arrays with uniqueItems are enumerated up to this many sequences
 _ANCHORED = re.compile(r"^\^.*\$$", re.S)
@@ -137,21 +140,37 @@ def _unique_sequences(node: dict[str, Any], where: str) -> dict[str, Any]:
     return out
 
 
-def _rewrite_unique(node: Any, where: str) -> Any:
+def _safe_integer(node: dict[str, Any]) -> dict[str, Any]:
+    """An integer without a bound gets JSON's interoperable range (SAFE_INTEGERS): its digits
+    cannot run on (a small model repeats one until max_tokens), and what comes back is exact in
+    every JSON parser."""
+    types = node.get("type")
+    if "enum" in node or "const" in node:
+        return node
+    if types != "integer" and not (isinstance(types, list) and "integer" in types and "number" not in types):
+        return node
+    if "minimum" not in node and "exclusiveMinimum" not in node:
+        node["minimum"] = SAFE_INTEGERS[0]
+    if "maximum" not in node and "exclusiveMaximum" not in node:
+        node["maximum"] = SAFE_INTEGERS[1]
+    return node
+
+
+def _rewrite(node: Any, where: str) -> Any:
     if not isinstance(node, dict):
         return node
-    out = dict(node)
+    out = _safe_integer(dict(node))
     for key in _SCHEMA_MAPS:
         if isinstance(node.get(key), dict):
-            out[key] = {name: _rewrite_unique(child, f"{where}/{key}/{name}") for name, child in node[key].items()}
+            out[key] = {name: _rewrite(child, f"{where}/{key}/{name}") for name, child in node[key].items()}
     for key in _SCHEMA_ONE:
         if isinstance(node.get(key), dict):
-            out[key] = _rewrite_unique(node[key], f"{where}/{key}")
+            out[key] = _rewrite(node[key], f"{where}/{key}")
         elif key == "items" and isinstance(node.get(key), list):
-            out[key] = [_rewrite_unique(c, f"{where}/{key}/{i}") for i, c in enumerate(node[key])]
+            out[key] = [_rewrite(c, f"{where}/{key}/{i}") for i, c in enumerate(node[key])]
     for key in _SCHEMA_LISTS:
         if isinstance(node.get(key), list):
-            out[key] = [_rewrite_unique(c, f"{where}/{key}/{i}") for i, c in enumerate(node[key])]
+            out[key] = [_rewrite(c, f"{where}/{key}/{i}") for i, c in enumerate(node[key])]
     if out.get("uniqueItems") is True:
         if int(out.get("maxItems", 2)) <= 1:
             out.pop("uniqueItems")  # one item is always unique
@@ -186,5 +205,5 @@ def backend_for(schema: Any) -> str:
 def prepare_schema(schema: Any) -> tuple[dict[str, Any] | bool, str]:
     """(the schema as the backends get it, the backend) or a 400 naming the problem."""
     check_schema(schema)
-    prepared = _rewrite_unique(copy.deepcopy(schema), "(root)")
+    prepared = _rewrite(copy.deepcopy(schema), "(root)")
     return prepared, backend_for(prepared)

@@ -96,6 +96,7 @@ SCHEMAS: dict[str, dict[str, Any]] = {
     "ratings_unique": _obj({"stars": {"type": "array", "items": {"type": "integer", "enum": [1, 2, 3, 4, 5]},
                                       "uniqueItems": True, "maxItems": 2}}),
     "const_object_field": _obj({"type": {"const": "event"}, "id": {"type": "integer", "minimum": 0, "maximum": 99}}),
+    "count_unbounded": _obj({"count": {"type": "integer"}, "delta": {"type": ["integer", "null"]}}),
     "nullable_number": _obj({"discount": {"type": ["integer", "null"], "minimum": 0, "maximum": 50}}),
     # enforced by llguidance (xgrammar does not implement these exactly)
     "multiple_of": _obj({"dozen": {"type": "integer", "multipleOf": 12, "minimum": 0, "maximum": 144}}),
