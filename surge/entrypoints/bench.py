@@ -49,57 +49,93 @@ def _emit(result: dict[str, Any], as_json: bool) -> None:
             print(f"{key}: {value:.4g}" if isinstance(value, float) else f"{key}: {value}")
 
 
-def time_request(engine: Any, ids: list[int], output_len: int) -> tuple[float, float]:
-    """(seconds to the first token, decode tokens/s after it) of one greedy request run alone
-    on an idle engine."""
+def structured_outputs(spec: str | None) -> Any:
+    """--structured-outputs: a constraint as JSON ({"json": SCHEMA}, {"regex": ...}, ...) or @FILE."""
+    if spec is None:
+        return None
+    from surge.errors import InvalidArgumentError
+    from surge.sampling_params import StructuredOutputsParams
+
+    try:
+        if spec.startswith("@"):
+            with open(spec[1:], encoding="utf-8") as f:
+                spec = f.read()
+        fields = json.loads(spec)
+    except (OSError, ValueError) as exc:
+        raise InvalidArgumentError(f"--structured-outputs: {exc}") from exc
+    if not isinstance(fields, dict):
+        raise InvalidArgumentError("--structured-outputs must be a JSON object such as {\"regex\": \"[a-z]+\"}")
+    return StructuredOutputsParams(**fields) if set(fields) <= {"json", "regex", "choice", "grammar", "json_object"} \
+        else StructuredOutputsParams(json=fields)  # a bare schema
+
+
+def time_request(engine: Any, ids: list[int], output_len: int, constraint: Any = None) -> tuple[float, float, int]:
+    """(seconds to the first token, decode tokens/s after it, tokens generated) of one greedy
+    request run alone on an idle engine (a constraint may end it before output_len)."""
     from surge.sampling_params import RequestOutputKind, SamplingParams
 
     params = SamplingParams(max_tokens=output_len, temperature=0, ignore_eos=True,
-                            output_kind=RequestOutputKind.DELTA)
+                            output_kind=RequestOutputKind.DELTA, structured_outputs=constraint)
     start = time.perf_counter()
     engine.add_request(ids, params)
     first = None
+    generated = 0
     while engine.has_unfinished_requests():
-        for _ in engine.step():
+        for out in engine.step():
+            generated += sum(len(c.token_ids) for c in out.outputs)
             if first is None:
                 first = time.perf_counter()
     end = time.perf_counter()
-    return first - start, (output_len - 1) / (end - first)
+    return first - start, (generated - 1) / (end - first) if generated > 1 else 0.0, generated
 
 
-def bench_latency(llm: Any, input_len: int, output_len: int, iters: int) -> dict[str, Any]:
+def _constraint_report(llm: Any, constraint: Any) -> dict[str, Any]:
+    if constraint is None:
+        return {}
+    stats = llm.engine.structured.stats()
+    return {"constraint": constraint.kind, "grammar_compile_s": stats["grammar_compile_seconds"]}
+
+
+def bench_latency(llm: Any, input_len: int, output_len: int, iters: int, constraint: Any = None) -> dict[str, Any]:
     rng = random.Random(0)
     vocab = llm.engine.vocab_size
     engine = llm.engine
     engine.warm_up()
-    prefill, decode = [], []
-    for it in range(iters + 1):  # the first run warms up
+    prefill, decode, lengths = [], [], []
+    for it in range(iters + 1):  # the first run warms up (and compiles the grammar)
         if it == 1:
             engine.reset_timings()
-        ttft, decode_tok_s = time_request(engine, [rng.randrange(3, vocab) for _ in range(input_len)], output_len)
+        ttft, decode_tok_s, generated = time_request(
+            engine, [rng.randrange(3, vocab) for _ in range(input_len)], output_len, constraint)
         if it:
             prefill.append(ttft)
             decode.append(decode_tok_s)
-    return {"input_len": input_len, "output_len": output_len, "prefill_s": statistics.median(prefill),
-            "prefill_tok_s": input_len / statistics.median(prefill), "decode_tok_s": statistics.median(decode),
+            lengths.append(generated)
+    return {"input_len": input_len, "output_len": output_len, "generated": min(lengths),
+            "prefill_s": statistics.median(prefill), "prefill_tok_s": input_len / statistics.median(prefill),
+            "decode_tok_s": statistics.median(decode), **_constraint_report(llm, constraint),
             "step": engine.timings().summary()}
 
 
-def bench_throughput(llm: Any, num_prompts: int, input_len: int, output_len: int) -> dict[str, Any]:
+def bench_throughput(llm: Any, num_prompts: int, input_len: int, output_len: int,
+                     constraint: Any = None) -> dict[str, Any]:
     from surge.sampling_params import SamplingParams
 
     rng = random.Random(1)
     vocab = llm.engine.vocab_size
     prompts = [[rng.randrange(3, vocab) for _ in range(input_len)] for _ in range(num_prompts)]
-    params = SamplingParams(max_tokens=output_len, temperature=0, ignore_eos=True)
+    params = SamplingParams(max_tokens=output_len, temperature=0, ignore_eos=True, structured_outputs=constraint)
     llm.engine.warm_up()  # every decode batch size once, so a compiled forward compiles here
+    if constraint is not None:
+        llm.engine.validate(prompts[0], params)  # the grammar compiled before the clock starts
     llm.engine.reset_timings()
     start = time.perf_counter()
     outs = llm.generate(prompts, params)
     elapsed = time.perf_counter() - start
     generated = sum(len(o.outputs[0].token_ids) for o in outs)
     return {"num_prompts": num_prompts, "input_len": input_len, "output_len": output_len, "elapsed_s": elapsed,
-            "output_tok_s": generated / elapsed, "total_tok_s": (generated + num_prompts * input_len) / elapsed,
+            "generated": generated, "output_tok_s": generated / elapsed,
+            "total_tok_s": (generated + num_prompts * input_len) / elapsed, **_constraint_report(llm, constraint),
             "step": llm.engine.timings().summary()}
 
 
@@ -174,12 +210,16 @@ def add_bench_parser(sub: Any, add_model_args: Any) -> None:
     lat.add_argument("--output-len", type=int, default=128)
     lat.add_argument("--iters", type=int, default=3)
     lat.add_argument("--json", action="store_true")
+    constraint_help = ("constrain every request: a JSON object such as '{\"json\": SCHEMA}', '{\"regex\": \"...\"}' "
+                       "(or a bare JSON schema), or @FILE holding one")
+    lat.add_argument("--structured-outputs", default=None, help=constraint_help)
     thr = kinds.add_parser("throughput", help="offline generation over many prompts")
     add_model_args(thr)
     thr.add_argument("--num-prompts", type=int, default=32)
     thr.add_argument("--input-len", type=int, default=128)
     thr.add_argument("--output-len", type=int, default=64)
     thr.add_argument("--json", action="store_true")
+    thr.add_argument("--structured-outputs", default=None, help=constraint_help)
     srv = kinds.add_parser("serve", help="load generator against an OpenAI-compatible server")
     srv.add_argument("--url", default="http://127.0.0.1:8000")
     srv.add_argument("--model", default=None, help="model name to send (default: none)")
@@ -208,11 +248,12 @@ def cmd_bench(args: argparse.Namespace, load: Any) -> int:
         for name in ("input_len", "output_len", "iters", "num_prompts"):
             if getattr(args, name, 1) < 1:
                 raise InvalidArgumentError(f"--{name.replace('_', '-')} must be at least 1")
+        constraint = structured_outputs(args.structured_outputs)
         llm = load(args)
         if args.bench == "latency":
-            result = bench_latency(llm, args.input_len, args.output_len, args.iters)
+            result = bench_latency(llm, args.input_len, args.output_len, args.iters, constraint)
         else:
-            result = bench_throughput(llm, args.num_prompts, args.input_len, args.output_len)
+            result = bench_throughput(llm, args.num_prompts, args.input_len, args.output_len, constraint)
         info = llm.engine.model_info
         result = {"model": info.name, "dtype": info.dtype, "quantization": info.quantization, **result}
     _emit(result, args.json)

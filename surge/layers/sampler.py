@@ -155,10 +155,11 @@ class Sampler:
         if logits.dtype != torch.float32:
             logits = logits.float()
         masked = [i for i, a in enumerate(allowed or ()) if a is not None]
-        if masked:
+        if masked:  # in place: the logits are this step's own
             assert allowed is not None
-            logits = logits.clone()  # the caller's logits stay as the model gave them
-            apply_token_bitmask(logits, torch.from_numpy(numpy.stack([allowed[i] for i in masked])), masked)
+            rows_bits = [allowed[i] for i in masked]
+            bits = numpy.stack(rows_bits) if len(rows_bits) > 1 else rows_bits[0][None]
+            apply_token_bitmask(logits, torch.from_numpy(bits), masked)
         want_logprobs = [r.params.logprobs is not None for r in rows]
         raw_logprobs = logits.log_softmax(-1) if any(want_logprobs) else None
         if any(r.params.logit_bias or r.params.has_penalties or r.params.min_tokens for r in rows):

@@ -126,6 +126,7 @@ class XGrammarBackend:
 
 class _LlgMatcher:
     __slots__ = ("_m",)
+    parallel = True  # GuidanceBackend.fill_many computes many of these at once
 
     def __init__(self, matcher: Any):
         self._m = matcher
@@ -143,15 +144,21 @@ class _LlgMatcher:
 
 
 class _LlgGrammar:
+    """A matcher at the start of the grammar, copied for each request: copies share the parsed
+    grammar and the lexer states built so far (a matcher made from the grammar's text would parse
+    it again and rebuild every lexer state, ~ms each, in the step loop)."""
+
     backend = "guidance"
 
     def __init__(self, tokenizer: Any, grammar: str):
-        self._tokenizer, self._grammar = tokenizer, grammar
-
-    def matcher(self) -> Matcher:
         import llguidance
 
-        return _LlgMatcher(llguidance.LLMatcher(self._tokenizer, self._grammar))
+        self._template = llguidance.LLMatcher(tokenizer, grammar)
+        self._lock = threading.Lock()
+
+    def matcher(self) -> Matcher:
+        with self._lock:
+            return _LlgMatcher(self._template.deep_copy())
 
 
 class GuidanceBackend:
@@ -162,6 +169,7 @@ class GuidanceBackend:
     def __init__(self, tokenizer: Tokenizer, vocab_size: int, eos_ids: frozenset[int]):
         self._tokenizer, self._vocab_size, self._eos_ids = tokenizer, vocab_size, sorted(eos_ids)
         self._ll: Any = None
+        self._executor: Any = None
         self._lock = threading.Lock()
 
     def _get_tokenizer(self) -> Any:
@@ -182,6 +190,17 @@ class GuidanceBackend:
             text = "; ".join(m.strip().replace("\n", " ") for m in messages) or "cannot be compiled"
             raise StructuredOutputError(f"{what}: {text}")
         return _LlgGrammar(ll, grammar)
+
+    def fill_many(self, matchers: list[tuple[Matcher, int]], bitmask: torch.Tensor) -> None:
+        """Rows of `bitmask` for several llguidance matchers at once, on llguidance's own threads
+        (its masks are computed per step by walking the vocabulary, ~5-100 us each)."""
+        import llguidance
+
+        with self._lock:
+            if self._executor is None:
+                self._executor = llguidance.LLExecutor(num_threads=max(1, torch.get_num_threads()))
+        pairs = [(m._m, row) for m, row in matchers]  # type: ignore[attr-defined]
+        self._executor.unsafe_compute_mask_ptr(pairs, bitmask.data_ptr(), bitmask.shape[1] * 4, bitmask.shape[0])
 
     def json_schema(self, schema: Any) -> Grammar:
         import llguidance

@@ -51,6 +51,7 @@ class StructuredOutputManager:
         self._pending: dict[tuple[str, str], _Pending] = {}
         self._lock = threading.Lock()
         self._matchers: dict[str, Matcher] = {}
+        self._rows = torch.empty((0, self.words), dtype=torch.int32)  # one step's bitmasks
         self.compiles = 0
         self.compile_seconds = 0.0
 
@@ -138,14 +139,23 @@ class StructuredOutputManager:
 
     def fill(self, scheduled: SchedulerOutput) -> None:
         """Give each scheduled request that samples this step and is constrained its allowed tokens."""
-        for r in scheduled.requests:
-            matcher = self._matchers.get(r.request_id) if r.sample else None
-            if matcher is not None:
-                row = torch.zeros((1, self.words), dtype=torch.int32)
-                matcher.fill(row, 0)
-                # numpy, not a tensor: pickled by value to a worker process (a tensor would go as
-                # a shared-memory handle the worker cannot open)
-                r.allowed = row.numpy()[0]
+        todo = [(r, m) for r in scheduled.requests
+                if r.sample and (m := self._matchers.get(r.request_id)) is not None]
+        if not todo:
+            return
+        if self._rows.shape[0] < len(todo):
+            self._rows = torch.empty((max(len(todo), 2 * self._rows.shape[0]), self.words), dtype=torch.int32)
+        rows = self._rows.numpy()
+        parallel = [(matcher, i) for i, (_, matcher) in enumerate(todo) if getattr(matcher, "parallel", False)]
+        if len(parallel) > 1:
+            self.guidance.fill_many(parallel, self._rows[: len(todo)])
+        for i, (r, matcher) in enumerate(todo):
+            if len(parallel) <= 1 or not getattr(matcher, "parallel", False):
+                matcher.fill(self._rows, i)
+            # a numpy row, not a tensor: pickled by value to a worker process (a tensor would go
+            # as a shared-memory handle the worker cannot open); the buffer is refilled next step,
+            # after this one has run
+            r.allowed = rows[i]
 
     def accept(self, request_id: str, token: int) -> bool:
         """Advance the request's matcher by its sampled token; True when the grammar has ended.
