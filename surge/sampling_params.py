@@ -38,10 +38,11 @@ class StructuredOutputsParams:
     choice: list[str] | None = None
     grammar: str | None = None
     json_object: bool = False
+    lark: str | None = None  # a Lark grammar in llguidance's dialect (JSON schemas inline with %json)
     _key: tuple[str, str] = field(init=False, repr=False, compare=False, default=("", ""))
 
     def __post_init__(self) -> None:
-        given = [name for name in ("json", "regex", "choice", "grammar") if getattr(self, name) is not None]
+        given = [name for name in ("json", "regex", "choice", "grammar", "lark") if getattr(self, name) is not None]
         given += ["json_object"] if self.json_object else []
         if len(given) != 1:
             raise StructuredOutputError(
@@ -56,7 +57,7 @@ class StructuredOutputsParams:
             raise StructuredOutputError("a JSON schema must be an object")
         if self.json is not None and len(json.dumps(self.json)) > MAX_GRAMMAR_CHARS:
             raise StructuredOutputError(f"the JSON schema is longer than {MAX_GRAMMAR_CHARS} characters")
-        for name in ("regex", "grammar"):
+        for name in ("regex", "grammar", "lark"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, str) or not value.strip()):
                 raise StructuredOutputError(f"structured outputs: {name} must be a non-empty string")
@@ -75,7 +76,7 @@ class StructuredOutputsParams:
     @property
     def kind(self) -> str:
         return "json_object" if self.json_object else next(
-            name for name in ("json", "regex", "choice", "grammar") if getattr(self, name) is not None)
+            name for name in ("json", "regex", "choice", "grammar", "lark") if getattr(self, name) is not None)
 
     def key(self) -> tuple[str, str]:
         """What identifies the compiled grammar: (kind, canonical text)."""

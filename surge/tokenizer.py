@@ -184,6 +184,11 @@ class Tokenizer:
     def id_to_token(self, token_id: int) -> str | None:
         return self.backend.id_to_token(token_id)
 
+    def added_token_id(self, text: str) -> int | None:
+        """The id of `text` where the vocabulary holds it whole as an added token (`<tool_call>`)."""
+        token_id = self.backend.token_to_id(text)
+        return token_id if token_id is not None and self.encode(text, add_special_tokens=False) == [token_id] else None
+
     def apply_chat_template(
         self,
         messages: Sequence[dict[str, Any]],
@@ -208,9 +213,12 @@ class Tokenizer:
             **kwargs,
         )
 
-    def encode_chat(self, messages: Sequence[dict[str, Any]], add_generation_prompt: bool = True) -> list[int]:
-        """Token ids of a chat prompt; the template writes any BOS itself, so none is added."""
-        return self.encode(self.apply_chat_template(messages, add_generation_prompt), add_special_tokens=False)
+    def encode_chat(self, messages: Sequence[dict[str, Any]], add_generation_prompt: bool = True,
+                    **template_kwargs: Any) -> list[int]:
+        """Token ids of a chat prompt; the template writes any BOS itself, so none is added.
+        `template_kwargs` (tools, enable_thinking, ...) are the template's extra variables."""
+        text = self.apply_chat_template(messages, add_generation_prompt, **template_kwargs)
+        return self.encode(text, add_special_tokens=False)
 
     # ---- construction -------------------------------------------------------------------
 

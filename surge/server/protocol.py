@@ -11,6 +11,7 @@ metadata, ...) is accepted and ignored; any other unknown field is a 400, as Ope
 
 from __future__ import annotations
 
+import json
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -257,6 +258,43 @@ class ContentPart(_Strict):
         return self
 
 
+FUNCTION_NAME = r"^[A-Za-z0-9_.:-]{1,64}$"  # OpenAI's: letters, digits, _ and -, at most 64 (and . :)
+
+
+class FunctionDefinition(_Strict):
+    name: str = Field(pattern=FUNCTION_NAME)
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class Tool(_Strict):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class FunctionName(_Strict):
+    name: str
+
+
+class NamedToolChoice(_Strict):
+    type: Literal["function"]
+    function: FunctionName
+
+
+class ToolCallFunction(_Strict):
+    name: str
+    arguments: str
+
+
+class ToolCallMessage(_Strict):
+    """A call in an assistant message the client sends back (OpenAI's shape)."""
+
+    id: str
+    type: Literal["function"] = "function"
+    function: ToolCallFunction
+
+
 class ChatMessage(_Strict):
     role: Literal["system", "user", "assistant", "tool", "developer"]
     content: str | list[ContentPart] | None = None
@@ -266,8 +304,9 @@ class ChatMessage(_Strict):
     annotations: list[Any] | None = None
     audio: None = None
     function_call: None = None
-    tool_calls: list[Any] | None = None
+    tool_calls: list[ToolCallMessage] | None = None
     tool_call_id: str | None = None
+    reasoning_content: str | None = None  # a reasoning model's thinking, echoed back: not rendered
 
     @model_validator(mode="before")
     @classmethod
@@ -280,20 +319,34 @@ class ChatMessage(_Strict):
         return data
 
     @model_validator(mode="after")
-    def _no_tool_calls(self) -> "ChatMessage":
-        if self.tool_calls:
-            raise ValueError("'tool_calls' in messages are not supported by this server yet")
+    def _tool_fields_in_place(self) -> "ChatMessage":
+        if self.tool_calls and self.role != "assistant":
+            raise ValueError("only assistant messages carry 'tool_calls'")
+        for call in self.tool_calls or ():
+            try:
+                json.loads(call.function.arguments)
+            except ValueError as exc:
+                raise ValueError(f"tool call {call.id!r}: 'arguments' is not JSON ({exc})") from None
         return self
 
     def as_template_dict(self) -> dict[str, Any]:
+        """The message as transformers hands it to a chat template: text parts joined, a tool
+        call's arguments as an object (the templates write them with tojson), and the developer
+        role as the system role the templates know."""
         content = self.content
         if isinstance(content, list):
             content = "".join(part.text or "" for part in content)
-        message: dict[str, Any] = {"role": self.role, "content": content or ""}
+        role = "system" if self.role == "developer" else self.role
+        message: dict[str, Any] = {"role": role, "content": content or ""}
         if self.name:
             message["name"] = self.name
         if self.tool_call_id:
             message["tool_call_id"] = self.tool_call_id
+        if self.tool_calls:
+            message["tool_calls"] = [
+                {"id": c.id, "type": "function",
+                 "function": {"name": c.function.name, "arguments": json.loads(c.function.arguments)}}
+                for c in self.tool_calls]
         return message
 
 
@@ -304,9 +357,10 @@ class ChatCompletionRequest(_SamplingFields):
     logprobs: bool | None = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     add_generation_prompt: bool = True
+    tools: list[Tool] | None = Field(None, max_length=512)
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    chat_template_kwargs: dict[str, Any] | None = None  # extra variables for the chat template
     # defined by OpenAI, not implemented here: a 400 unless unset or neutral
-    tools: list[Any] | None = None
-    tool_choice: Any = None
     functions: list[Any] | None = None
     function_call: Any = None
     audio: dict[str, Any] | None = None
@@ -315,16 +369,36 @@ class ChatCompletionRequest(_SamplingFields):
     web_search_options: dict[str, Any] | None = None
     reasoning_effort: str | None = None
 
+    @field_validator("tool_choice", mode="before")
+    @classmethod
+    def _tool_choice(cls, v: Any) -> Any:
+        if isinstance(v, str) and v not in ("none", "auto", "required"):
+            raise ValueError(f"tool_choice must be \"none\", \"auto\", \"required\" or "
+                             f"{{\"type\": \"function\", \"function\": {{\"name\": ...}}}}, got {v!r}")
+        return v
+
     @model_validator(mode="after")
     def _honest(self) -> "ChatCompletionRequest":
         _unsupported(
-            {name: getattr(self, name) for name in ("tools", "tool_choice", "functions", "function_call",
-                                                    "audio", "modalities", "prediction",
-                                                    "web_search_options", "reasoning_effort")},
-            {"tools": ([],), "tool_choice": ("none",), "functions": ([],), "function_call": ("none",),
-             "modalities": (["text"],)},
+            {name: getattr(self, name) for name in ("functions", "function_call", "audio", "modalities",
+                                                    "prediction", "web_search_options", "reasoning_effort")},
+            {"functions": ([],), "function_call": ("none",), "modalities": (["text"],)},
         )
+        names = [t.function.name for t in self.tools or ()]
+        if len(set(names)) != len(names):
+            raise ValueError("tools: function names must be unique")
+        if isinstance(self.tool_choice, NamedToolChoice) and self.tool_choice.function.name not in names:
+            raise ValueError(f"tool_choice names {self.tool_choice.function.name!r}, which is not among the tools")
+        if self.tool_choice == "required" and not names:
+            raise ValueError("tool_choice \"required\" needs tools")
+        if self.tools_active and self.constraint_param is not None:
+            raise ValueError(f"tool calls and {self.constraint_param} cannot be combined")
         return self
+
+    @property
+    def tools_active(self) -> bool:
+        """Tools are offered to the model (and its reply read for calls)."""
+        return bool(self.tools) and self.tool_choice != "none"
 
     def effective_max_tokens(self, default: int | None) -> int | None:
         """max_completion_tokens, else max_tokens, else the server's --max-tokens-default (None: up to
@@ -335,11 +409,22 @@ class ChatCompletionRequest(_SamplingFields):
 
 
 class TokenizeRequest(_Strict):
+    """The prompt a completion or chat request would run (messages with the same tools and
+    template variables give the same tokens)."""
+
     model: str | None = None
     prompt: str | None = None
     messages: list[ChatMessage] | None = Field(None, max_length=4096)
     add_special_tokens: bool = True
     add_generation_prompt: bool = True
+    tools: list[Tool] | None = Field(None, max_length=512)
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
+
+    @property
+    def tools_active(self) -> bool:
+        return bool(self.tools) and self.tool_choice != "none"
 
 
 class DetokenizeRequest(_Strict):

@@ -76,6 +76,9 @@ class ServerSettings:
     response_cache_size: int = field(default=0, metadata=_opt(
         "keep the last N finished deterministic generations and answer repeats from them (default: 0, off)",
         metavar="N"))
+    tool_call_parser: str | None = field(default=None, metadata=_opt(
+        "the format tool calls are read in and enforced with (default: from the model's chat template; "
+        "hermes for templates that take no tools)", choices=("hermes", "llama3_json", "mistral", "json")))
     access_log: bool = field(default=False, metadata=_opt(
         "log one line per request (request id, method, path, status, milliseconds)", switch=True))
     log_level: str = field(default="info", metadata=_opt(

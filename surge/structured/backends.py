@@ -222,7 +222,7 @@ class GuidanceBackend:
         import llguidance
 
         try:
-            grammar = llguidance.grammar_from("grammar", text)  # Lark or GBNF
+            grammar = llguidance.grammar_from("grammar", text)  # Lark (with %json) or GBNF
         except (ValueError, RuntimeError) as exc:
             raise StructuredOutputError(f"grammar: {_first_line(exc)}") from None
         return self._check("grammar", grammar)

@@ -112,6 +112,9 @@ class StructuredOutputManager:
             # a grammar of string literals: JSON's escapes are also the EBNF's
             return self.xgrammar.grammar("root ::= " + " | ".join(json.dumps(c, ensure_ascii=False)
                                                                   for c in spec.choice))
+        if kind == "lark":
+            assert spec.lark is not None
+            return self.guidance.grammar(spec.lark)
         assert spec.grammar is not None
         try:
             return self.xgrammar.grammar(spec.grammar)

@@ -12,6 +12,7 @@ from surge.server.openapi import request_body
 from surge.server.plumbing import off_loop, read_body
 from surge.server.protocol import DetokenizeRequest, TokenizeRequest
 from surge.server.state import ServerState
+from surge.server.tools import chat_prompt
 
 
 def router(state: ServerState) -> APIRouter:
@@ -27,7 +28,8 @@ def router(state: ServerState) -> APIRouter:
 
             def encode() -> list[int]:
                 if body.messages is not None:
-                    return encode_chat(engine, body.messages, body.add_generation_prompt)
+                    _, messages, kwargs = chat_prompt(body, engine, state.settings.tool_call_parser)
+                    return encode_chat(engine, messages, body.add_generation_prompt, kwargs)
                 try:
                     return engine.tokenizer.encode(body.prompt or "", add_special_tokens=body.add_special_tokens)
                 except SurgeError as exc:
