@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator, Hashable
 from dataclasses import dataclass, field
 
 from surge.outputs import CompletionOutput, PositionLogprobs, RequestOutput
-from surge.sampling_params import SamplingParams
+from surge.sampling_params import SamplingParams, StructuredOutputsParams
 
 # fields that change how outputs are delivered, not what is generated
 _DELIVERY_FIELDS = {"output_kind"}
@@ -34,6 +34,8 @@ def cache_key(version_key: str, prompt_ids: list[int], params: SamplingParams) -
 
 
 def _hashable(value: object) -> Hashable:
+    if isinstance(value, StructuredOutputsParams):
+        return value.key()
     if isinstance(value, dict):
         return tuple(sorted((k, _hashable(v)) for k, v in value.items()))
     if isinstance(value, (list, tuple, set, frozenset)):

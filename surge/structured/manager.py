@@ -14,7 +14,6 @@ keeps its matcher: its tokens are recomputed, not re-chosen, so the grammar stat
 from __future__ import annotations
 
 import json
-import re
 import threading
 import time
 from collections import OrderedDict
@@ -26,11 +25,10 @@ from surge.core.scheduler_output import SchedulerOutput
 from surge.errors import StructuredOutputError
 from surge.sampling_params import StructuredOutputsParams
 from surge.structured.backends import Grammar, GuidanceBackend, Matcher, XGrammarBackend
-from surge.structured.schema import prepare_schema
+from surge.structured.schema import REGEX_EXTENSIONS, prepare_schema
 from surge.tokenizer import Tokenizer
 
 CACHE_SIZE = 512  # compiled grammars (and refusals) kept, least recently used first out
-_REGEX_EXTENSIONS = re.compile(r"\(\?[^:]|\\[1-9]|\\[kgbBAzZG]")  # what xgrammar's regex lacks
 
 
 class _Pending:
@@ -104,7 +102,7 @@ class StructuredOutputManager:
             return (self.xgrammar if backend == "xgrammar" else self.guidance).json_schema(schema)
         if kind == "regex":
             assert spec.regex is not None
-            if _REGEX_EXTENSIONS.search(spec.regex):
+            if REGEX_EXTENSIONS.search(spec.regex):
                 return self.guidance.regex(spec.regex)
             return self.xgrammar.regex(spec.regex)
         if kind == "choice":

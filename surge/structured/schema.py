@@ -41,7 +41,8 @@ SAFE_INTEGERS = (-(2**53 - 1), 2**53 - 1)
 _BOUNDS = ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum")
 MAX_UNIQUE_SEQUENCES = 512  # arrays with uniqueItems are enumerated up to this many sequences
 _ANCHORED = re.compile(r"^\^.*\$$", re.S)
-_REGEX_EXTENSIONS = re.compile(r"\(\?[^:]|\\[1-9]|\\[kgbBAzZG]")  # look-around, flags, back-references, anchors
+# what xgrammar's regexes lack: look-around, flags, back-references, \b-style anchors
+REGEX_EXTENSIONS = re.compile(r"\(\?[^:]|\\[1-9]|\\[kgbBAzZG]")
 
 
 def subschemas(node: Any) -> Iterator[dict[str, Any]]:
@@ -193,7 +194,7 @@ def backend_for(schema: Any) -> str:
         if node.get("type") != "integer" and any(k in node for k in _BOUNDS):
             return "guidance"  # xgrammar's bounded non-integers refuse some in-range decimals
         pattern = node.get("pattern")
-        if isinstance(pattern, str) and (not _ANCHORED.match(pattern) or _REGEX_EXTENSIONS.search(pattern[1:-1])):
+        if isinstance(pattern, str) and (not _ANCHORED.match(pattern) or REGEX_EXTENSIONS.search(pattern[1:-1])):
             return "guidance"  # xgrammar anchors every pattern; JSON Schema's match anywhere
         for key in ("enum", "const"):
             values = node.get(key) if key == "enum" else [node.get(key)] if key in node else []

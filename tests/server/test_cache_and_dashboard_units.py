@@ -39,6 +39,17 @@ def test_cache_key_ignores_delivery_but_not_settings():
         assert other != cache_key("m:1", [1, 2], base)
 
 
+def test_cache_key_of_constrained_requests():
+    """An output constraint is part of the key (by its kind and text): the same constraint hits,
+    another or none misses."""
+    def key(constraint):  # type: ignore[no-untyped-def]
+        return cache_key("m:1", [1, 2], SamplingParams(temperature=0, max_tokens=8, structured_outputs=constraint))
+
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}}}
+    assert hash(key({"json": schema})) and key({"json": schema}) == key({"json": dict(schema)})
+    assert len({key({"json": schema}), key({"json": {"type": "object"}}), key({"regex": "a+"}), key(None)}) == 4
+
+
 def _deltas() -> list[RequestOutput]:
     lp = {7: Logprob(-0.5, 1, "a")}
     return [

@@ -100,7 +100,8 @@ def test_completions_fields_that_are_not_implemented_or_wrongly_typed(server, bo
 
 @pytest.mark.parametrize("extra, needle", [
     ({"echo": True}, "echo"),
-    ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+    ({"tools": [{"type": "function", "function": {"name": "f"}}], "response_format": {"type": "json_object"}},
+     "cannot be combined"),  # tools are implemented; with an output format they are not
     ({"tool_choice": "required"}, "tool_choice"),
     ({"response_format": {"type": "json_schema"}}, "response_format"),  # implemented; this one lacks its schema
     ({"functions": [{"name": "f"}]}, "functions"),
