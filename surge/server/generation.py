@@ -216,11 +216,13 @@ class Generation:
         metrics, model = self.state.metrics, self.lease.deployment.name
         tracks = [Track() for _ in self.prompts]
         completion_tokens = 0
+        cached: dict[int, int] = {}
         try:
             for choice in fmt.prelude():
                 yield self._chunk(fmt, choice)
             async for i, out in merged(self.gens, self.deadline, self.state.aborting):
                 tracks[i].saw(out)
+                cached[i] = out.num_cached_tokens
                 completion_tokens += sum(len(c.token_ids) for c in out.outputs)
                 for c in out.outputs:
                     if c.finish_reason is not None:
@@ -230,7 +232,8 @@ class Generation:
                 if out.finished:
                     metrics.record_request(model, tracks[i].start, tracks[i].first, time.monotonic(), tracks[i].tokens)
             if self.include_usage:
-                yield sse(self._envelope(fmt.chunk_object, [], usage=usage(self.prompt_tokens, completion_tokens)))
+                yield sse(self._envelope(fmt.chunk_object, [], usage=usage(self.prompt_tokens, completion_tokens,
+                                                                           sum(cached.values()))))
         except Exception as exc:  # noqa: BLE001 - every failure ends the stream with an error event
             yield stream_error(exc)
         finally:
@@ -252,4 +255,5 @@ class Generation:
                 completion_tokens += len(c.token_ids)
                 metrics.record_finish(model, c.finish_reason)
             metrics.record_request(model, track.start, track.first, end, track.tokens)
-        return self._envelope(fmt.object, choices, usage=usage(self.prompt_tokens, completion_tokens))
+        return self._envelope(fmt.object, choices, usage=usage(self.prompt_tokens, completion_tokens,
+                                                               sum(f.num_cached_tokens for f in finals.values())))
