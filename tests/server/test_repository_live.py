@@ -162,8 +162,12 @@ def test_response_cache(two_models):
     first = complete(url, "tiny", "Pack my box", max_tokens=12)
     second = complete(url, "tiny", "Pack my box", max_tokens=12)
     assert first.status_code == second.status_code == 200
-    strip = lambda b: {k: v for k, v in b.items() if k not in ("id", "created")}  # noqa: E731
+    strip = lambda b: {k: v for k, v in b.items() if k not in ("id", "created", "usage")}  # noqa: E731
     assert strip(first.json()) == strip(second.json())
+    # a hit ran nothing: its usage says the whole prompt came from a cache
+    usages = [r.json()["usage"] for r in (first, second)]
+    cached = [u.pop("prompt_tokens_details")["cached_tokens"] for u in usages]
+    assert usages[0] == usages[1] and cached[1] == usages[1]["prompt_tokens"] >= cached[0]
     assert (cache_count(url, "hit"), cache_count(url, "miss")) == (hits + 1, misses + 1)
     # the same request streamed is a hit too, with the same text
     with httpx.stream("POST", f"{url}/v1/completions", timeout=60, json={
