@@ -49,6 +49,7 @@ class StructuredOutputManager:
         self._pending: dict[tuple[str, str], _Pending] = {}
         self._lock = threading.Lock()
         self._matchers: dict[str, Matcher] = {}
+        self._failed: dict[str, Exception] = {}  # a matcher that raised while filling: its request fails
         self._rows = torch.empty((0, self.words), dtype=torch.int32)  # one step's bitmasks
         self.compiles = 0
         self.compile_seconds = 0.0
@@ -130,6 +131,7 @@ class StructuredOutputManager:
 
     def free(self, request_id: str) -> None:
         self._matchers.pop(request_id, None)
+        self._failed.pop(request_id, None)
 
     def __contains__(self, request_id: str) -> bool:
         return request_id in self._matchers
@@ -148,11 +150,19 @@ class StructuredOutputManager:
             self._rows = torch.empty((max(len(todo), 2 * self._rows.shape[0]), self.words), dtype=torch.int32)
         rows = self._rows.numpy()
         parallel = [(matcher, i) for i, (_, matcher) in enumerate(todo) if getattr(matcher, "parallel", False)]
-        if len(parallel) > 1:
-            self.guidance.fill_many(parallel, self._rows[: len(todo)])
+        together = len(parallel) > 1
+        if together:
+            try:
+                self.guidance.fill_many(parallel, self._rows[: len(todo)])
+            except Exception:  # noqa: BLE001 - one at a time below, so a failure stays its request's
+                together = False
         for i, (r, matcher) in enumerate(todo):
-            if len(parallel) <= 1 or not getattr(matcher, "parallel", False):
-                matcher.fill(self._rows, i)
+            if not (together and getattr(matcher, "parallel", False)):
+                try:
+                    matcher.fill(self._rows, i)
+                except Exception as exc:  # noqa: BLE001 - this request fails alone, at accept()
+                    self._failed[r.request_id] = exc
+                    rows[i] = 0
             # a numpy row, not a tensor: pickled by value to a worker process (a tensor would go
             # as a shared-memory handle the worker cannot open); the buffer is refilled next step,
             # after this one has run
@@ -164,6 +174,9 @@ class StructuredOutputManager:
         matcher = self._matchers.get(request_id)
         if matcher is None:
             return False
+        failed = self._failed.pop(request_id, None)
+        if failed is not None:
+            raise RuntimeError(f"the request's grammar failed: {type(failed).__name__}: {failed}")
         if not matcher.accept(token):
             raise RuntimeError(f"token {token} is not allowed by the request's grammar")
         return matcher.is_terminated()

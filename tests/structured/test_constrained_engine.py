@@ -195,6 +195,34 @@ def test_a_failing_grammar_fails_its_request_alone(default_llm, monkeypatch):
     assert not structured.active and default_llm.engine.is_idle_clean()
 
 
+def test_a_matcher_that_raises_fails_its_request_alone(default_llm, monkeypatch):
+    """A grammar engine raising while it computes a mask ends that request with an error naming
+    it; the rest of the batch (constrained ones too) finishes as it would have."""
+    free = SamplingParams(max_tokens=12, temperature=0)
+    good = json_params("color_enum", max_tokens=40)
+    want = tokens(default_llm.generate(PROMPTS[:2] + ["y"], [free, free, good]))
+    structured = default_llm.engine.structured
+    real_add = structured.add
+
+    class Raising:
+        parallel = False
+
+        def fill(self, bitmask, row):
+            raise ValueError("mask computation exploded")
+
+    def add(request_id, spec):
+        real_add(request_id, spec)
+        if spec.kind == "json" and "age" in json.dumps(spec.json):  # the person schema only
+            structured._matchers[request_id] = Raising()
+
+    monkeypatch.setattr(structured, "add", add)
+    outs = default_llm.generate(PROMPTS[:2] + ["y", "x"], [free, free, good, json_params("person")])
+    assert tokens(outs[:3]) == want
+    assert outs[3].outputs[0].finish_reason == "error" and "mask computation exploded" in outs[3].error
+    monkeypatch.undo()
+    assert not structured.active and default_llm.engine.is_idle_clean()
+
+
 def test_grammars_are_compiled_once_and_cached(default_llm):
     structured = default_llm.engine.structured
     spec = {"json": {"type": "object", "properties": {"cache_probe": {"type": "integer"}}, "required": ["cache_probe"]}}

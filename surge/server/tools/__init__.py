@@ -60,9 +60,9 @@ class ToolPlan:
         for m in out:
             calls = m.pop("tool_calls", None)
             if calls:
-                blocks = "\n".join(
-                    f"<tool_call>\n{json.dumps({'name': c['function']['name'], 'arguments': c['function']['arguments']}, ensure_ascii=False)}\n</tool_call>"
-                    for c in calls)
+                bodies = [json.dumps({"name": c["function"]["name"], "arguments": c["function"]["arguments"]},
+                                     ensure_ascii=False) for c in calls]
+                blocks = "\n".join(f"<tool_call>\n{body}\n</tool_call>" for body in bodies)
                 m["content"] = f"{m['content']}\n{blocks}" if m.get("content") else blocks
             if m["role"] == "tool":
                 m["role"], m["content"] = "user", f"<tool_response>\n{m['content']}\n</tool_response>"
