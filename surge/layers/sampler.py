@@ -167,8 +167,8 @@ class Sampler:
             logits = logits if masked else logits.clone()
             apply_penalties(logits, rows, eos_ids)
             if before is not None:
-                dead = ~torch.isfinite(logits[masked]).any(-1) if masked else None
-                for j in (dead.nonzero().flatten().tolist() if dead is not None else []):
+                dead = ~torch.isfinite(logits[masked]).any(-1)
+                for j in dead.nonzero().flatten().tolist():
                     logits[masked[j]] = before[j]  # nothing left but what min_tokens banned
         tokens = argmax_rows(logits)
         random_rows = [i for i, r in enumerate(rows) if not r.params.greedy]

@@ -295,6 +295,27 @@ class ToolCallMessage(_Strict):
     function: ToolCallFunction
 
 
+class _ToolFields(_Strict):
+    """What a chat prompt takes besides its messages, shared by chat requests and /tokenize."""
+
+    tools: list[Tool] | None = Field(None, max_length=512)
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    chat_template_kwargs: dict[str, Any] | None = None  # extra variables for the chat template
+
+    @field_validator("tool_choice", mode="before")
+    @classmethod
+    def _tool_choice(cls, v: Any) -> Any:
+        if isinstance(v, str) and v not in ("none", "auto", "required"):
+            raise ValueError(f"tool_choice must be \"none\", \"auto\", \"required\" or "
+                             f"{{\"type\": \"function\", \"function\": {{\"name\": ...}}}}, got {v!r}")
+        return v
+
+    @property
+    def tools_active(self) -> bool:
+        """Tools are offered to the model (and its reply read for calls)."""
+        return bool(self.tools) and self.tool_choice != "none"
+
+
 class ChatMessage(_Strict):
     role: Literal["system", "user", "assistant", "tool", "developer"]
     content: str | list[ContentPart] | None = None
@@ -350,16 +371,13 @@ class ChatMessage(_Strict):
         return message
 
 
-class ChatCompletionRequest(_SamplingFields):
+class ChatCompletionRequest(_SamplingFields, _ToolFields):
     messages: list[ChatMessage] = Field(min_length=1, max_length=4096)
     max_tokens: int | None = Field(None, ge=1, le=2**31 - 1)
     max_completion_tokens: int | None = Field(None, ge=1, le=2**31 - 1)
     logprobs: bool | None = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     add_generation_prompt: bool = True
-    tools: list[Tool] | None = Field(None, max_length=512)
-    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
-    chat_template_kwargs: dict[str, Any] | None = None  # extra variables for the chat template
     # defined by OpenAI, not implemented here: a 400 unless unset or neutral
     functions: list[Any] | None = None
     function_call: Any = None
@@ -368,14 +386,6 @@ class ChatCompletionRequest(_SamplingFields):
     prediction: dict[str, Any] | None = None
     web_search_options: dict[str, Any] | None = None
     reasoning_effort: str | None = None
-
-    @field_validator("tool_choice", mode="before")
-    @classmethod
-    def _tool_choice(cls, v: Any) -> Any:
-        if isinstance(v, str) and v not in ("none", "auto", "required"):
-            raise ValueError(f"tool_choice must be \"none\", \"auto\", \"required\" or "
-                             f"{{\"type\": \"function\", \"function\": {{\"name\": ...}}}}, got {v!r}")
-        return v
 
     @model_validator(mode="after")
     def _honest(self) -> "ChatCompletionRequest":
@@ -395,11 +405,6 @@ class ChatCompletionRequest(_SamplingFields):
             raise ValueError(f"tool calls and {self.constraint_param} cannot be combined")
         return self
 
-    @property
-    def tools_active(self) -> bool:
-        """Tools are offered to the model (and its reply read for calls)."""
-        return bool(self.tools) and self.tool_choice != "none"
-
     def effective_max_tokens(self, default: int | None) -> int | None:
         """max_completion_tokens, else max_tokens, else the server's --max-tokens-default (None: up to
         the context)."""
@@ -408,7 +413,7 @@ class ChatCompletionRequest(_SamplingFields):
         return self.max_tokens if self.max_tokens is not None else default
 
 
-class TokenizeRequest(_Strict):
+class TokenizeRequest(_ToolFields):
     """The prompt a completion or chat request would run (messages with the same tools and
     template variables give the same tokens)."""
 
@@ -417,14 +422,7 @@ class TokenizeRequest(_Strict):
     messages: list[ChatMessage] | None = Field(None, max_length=4096)
     add_special_tokens: bool = True
     add_generation_prompt: bool = True
-    tools: list[Tool] | None = Field(None, max_length=512)
-    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool | None = None
-    chat_template_kwargs: dict[str, Any] | None = None
-
-    @property
-    def tools_active(self) -> bool:
-        return bool(self.tools) and self.tool_choice != "none"
 
 
 class DetokenizeRequest(_Strict):

@@ -10,7 +10,6 @@ Compilation errors come back as StructuredOutputError naming the problem (a 400)
 from __future__ import annotations
 
 import json
-import logging
 import threading
 from typing import Any, Protocol
 
@@ -18,8 +17,6 @@ import torch
 
 from surge.errors import StructuredOutputError
 from surge.tokenizer import Tokenizer
-
-logger = logging.getLogger(__name__)
 
 # JSON as json.dumps writes it by default: what the models were shown, and one way to write each value
 ITEM_SEPARATOR, KEY_SEPARATOR = ", ", ": "

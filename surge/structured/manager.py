@@ -6,8 +6,7 @@ it, so a slow schema never stalls the step loop, and the engine thread only find
 Each constrained request (each of its n > 1 completions) gets its own matcher. Before a step
 runs, every scheduled request that samples gets the row of allowed tokens its matcher gives
 (`ScheduledRequest.allowed`, int32 bitmask words in a numpy array: plain data an executor
-ships as it is); the
-sampler masks that row's logits; the sampled token is accepted back here. A preempted request
+ships as it is); the sampler masks that row's logits; the sampled token is accepted back here. A preempted request
 keeps its matcher: its tokens are recomputed, not re-chosen, so the grammar state stays valid.
 """
 
@@ -132,9 +131,6 @@ class StructuredOutputManager:
     def free(self, request_id: str) -> None:
         self._matchers.pop(request_id, None)
         self._failed.pop(request_id, None)
-
-    def __contains__(self, request_id: str) -> bool:
-        return request_id in self._matchers
 
     @property
     def active(self) -> bool:

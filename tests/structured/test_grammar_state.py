@@ -145,11 +145,15 @@ SETTINGS = settings(max_examples=20, deadline=None, derandomize=True,
                                            HealthCheck.data_too_large])
 
 
+def case(name: str) -> tuple[dict[str, Any], StructuredOutputsParams, jsonschema.Validator]:
+    """A test schema, its constraint and its validator (formats checked)."""
+    schema = SCHEMAS[name]
+    return schema, StructuredOutputsParams(json=schema), format_validator(schema)
+
+
 @pytest.mark.parametrize("name", DRAWN)
 def test_valid_instances_are_accepted(manager, name):
-    schema = SCHEMAS[name]
-    spec = StructuredOutputsParams(json=schema)
-    validator = format_validator(schema)
+    schema, spec, validator = case(name)
 
     @SETTINGS
     @given(from_schema(copy.deepcopy(schema)))  # it rewrites the schema it is given
@@ -165,9 +169,7 @@ def test_valid_instances_are_accepted(manager, name):
 
 @pytest.mark.parametrize("name", sorted(WRITTEN))
 def test_written_instances(manager, name):
-    schema = SCHEMAS[name]
-    spec = StructuredOutputsParams(json=schema)
-    validator = format_validator(schema)
+    schema, spec, validator = case(name)
     valid, invalid = WRITTEN[name]
     for instance in valid:
         assert validator.is_valid(instance) and accepts(manager, spec, dumps(instance, schema)), instance
@@ -197,9 +199,7 @@ def test_formats(manager, schema, valid, invalid):
 
 @pytest.mark.parametrize("name", GENERATED)
 def test_invalid_instances_are_refused(manager, name):
-    schema = SCHEMAS[name]
-    spec = StructuredOutputsParams(json=schema)
-    validator = format_validator(schema)
+    schema, spec, validator = case(name)
 
     @SETTINGS
     @given(from_schema(copy.deepcopy(schema)).flatmap(mutations))
