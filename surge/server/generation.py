@@ -61,15 +61,23 @@ def prepare_prompts(engine: LLMEngine, prompts: list[str | list[int]], params: S
     return out
 
 
-def encode_chat(engine: LLMEngine, messages: list[dict[str, Any]], add_generation_prompt: bool,
-                template_kwargs: dict[str, Any] | None = None) -> list[int]:
-    """Token ids of messages (as template dicts) through the model's chat template."""
+def render_chat(engine: LLMEngine, messages: list[dict[str, Any]], add_generation_prompt: bool,
+                template_kwargs: dict[str, Any] | None = None) -> str:
+    """The text of messages (as template dicts) through the model's chat template."""
     try:
-        return engine.tokenizer.encode_chat(messages, add_generation_prompt, **(template_kwargs or {}))
+        return engine.tokenizer.apply_chat_template(messages, add_generation_prompt, **(template_kwargs or {}))
     except SurgeError as exc:
         raise bad_request(str(exc), "messages") from exc
     except Exception as exc:  # the template itself failed on these messages (raise_exception, a type error)
         raise bad_request(f"the chat template cannot render these messages: {exc}", "messages") from exc
+
+
+def encode_chat(engine: LLMEngine, messages: list[dict[str, Any]], add_generation_prompt: bool,
+                template_kwargs: dict[str, Any] | None = None) -> list[int]:
+    """Token ids of messages (as template dicts) through the model's chat template (the template
+    writes any BOS itself)."""
+    return engine.tokenizer.encode(render_chat(engine, messages, add_generation_prompt, template_kwargs),
+                                   add_special_tokens=False)
 
 
 @dataclass

@@ -327,7 +327,7 @@ class ChatMessage(_Strict):
     function_call: None = None
     tool_calls: list[ToolCallMessage] | None = None
     tool_call_id: str | None = None
-    reasoning_content: str | None = None  # a reasoning model's thinking, echoed back: not rendered
+    reasoning_content: str | None = None  # a reasoning model's thinking, echoed back: the template's to use
 
     @model_validator(mode="before")
     @classmethod
@@ -363,6 +363,8 @@ class ChatMessage(_Strict):
             message["name"] = self.name
         if self.tool_call_id:
             message["tool_call_id"] = self.tool_call_id
+        if self.reasoning_content is not None:  # Qwen3's template writes it back in <think> on the last turn
+            message["reasoning_content"] = self.reasoning_content
         if self.tool_calls:
             message["tool_calls"] = [
                 {"id": c.id, "type": "function",

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from surge.errors import InvalidArgumentError
+from surge.server.reasoning import PARSERS
 
 MiB = 1 << 20
 
@@ -79,6 +80,10 @@ class ServerSettings:
     tool_call_parser: str | None = field(default=None, metadata=_opt(
         "the format tool calls are read in and enforced with (default: from the model's chat template; "
         "hermes for templates that take no tools)", choices=("hermes", "llama3_json", "mistral", "json")))
+    reasoning_parser: str = field(default="auto", metadata=_opt(
+        "split a reasoning model's <think>...</think> into reasoning_content: auto (when the chat "
+        "template writes </think>), think (always; qwen3 and deepseek_r1 name it too), none",
+        choices=PARSERS))
     access_log: bool = field(default=False, metadata=_opt(
         "log one line per request (request id, method, path, status, milliseconds)", switch=True))
     log_level: str = field(default="info", metadata=_opt(

@@ -1,5 +1,5 @@
 """POST /v1/chat/completions: OpenAI's chat (messages through the model's chat template), with
-tool calls (surge/server/tools/)."""
+tool calls (surge/server/tools/) and reasoning models' thinking split out (surge/server/reasoning.py)."""
 
 from __future__ import annotations
 
@@ -12,25 +12,30 @@ from surge.engine.llm_engine import LLMEngine
 from surge.outputs import CompletionOutput, RequestOutput
 from surge.server.errors import bad_request
 from surge.server.formatting import chat_logprobs
-from surge.server.generation import Generation, Prompt, encode_chat, prepare_prompts, sampling
+from surge.server.generation import Generation, Prompt, prepare_prompts, render_chat, sampling
 from surge.server.openapi import request_body
 from surge.server.plumbing import read_body
 from surge.server.protocol import ChatCompletionRequest
+from surge.server.reasoning import ReasoningStreamer, opens_in_reasoning, reasoning_enabled, split_reasoning
 from surge.server.state import ServerState
 from surge.server.tools import ToolCall, ToolPlan, chat_prompt
 from surge.server.tools.parsers import ToolStreamer
 
 
 class ChatFormat:
-    """The role first, then content deltas (and tool-call deltas), then each choice's finish
-    reason in a chunk of its own."""
+    """The role first, then content deltas (reasoning and tool-call deltas too), then each
+    choice's finish reason in a chunk of its own."""
 
     object = "chat.completion"
     chunk_object = "chat.completion.chunk"
 
-    def __init__(self, n: int, engine: LLMEngine, top_n: int | None, tools: ToolPlan | None = None):
-        self.n, self.engine, self.top_n, self.tools = n, engine, top_n, tools
+    def __init__(self, n: int, engine: LLMEngine, top_n: int | None, tools: ToolPlan | None = None,
+                 opened: bool | None = None):
+        """`opened`: None when the reply is not split into reasoning and content, else whether
+        it starts inside the thinking (reasoning.py)."""
+        self.n, self.engine, self.top_n, self.tools, self.opened = n, engine, top_n, tools, opened
         self._streamers: dict[int, ToolStreamer] = {}
+        self._reasoners: dict[int, ReasoningStreamer] = {}
 
     def _logprobs(self, c: CompletionOutput) -> dict | None:
         return chat_logprobs(self.engine, c.token_ids, c.logprobs or [], self.top_n) if self.top_n is not None else None
@@ -43,27 +48,39 @@ class ChatFormat:
         return [{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
                 for i in range(self.n)]
 
+    @staticmethod
+    def _delta(index: int, reasoning: str, content: str, lps: dict | None = None) -> dict:
+        delta = {"reasoning_content": reasoning} if reasoning else {}
+        if content or not reasoning:
+            delta["content"] = content
+        return {"index": index, "delta": delta, "logprobs": lps, "finish_reason": None}
+
     async def chunks(self, i: int, out: RequestOutput) -> list[dict]:
         choices = []
         for c in out.outputs:
-            text = c.text
+            reasoning, text = "", c.text
+            if self.opened is not None:
+                reasoner = self._reasoners.setdefault(c.index, ReasoningStreamer(self.opened))
+                reasoning, text = reasoner.feed(c.text)
             streamer = None
             if self.tools is not None:
                 streamer = self._streamers.setdefault(c.index, self.tools.parser.streamer())
-                text = streamer.feed(c.text)
+                text = streamer.feed(text)
             if c.text or c.token_ids:
                 lps = self._logprobs(c)
-                if text or lps:
-                    choices.append({"index": c.index, "delta": {"content": text}, "logprobs": lps,
-                                    "finish_reason": None})
+                if text or reasoning or lps:
+                    choices.append(self._delta(c.index, reasoning, text, lps))
             if c.finish_reason is None:
                 continue
             reason = c.finish_reason
+            reasoning, text = reasoner.finish() if self.opened is not None else ("", "")
             if streamer is not None:
+                text = streamer.feed(text)
                 rest, calls = streamer.finish(truncated=reason == "length")
-                if rest:
-                    choices.append({"index": c.index, "delta": {"content": rest}, "logprobs": None,
-                                    "finish_reason": None})
+                text += rest
+            if reasoning or text:
+                choices.append(self._delta(c.index, reasoning, text))
+            if streamer is not None:
                 for k, call in enumerate(self._calls(calls)):
                     head = {"index": k, "id": call.id, "type": "function", "function": {"name": call.name, "arguments": ""}}
                     choices.append({"index": c.index, "delta": {"tool_calls": [head]}, "logprobs": None,
@@ -76,15 +93,19 @@ class ChatFormat:
         return choices
 
     def _message(self, c: CompletionOutput) -> tuple[dict[str, Any], str | None]:
-        if self.tools is None:
-            return {"role": "assistant", "content": c.text}, c.finish_reason
-        content, calls = self.tools.parser.extract(c.text, truncated=c.finish_reason == "length")
-        calls = self._calls(calls)
-        if not calls:
-            return {"role": "assistant", "content": c.text}, c.finish_reason
-        message = {"role": "assistant", "content": content, "tool_calls": [call.as_openai() for call in calls]}
-        # cut by max_tokens stays "length" (its finished calls are given)
-        return message, ("tool_calls" if c.finish_reason == "stop" else c.finish_reason)
+        message: dict[str, Any] = {"role": "assistant", "content": c.text}
+        reason = c.finish_reason
+        if self.opened is not None:
+            reasoning, text = split_reasoning(c.text, self.opened)
+            message.update(content=text if text or not reasoning else None, reasoning_content=reasoning or None)
+        if self.tools is not None:
+            content, calls = self.tools.parser.extract(message["content"] or "", truncated=reason == "length")
+            calls = self._calls(calls)
+            if calls:
+                message.update(content=content, tool_calls=[call.as_openai() for call in calls])
+                # cut by max_tokens stays "length" (its finished calls are given)
+                reason = "tool_calls" if reason == "stop" else reason
+        return message, reason
 
     async def choices(self, finals: dict[int, RequestOutput]) -> list[dict]:
         choices = []
@@ -107,18 +128,23 @@ def router(state: ServerState) -> APIRouter:
         params = sampling(lambda: body.sampling_params(
             body.effective_max_tokens(state.settings.max_tokens_default), top_n, None), body.constraint_param)
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        plans: list[ToolPlan | None] = []
+        plans: list[tuple[ToolPlan | None, bool | None]] = []
 
         def prepare(engine: LLMEngine) -> list[Prompt]:
             plan, messages, kwargs = chat_prompt(body, engine, state.settings.tool_call_parser)
-            plans.append(plan)
             if plan is not None:
                 params.structured_outputs = plan.constraint  # "required" / named: calls by grammar
-            ids = encode_chat(engine, messages, body.add_generation_prompt, kwargs)
+            text = render_chat(engine, messages, body.add_generation_prompt, kwargs)
+            opened = None
+            if reasoning_enabled(state.settings.reasoning_parser, engine.tokenizer.chat_template):
+                # a reply held by a grammar starts where its grammar does, not inside a thinking block
+                opened = opens_in_reasoning(text) and params.structured_outputs is None
+            plans.append((plan, opened))
+            ids = engine.tokenizer.encode(text, add_special_tokens=False)
             return [(None, prepare_prompts(engine, [ids], params, body.constraint_param or "tools")[0][1])]
 
         gen = await Generation.start(state, body.model, body.n, prepare, params, "chatcmpl", body.priority,
                                      include_usage)
-        return await gen.respond(request, ChatFormat(body.n, gen.engine, top_n, plans[0]), body.streaming)
+        return await gen.respond(request, ChatFormat(body.n, gen.engine, top_n, *plans[0]), body.streaming)
 
     return api
