@@ -42,3 +42,4 @@ class RequestOutput:
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
     first_token_time: float | None = None  # time.monotonic() of the first generated token
     error: str | None = None  # why the engine failed this request (its finish_reason is "error")
+    embedding: list[float] | None = None  # an embedding request's pooled, normalised vector

@@ -91,6 +91,9 @@ class StructuredOutputsParams:
         return kind, "" if kind == "json_object" else getattr(self, kind)
 
 
+POOLING = ("mean", "last")
+
+
 @dataclass
 class SamplingParams:
     """Per-request decoding settings; validated at construction so bad values never reach the engine."""
@@ -116,6 +119,9 @@ class SamplingParams:
     skip_special_tokens: bool = True
     output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
     structured_outputs: StructuredOutputsParams | None = None
+    # an embedding instead of tokens: the prompt's final hidden states pooled ("mean" over its
+    # positions or the "last" one) and L2-normalised; the request ends with its prefill
+    pooling: str | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.structured_outputs, dict):
@@ -169,6 +175,13 @@ class SamplingParams:
         for ok, message in checks:
             if not ok:
                 raise InvalidArgumentError(message)
+        if self.pooling is not None:
+            if self.pooling not in POOLING:
+                raise InvalidArgumentError(f"pooling must be one of {', '.join(POOLING)}, got {self.pooling!r}")
+            if self.n != 1 or self.logprobs is not None or self.prompt_logprobs is not None \
+                    or self.structured_outputs is not None:
+                raise InvalidArgumentError("an embedding request (pooling) takes no n, logprobs, prompt_logprobs "
+                                           "or structured_outputs")
         if self.max_tokens is not None and self.min_tokens > self.max_tokens:
             raise InvalidArgumentError(
                 f"min_tokens ({self.min_tokens}) must not exceed max_tokens ({self.max_tokens})"

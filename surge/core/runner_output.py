@@ -25,10 +25,13 @@ class ModelRunnerOutput:
     logprobs: dict[str, TokenLogprobs] = field(default_factory=dict)
     # prompt logprobs computed this step, in prompt order (position p scores token p + 1)
     prompt_logprobs: dict[str, list[TokenLogprobs]] = field(default_factory=dict)
+    # embedding requests whose prompt ended this step: the pooled, normalised hidden state
+    pooled: dict[str, list[float]] = field(default_factory=dict)
     num_compiles: int = 0  # graphs the worker has compiled so far (with --compile)
 
     def merge(self, other: "ModelRunnerOutput") -> None:
         self.sampled.update(other.sampled)
         self.logprobs.update(other.logprobs)
         self.prompt_logprobs.update(other.prompt_logprobs)
+        self.pooled.update(other.pooled)
         self.num_compiles = max(self.num_compiles, other.num_compiles)

@@ -108,6 +108,11 @@ class LLMEngine:
         if bad:
             raise InvalidArgumentError(f"token id {bad[0]} is outside the vocabulary [0, {self.vocab_size})")
         room = self.max_model_len - len(ids)
+        if params.pooling is not None:  # an embedding: the prompt alone, nothing generated
+            if room < 0:
+                raise InvalidArgumentError(
+                    f"the input has {len(ids)} tokens; the model's context is {self.max_model_len} tokens")
+            return 1
         if room <= 0:
             raise InvalidArgumentError(
                 f"the prompt has {len(ids)} tokens; the model's context is {self.max_model_len} tokens"

@@ -50,6 +50,7 @@ class _Parent:
     children: list[_Child] = field(default_factory=list)
     prompt_logprobs: list[PositionLogprobs | None] | None = None
     prompt_logprobs_sent: bool = False
+    embedding: list[float] | None = None  # an embedding request's vector, once its prompt has run
 
     @property
     def finished(self) -> bool:
@@ -91,11 +92,13 @@ class OutputProcessor:
             child_id = request_id if params.n == 1 else f"{request_id}#{i}"
             request = Request(
                 child_id, ids, max_tokens, child_params, now, priority,
-                skip_prefix_cache=(i == 0 and params.prompt_logprobs is not None),
+                # prompt logprobs and mean pooling need every prompt position computed
+                skip_prefix_cache=(i == 0 and params.prompt_logprobs is not None) or params.pooling == "mean",
             )
             if i > 0:
                 request.sampling_params = dataclasses.replace(child_params, prompt_logprobs=None)
-            needs_text = bool(params.stop) or params.output_kind is not RequestOutputKind.FINAL_ONLY
+            needs_text = params.pooling is None and (bool(params.stop)
+                                                     or params.output_kind is not RequestOutputKind.FINAL_ONLY)
             detok = RequestDetokenizer(self.tokenizer, ids, params) if needs_text else None
             want_lp = params.logprobs is not None
             children.append(_Child(request, i, detok, [] if want_lp else None, 0.0 if want_lp else None))
@@ -146,7 +149,16 @@ class OutputProcessor:
                 check_recoverable(exc)
                 outputs.append(self.fail(parent, exc))
         now = time.monotonic()
-        for request in self.scheduler.update(scheduled, result.sampled):
+        changed = self.scheduler.update(scheduled, result.sampled)
+        for request_id, vector in result.pooled.items():  # an embedding request ends with its prompt
+            entry = self._child_parent.get(request_id)
+            if entry is None or entry[1].request.is_finished:
+                continue
+            parent, child = entry
+            parent.embedding = vector
+            self.scheduler.finish(child.request, FinishReason.STOP)
+            touched[parent.request_id] = parent
+        for request in changed:
             if request.first_token_time is None:
                 request.first_token_time = now
             parent, child = self._child_parent[request.request_id]
@@ -255,7 +267,9 @@ class OutputProcessor:
             req = child.request
             done = req.is_finished
             reason = req.finish_reason.value if req.finish_reason else None
-            if kind is RequestOutputKind.FINAL_ONLY:
+            if child.detok is None and kind is not RequestOutputKind.FINAL_ONLY:  # an embedding: no text
+                text, tokens, lps = "", [], None
+            elif kind is RequestOutputKind.FINAL_ONLY:
                 text, tokens, lps = self._final_text(parent, child), list(req.output_token_ids), child.logprobs
             else:
                 assert child.detok is not None
@@ -285,4 +299,5 @@ class OutputProcessor:
         return RequestOutput(
             parent.request_id, parent.prompt, parent.prompt_ids, completions, finished,
             prompt_lps, parent.children[0].request.num_cached_tokens, min(firsts, default=None),
+            embedding=parent.embedding,
         )

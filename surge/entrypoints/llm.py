@@ -91,6 +91,13 @@ class LLM:
             raise
         return [results[i] for i in ids]
 
+    def embed(self, prompts: Prompt | Sequence[Prompt], pooling: str = "last") -> list[list[float]]:
+        """One L2-normalised embedding per prompt (text or token ids), in order: the model's final
+        hidden states pooled over the prompt ("mean") or taken at its last token ("last").
+        The prompts are batched with each other (and with any generation) like prefills."""
+        outs = self.generate(prompts, SamplingParams(pooling=pooling))
+        return [out.embedding for out in outs]  # type: ignore[misc]
+
     def chat(
         self,
         messages: Sequence[dict[str, Any]] | Sequence[Sequence[dict[str, Any]]],

@@ -45,7 +45,7 @@ def sampling(build: Callable[[], SamplingParams], constraint_param: str | None =
 
 
 def prepare_prompts(engine: LLMEngine, prompts: list[str | list[int]], params: SamplingParams,
-                    constraint_param: str | None = None) -> list[Prompt]:
+                    constraint_param: str | None = None, prompt_param: str = "prompt") -> list[Prompt]:
     """Tokenize and check each prompt, and compile the output constraint (blocking: run it off
     the event loop; the compiled grammar is cached for the engine's thread)."""
     out = []
@@ -57,7 +57,7 @@ def prepare_prompts(engine: LLMEngine, prompts: list[str | list[int]], params: S
     except StructuredOutputError as exc:
         raise bad_request(str(exc), param=constraint_param) from exc
     except SurgeError as exc:
-        raise bad_request(str(exc), param="prompt") from exc
+        raise bad_request(str(exc), param=prompt_param) from exc
     return out
 
 

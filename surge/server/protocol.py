@@ -245,6 +245,34 @@ class CompletionRequest(_SamplingFields):
         return list(p)  # type: ignore[arg-type]
 
 
+class EmbeddingRequest(_Strict):
+    """OpenAI's /v1/embeddings: `input` is text, token ids, or a list of either."""
+
+    model: str | None = None
+    input: Annotated[str, Field(min_length=1)] | list[str] | list[TokenId] | list[list[TokenId]]
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: int | None = Field(None, ge=1)
+    user: str | None = None  # a hint for OpenAI's own service: accepted and ignored
+    pooling: Literal["mean", "last"] | None = None  # extension: the server's --embedding-pooling if unset
+
+    @field_validator("input")
+    @classmethod
+    def _input_not_empty(cls, v: Any) -> Any:
+        if isinstance(v, list) and not v:
+            raise ValueError("input must not be an empty list")
+        if isinstance(v, list) and any(isinstance(p, (str, list)) and not p for p in v):
+            raise ValueError("no input in the list may be empty")
+        return v
+
+    def inputs(self) -> list[str | list[int]]:
+        v = self.input
+        if isinstance(v, str):
+            return [v]
+        if isinstance(v[0], int):
+            return [list(v)]  # type: ignore[arg-type]
+        return list(v)  # type: ignore[arg-type]
+
+
 class ContentPart(_Strict):
     type: str
     text: str | None = None

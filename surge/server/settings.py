@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from surge.errors import InvalidArgumentError
+from surge.sampling_params import POOLING
 from surge.server.reasoning import PARSERS
 
 MiB = 1 << 20
@@ -80,6 +81,10 @@ class ServerSettings:
     tool_call_parser: str | None = field(default=None, metadata=_opt(
         "the format tool calls are read in and enforced with (default: from the model's chat template; "
         "hermes for templates that take no tools)", choices=("hermes", "llama3_json", "mistral", "json")))
+    embedding_pooling: str = field(default="last", metadata=_opt(
+        "how /v1/embeddings pools the model's final hidden states: last (the last token's, as vLLM does "
+        "for decoder models) or mean (over the input); a request's own 'pooling' wins",
+        choices=POOLING))
     reasoning_parser: str = field(default="auto", metadata=_opt(
         "split a reasoning model's <think>...</think> into reasoning_content: auto (when the chat "
         "template writes </think>), think (always; qwen3 and deepseek_r1 name it too), none",

@@ -43,6 +43,9 @@ class ModelRunner:
         self.eos_ids = eos_ids
         self.sampler = Sampler()
         self.requests: dict[str, SamplingRow] = {}
+        # embedding requests' pooled hidden states so far, per chunk start (a chunk re-run after
+        # a failure overwrites its own entry)
+        self.pools: dict[str, dict[int, tuple[torch.Tensor, int]]] = {}
         self.timings = StepTimings()
         # Builds (or loads from its cache) the native decode kernel now, at load, not in the first step.
         self.native_decode = bool(kv_caches) and native_decode(kv_caches[0])
@@ -125,6 +128,9 @@ class ModelRunner:
     def _update_states(self, output: SchedulerOutput) -> None:
         for request_id in output.finished_request_ids:
             self.requests.pop(request_id, None)
+            self.pools.pop(request_id, None)
+        for request_id in output.preempted_request_ids:  # recomputed from its first token
+            self.pools.pop(request_id, None)
         for r in output.requests:
             # a step re-run after a failure resends `new`: the state (and its generator) stays
             if r.new is not None and r.request_id not in self.requests:
@@ -146,6 +152,10 @@ class ModelRunner:
         t1 = time.perf_counter()
         hidden = self.forward(input_ids, positions, meta)
         sampled = [r for r in output.requests if r.sample]
+        if any(self.requests[r.request_id].params.pooling for r in output.requests):
+            self._pool(output, hidden, meta, result)
+            keep = [k for k, r in enumerate(sampled) if self.requests[r.request_id].params.pooling is None]
+            sampled, sample_rows = [sampled[k] for k in keep], [sample_rows[k] for k in keep]
         rows = hidden if len(sample_rows) == hidden.shape[0] else hidden[sample_rows]  # all rows: in order
         logits = self.model.compute_logits(rows) if sampled else None
         if logits is not None and logits.device.type != "cpu":
@@ -167,6 +177,26 @@ class ModelRunner:
             if lp is not None:
                 result.logprobs[r.request_id] = lp
         return result
+
+    def _pool(self, output: SchedulerOutput, hidden: torch.Tensor, meta: AttentionMetadata,
+              result: ModelRunnerOutput) -> None:
+        """Embedding requests: pool this chunk's final hidden states (float32); where the prompt
+        ends, the request's vector, L2-normalised."""
+        for i, r in enumerate(output.requests):
+            mode = self.requests[r.request_id].params.pooling
+            if mode is None:
+                continue
+            rows = hidden[meta.query_start_loc[i]: meta.query_start_loc[i + 1]].float()
+            chunks = self.pools.setdefault(r.request_id, {})
+            chunks[r.start_position] = (rows.sum(0), rows.shape[0]) if mode == "mean" else (rows[-1], 1)
+            if not r.sample:
+                continue
+            if mode == "mean":
+                vector = torch.stack([v for v, _ in chunks.values()]).sum(0) / sum(n for _, n in chunks.values())
+            else:
+                vector = chunks[r.start_position][0]
+            result.pooled[r.request_id] = torch.nn.functional.normalize(vector, dim=0).tolist()
+            del self.pools[r.request_id]
 
     def _prompt_logprobs(
         self, output: SchedulerOutput, hidden: torch.Tensor, meta: AttentionMetadata, result: ModelRunnerOutput

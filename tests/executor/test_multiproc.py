@@ -49,13 +49,16 @@ def _tokens(outs):
 
 
 def test_mp_equals_uni_with_prefix_caching_chunked_prefill_and_preemption(tiny_path):
-    """Greedy, seeded and n > 1 sampling with logprobs, prompts sharing a prefix, prefill chunks of
-    24 tokens and a cache of 20 blocks (preemptions happen): the same tokens and logprobs."""
+    """Greedy, seeded and n > 1 sampling with logprobs, embeddings (mean and last pooling), prompts
+    sharing a prefix, prefill chunks of 24 tokens and a cache of 20 blocks (preemptions happen): the
+    same tokens, logprobs and vectors."""
     shared = prompts(1, 40, 40, seed=1)[0]
     batch = [shared + p for p in prompts(6, 5, 80, seed=2)] + prompts(6, 20, 120, seed=3)
     params = [SamplingParams(max_tokens=24, temperature=0, ignore_eos=True, logprobs=2) for _ in range(8)] + \
         [SamplingParams(max_tokens=24, temperature=0.9, top_p=0.9, seed=7 + i, ignore_eos=True, n=2)
          for i in range(4)]
+    batch += batch[:2]
+    params += [SamplingParams(pooling="mean"), SamplingParams(pooling="last")]
     settings = dict(TINY, max_num_batched_tokens=24, kv_cache_memory=None)
     uni = LLM(str(tiny_path), **{**settings, "kv_cache_memory": 16 << 20})
     per_block = uni.engine.model_info.kv_cache_bytes // uni.engine.scheduler.pool.num_blocks
@@ -67,9 +70,11 @@ def test_mp_equals_uni_with_prefix_caching_chunked_prefill_and_preemption(tiny_p
             stats = llm.engine.stats()
             assert stats.num_preemptions > 0 and stats.prefix_cache_hits > 0, backend
             assert llm.engine.is_idle_clean()
-            results[backend] = (_tokens(outs), [[lp for c in o.outputs for lp in (c.logprobs or [])] for o in outs])
+            results[backend] = (_tokens(outs), [[lp for c in o.outputs for lp in (c.logprobs or [])] for o in outs],
+                                [o.embedding for o in outs])
     assert results["mp"][0] == results["uni"][0]
     assert results["mp"][1] == results["uni"][1]
+    assert results["mp"][2] == results["uni"][2] and all(v is not None for v in results["mp"][2][-2:])
 
 
 @pytest.mark.slow

@@ -2,6 +2,7 @@
 
     completions.py    POST /v1/completions            (OpenAI, on surge/server/generation.py)
     chat.py           POST /v1/chat/completions       (OpenAI, on surge/server/generation.py)
+    embeddings.py     POST /v1/embeddings             (OpenAI, the engine's pooled prefills)
     tokenize.py       POST /tokenize, /detokenize
     models.py         GET /v1/models; Triton's repository API /v2/repository/...
     health.py         /health, /ready, /metrics
