@@ -22,12 +22,12 @@ from surge.server.errors import APIError, error_response
 from surge.server.guard import REQUEST_ID, Guard
 from surge.server.openapi import install_request_schemas
 from surge.server.plumbing import engine_error
-from surge.server.routes import chat, completions, dashboard, embeddings, health, models, tokenize
+from surge.server.routes import chat, completions, dashboard, embeddings, health, kserve, models, tokenize
 from surge.server.state import ServerState
 
 logger = logging.getLogger(__name__)
 
-ROUTE_MODULES = (health, models, dashboard, tokenize, completions, chat, embeddings)
+ROUTE_MODULES = (health, models, dashboard, tokenize, completions, chat, embeddings, kserve)
 
 
 def create_app(state: ServerState) -> FastAPI:

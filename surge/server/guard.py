@@ -34,12 +34,14 @@ from surge.server.settings import ServerSettings
 access_logger = logging.getLogger("surge.access")
 
 REQUEST_ID: contextvars.ContextVar[str] = contextvars.ContextVar("surge_request_id", default="-")
-API_PREFIXES = ("/v1/", "/tokenize", "/detokenize")
+API_PREFIXES = ("/v1/", "/tokenize", "/detokenize", "/v2/models/")  # /v2/models/: KServe inference
+OPEN_PATHS = ("/v2", "/v2/health/live", "/v2/health/ready")  # KServe's server metadata and health, as /health
 ADMIN_PREFIX = "/v2/"
 CONTROL_PREFIX = "/v2/repository/models/"  # load, unload, rollback: they change what is served
 METRICS_PATHS = ("/metrics", "/dashboard")
 _SANE_ID = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
 _BODY_METHODS = {"POST", "PUT", "PATCH", "DELETE"}
+_KSERVE_INFER = re.compile(r"/v2/models/[^/]+(/versions/[^/]+)?/infer")
 DRAIN_LIMIT = 64 << 20  # an oversized body is read (and dropped) up to this, so the client sees its 413
 LOCAL_NAMES = ("localhost", "127.0.0.1", "::1")
 
@@ -139,15 +141,17 @@ class Guard:
     def _required_keys(self, path: str) -> tuple[tuple[str, ...], str, bool]:
         """(keys of which one is needed, their name, basic auth accepted); no keys: open."""
         s = self.settings
+        if path in OPEN_PATHS:
+            return (), "", False
         if path.startswith(CONTROL_PREFIX):
             if s.admin_key is None:
                 raise _Refused(403, "the model control API is disabled: start the server with --admin-key to "
                                     "load, unload or roll back models", "permission_error", "admin_disabled")
             return (s.admin_key,), "admin key", False
-        if path.startswith(ADMIN_PREFIX):
-            return ((s.admin_key,), "admin key", False) if s.admin_key else (s.api_keys, "API key", False)
         if path.startswith(API_PREFIXES):
             return s.api_keys, "API key", False
+        if path.startswith(ADMIN_PREFIX):
+            return ((s.admin_key,), "admin key", False) if s.admin_key else (s.api_keys, "API key", False)
         if path.startswith(METRICS_PATHS):
             return ((s.metrics_key,), "metrics key", True) if s.metrics_key else (s.api_keys, "API key", True)
         return (), "", False
@@ -162,7 +166,7 @@ class Guard:
         raise _Refused(401, f"missing or invalid {name}: send 'Authorization: Bearer <key>'",
                        "authentication_error", "invalid_api_key", extra)
 
-    def _check_declared_body(self, headers: dict[bytes, bytes]) -> None:
+    def _check_declared_body(self, headers: dict[bytes, bytes], binary_ok: bool) -> None:
         length = headers.get(b"content-length")
         if length is not None:
             try:
@@ -172,9 +176,13 @@ class Guard:
             if declared > DRAIN_LIMIT:
                 raise self._too_large()
         ctype = headers.get(b"content-type")
-        if ctype is not None and not self._is_json(ctype):
+        if ctype is not None and not self._is_json(ctype) and not (binary_ok and self._is_binary(ctype)):
             raise _Refused(415, f"the body must be application/json, got {ctype.decode('latin-1')!r}",
                            "invalid_request_error", "unsupported_media_type")
+
+    @staticmethod
+    def _is_binary(ctype: bytes) -> bool:
+        return ctype.decode("latin-1").split(";", 1)[0].strip().lower() == "application/octet-stream"
 
     @staticmethod
     def _is_json(ctype: bytes) -> bool:
@@ -250,9 +258,11 @@ class Guard:
                 if not preflight:
                     self._check_key(path, headers)
                 if method in _BODY_METHODS:
-                    self._check_declared_body(headers)
+                    # KServe's infer takes the binary-tensor extension, which its clients send untyped
+                    binary_ok = _KSERVE_INFER.fullmatch(path) is not None
+                    self._check_declared_body(headers, binary_ok)
                     body = await self._read_body(receive)
-                    if body and b"content-type" not in headers:
+                    if body and b"content-type" not in headers and not binary_ok:
                         raise _Refused(415, "the body must be application/json: send 'Content-Type: "
                                             "application/json'", "invalid_request_error", "unsupported_media_type")
                     receive = _replay(body, receive)

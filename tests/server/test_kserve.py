@@ -1,0 +1,153 @@
+"""The KServe v2 protocol (Triton's) for the served LLM, through the real `tritonclient` (http) and
+raw HTTP: health, server and model metadata, readiness, infer with binary and JSON tensors
+(text equal to /v1/completions' on the same settings), the generate extension, and bad input
+as `{"error": ...}` with its status, the server serving after each."""
+
+from __future__ import annotations
+
+import json
+import struct
+
+import httpx
+import numpy as np
+import pytest
+
+from tests.server.conftest import API_KEY, MODEL_NAME
+
+AUTH = {"Authorization": f"Bearer {API_KEY}"}
+
+
+def auth() -> dict[str, str]:
+    """A fresh headers dict for each tritonclient call (it adds its own to the one it is given)."""
+    return dict(AUTH)
+PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time"]
+
+
+@pytest.fixture(scope="module")
+def triton(server):
+    import tritonclient.http as httpclient
+
+    return httpclient.InferenceServerClient(url=server.url.removeprefix("http://"), network_timeout=120)
+
+
+def completions(server, prompt: str, **settings) -> dict:
+    r = httpx.post(f"{server.url}/v1/completions", headers=auth(), timeout=120,
+                   json={"model": MODEL_NAME, "prompt": prompt, **settings})
+    return r.json()["choices"][0]
+
+
+def text_input(prompts: list[str], binary: bool, shape: list[int] | None = None):
+    import tritonclient.http as httpclient
+
+    data = np.array([p.encode() for p in prompts], dtype=np.object_).reshape(shape or [len(prompts)])
+    tensor = httpclient.InferInput("text_input", list(data.shape), "BYTES")
+    tensor.set_data_from_numpy(data, binary_data=binary)
+    return tensor
+
+
+def texts_of(array) -> list[str]:
+    """BYTES elements as text (binary outputs come back as bytes, JSON ones as str)."""
+    return [t.decode() if isinstance(t, bytes) else t for t in array.reshape(-1)]
+
+
+def test_health_and_metadata(triton, server):
+    assert triton.is_server_live() and triton.is_server_ready()
+    assert triton.get_server_metadata()["name"] == "surge"
+    assert triton.is_model_ready(MODEL_NAME, headers=auth())
+    meta = triton.get_model_metadata(MODEL_NAME, headers=auth())
+    assert meta["name"] == MODEL_NAME and meta["versions"] == ["1"] or meta["versions"]
+    assert {i["name"]: i["datatype"] for i in meta["inputs"]} == {"text_input": "BYTES", "sampling_parameters": "BYTES"}
+    assert [o["name"] for o in meta["outputs"]] == ["text_output", "finish_reason"]
+    version = meta["versions"][0]
+    assert triton.is_model_ready(MODEL_NAME, model_version=version, headers=auth())
+    assert not triton.is_model_ready("nope", headers=auth())
+    assert not triton.is_model_ready(MODEL_NAME, model_version="999", headers=auth())
+
+
+@pytest.mark.parametrize("binary", [True, False])
+def test_infer_equals_completions(triton, server, binary):
+    import tritonclient.http as httpclient
+
+    want = [completions(server, p, max_tokens=12, temperature=0) for p in PROMPTS]
+    outputs = None if binary else [httpclient.InferRequestedOutput("text_output", binary_data=False),
+                                   httpclient.InferRequestedOutput("finish_reason", binary_data=False)]
+    result = triton.infer(MODEL_NAME, [text_input(PROMPTS, binary)], outputs=outputs, headers=auth(),
+                          parameters={"max_tokens": 12, "temperature": 0.0})
+    assert texts_of(result.as_numpy("text_output")) == [w["text"] for w in want]
+    assert texts_of(result.as_numpy("finish_reason")) == [w["finish_reason"] for w in want]
+    assert result.get_response()["model_name"] == MODEL_NAME
+
+
+def test_shapes_sampling_parameters_input_and_generate(triton, server):
+    import tritonclient.http as httpclient
+
+    settings = {"max_tokens": 8, "temperature": 0.8, "seed": 5, "stop": ["\n"]}
+    want = completions(server, PROMPTS[0], **settings)["text"]
+    sp = httpclient.InferInput("sampling_parameters", [1], "BYTES")
+    sp.set_data_from_numpy(np.array([json.dumps(settings).encode()], dtype=np.object_))
+    result = triton.infer(MODEL_NAME, [text_input(PROMPTS[:1] * 4, True, [2, 2]), sp], headers=auth())
+    texts = result.as_numpy("text_output")
+    assert texts.shape == (2, 2) and texts_of(texts) == [want] * 4
+    # only the asked-for output comes back
+    only = triton.infer(MODEL_NAME, [text_input(PROMPTS[:1], True)], headers=auth(), parameters=settings,
+                        outputs=[httpclient.InferRequestedOutput("finish_reason")])
+    assert only.as_numpy("text_output") is None and only.as_numpy("finish_reason") is not None
+    r = httpx.post(f"{server.url}/v2/models/{MODEL_NAME}/generate", headers=auth(), timeout=120,
+                   json={"text_input": PROMPTS[0], "parameters": settings})
+    assert r.status_code == 200 and r.json()["text_output"] == want and r.json()["model_name"] == MODEL_NAME
+
+
+def _json_infer(inputs: list[dict], **extra) -> dict:
+    return {"inputs": inputs, **extra}
+
+
+TEXT = {"name": "text_input", "datatype": "BYTES", "shape": [1], "data": ["hello"]}
+
+
+@pytest.mark.parametrize("path, body, headers, status, needle", [
+    ("/v2/models/nope/infer", _json_infer([TEXT]), {}, 404, "does not exist"),
+    (f"/v2/models/{MODEL_NAME}/versions/999/infer", _json_infer([TEXT]), {}, 404, "version 999"),
+    (f"/v2/models/{MODEL_NAME}/infer", b"{oops", {}, 400, "not JSON"),
+    (f"/v2/models/{MODEL_NAME}/infer", _json_infer([]), {}, 400, "non-empty list"),
+    (f"/v2/models/{MODEL_NAME}/infer", _json_infer([{**TEXT, "name": "prompt"}]), {}, 400, "unknown input"),
+    (f"/v2/models/{MODEL_NAME}/infer", _json_infer([{**TEXT, "datatype": "FP32", "data": [1.0]}]), {}, 400,
+     "non-empty BYTES"),
+    (f"/v2/models/{MODEL_NAME}/infer", _json_infer([{**TEXT, "datatype": "STRING"}]), {}, 400, "unknown datatype"),
+    (f"/v2/models/{MODEL_NAME}/infer", _json_infer([{**TEXT, "shape": [2]}]), {}, 400, "1 elements for a shape of 2"),
+    (f"/v2/models/{MODEL_NAME}/infer", _json_infer([TEXT], parameters={"temprature": 0}), {}, 400,
+     "unknown generation parameter"),
+    (f"/v2/models/{MODEL_NAME}/infer", _json_infer([TEXT], parameters={"max_tokens": "ten"}), {}, 400, "wrong type"),
+    (f"/v2/models/{MODEL_NAME}/infer", _json_infer([TEXT], parameters={"temperature": -1.0}), {}, 400, "temperature"),
+    (f"/v2/models/{MODEL_NAME}/infer", _json_infer([TEXT], parameters={"sequence_id": 3}), {}, 400, "sequence_id"),
+    (f"/v2/models/{MODEL_NAME}/infer", _json_infer([TEXT], outputs=[{"name": "logits"}]), {}, 400, "unknown output"),
+    (f"/v2/models/{MODEL_NAME}/infer", _json_infer([{**TEXT, "data": ["x" * 40000]}],
+                                                   parameters={"max_tokens": 4}), {}, 400, "context"),
+    # binary: a header length past the body, data that belongs to no input, a BYTES element cut short
+    (f"/v2/models/{MODEL_NAME}/infer", json.dumps(_json_infer([TEXT])).encode(),
+     {"Inference-Header-Content-Length": "9999"}, 400, "outside the body"),
+    (f"/v2/models/{MODEL_NAME}/infer", json.dumps(_json_infer([TEXT])).encode() + b"junk",
+     {"Inference-Header-Content-Length": str(len(json.dumps(_json_infer([TEXT]))))}, 400, "belong to no input"),
+    (f"/v2/models/{MODEL_NAME}/infer", None, {}, 400, "runs past its data"),
+    (f"/v2/models/{MODEL_NAME}/generate", {"text_input": "", "parameters": {}}, {}, 400, "non-empty string"),
+    (f"/v2/models/{MODEL_NAME}/generate", {"text_input": "hi", "max_tokens": 3}, {}, 400, "unknown field"),
+])
+def test_bad_requests_are_errors_in_the_protocols_shape(triton, server, path, body, headers, status, needle):
+    if body is None:  # a binary BYTES input whose element says it is longer than its data
+        head = json.dumps(_json_infer([{"name": "text_input", "datatype": "BYTES", "shape": [1],
+                                        "parameters": {"binary_data_size": 6}}])).encode()
+        body, headers = head + struct.pack("<I", 99) + b"hi", {"Inference-Header-Content-Length": str(len(head))}
+    content = body if isinstance(body, bytes) else json.dumps(body).encode()
+    r = httpx.post(f"{server.url}{path}", content=content, timeout=120,
+                   headers={**AUTH, "Content-Type": "application/octet-stream" if path.endswith("/infer")
+                            else "application/json", **headers})
+    assert r.status_code == status, r.text
+    assert needle in r.json()["error"], r.json()
+    assert triton.is_server_ready()
+    ok = triton.infer(MODEL_NAME, [text_input(["still serving"], True)], headers=auth(), parameters={"max_tokens": 2})
+    assert ok.as_numpy("text_output").shape == (1,)
+
+
+def test_inference_paths_need_the_api_key(server):
+    r = httpx.post(f"{server.url}/v2/models/{MODEL_NAME}/infer", json=_json_infer([TEXT]), timeout=60)
+    assert r.status_code == 401
+    assert httpx.get(f"{server.url}/v2/health/ready", timeout=60).status_code == 200  # health is open
