@@ -120,6 +120,10 @@ TEXT = {"name": "text_input", "datatype": "BYTES", "shape": [1], "data": ["hello
     (f"/v2/models/{MODEL_NAME}/infer", _json_infer([TEXT], parameters={"temperature": -1.0}), {}, 400, "temperature"),
     (f"/v2/models/{MODEL_NAME}/infer", _json_infer([TEXT], parameters={"sequence_id": 3}), {}, 400, "sequence_id"),
     (f"/v2/models/{MODEL_NAME}/infer", _json_infer([TEXT], outputs=[{"name": "logits"}]), {}, 400, "unknown output"),
+    (f"/v2/models/{MODEL_NAME}/infer", _json_infer([TEXT, {"name": "sampling_parameters", "datatype": "INT32",
+                                                           "shape": [1], "data": [3]}]), {}, 400, "one BYTES element"),
+    (f"/v2/models/{MODEL_NAME}/infer", _json_infer([TEXT, {"name": "sampling_parameters", "datatype": "BYTES",
+                                                           "shape": [1], "data": ["[1]"]}]), {}, 400, "JSON object"),
     (f"/v2/models/{MODEL_NAME}/infer", _json_infer([{**TEXT, "data": ["x" * 40000]}],
                                                    parameters={"max_tokens": 4}), {}, 400, "context"),
     # binary: a header length past the body, data that belongs to no input, a BYTES element cut short

@@ -89,8 +89,8 @@ def _settings(request: InferRequest) -> dict[str, Any]:
     settings = {k: v for k, v in request.parameters.items() if k not in HONOURED}
     given = request.inputs.get("sampling_parameters")
     if given is not None:
-        if given.size != 1:
-            raise ProtocolError("input 'sampling_parameters' must hold one JSON object")
+        if given.size != 1 or given.dtype != np.object_:
+            raise ProtocolError("input 'sampling_parameters' must be one BYTES element holding a JSON object")
         try:
             extra = json.loads(given.reshape(-1)[0])
         except (ValueError, UnicodeDecodeError) as exc:
@@ -107,9 +107,11 @@ def _settings(request: InferRequest) -> dict[str, Any]:
 def router(state: ServerState) -> APIRouter:
     api = APIRouter()
 
-    def lease_or_error(name: str, version: str | None, sequences: int = 1) -> Lease | JSONResponse:
+    def lease_or_error(name: str, version: str | None) -> Lease | JSONResponse:
+        """A hold on the model (version) for metadata and readiness: no sequences, so a model at
+        capacity still answers."""
         try:
-            return Lease(state, _model_key(name, version), sequences)
+            return Lease(state, _model_key(name, version), 0)
         except APIError as exc:
             return kserve_error(exc.status, exc.message, exc.headers)
 
