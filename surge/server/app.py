@@ -35,7 +35,16 @@ def create_app(state: ServerState) -> FastAPI:
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         state.loop = asyncio.get_running_loop()
         state.aborting = asyncio.Event()
-        yield
+        grpc_server = None
+        if state.settings.grpc_port is not None:
+            from surge.server import grpc_service
+
+            grpc_server = await grpc_service.start(state, state.settings.host, state.settings.grpc_port)
+        try:
+            yield
+        finally:
+            if grpc_server is not None:
+                await grpc_server.stop(state.settings.shutdown_grace)
 
     app = FastAPI(title="surge", version="0.1.0", lifespan=lifespan,
                   description="OpenAI-compatible completions and chat, tokenizer routes, Triton's model "

@@ -52,6 +52,27 @@ def _bytes_elements(raw: bytes, count: int, name: str) -> list[bytes]:
     return out
 
 
+def array_from_raw(raw: bytes, datatype: str, count: int, name: str) -> np.ndarray:
+    """A tensor's `count` elements from its raw bytes (the binary extension's, gRPC's
+    raw_input_contents), flat."""
+    if datatype == "BYTES":
+        return np.array(_bytes_elements(raw, count, name), dtype=np.object_)
+    dtype = np.dtype(DTYPES[datatype]).newbyteorder("<")
+    if len(raw) != count * dtype.itemsize:
+        raise ProtocolError(f"input '{name}': {len(raw)} bytes for {count} {datatype} elements")
+    return np.frombuffer(raw, dtype=dtype).astype(DTYPES[datatype])
+
+
+def check_tensor(name: str, datatype: Any, shape: Any) -> int:
+    """The element count of a declared tensor; ProtocolError for an unknown datatype or a bad shape."""
+    if datatype not in DTYPES:
+        raise ProtocolError(f"input '{name}': unknown datatype {datatype!r}")
+    if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0
+                                              for d in shape):
+        raise ProtocolError(f"input '{name}': 'shape' must be a list of non-negative integers")
+    return int(np.prod(shape)) if shape else 1
+
+
 def _json_elements(data: Any, datatype: str, count: int, name: str) -> np.ndarray:
     flat = list(_flatten(data))
     if len(flat) != count:
@@ -114,25 +135,13 @@ def parse_request(body: bytes, header_length: str | None) -> InferRequest:
         if name in inputs:
             raise ProtocolError(f"input '{name}' is given twice")
         datatype, shape = item.get("datatype"), item.get("shape")
-        if datatype not in DTYPES:
-            raise ProtocolError(f"input '{name}': unknown datatype {datatype!r}")
-        if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0
-                                                  for d in shape):
-            raise ProtocolError(f"input '{name}': 'shape' must be a list of non-negative integers")
-        count = int(np.prod(shape)) if shape else 1
+        count = check_tensor(name, datatype, shape)
         size = (item.get("parameters") or {}).get("binary_data_size")
         if size is not None:
             if not isinstance(size, int) or size < 0 or at + size > len(rest):
                 raise ProtocolError(f"input '{name}': binary_data_size {size!r} runs past the body")
-            raw = rest[at:at + size]
+            array = array_from_raw(rest[at:at + size], datatype, count, name)
             at += size
-            if datatype == "BYTES":
-                array = np.array(_bytes_elements(raw, count, name), dtype=np.object_)
-            else:
-                dtype = np.dtype(DTYPES[datatype]).newbyteorder("<")
-                if size != count * dtype.itemsize:
-                    raise ProtocolError(f"input '{name}': {size} bytes for {count} {datatype} elements")
-                array = np.frombuffer(raw, dtype=dtype).astype(DTYPES[datatype])
         elif "data" in item:
             array = _json_elements(item["data"], datatype, count, name)
         else:
@@ -148,7 +157,7 @@ def parse_request(body: bytes, header_length: str | None) -> InferRequest:
     return InferRequest(inputs, parameters, outputs, rid if isinstance(rid, str) else None)
 
 
-def _binary(array: np.ndarray, datatype: str) -> bytes:
+def to_raw(array: np.ndarray, datatype: str) -> bytes:
     if datatype == "BYTES":
         return b"".join(struct.pack("<I", len(v)) + v for v in array.reshape(-1))
     return np.ascontiguousarray(array, dtype=np.dtype(DTYPES[datatype]).newbyteorder("<")).tobytes()
@@ -167,7 +176,7 @@ def encode_response(head: dict[str, Any], outputs: list[tuple[str, str, np.ndarr
         tensor: dict[str, Any] = {"name": name, "datatype": datatype, "shape": list(array.shape)}
         own = (wanted or {}).get(name, {}).get("parameters") or {}
         if own.get("binary_data", all_binary):
-            blob = _binary(array, datatype)
+            blob = to_raw(array, datatype)
             tensor["parameters"] = {"binary_data_size": len(blob)}
             blobs.append(blob)
         elif datatype == "BYTES":

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.util
 import ipaddress
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,15 +33,20 @@ class ServerSettings:
 
     host: str = field(default="127.0.0.1", metadata=_opt("address to listen on"))
     port: int = field(default=8000, metadata=_opt("port to listen on"))
+    grpc_port: int | None = field(default=None, metadata=_opt(
+        "also serve the KServe v2 protocol over gRPC on this port (needs pip install \"surge[grpc]\"; "
+        "default: off)", metavar="PORT"))
     api_keys: tuple[str, ...] = field(default=(), metadata=_opt(
-        "require 'Authorization: Bearer KEY' on /v1 and the tokenizer routes (repeatable: any of them is accepted)",
+        "require 'Authorization: Bearer KEY' on /v1, the tokenizer routes and KServe's /v2/models "
+        "(and gRPC's model calls) (repeatable: any of them is accepted)",
         flag="--api-key", metavar="KEY", repeat=True))
     api_key_file: str | None = field(default=None, metadata=_opt(
         "read more API keys from FILE, one per line (# comments and blank lines skipped); "
         "read at start", metavar="FILE"))
     admin_key: str | None = field(default=None, metadata=_opt(
-        "enable the model control calls (/v2/repository/models/*/load, unload, rollback) and require "
-        "'Authorization: Bearer KEY' on /v2; without it they answer 403", metavar="KEY"))
+        "enable the model control calls (/v2/repository/models/*/load, unload, rollback, and gRPC's "
+        "repository calls) and require 'Authorization: Bearer KEY' on /v2/repository; without it they "
+        "answer 403", metavar="KEY"))
     metrics_key: str | None = field(default=None, metadata=_opt(
         "require this key on /metrics and the dashboard (Bearer, or as the password of HTTP basic auth); "
         "without it, the API keys protect them when set", metavar="KEY"))
@@ -107,6 +113,11 @@ class ServerSettings:
         for name, value in positive.items():
             if value is not None and value <= 0:
                 raise InvalidArgumentError(f"{name} must be positive, got {value}")
+        if self.grpc_port is not None and not (0 < self.grpc_port < 65536 and self.grpc_port != self.port):
+            raise InvalidArgumentError(f"--grpc-port must be a free port other than --port, got {self.grpc_port}")
+        if self.grpc_port is not None and (importlib.util.find_spec("grpc") is None
+                                           or importlib.util.find_spec("tritonclient") is None):
+            raise InvalidArgumentError('--grpc-port needs the gRPC extra: pip install "surge[grpc]"')
         if self.response_cache_size < 0:
             raise InvalidArgumentError(f"--response-cache-size must be 0 (off) or more, got {self.response_cache_size}")
         if self.api_key_file is not None:  # read once, at start: a missing or empty file fails here

@@ -119,7 +119,8 @@ def test_a_dead_engine_is_reported_and_ends_the_process(app_state, tmp_path):
 
 def test_settings_refuse_bad_values(tmp_path):
     for bad in ({"max_request_bytes": 0}, {"header_timeout": -1}, {"max_queue": 0}, {"api_keys": ("",)},
-                {"api_keys": ("has space",)}, {"allowed_origins": ("evil.com",)}, {"response_cache_size": -1}):
+                {"api_keys": ("has space",)}, {"allowed_origins": ("evil.com",)}, {"response_cache_size": -1},
+                {"grpc_port": 8000}, {"grpc_port": 70000}, {"grpc_port": 0}):
         with pytest.raises(InvalidArgumentError):
             ServerSettings(**bad)
     with pytest.raises(InvalidArgumentError, match="cannot read"):

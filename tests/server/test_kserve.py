@@ -155,3 +155,92 @@ def test_inference_paths_need_the_api_key(server):
     r = httpx.post(f"{server.url}/v2/models/{MODEL_NAME}/infer", json=_json_infer([TEXT]), timeout=60)
     assert r.status_code == 401
     assert httpx.get(f"{server.url}/v2/health/ready", timeout=60).status_code == 200  # health is open
+
+
+# ---- gRPC -----------------------------------------------------------------------------------
+
+ADMIN = "admin-key"
+
+
+@pytest.fixture(scope="module")
+def grpc_server(tmp_path_factory):
+    from tests.server.conftest import free_port, start_server
+
+    port = free_port()
+    srv = start_server(tmp_path_factory.mktemp("grpc"), "--api-key", API_KEY, "--admin-key", ADMIN,
+                       "--grpc-port", str(port))
+    srv.grpc_port = port
+    yield srv
+    srv.stop()
+
+
+def grpc_client(srv):
+    import tritonclient.grpc as grpcclient
+
+    return grpcclient.InferenceServerClient(url=f"127.0.0.1:{srv.grpc_port}")
+
+
+def grpc_text(prompts: list[str]):
+    import tritonclient.grpc as grpcclient
+
+    tensor = grpcclient.InferInput("text_input", [len(prompts)], "BYTES")
+    tensor.set_data_from_numpy(np.array([p.encode() for p in prompts], dtype=np.object_))
+    return tensor
+
+
+def test_grpc_equals_rest(grpc_server):
+    from tritonclient.utils import InferenceServerException
+
+    client = grpc_client(grpc_server)
+    key = {"authorization": f"Bearer {API_KEY}"}
+    assert client.is_server_live() and client.is_server_ready()
+    assert client.get_server_metadata(as_json=True)["name"] == "surge"
+    assert client.is_model_ready(MODEL_NAME, headers=key) and not client.is_model_ready("nope", headers=key)
+    meta = client.get_model_metadata(MODEL_NAME, headers=key, as_json=True)
+    assert [i["name"] for i in meta["inputs"]] == ["text_input", "sampling_parameters"]
+    want = [completions(grpc_server, p, max_tokens=10, temperature=0) for p in PROMPTS]
+    result = client.infer(MODEL_NAME, [grpc_text(PROMPTS)], headers=key, parameters={"max_tokens": 10,
+                                                                                     "temperature": 0.0})
+    assert texts_of(result.as_numpy("text_output")) == [w["text"] for w in want]
+    assert texts_of(result.as_numpy("finish_reason")) == [w["finish_reason"] for w in want]
+    # errors: their status codes, and the server goes on
+    cases = [
+        (dict(model_name="nope", inputs=[grpc_text(["x"])], headers=key), "NOT_FOUND"),
+        (dict(model_name=MODEL_NAME, inputs=[grpc_text(["x"])]), "UNAUTHENTICATED"),
+        (dict(model_name=MODEL_NAME, inputs=[grpc_text(["x"])], headers=key, parameters={"temprature": 1}),
+         "INVALID_ARGUMENT"),
+        (dict(model_name=MODEL_NAME, inputs=[grpc_text(["x"])], headers=key, model_version="999"), "NOT_FOUND"),
+    ]
+    for kwargs, code in cases:
+        with pytest.raises(InferenceServerException) as err:
+            client.infer(**kwargs)
+        assert code in str(err.value.status()), err.value
+    assert client.infer(MODEL_NAME, [grpc_text(["still"])], headers=key,
+                        parameters={"max_tokens": 2}).as_numpy("text_output").shape == (1,)
+
+
+def test_grpc_repository_calls_take_the_admin_key(grpc_server):
+    from tritonclient.utils import InferenceServerException
+
+    client = grpc_client(grpc_server)
+    admin = {"authorization": f"Bearer {ADMIN}"}
+    index = client.get_model_repository_index(headers=admin, as_json=True)
+    assert [m["name"] for m in index["models"]] == [MODEL_NAME] and index["models"][0]["state"] == "READY"
+    with pytest.raises(InferenceServerException) as err:
+        client.get_model_repository_index(headers={"authorization": f"Bearer {API_KEY}"})
+    assert "UNAUTHENTICATED" in str(err.value.status())
+    with pytest.raises(InferenceServerException) as err:
+        client.load_model("nope", headers=admin)
+    assert "NOT_FOUND" in str(err.value.status()) and "nope" in err.value.message(), err.value
+    with pytest.raises(InferenceServerException) as err:
+        client.load_model(MODEL_NAME, headers=admin, config="{}")  # Triton's config override: not supported
+    assert "INVALID_ARGUMENT" in str(err.value.status()) and "config" in err.value.message(), err.value
+    assert client.is_server_ready()
+
+
+def test_a_grpc_port_in_use_stops_the_start_with_a_clear_error(tmp_path, grpc_server):
+    from tests.server.conftest import start_server
+
+    with pytest.raises(RuntimeError) as err:
+        start_server(tmp_path, "--grpc-port", str(grpc_server.grpc_port))
+    assert f"--grpc-port {grpc_server.grpc_port}: cannot listen" in str(err.value)
