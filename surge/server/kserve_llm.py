@@ -13,6 +13,7 @@ capacity, 500 the request failed, 503 not ready); gRPC maps it to its status cod
 from __future__ import annotations
 
 import json
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -174,33 +175,45 @@ def plan_infer(name: str, request: InferRequest) -> Plan:
     return Plan(prompts, text.shape, sampling_params(_settings(request)), priority)
 
 
-async def generate(state: ServerState, name: str, version: str | None, prompts: list[str],
-                   params: SamplingParams, priority: int = 0) -> tuple[str, list[RequestOutput]]:
-    """(the version that answered, each prompt's final output) through the one generation path;
-    cancelling the caller aborts the requests."""
+async def start(state: ServerState, name: str, version: str | None, prompts: list[str], params: SamplingParams,
+                priority: int = 0) -> Generation:
+    """The prompts queued under a lease (release it with gen.lease.release())."""
     def prepare(engine: LLMEngine) -> list[Prompt]:
         return prepare_prompts(engine, list(prompts), params)
 
     try:
-        gen = await Generation.start(state, _key(name, version), len(prompts), prepare, params, "infer",
-                                     priority, False, numbered=True)
+        return await Generation.start(state, _key(name, version), len(prompts), prepare, params, "infer",
+                                      priority, False, numbered=True)
     except APIError as exc:
         raise KServeError(exc.status, exc.message, exc.headers) from None
+
+
+async def outputs(state: ServerState, gen: Generation) -> AsyncIterator[tuple[int, RequestOutput]]:
+    """The generation's outputs as they come (prompt index, output); engine failures and the
+    server's deadline or shutdown as KServeError; the lease returned at the end."""
+    model = gen.lease.deployment.name
     try:
-        finals: dict[int, RequestOutput] = {}
         async for i, out in merged(gen.gens, gen.deadline, state.aborting):
-            finals[i] = out
+            if out.finished:
+                state.metrics.record_finish(model, out.outputs[0].finish_reason)
+            yield i, out
     except (RequestFailedError, EngineDeadError) as exc:
         raise KServeError(engine_error(exc).status, str(exc)) from None
     except APIError as exc:
         raise KServeError(exc.status, exc.message, exc.headers) from None
     finally:
         gen.lease.release()
-    model = gen.lease.deployment.name
-    outs = [finals[i] for i in range(len(prompts))]
-    for out in outs:
-        state.metrics.record_finish(model, out.outputs[0].finish_reason)
-    return gen.lease.deployment.version, outs
+
+
+async def generate(state: ServerState, name: str, version: str | None, prompts: list[str],
+                   params: SamplingParams, priority: int = 0) -> tuple[str, list[RequestOutput]]:
+    """(the version that answered, each prompt's final output) through the one generation path;
+    cancelling the caller aborts the requests."""
+    gen = await start(state, name, version, prompts, params, priority)
+    finals: dict[int, RequestOutput] = {}
+    async for i, out in outputs(state, gen):
+        finals[i] = out
+    return gen.lease.deployment.version, [finals[i] for i in range(len(prompts))]
 
 
 async def infer(state: ServerState, name: str, version: str | None, request: InferRequest

@@ -95,6 +95,17 @@ def test_shapes_sampling_parameters_input_and_generate(triton, server):
     r = httpx.post(f"{server.url}/v2/models/{MODEL_NAME}/generate", headers=auth(), timeout=120,
                    json={"text_input": PROMPTS[0], "parameters": settings})
     assert r.status_code == 200 and r.json()["text_output"] == want and r.json()["model_name"] == MODEL_NAME
+    # generate_stream: text deltas as server-sent events, the finish reason in the last
+    events = []
+    with httpx.stream("POST", f"{server.url}/v2/models/{MODEL_NAME}/generate_stream", headers=AUTH, timeout=120,
+                      json={"text_input": PROMPTS[0], "parameters": {**settings, "stream": True}}) as s:
+        assert s.status_code == 200 and s.headers["content-type"].startswith("text/event-stream")
+        for line in s.iter_lines():
+            if line.startswith("data: "):
+                events.append(json.loads(line[6:]))
+    assert len(events) > 1 and "".join(e["text_output"] for e in events) == want
+    assert [e["finish_reason"] for e in events[:-1]] == [None] * (len(events) - 1)
+    assert events[-1]["finish_reason"] == r.json()["finish_reason"]
 
 
 def _json_infer(inputs: list[dict], **extra) -> dict:
@@ -134,6 +145,11 @@ TEXT = {"name": "text_input", "datatype": "BYTES", "shape": [1], "data": ["hello
     (f"/v2/models/{MODEL_NAME}/infer", None, {}, 400, "runs past its data"),
     (f"/v2/models/{MODEL_NAME}/generate", {"text_input": "", "parameters": {}}, {}, 400, "non-empty string"),
     (f"/v2/models/{MODEL_NAME}/generate", {"text_input": "hi", "max_tokens": 3}, {}, 400, "unknown field"),
+    (f"/v2/models/{MODEL_NAME}/generate", {"text_input": "hi", "parameters": {"stream": True}}, {}, 400,
+     "use generate_stream"),
+    (f"/v2/models/{MODEL_NAME}/generate_stream", {"text_input": "hi", "parameters": {"top_k": "x"}}, {}, 400,
+     "wrong type"),
+    ("/v2/models/nope/generate_stream", {"text_input": "hi"}, {}, 404, "does not exist"),
 ])
 def test_bad_requests_are_errors_in_the_protocols_shape(triton, server, path, body, headers, status, needle):
     if body is None:  # a binary BYTES input whose element says it is longer than its data

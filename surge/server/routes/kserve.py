@@ -6,21 +6,27 @@
     GET  /v2/models/{name}[/versions/{v}]/ready       200 when that model (version) serves
     POST /v2/models/{name}[/versions/{v}]/infer       JSON tensors or the binary-tensor extension
     POST /v2/models/{name}[/versions/{v}]/generate    Triton's generate extension (plain JSON)
+    POST /v2/models/{name}[/versions/{v}]/generate_stream   the same as server-sent events, one per
+                                                      text delta, the finish reason in the last
 
 Errors are `{"error": "..."}` with the HTTP status, as tritonclient reads them.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
+from collections.abc import AsyncIterator
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.background import BackgroundTask
 
 from surge.server import kserve_llm
 from surge.server.kserve_codec import ProtocolError, encode_response, parse_request
 from surge.server.kserve_llm import KServeError
-from surge.server.plumbing import until_disconnect
+from surge.sampling_params import RequestOutputKind, SamplingParams
+from surge.server.plumbing import sse, until_disconnect
 from surge.server.state import ServerState
 
 
@@ -77,31 +83,66 @@ def router(state: ServerState) -> APIRouter:
         return Response(body, media_type="application/octet-stream",
                         headers={"Inference-Header-Content-Length": str(header_length)})
 
+    async def generate_request(request: Request, streaming: bool) -> tuple[str, SamplingParams]:
+        """(the prompt, its settings) of a generate request; ProtocolError naming what is wrong."""
+        try:
+            doc = json.loads(await request.body())
+        except ValueError as exc:
+            raise ProtocolError(f"the request is not JSON: {exc}") from None
+        if not isinstance(doc, dict) or not isinstance(doc.get("text_input"), str) or not doc["text_input"]:
+            raise ProtocolError("the request needs 'text_input', a non-empty string")
+        unknown = set(doc) - {"text_input", "parameters"}
+        if unknown:
+            raise ProtocolError(f"unknown field(s): {', '.join(sorted(unknown))} (put generation settings "
+                                "in 'parameters')")
+        settings = doc.get("parameters") or {}
+        if not isinstance(settings, dict):
+            raise ProtocolError("'parameters' must be an object")
+        if "stream" in settings:  # Triton's decoupled flag: the route says it, and they must agree
+            if settings["stream"] is not streaming:
+                raise ProtocolError(f"'stream': {json.dumps(settings['stream'])} on "
+                                    f"{'generate_stream' if streaming else 'generate'}; use "
+                                    f"{'generate' if streaming else 'generate_stream'} for that")
+            settings = {k: v for k, v in settings.items() if k != "stream"}
+        return doc["text_input"], kserve_llm.sampling_params(settings)
+
     @api.post("/v2/models/{name}/generate")
     @api.post("/v2/models/{name}/versions/{version}/generate")
     async def generate(name: str, request: Request, version: str | None = None) -> Response:
         try:
-            try:
-                doc = json.loads(await request.body())
-            except ValueError as exc:
-                raise ProtocolError(f"the request is not JSON: {exc}") from None
-            if not isinstance(doc, dict) or not isinstance(doc.get("text_input"), str) or not doc["text_input"]:
-                raise ProtocolError("the request needs 'text_input', a non-empty string")
-            unknown = set(doc) - {"text_input", "parameters"}
-            if unknown:
-                raise ProtocolError(f"unknown field(s): {', '.join(sorted(unknown))} (put generation settings "
-                                    "in 'parameters')")
-            settings = doc.get("parameters") or {}
-            if not isinstance(settings, dict):
-                raise ProtocolError("'parameters' must be an object")
-            params = kserve_llm.sampling_params(settings)
-            answered, (out,) = await until_disconnect(
-                request, kserve_llm.generate(state, name, version, [doc["text_input"]], params))
+            prompt, params = await generate_request(request, False)
+            answered, (out,) = await until_disconnect(request, kserve_llm.generate(state, name, version, [prompt],
+                                                                                    params))
         except ProtocolError as exc:
             return kserve_error(KServeError(400, str(exc)))
         except KServeError as exc:
             return kserve_error(exc)
         return JSONResponse({"model_name": name, "model_version": answered, "text_output": out.outputs[0].text,
                              "finish_reason": out.outputs[0].finish_reason})
+
+    @api.post("/v2/models/{name}/generate_stream")
+    @api.post("/v2/models/{name}/versions/{version}/generate_stream")
+    async def generate_stream(name: str, request: Request, version: str | None = None) -> Response:
+        try:
+            prompt, params = await generate_request(request, True)
+            params = dataclasses.replace(params, output_kind=RequestOutputKind.DELTA)
+            gen = await kserve_llm.start(state, name, version, [prompt], params)
+        except ProtocolError as exc:
+            return kserve_error(KServeError(400, str(exc)))
+        except KServeError as exc:
+            return kserve_error(exc)
+        head = {"model_name": name, "model_version": gen.lease.deployment.version}
+
+        async def events() -> AsyncIterator[str]:
+            try:
+                async for _, out in kserve_llm.outputs(state, gen):
+                    c = out.outputs[0]
+                    if c.text or c.finish_reason is not None:
+                        yield sse({**head, "text_output": c.text, "finish_reason": c.finish_reason})
+            except KServeError as exc:  # the status line went out already: an error event ends the stream
+                yield sse({"error": exc.message})
+
+        return StreamingResponse(events(), media_type="text/event-stream",
+                                 background=BackgroundTask(gen.lease.release))
 
     return api
