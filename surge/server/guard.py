@@ -277,12 +277,22 @@ class Guard:
             await self.app(scope, receive, send_marked)
         finally:
             if self.record_status is not None and path.startswith((*API_PREFIXES, ADMIN_PREFIX)):
-                self.record_status(path, status)
+                self.record_status(_endpoint(path), status)
             if self.settings.access_log:
                 client = scope.get("client")
                 access_logger.info("%s %s %s %d %.1fms", client[0] if client else "-", method, path, status,
                                    1000 * (time.perf_counter() - start))
             REQUEST_ID.reset(token)
+
+
+_MODEL_PATH = re.compile(r"^(/v2/(?:repository/)?models/)[^/]+(?:/versions/[^/]+)?")
+
+
+def _endpoint(path: str) -> str:
+    """The metrics label of a path: model names and versions replaced by placeholders, so clients
+    cannot grow the label set."""
+    return _MODEL_PATH.sub(lambda m: m.group(1) + "{name}" + ("/versions/{version}" if "/versions/" in m.group(0)
+                                                               else ""), path)
 
 
 def _replay(body: bytes, receive: Callable) -> Callable:

@@ -167,6 +167,15 @@ def test_bad_requests_are_errors_in_the_protocols_shape(triton, server, path, bo
     assert ok.as_numpy("text_output").shape == (1,)
 
 
+def test_metrics_label_kserve_paths_by_template(server):
+    from tests.server.conftest import metric
+
+    text = httpx.get(f"{server.url}/metrics", headers=AUTH, timeout=60).text
+    assert metric(text, "surge_requests_total", endpoint="/v2/models/{name}/infer", status="200") >= 1
+    assert metric(text, "surge_requests_total", endpoint="/v2/models/{name}/infer", status="404") >= 1
+    assert "/v2/models/nope" not in text  # a client's model names never become labels
+
+
 def test_inference_paths_need_the_api_key(server):
     r = httpx.post(f"{server.url}/v2/models/{MODEL_NAME}/infer", json=_json_infer([TEXT]), timeout=60)
     assert r.status_code == 401
