@@ -44,6 +44,13 @@ def sampling(build: Callable[[], SamplingParams], constraint_param: str | None =
         raise bad_request(str(exc)) from exc
 
 
+def check_prompt_count(state: ServerState, count: int, what: str = "prompt") -> None:
+    """A 400 for a request carrying more prompts than --max-prompts allows."""
+    limit = state.settings.max_prompts
+    if count > limit:
+        raise bad_request(f"the request has {count} {what}s; at most {limit} per request (--max-prompts)", what)
+
+
 def prepare_prompts(engine: LLMEngine, prompts: list[str | list[int]], params: SamplingParams,
                     constraint_param: str | None = None, prompt_param: str = "prompt") -> list[Prompt]:
     """Tokenize and check each prompt, and compile the output constraint (blocking: run it off

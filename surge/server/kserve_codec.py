@@ -65,7 +65,7 @@ def array_from_raw(raw: bytes, datatype: str, count: int, name: str) -> np.ndarr
 
 def check_tensor(name: str, datatype: Any, shape: Any) -> int:
     """The element count of a declared tensor; ProtocolError for an unknown datatype or a bad shape."""
-    if datatype not in DTYPES:
+    if not isinstance(datatype, str) or datatype not in DTYPES:
         raise ProtocolError(f"input '{name}': unknown datatype {datatype!r}")
     if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0
                                               for d in shape):
@@ -74,7 +74,7 @@ def check_tensor(name: str, datatype: Any, shape: Any) -> int:
 
 
 def _json_elements(data: Any, datatype: str, count: int, name: str) -> np.ndarray:
-    flat = list(_flatten(data))
+    flat = _flatten(data)
     if len(flat) != count:
         raise ProtocolError(f"input '{name}': {len(flat)} elements for a shape of {count}")
     if datatype == "BYTES":
@@ -91,12 +91,19 @@ def _json_elements(data: Any, datatype: str, count: int, name: str) -> np.ndarra
         raise ProtocolError(f"input '{name}': {exc}") from None
 
 
-def _flatten(data: Any):
-    if isinstance(data, list):
-        for item in data:
-            yield from _flatten(item)
-    else:
-        yield data
+def _flatten(data: Any) -> list[Any]:
+    """The leaves of nested lists, in order (without recursion: the nesting is the client's)."""
+    out: list[Any] = []
+    stack = [iter([data])]
+    while stack:
+        for item in stack[-1]:
+            if isinstance(item, list):
+                stack.append(iter(item))
+                break
+            out.append(item)
+        else:
+            stack.pop()
+    return out
 
 
 def parse_request(body: bytes, header_length: str | None) -> InferRequest:
@@ -113,7 +120,7 @@ def parse_request(body: bytes, header_length: str | None) -> InferRequest:
         head, rest = body, b""
     try:
         doc = json.loads(head)
-    except ValueError as exc:
+    except (ValueError, RecursionError) as exc:
         raise ProtocolError(f"the request is not JSON: {exc}") from None
     if not isinstance(doc, dict):
         raise ProtocolError("the request must be a JSON object")
@@ -136,7 +143,10 @@ def parse_request(body: bytes, header_length: str | None) -> InferRequest:
             raise ProtocolError(f"input '{name}' is given twice")
         datatype, shape = item.get("datatype"), item.get("shape")
         count = check_tensor(name, datatype, shape)
-        size = (item.get("parameters") or {}).get("binary_data_size")
+        own = item.get("parameters") or {}
+        if not isinstance(own, dict):
+            raise ProtocolError(f"input '{name}': 'parameters' must be an object")
+        size = own.get("binary_data_size")
         if size is not None:
             if not isinstance(size, int) or size < 0 or at + size > len(rest):
                 raise ProtocolError(f"input '{name}': binary_data_size {size!r} runs past the body")
@@ -151,8 +161,9 @@ def parse_request(body: bytes, header_length: str | None) -> InferRequest:
         raise ProtocolError(f"{len(rest) - at} bytes of binary data belong to no input")
     outputs = doc.get("outputs")
     if outputs is not None and (not isinstance(outputs, list)
-                                or not all(isinstance(o, dict) and isinstance(o.get("name"), str) for o in outputs)):
-        raise ProtocolError("'outputs' must be a list of objects with a 'name'")
+                                or not all(isinstance(o, dict) and isinstance(o.get("name"), str)
+                                           and isinstance(o.get("parameters") or {}, dict) for o in outputs)):
+        raise ProtocolError("'outputs' must be a list of objects with a 'name' (and object 'parameters')")
     rid = doc.get("id")
     return InferRequest(inputs, parameters, outputs, rid if isinstance(rid, str) else None)
 

@@ -208,8 +208,29 @@ def _unsupported(values: dict[str, Any], neutral: dict[str, tuple[Any, ...]]) ->
             raise ValueError(f"'{name}' is not supported by this server (send it unset or null)")
 
 
+PromptField = Annotated[str, Field(min_length=1)] | list[str] | list[TokenId] | list[list[TokenId]]
+
+
+def _check_prompts(v: Any, what: str) -> Any:
+    """A prompt field (text, token ids, or a list of either): no empty list, no empty member."""
+    if isinstance(v, list) and not v:
+        raise ValueError(f"{what} must not be an empty list")
+    if isinstance(v, list) and any(isinstance(p, (str, list)) and not p for p in v):
+        raise ValueError(f"no {what} in the list may be empty")
+    return v
+
+
+def _prompt_list(v: Any) -> list[str | list[int]]:
+    """A prompt field as a list of prompts."""
+    if isinstance(v, str):
+        return [v]
+    if v and isinstance(v[0], int):
+        return [list(v)]
+    return list(v)
+
+
 class CompletionRequest(_SamplingFields):
-    prompt: Annotated[str, Field(min_length=1)] | list[str] | list[TokenId] | list[list[TokenId]]
+    prompt: PromptField
     max_tokens: int | None = Field(COMPLETIONS_DEFAULT_MAX_TOKENS, ge=1, le=2**31 - 1)
     logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     echo: bool | None = False
@@ -219,11 +240,7 @@ class CompletionRequest(_SamplingFields):
     @field_validator("prompt")
     @classmethod
     def _prompt_not_empty(cls, v: Any) -> Any:
-        if isinstance(v, list) and not v:
-            raise ValueError("prompt must not be an empty list")
-        if isinstance(v, list) and any(isinstance(p, (str, list)) and not p for p in v):
-            raise ValueError("no prompt in the list may be empty")
-        return v
+        return _check_prompts(v, "prompt")
 
     @model_validator(mode="after")
     def _honest(self) -> "CompletionRequest":
@@ -237,19 +254,14 @@ class CompletionRequest(_SamplingFields):
         return COMPLETIONS_DEFAULT_MAX_TOKENS if self.max_tokens is None else self.max_tokens
 
     def prompts(self) -> list[str | list[int]]:
-        p = self.prompt
-        if isinstance(p, str):
-            return [p]
-        if p and isinstance(p[0], int):
-            return [list(p)]  # type: ignore[arg-type]
-        return list(p)  # type: ignore[arg-type]
+        return _prompt_list(self.prompt)
 
 
 class EmbeddingRequest(_Strict):
     """OpenAI's /v1/embeddings: `input` is text, token ids, or a list of either."""
 
     model: str | None = None
-    input: Annotated[str, Field(min_length=1)] | list[str] | list[TokenId] | list[list[TokenId]]
+    input: PromptField
     encoding_format: Literal["float", "base64"] = "float"
     dimensions: int | None = Field(None, ge=1)
     user: str | None = None  # a hint for OpenAI's own service: accepted and ignored
@@ -258,19 +270,10 @@ class EmbeddingRequest(_Strict):
     @field_validator("input")
     @classmethod
     def _input_not_empty(cls, v: Any) -> Any:
-        if isinstance(v, list) and not v:
-            raise ValueError("input must not be an empty list")
-        if isinstance(v, list) and any(isinstance(p, (str, list)) and not p for p in v):
-            raise ValueError("no input in the list may be empty")
-        return v
+        return _check_prompts(v, "input")
 
     def inputs(self) -> list[str | list[int]]:
-        v = self.input
-        if isinstance(v, str):
-            return [v]
-        if isinstance(v[0], int):
-            return [list(v)]  # type: ignore[arg-type]
-        return list(v)  # type: ignore[arg-type]
+        return _prompt_list(self.input)
 
 
 class ContentPart(_Strict):
@@ -482,3 +485,31 @@ class IndexRequest(_Strict):
 
 class EmptyRequest(_Strict):
     """The body of unload and rollback: nothing, or {}."""
+
+
+# ---- KServe v2 (documentation of the bodies server/kserve_codec.py parses) ------------------
+
+
+class KServeTensor(_Strict):
+    name: str
+    datatype: str  # BOOL, INT8..INT64, UINT8..UINT64, FP16, FP32, FP64, BYTES
+    shape: list[int]
+    data: list[Any] | None = None  # row-major; absent when the binary extension carries it
+    parameters: dict[str, Any] | None = None  # binary_data_size
+
+
+class KServeRequestedOutput(_Strict):
+    name: str
+    parameters: dict[str, Any] | None = None  # binary_data
+
+
+class KServeInferRequest(_Strict):
+    id: str | None = None
+    parameters: dict[str, Any] | None = None  # generation settings; binary_data_output, priority
+    inputs: list[KServeTensor]
+    outputs: list[KServeRequestedOutput] | None = None
+
+
+class KServeGenerateRequest(_Strict):
+    text_input: str
+    parameters: dict[str, Any] | None = None

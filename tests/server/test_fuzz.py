@@ -34,12 +34,15 @@ def fuzz_server(tmp_path_factory, tiny_tokenizer_dir):
 
 
 def _bounded(body):
-    """Small generations: max_tokens (where it is a positive int) at most MAX_TOKENS."""
+    """Small generations: max_tokens (where it is a positive int) at most MAX_TOKENS, also among
+    KServe's request parameters."""
     if isinstance(body, dict):
         for name in ("max_tokens", "max_completion_tokens"):
             value = body.get(name)
             if type(value) is int and value > MAX_TOKENS:
                 body[name] = MAX_TOKENS
+        if isinstance(body.get("parameters"), dict):
+            _bounded(body["parameters"])
     return body
 
 

@@ -9,9 +9,8 @@ from fastapi.responses import Response
 
 from surge.engine.llm_engine import LLMEngine
 from surge.outputs import RequestOutput
-from surge.server.errors import bad_request
 from surge.server.formatting import completion_logprobs
-from surge.server.generation import Generation, Prompt, prepare_prompts, sampling
+from surge.server.generation import Generation, Prompt, check_prompt_count, prepare_prompts, sampling
 from surge.server.openapi import request_body
 from surge.server.plumbing import off_loop, off_loop_if_long, read_body
 from surge.server.protocol import CompletionRequest
@@ -90,10 +89,7 @@ def router(state: ServerState) -> APIRouter:
     async def completions(request: Request) -> Response:
         body = await read_body(request, CompletionRequest)
         raw_prompts = body.prompts()
-        limit = state.settings.max_prompts
-        if len(raw_prompts) > limit:
-            raise bad_request(f"the request has {len(raw_prompts)} prompts; at most {limit} per request "
-                              "(--max-prompts)", "prompt")
+        check_prompt_count(state, len(raw_prompts))
         want_prompt_lps = bool(body.echo) and body.logprobs is not None
         params = sampling(lambda: body.sampling_params(body.effective_max_tokens(), body.logprobs,
                                                        body.logprobs if want_prompt_lps else None),

@@ -21,7 +21,7 @@ from surge.engine.llm_engine import LLMEngine
 from surge.outputs import RequestOutput
 from surge.sampling_params import SamplingParams
 from surge.server.errors import bad_request
-from surge.server.generation import Generation, Prompt, merged, prepare_prompts
+from surge.server.generation import Generation, Prompt, check_prompt_count, merged, prepare_prompts
 from surge.server.lease import version_headers
 from surge.server.openapi import request_body
 from surge.server.plumbing import read_body, until_disconnect
@@ -42,10 +42,7 @@ def router(state: ServerState) -> APIRouter:
     async def embeddings(request: Request) -> Response:
         body = await read_body(request, EmbeddingRequest)
         inputs = body.inputs()
-        limit = state.settings.max_prompts
-        if len(inputs) > limit:
-            raise bad_request(f"the request has {len(inputs)} inputs; at most {limit} per request (--max-prompts)",
-                              "input")
+        check_prompt_count(state, len(inputs), "input")
         params = SamplingParams(pooling=body.pooling or state.settings.embedding_pooling)
 
         def prepare(engine: LLMEngine) -> list[Prompt]:

@@ -26,7 +26,9 @@ from surge.server import kserve_llm
 from surge.server.kserve_codec import ProtocolError, encode_response, parse_request
 from surge.server.kserve_llm import KServeError
 from surge.sampling_params import RequestOutputKind, SamplingParams
+from surge.server.openapi import request_body
 from surge.server.plumbing import sse, until_disconnect
+from surge.server.protocol import KServeGenerateRequest, KServeInferRequest
 from surge.server.state import ServerState
 
 
@@ -66,8 +68,15 @@ def router(state: ServerState) -> APIRouter:
             return kserve_error(exc)
         return Response(status_code=200)
 
-    @api.post("/v2/models/{name}/infer")
-    @api.post("/v2/models/{name}/versions/{version}/infer")
+    infer_body = request_body(KServeInferRequest)
+    infer_body["requestBody"]["content"]["application/octet-stream"] = {
+        "schema": {"type": "string", "format": "binary",
+                   "description": "the binary-tensor extension: the JSON header (Inference-Header-Content-Length "
+                                  "bytes) then the inputs' raw data"}}
+    generate_body = request_body(KServeGenerateRequest)
+
+    @api.post("/v2/models/{name}/infer", openapi_extra=infer_body)
+    @api.post("/v2/models/{name}/versions/{version}/infer", openapi_extra=infer_body)
     async def infer(name: str, request: Request, version: str | None = None) -> Response:
         try:
             req = parse_request(await request.body(), request.headers.get("inference-header-content-length"))
@@ -87,7 +96,7 @@ def router(state: ServerState) -> APIRouter:
         """(the prompt, its settings) of a generate request; ProtocolError naming what is wrong."""
         try:
             doc = json.loads(await request.body())
-        except ValueError as exc:
+        except (ValueError, RecursionError) as exc:
             raise ProtocolError(f"the request is not JSON: {exc}") from None
         if not isinstance(doc, dict) or not isinstance(doc.get("text_input"), str) or not doc["text_input"]:
             raise ProtocolError("the request needs 'text_input', a non-empty string")
@@ -106,8 +115,8 @@ def router(state: ServerState) -> APIRouter:
             settings = {k: v for k, v in settings.items() if k != "stream"}
         return doc["text_input"], kserve_llm.sampling_params(settings)
 
-    @api.post("/v2/models/{name}/generate")
-    @api.post("/v2/models/{name}/versions/{version}/generate")
+    @api.post("/v2/models/{name}/generate", openapi_extra=generate_body)
+    @api.post("/v2/models/{name}/versions/{version}/generate", openapi_extra=generate_body)
     async def generate(name: str, request: Request, version: str | None = None) -> Response:
         try:
             prompt, params = await generate_request(request, False)
@@ -120,8 +129,8 @@ def router(state: ServerState) -> APIRouter:
         return JSONResponse({"model_name": name, "model_version": answered, "text_output": out.outputs[0].text,
                              "finish_reason": out.outputs[0].finish_reason})
 
-    @api.post("/v2/models/{name}/generate_stream")
-    @api.post("/v2/models/{name}/versions/{version}/generate_stream")
+    @api.post("/v2/models/{name}/generate_stream", openapi_extra=generate_body)
+    @api.post("/v2/models/{name}/versions/{version}/generate_stream", openapi_extra=generate_body)
     async def generate_stream(name: str, request: Request, version: str | None = None) -> Response:
         try:
             prompt, params = await generate_request(request, True)
