@@ -1,8 +1,9 @@
 """The KServe v2 protocol over gRPC (`inference.GRPCInferenceService`, Triton's standard
 grpc_service.proto, whose generated bindings `tritonclient[grpc]` ships), on `--grpc-port`, in
 the server's event loop: ServerLive, ServerReady, ServerMetadata, ModelReady, ModelMetadata,
-ModelInfer (what REST answers, server/kserve_llm.py) and the repository calls RepositoryIndex,
-RepositoryModelLoad and RepositoryModelUnload (the control API's). Keys as on REST, from the
+ModelInfer and ModelStreamInfer (what REST answers, server/kserve_llm.py; streamed text deltas)
+and the repository calls RepositoryIndex, RepositoryModelLoad and RepositoryModelUnload (the
+control API's). Keys as on REST, from the
 `authorization` metadata: the API key for the model calls, the admin key for the repository ones.
 Errors are gRPC status codes with the message REST would give.
 """
@@ -10,11 +11,13 @@ Errors are gRPC status codes with the message REST would give.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from typing import Any
 
 import numpy as np
 
 from surge.errors import InvalidArgumentError, SurgeError
+from surge.sampling_params import RequestOutputKind
 from surge.server import kserve_llm
 from surge.server.guard import key_matches
 from surge.server.kserve_codec import (DTYPES, InferRequest, ProtocolError, array_from_raw, check_tensor,
@@ -138,6 +141,79 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer if pb_grpc is not No
                 response.outputs.add(name=name, datatype=datatype, shape=list(array.shape))
                 response.raw_output_contents.append(to_raw(array, datatype))
         return response
+
+    async def ModelStreamInfer(self, request_iterator: Any, context: Any) -> Any:  # noqa: N802
+        """Triton's decoupled streaming: each request on the stream answered as it runs, all at
+        once; with the parameter `stream: true` one response per text delta (one prompt per such
+        request), the last marked `triton_final_response` (or an empty final one, when the
+        client asks with `triton_enable_empty_final_response`). A failed request is an
+        `error_message` response; the stream goes on."""
+        await self._authorize(context)
+        queue: asyncio.Queue = asyncio.Queue()
+        tasks: set[asyncio.Task] = set()
+
+        async def serve(request: Any) -> None:
+            try:
+                async for response in self._stream_one(request):
+                    await queue.put(pb.ModelStreamInferResponse(infer_response=response))
+            except (ProtocolError, KServeError) as exc:
+                await queue.put(pb.ModelStreamInferResponse(error_message=str(exc)))
+
+        async def read() -> None:
+            async for request in request_iterator:
+                task = asyncio.create_task(serve(request))
+                tasks.add(task)
+                task.add_done_callback(tasks.discard)
+            while tasks:
+                await asyncio.gather(*list(tasks), return_exceptions=True)
+            await queue.put(None)
+
+        reader = asyncio.create_task(read())
+        try:
+            while (item := await queue.get()) is not None:
+                yield item
+        finally:
+            reader.cancel()
+            for task in list(tasks):
+                task.cancel()
+
+    async def _stream_one(self, request: Any) -> Any:
+        req = infer_request(request)
+        empty_final = bool(req.parameters.pop("triton_enable_empty_final_response", False))
+        streaming = req.parameters.pop("stream", False)
+        if not isinstance(streaming, bool):
+            raise ProtocolError("parameter 'stream' must be true or false")
+        name, version = request.model_name, request.model_version or None
+
+        def response(answered: str, outputs: list[tuple[str, str, np.ndarray]], final: bool) -> Any:
+            out = pb.ModelInferResponse(model_name=name, model_version=answered, id=request.id)
+            wanted = {o["name"] for o in req.outputs} if req.outputs is not None else None
+            for tensor, datatype, array in outputs:
+                if wanted is None or tensor in wanted:
+                    out.outputs.add(name=tensor, datatype=datatype, shape=list(array.shape))
+                    out.raw_output_contents.append(to_raw(array, datatype))
+            out.parameters["triton_final_response"].bool_param = final
+            return out
+
+        if not streaming:
+            answered, outputs = await kserve_llm.infer(self.state, name, version, req)
+            yield response(answered, outputs, True)
+            return
+        plan = kserve_llm.plan_infer(name, req)
+        if len(plan.prompts) != 1:
+            raise ProtocolError(f"a streamed request takes one prompt, got {len(plan.prompts)}")
+        params = dataclasses.replace(plan.params, output_kind=RequestOutputKind.DELTA)
+        gen = await kserve_llm.start(self.state, name, version, plan.prompts, params, plan.priority)
+        answered = gen.lease.deployment.version
+        async for _, out in kserve_llm.outputs(self.state, gen):
+            c = out.outputs[0]
+            if c.text or out.finished:
+                text = np.array([c.text.encode("utf-8")], dtype=np.object_)
+                reason = np.array([(c.finish_reason or "").encode()], dtype=np.object_)
+                yield response(answered, [("text_output", "BYTES", text), ("finish_reason", "BYTES", reason)],
+                               out.finished and not empty_final)
+        if empty_final:
+            yield response(answered, [], True)
 
     async def RepositoryIndex(self, request: Any, context: Any) -> Any:  # noqa: N802
         await self._authorize(context, admin=self.state.settings.admin_key is not None)

@@ -273,3 +273,40 @@ def test_a_grpc_port_in_use_stops_the_start_with_a_clear_error(tmp_path, grpc_se
     with pytest.raises(RuntimeError) as err:
         start_server(tmp_path, "--grpc-port", str(grpc_server.grpc_port))
     assert f"--grpc-port {grpc_server.grpc_port}: cannot listen" in str(err.value)
+
+
+def test_grpc_stream_infer_streams_text_deltas(grpc_server):
+    import queue
+
+    client = grpc_client(grpc_server)
+    results: queue.Queue = queue.Queue()
+    client.start_stream(callback=lambda result, error: results.put((result, error)),
+                        headers={"authorization": f"Bearer {API_KEY}"})
+    try:
+        want = completions(grpc_server, PROMPTS[1], max_tokens=12, temperature=0)
+        settings = {"max_tokens": 12, "temperature": 0.0}
+        client.async_stream_infer(MODEL_NAME, [grpc_text([PROMPTS[1]])], request_id="s1",
+                                  parameters={**settings, "stream": True}, enable_empty_final_response=True)
+        deltas, finals = [], []
+        while True:
+            result, error = results.get(timeout=120)
+            assert error is None, error
+            response = result.get_response()
+            final = response.parameters["triton_final_response"].bool_param
+            if result.as_numpy("text_output") is not None:
+                deltas.append(texts_of(result.as_numpy("text_output"))[0])
+                finals.append(texts_of(result.as_numpy("finish_reason"))[0])
+            if final:
+                break
+        assert len(deltas) > 1 and "".join(deltas) == want["text"] and finals[-1] == want["finish_reason"]
+        assert response.id == "s1" and result.as_numpy("text_output") is None  # the empty final response
+        # a bad request on the stream is an error there; the stream goes on with the next
+        client.async_stream_infer(MODEL_NAME, [grpc_text(["x", "y"])], parameters={"stream": True})
+        result, error = results.get(timeout=120)
+        assert result is None and "one prompt" in str(error)
+        client.async_stream_infer(MODEL_NAME, [grpc_text([PROMPTS[1]])], parameters=settings)  # not streamed
+        result, error = results.get(timeout=120)
+        assert error is None and texts_of(result.as_numpy("text_output")) == [want["text"]]
+        assert result.get_response().parameters["triton_final_response"].bool_param
+    finally:
+        client.stop_stream()
