@@ -81,6 +81,21 @@ def infer_request(request: Any) -> InferRequest:
     return InferRequest(inputs, _parameters(request.parameters), outputs, request.id or None)
 
 
+def _response(request: Any, req: InferRequest, answered: str, outputs: list[tuple[str, str, np.ndarray]],
+              final: bool | None = None) -> Any:
+    """A ModelInferResponse of the outputs the request asked for (all when it named none), raw;
+    `final`: Triton's triton_final_response flag of a streamed response."""
+    out = pb.ModelInferResponse(model_name=request.model_name, model_version=answered, id=request.id)
+    wanted = {o["name"] for o in req.outputs} if req.outputs is not None else None
+    for name, datatype, array in outputs:
+        if wanted is None or name in wanted:
+            out.outputs.add(name=name, datatype=datatype, shape=list(array.shape))
+            out.raw_output_contents.append(to_raw(array, datatype))
+    if final is not None:
+        out.parameters["triton_final_response"].bool_param = final
+    return out
+
+
 class InferenceService(pb_grpc.GRPCInferenceServiceServicer if pb_grpc is not None else object):  # type: ignore[misc]
     def __init__(self, state: ServerState):
         self.state = state
@@ -134,13 +149,7 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer if pb_grpc is not No
             await self._fail(context, 400, str(exc))
         except KServeError as exc:
             await self._fail(context, exc.status, exc.message)
-        wanted = {o["name"] for o in req.outputs} if req.outputs is not None else None
-        response = pb.ModelInferResponse(model_name=request.model_name, model_version=answered, id=request.id)
-        for name, datatype, array in outputs:
-            if wanted is None or name in wanted:
-                response.outputs.add(name=name, datatype=datatype, shape=list(array.shape))
-                response.raw_output_contents.append(to_raw(array, datatype))
-        return response
+        return _response(request, req, answered, outputs)
 
     async def ModelStreamInfer(self, request_iterator: Any, context: Any) -> Any:  # noqa: N802
         """Triton's decoupled streaming: each request on the stream answered as it runs, all at
@@ -186,14 +195,7 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer if pb_grpc is not No
         name, version = request.model_name, request.model_version or None
 
         def response(answered: str, outputs: list[tuple[str, str, np.ndarray]], final: bool) -> Any:
-            out = pb.ModelInferResponse(model_name=name, model_version=answered, id=request.id)
-            wanted = {o["name"] for o in req.outputs} if req.outputs is not None else None
-            for tensor, datatype, array in outputs:
-                if wanted is None or tensor in wanted:
-                    out.outputs.add(name=tensor, datatype=datatype, shape=list(array.shape))
-                    out.raw_output_contents.append(to_raw(array, datatype))
-            out.parameters["triton_final_response"].bool_param = final
-            return out
+            return _response(request, req, answered, outputs, final)
 
         if not streaming:
             answered, outputs = await kserve_llm.infer(self.state, name, version, req)
