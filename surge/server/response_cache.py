@@ -21,8 +21,9 @@ _DELIVERY_FIELDS = {"output_kind"}
 
 
 def is_deterministic(params: SamplingParams) -> bool:
-    """Greedy, or sampled from a fixed seed: the same request always gives the same tokens."""
-    return params.temperature == 0 or params.seed is not None
+    """Greedy, sampled from a fixed seed, or an embedding: the same request always gives the same
+    answer."""
+    return params.temperature == 0 or params.seed is not None or params.pooling is not None
 
 
 def cache_key(version_key: str, prompt_ids: list[int], params: SamplingParams) -> Hashable:
@@ -62,6 +63,7 @@ class CachedGeneration:
     prompt_token_ids: list[int]
     completions: list[_Completion]
     prompt_logprobs: list[PositionLogprobs | None] | None
+    embedding: list[float] | None = None
 
     def as_output(self, request_id: str) -> RequestOutput:
         outputs = [CompletionOutput(c.index, c.text, list(c.token_ids), c.finish_reason, c.stop_reason,
@@ -69,7 +71,8 @@ class CachedGeneration:
                    for c in self.completions]
         prompt_lps = list(self.prompt_logprobs) if self.prompt_logprobs is not None else None
         return RequestOutput(request_id, self.prompt, list(self.prompt_token_ids), outputs, True, prompt_lps,
-                             len(self.prompt_token_ids))
+                             len(self.prompt_token_ids),
+                             embedding=list(self.embedding) if self.embedding is not None else None)
 
 
 class _Recorder:
@@ -81,9 +84,12 @@ class _Recorder:
         self.prompt: str | None = None
         self.prompt_ids: list[int] = []
         self.prompt_logprobs: list[PositionLogprobs | None] | None = None
+        self.embedding: list[float] | None = None
 
     def add(self, out: RequestOutput) -> None:
         self.prompt, self.prompt_ids = out.prompt, out.prompt_token_ids
+        if out.embedding is not None:
+            self.embedding = out.embedding
         if out.prompt_logprobs is not None:
             self.prompt_logprobs = out.prompt_logprobs
         for c in out.outputs:
@@ -101,7 +107,8 @@ class _Recorder:
 
     def result(self) -> CachedGeneration:
         return CachedGeneration(self.prompt, list(self.prompt_ids),
-                                [self.completions[i] for i in sorted(self.completions)], self.prompt_logprobs)
+                                [self.completions[i] for i in sorted(self.completions)], self.prompt_logprobs,
+                                self.embedding)
 
 
 class ResponseCache:

@@ -25,6 +25,7 @@ def test_only_deterministic_requests_are_cacheable():
     assert is_deterministic(SamplingParams(temperature=0))
     assert is_deterministic(SamplingParams(temperature=0.8, seed=3))
     assert not is_deterministic(SamplingParams(temperature=0.8))
+    assert is_deterministic(SamplingParams(pooling="mean"))  # an embedding is a function of its input
 
 
 def test_cache_key_ignores_delivery_but_not_settings():
@@ -79,6 +80,14 @@ def test_recorded_deltas_replay_as_one_finished_output():
     c = out[0].outputs[0]
     assert (c.text, c.token_ids, c.finish_reason, c.cumulative_logprob) == ("Hello", [7, 8], "length", -1.0)
     assert len(c.logprobs) == 2
+
+
+def test_an_embedding_replays_with_its_vector():
+    cache = ResponseCache(2)
+    done = RequestOutput("r", "hi", [5, 6], [CompletionOutput(0, "", [], "stop")], True, embedding=[0.6, 0.8])
+    asyncio.run(_drain(cache.through("e", _source([done]), cumulative=True)))
+    (out,) = asyncio.run(_drain(replay(cache.get("e"), "again")))
+    assert out.embedding == [0.6, 0.8] and out.outputs[0].finish_reason == "stop" and out.request_id == "again"
 
 
 def test_unfinished_stream_is_not_stored_and_lru_evicts():

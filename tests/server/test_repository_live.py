@@ -187,6 +187,11 @@ def test_response_cache(two_models):
     # different parameters are a different entry
     assert complete(url, "tiny", "Pack my box", max_tokens=11).status_code == 200
     assert cache_count(url, "miss") == misses + 3
+    # an embedding is a function of its input: the repeat is a hit with the same vector
+    vectors = [httpx.post(f"{url}/v1/embeddings", json={"model": "tiny", "input": "Pack my box", "pooling": "mean"},
+                          timeout=60).json()["data"][0]["embedding"] for _ in range(2)]
+    assert vectors[0] == vectors[1] and len(vectors[0]) == 64
+    assert (cache_count(url, "hit"), cache_count(url, "miss")) == (hits + 4, misses + 4)
 
 
 def chromium_path() -> str | None:
