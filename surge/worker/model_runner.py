@@ -43,8 +43,8 @@ class ModelRunner:
         self.eos_ids = eos_ids
         self.sampler = Sampler()
         self.requests: dict[str, SamplingRow] = {}
-        # embedding requests' pooled hidden states so far, per chunk start (a chunk re-run after
-        # a failure overwrites its own entry)
+        # mean-pooled embedding requests' hidden-state sums and counts so far, per chunk start (a
+        # chunk re-run after a failure overwrites its own entry)
         self.pools: dict[str, dict[int, tuple[torch.Tensor, int]]] = {}
         self.timings = StepTimings()
         # Builds (or loads from its cache) the native decode kernel now, at load, not in the first step.
@@ -184,19 +184,19 @@ class ModelRunner:
         ends, the request's vector, L2-normalised."""
         for i, r in enumerate(output.requests):
             mode = self.requests[r.request_id].params.pooling
-            if mode is None:
+            if mode is None or (mode == "last" and not r.sample):  # "last" needs only the prompt's end
                 continue
             rows = hidden[meta.query_start_loc[i]: meta.query_start_loc[i + 1]].float()
-            chunks = self.pools.setdefault(r.request_id, {})
-            chunks[r.start_position] = (rows.sum(0), rows.shape[0]) if mode == "mean" else (rows[-1], 1)
-            if not r.sample:
-                continue
-            if mode == "mean":
-                vector = torch.stack([v for v, _ in chunks.values()]).sum(0) / sum(n for _, n in chunks.values())
+            if mode == "last":
+                vector = rows[-1]
             else:
-                vector = chunks[r.start_position][0]
+                sums = self.pools.setdefault(r.request_id, {})
+                sums[r.start_position] = (rows.sum(0), rows.shape[0])
+                if not r.sample:
+                    continue
+                vector = torch.stack([v for v, _ in sums.values()]).sum(0) / sum(n for _, n in sums.values())
+                del self.pools[r.request_id]
             result.pooled[r.request_id] = torch.nn.functional.normalize(vector, dim=0).tolist()
-            del self.pools[r.request_id]
 
     def _prompt_logprobs(
         self, output: SchedulerOutput, hidden: torch.Tensor, meta: AttentionMetadata, result: ModelRunnerOutput
