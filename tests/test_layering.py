@@ -21,6 +21,8 @@ RULES = {
     "engine": ("surge.layers", "surge.models"),
     "models": ("surge.layers.quantization", "surge.quant", "surge.loader", "surge.worker", "surge.engine",
                "surge.executor", "surge.server"),
+    "tensor": ("surge.worker", "surge.layers", "surge.loader", "surge.models", "surge.engine", "surge.executor",
+               "surge.server"),
 }
 
 
@@ -61,8 +63,10 @@ def test_imports_inside_functions_and_relative_ones_count():
 
 
 def test_core_and_config_load_without_torch():
-    """Importing every core/ module (and the configuration) brings in no torch, even indirectly."""
-    modules = ["surge.config", "surge.core.runner_output", "surge.worker.reports",
+    """Importing every core/ module (and the configuration, and the tensor models but for their torch
+    backend) brings in no torch, even indirectly."""
+    modules = ["surge.config", "surge.core.runner_output", "surge.worker.reports", "surge.tensor.model",
+               "surge.tensor.onnx_backend",
                *(f"surge.core.{p.stem}" for p in sorted((ROOT / "core").glob("*.py")) if p.stem != "__init__")]
     code = "import sys\n" + "".join(f"import {m}\n" for m in modules) + "print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

@@ -20,7 +20,9 @@ from typing import Any
 from surge.engine.llm_engine import EngineStats
 
 SERIES = ("tokens_per_s", "requests_per_s", "ttft_p50", "ttft_p99", "tpot_p50", "tpot_p99",
-          "queue_depth", "running", "kv_cache_usage", "prefix_cache_hit_rate")
+          "queue_depth", "running", "kv_cache_usage", "prefix_cache_hit_rate",
+          # tensor models (their dynamic batcher): rows per batch, time queued for a batch
+          "batch_size_mean", "batch_size_max", "queue_time_p50", "queue_time_p99")
 
 
 def percentile(sorted_values: list[float], q: float) -> float | None:
@@ -36,6 +38,8 @@ class _ModelSeries:
     t: deque = field(default_factory=deque)
     values: dict[str, deque] = field(default_factory=lambda: {k: deque() for k in SERIES})
     finished: deque = field(default_factory=deque)  # (end time, ttft, tpot) of finished requests
+    batches: deque = field(default_factory=deque)  # (end time, rows, queue waits) of a tensor model's batches
+    kind: str = "llm"
 
     def trim(self, points: int) -> None:
         while len(self.t) > points:
@@ -77,6 +81,13 @@ class StatsHistory:
         with self._lock:
             self._models[model].finished.append((end, ttft, tpot))
 
+    def record_batch(self, model: str, rows: int, waits: list[float], seconds: float) -> None:
+        """A batch a tensor model ran, for its requests/s, batch sizes and queue times."""
+        with self._lock:
+            series = self._models[model]
+            series.kind = "tensor"
+            series.batches.append((time.monotonic(), rows, waits))
+
     def sample(self, now: float | None = None) -> None:
         now = time.monotonic() if now is None else now
         elapsed = max(now - self._last_time, 1e-6)
@@ -97,19 +108,27 @@ class StatsHistory:
                     self._last_tokens[key] = stats.generation_tokens
                 while series.finished and series.finished[0][0] < now - max(self.latency_window, elapsed):
                     series.finished.popleft()
+                while series.batches and series.batches[0][0] < now - max(self.latency_window, elapsed):
+                    series.batches.popleft()
+                sizes = [b[1] for b in series.batches]
+                waits = sorted(w for b in series.batches for w in b[2])
+                served = sum(len(b[2]) for b in series.batches if b[0] >= now - elapsed)
                 recent = [f for f in series.finished if f[0] >= now - elapsed]
                 ttfts = sorted(f[1] for f in series.finished if f[1] is not None)
                 tpots = sorted(f[2] for f in series.finished if f[2] is not None)
                 queries = sum(s.prefix_cache_queries for _, s in rows)
                 point = {
                     "tokens_per_s": tokens / elapsed,
-                    "requests_per_s": len(recent) / elapsed,
+                    "requests_per_s": (served if series.kind == "tensor" else len(recent)) / elapsed,
                     "ttft_p50": percentile(ttfts, 0.50), "ttft_p99": percentile(ttfts, 0.99),
                     "tpot_p50": percentile(tpots, 0.50), "tpot_p99": percentile(tpots, 0.99),
                     "queue_depth": sum(s.num_waiting for _, s in rows),
                     "running": sum(s.num_running for _, s in rows),
                     "kv_cache_usage": max((s.kv_cache_usage for _, s in rows), default=0.0),
                     "prefix_cache_hit_rate": sum(s.prefix_cache_hits for _, s in rows) / queries if queries else 0.0,
+                    "batch_size_mean": sum(sizes) / len(sizes) if sizes else None,
+                    "batch_size_max": max(sizes, default=None),
+                    "queue_time_p50": percentile(waits, 0.50), "queue_time_p99": percentile(waits, 0.99),
                 }
                 series.t.append(wall)
                 for key, value in point.items():
@@ -117,14 +136,16 @@ class StatsHistory:
                 series.trim(self.points)
 
     def data(self, since: float | None = None) -> dict[str, Any]:
-        """{"interval", "models": {name: {"t": [...], <series>: [...]}}}, points after `since` only."""
+        """{"interval", "models": {name: {"t": [...], <series>: [...]}}, "kinds": {name: "llm" | "tensor"}},
+        points after `since` only."""
         with self._lock:
-            models = {}
+            models, kinds = {}, {}
             for name, series in sorted(self._models.items()):
                 t = list(series.t)
                 start = bisect.bisect_right(t, since) if since is not None else 0
                 models[name] = {"t": t[start:], **{k: list(v)[start:] for k, v in series.values.items()}}
-        return {"interval": self.interval, "models": models}
+                kinds[name] = series.kind
+        return {"interval": self.interval, "models": models, "kinds": kinds}
 
 
 def dashboard_html() -> str:

@@ -201,6 +201,7 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer if pb_grpc is not No
             answered, outputs = await kserve_llm.infer(self.state, name, version, req)
             yield response(answered, outputs, True)
             return
+        kserve_llm.require_llm(self.state, name, version)
         plan = kserve_llm.plan_infer(name, req)
         if len(plan.prompts) != 1:
             raise ProtocolError(f"a streamed request takes one prompt, got {len(plan.prompts)}")

@@ -16,16 +16,25 @@ from typing import Any
 
 import numpy as np
 
-# the protocol's datatypes and their numpy types (BYTES: Python bytes objects)
-DTYPES: dict[str, Any] = {
-    "BOOL": np.bool_, "UINT8": np.uint8, "UINT16": np.uint16, "UINT32": np.uint32, "UINT64": np.uint64,
-    "INT8": np.int8, "INT16": np.int16, "INT32": np.int32, "INT64": np.int64,
-    "FP16": np.float16, "FP32": np.float32, "FP64": np.float64, "BYTES": np.object_,
-}
+from surge.tensor.config import NUMPY_TYPES
+
+DTYPES = NUMPY_TYPES  # the protocol's datatypes and their numpy types
 
 
 class ProtocolError(ValueError):
     """A request the protocol cannot read: a 400 with this message."""
+
+
+@dataclass
+class KServeError(Exception):
+    """A request that fails with the HTTP status it means (gRPC maps it to its status codes)."""
+
+    status: int
+    message: str
+    headers: dict[str, str] | None = None
+
+    def __str__(self) -> str:
+        return self.message
 
 
 @dataclass

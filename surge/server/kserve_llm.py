@@ -1,5 +1,6 @@
-"""The served LLMs as KServe v2 models (Triton's protocol), apart from the transport: what REST
-(server/routes/kserve.py) and gRPC (server/grpc_service.py) both answer.
+"""The served models as KServe v2 models (Triton's protocol), apart from the transport: what REST
+(server/routes/kserve.py) and gRPC (server/grpc_service.py) both answer. The LLMs are answered
+here; metadata and infer requests for a tensor model go on to server/kserve_tensor.py.
 
 An LLM takes `text_input` (BYTES, one prompt per element, any shape) and gives `text_output`
 (BYTES, the generated text, same shape) and `finish_reason`. The generation settings are the
@@ -26,8 +27,10 @@ from surge.outputs import RequestOutput
 from surge.sampling_params import SamplingParams
 from surge.server.errors import APIError
 from surge.server.generation import Generation, Prompt, merged, prepare_prompts
-from surge.server.kserve_codec import InferRequest, ProtocolError
+from surge.server import kserve_tensor
+from surge.server.kserve_codec import InferRequest, KServeError, ProtocolError
 from surge.server.lease import Lease
+from surge.server.repository import TensorDeployment
 from surge.server.plumbing import engine_error
 from surge.server.state import ServerState
 
@@ -45,25 +48,15 @@ HONOURED = {"binary_data_output", "priority"}
 REFUSED = {"sequence_id", "sequence_start", "sequence_end", "timeout"}
 
 
-@dataclass
-class KServeError(Exception):
-    status: int  # the HTTP status it means
-    message: str
-    headers: dict[str, str] | None = None
-
-    def __str__(self) -> str:
-        return self.message
-
-
 def _key(name: str, version: str | None) -> str:
     return f"{name}:{version}" if version else name
 
 
 def _hold(state: ServerState, name: str, version: str | None) -> Lease:
-    """A hold on the model (version) for metadata and readiness: no sequences, so a model at
-    capacity still answers."""
+    """A hold on the model (version), of any backend, for metadata and readiness: no sequences,
+    so a model at capacity still answers."""
     try:
-        return Lease(state, _key(name, version), 0)
+        return Lease(state, _key(name, version), 0, llm=False)
     except APIError as exc:
         raise KServeError(exc.status, exc.message, exc.headers) from None
 
@@ -79,14 +72,24 @@ def live(state: ServerState) -> bool:
 
 
 def ready(state: ServerState) -> bool:
-    serving = [d for d in state.repository.serving() if d.async_engine.is_running]
+    serving = [d for d in state.repository.serving() if d.running]
     return state.status == "ready" and bool(serving) and state.engine_error is None
 
 
 def model_metadata(state: ServerState, name: str, version: str | None) -> dict[str, Any]:
     with _hold(state, name, version) as lease:
+        if isinstance(lease.deployment, TensorDeployment):
+            return {**kserve_tensor.metadata(lease.deployment), "name": name}
         return {"name": name, "versions": [lease.deployment.version], "platform": PLATFORM,
                 "inputs": INPUTS, "outputs": OUTPUTS}
+
+
+def require_llm(state: ServerState, name: str, version: str | None) -> None:
+    """KServeError (400) unless the model is an LLM (for what only LLMs do: streaming, generate)."""
+    with _hold(state, name, version) as lease:
+        if isinstance(lease.deployment, TensorDeployment):
+            raise KServeError(400, f"model {name} is an {lease.deployment.kind} model: it takes infer requests, "
+                                   "not streamed generation")
 
 
 def model_ready(state: ServerState, name: str, version: str | None) -> bool:
@@ -218,7 +221,15 @@ async def generate(state: ServerState, name: str, version: str | None, prompts: 
 
 async def infer(state: ServerState, name: str, version: str | None, request: InferRequest
                 ) -> tuple[str, list[tuple[str, str, np.ndarray]]]:
-    """(the version that answered, the outputs as (name, datatype, array)) of an infer request."""
+    """(the version that answered, the outputs as (name, datatype, array)) of an infer request,
+    to whichever backend serves the model."""
+    hold = _hold(state, name, version)
+    try:
+        if isinstance(hold.deployment, TensorDeployment):
+            outs = await kserve_tensor.infer(hold.deployment, request, state.settings.retry_after_s)
+            return hold.deployment.version, outs
+    finally:
+        hold.release()
     try:
         plan = plan_infer(name, request)
     except ProtocolError as exc:

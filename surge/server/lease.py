@@ -11,7 +11,7 @@ from surge.engine.llm_engine import LLMEngine
 from surge.outputs import RequestOutput
 from surge.sampling_params import RequestOutputKind, SamplingParams
 from surge.server.errors import APIError, bad_request
-from surge.server.repository import ModelRequiredError, ModelUnavailableError
+from surge.server.repository import Deployment, ModelRequiredError, ModelUnavailableError
 from surge.server.response_cache import cache_key, is_deterministic, replay
 
 if TYPE_CHECKING:
@@ -22,7 +22,7 @@ class Lease:
     """A request's hold on the deployment it is routed to: taken before anything is queued,
     returned when the response has been sent, so a retired version unloads only after it."""
 
-    def __init__(self, state: "ServerState", requested: str | None, sequences: int = 1):
+    def __init__(self, state: "ServerState", requested: str | None, sequences: int = 1, llm: bool = True):
         if state.status != "ready":
             raise APIError(503, f"the server is {state.status}; retry later", "service_unavailable")
         try:
@@ -34,6 +34,13 @@ class Lease:
         self.state = state
         self.sequences = sequences
         self.released = False
+        if not isinstance(self.deployment, Deployment):
+            if not llm:  # a hold on a tensor model (server/kserve_tensor.py)
+                return
+            self.release()
+            raise bad_request(f"model `{self.model}` is an {self.deployment.kind} model, not a language model: it "
+                              f"answers on the KServe v2 protocol, POST /v2/models/{self.deployment.name}/infer",
+                              "model")
         self.engine: LLMEngine = self.deployment.engine
         self.aengine: AsyncEngine = self.deployment.async_engine
         if not self.aengine.is_running:

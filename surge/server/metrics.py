@@ -19,6 +19,8 @@ from surge.engine.llm_engine import EngineStats
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0, 160.0)
 TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0)
 TPOT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1.0, 2.5)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+QUEUE_BUCKETS = (0.0001, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 
 
 class _EngineCollector(Collector):
@@ -77,6 +79,12 @@ class ServerMetrics:
                               ["model"], buckets=TPOT_BUCKETS, registry=self.registry)
         self.cache = Counter("surge_response_cache", "Response-cache lookups of deterministic requests",
                              ["model", "result"], registry=self.registry)
+        self.batch_size = Histogram("surge_batch_size", "Requests' rows per batch a tensor model ran (dynamic batcher)",
+                                    ["model"], buckets=BATCH_BUCKETS, registry=self.registry)
+        self.queue_time = Histogram("surge_queue_time_seconds", "Time a tensor model's request waited for its batch",
+                                    ["model"], buckets=QUEUE_BUCKETS, registry=self.registry)
+        self.compute_time = Histogram("surge_batch_compute_seconds", "Time a tensor model took to run one batch",
+                                      ["model"], buckets=QUEUE_BUCKETS, registry=self.registry)
         self.registry.register(_EngineCollector(deployments))
         self.listeners: list[Callable[[str, float, float | None, float | None], None]] = []
 
@@ -98,6 +106,12 @@ class ServerMetrics:
 
     def record_finish(self, model: str, reason: str | None) -> None:
         self.finished.labels(model, reason or "unknown").inc()
+
+    def record_batch(self, model: str, rows: int, waits: list[float], seconds: float) -> None:
+        self.batch_size.labels(model).observe(rows)
+        self.compute_time.labels(model).observe(seconds)
+        for wait in waits:
+            self.queue_time.labels(model).observe(wait)
 
     def record_cache(self, model: str, hit: bool) -> None:
         self.cache.labels(model, "hit" if hit else "miss").inc()

@@ -79,7 +79,7 @@ def _watch_engines(state: ServerState, server: _DrainingServer, stop: threading.
     (exit code 3) so a supervisor restarts it."""
     while not stop.wait(0.25):
         for dep in state.repository.deployments():
-            error = dep.async_engine.error
+            error = dep.error
             if error is not None and state.engine_error is None:
                 state.engine_error = f"the engine of {dep.key} died: {type(error).__name__}: {error}"
                 logger.error("%s; exiting with code %d", state.engine_error, EXIT_ENGINE_DIED)

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from surge.engine.llm_engine import EngineStats
 from surge.server.dashboard import StatsHistory
 from surge.server.metrics import ServerMetrics
-from surge.server.repository import ModelRepository
+from surge.server.repository import Deployment, ModelRepository
 from surge.server.response_cache import ResponseCache
 from surge.server.settings import ServerSettings
 
@@ -35,13 +35,19 @@ class ServerState:
         self.metrics = ServerMetrics(self.engine_stats)
         self.history = StatsHistory(self.engine_stats)
         self.metrics.listeners.append(self.history.record_request)
+        self.repository.observe_batch = self._observe_batch
         size = self.settings.response_cache_size
         self.response_cache = ResponseCache(size) if size > 0 else None
         if self.response_cache is not None:
             self.repository.on_unloaded.append(self.response_cache.drop_version)
 
+    def _observe_batch(self, model: str, rows: int, waits: list[float], seconds: float) -> None:
+        self.metrics.record_batch(model, rows, waits, seconds)
+        self.history.record_batch(model, rows, waits, seconds)
+
     def engine_stats(self) -> list[tuple[str, str, EngineStats]]:
-        return [(d.name, d.version, d.async_engine.stats()) for d in self.repository.deployments()]
+        return [(d.name, d.version, d.async_engine.stats()) for d in self.repository.deployments()
+                if isinstance(d, Deployment)]
 
     def in_flight(self) -> int:
         return self.repository.in_flight()

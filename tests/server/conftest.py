@@ -138,6 +138,17 @@ def tiny_versions(tmp_path_factory, tiny_tokenizer_dir) -> dict[int, Path]:
     return {v: build_tiny_model("llama", base / f"v{v}", tiny_tokenizer_dir, seed=v - 1) for v in (1, 2, 3)}
 
 
+def chromium_or_skip() -> str:
+    """Debian's chromium for the dashboard tests (CI installs it; elsewhere the test skips)."""
+    for name in ("chromium", "chromium-browser", "google-chrome"):
+        path = shutil.which(name)
+        if path:
+            return path
+    if os.environ.get("CI"):
+        pytest.fail("CI must install Debian's chromium for the dashboard test (.ci/run does)")
+    pytest.skip("no chromium on this machine: apt-get install chromium")
+
+
 def put(repo: Path, name: str, version: int, source: Path) -> Path:
     """Copy a checkpoint into a model repository as <name>/<version>, atomically (built aside,
     then renamed into place, as an operator should)."""

@@ -17,7 +17,7 @@ import pytest
 
 from surge.entrypoints.cli import main
 from surge.sampling_params import SamplingParams
-from tests.server.conftest import launch, metric, put
+from tests.server.conftest import chromium_or_skip, launch, metric, put
 
 ADMIN = {"Authorization": "Bearer admin-secret"}
 PROMPT = "Hello, world. How are you"
@@ -194,20 +194,8 @@ def test_response_cache(two_models):
     assert (cache_count(url, "hit"), cache_count(url, "miss")) == (hits + 4, misses + 4)
 
 
-def chromium_path() -> str | None:
-    for name in ("chromium", "chromium-browser", "google-chrome"):
-        path = shutil.which(name)
-        if path:
-            return path
-    return None
-
-
 def test_dashboard_in_a_headless_browser(two_models):
-    browser_path = chromium_path()
-    if browser_path is None:
-        if os.environ.get("CI"):
-            pytest.fail("CI must install Debian's chromium for the dashboard test (.ci/run does)")
-        pytest.skip("no chromium on this machine: apt-get install chromium")
+    browser_path = chromium_or_skip()
     from playwright.sync_api import sync_playwright
 
     url = two_models.url

@@ -1,6 +1,12 @@
 """The model repository (see repository.py); its errors and states for the routes."""
 
-from surge.server.repository.deployments import Deployment, EngineFactory, ModelLoadError
+from surge.server.repository.deployments import (
+    AnyDeployment,
+    Deployment,
+    EngineFactory,
+    ModelLoadError,
+    TensorDeployment,
+)
 from surge.server.repository.repository import ModelRepository
 from surge.server.repository.scanning import CONFIG_FILE, directory_signature, read_settings
 from surge.server.repository.versions import (
@@ -11,6 +17,6 @@ from surge.server.repository.versions import (
     VersionRecord,
 )
 
-__all__ = ["CONFIG_FILE", "Deployment", "EngineFactory", "ModelLoadError", "ModelRepository", "ModelRequiredError",
+__all__ = ["CONFIG_FILE", "AnyDeployment", "Deployment", "TensorDeployment", "EngineFactory", "ModelLoadError", "ModelRepository", "ModelRequiredError",
            "ModelUnavailableError", "RepositoryConflictError", "State", "VersionRecord", "directory_signature",
            "read_settings"]

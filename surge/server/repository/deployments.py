@@ -1,9 +1,11 @@
-"""Deployments: a loaded version's engine, built within the server's memory budget, and its
-unloading once the requests it serves are done."""
+"""Deployments: a loaded version, built within the server's memory budget, and its unloading
+once the requests it serves are done. An LLM's deployment is its engine on its own thread
+(Deployment); a tensor model's is its backend behind the dynamic batcher (TensorDeployment)."""
 
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -16,10 +18,13 @@ from surge.engine.engine_core import ReserveHook
 from surge.engine.llm_engine import LLMEngine
 from surge.errors import SurgeError
 from surge.server.budget import MemoryBudget, MiB
+from surge.tensor.config import TensorModelConfig
+from surge.tensor.model import TensorModel
 
 logger = logging.getLogger("surge.repository")
 
 EngineFactory = Callable[[str | None, EngineArgs, ReserveHook], LLMEngine]
+BatchObserver = Callable[[str, int, list[float], float], None]  # (model, batch rows, queue waits, run seconds)
 
 
 class ModelLoadError(SurgeError):
@@ -28,8 +33,9 @@ class ModelLoadError(SurgeError):
 
 @dataclass(eq=False)
 class Deployment:
-    """One loaded version: its engine and the requests it is serving."""
+    """One loaded LLM version: its engine and the requests it is serving."""
 
+    kind = "llm"
     name: str
     version: str
     engine: LLMEngine
@@ -50,6 +56,54 @@ class Deployment:
 
     def busy(self) -> bool:
         return bool(self.in_flight or self.async_engine.num_unfinished())
+
+    def unfinished(self) -> int:
+        return self.async_engine.num_unfinished()
+
+    @property
+    def running(self) -> bool:
+        return self.async_engine.is_running
+
+    @property
+    def error(self) -> BaseException | None:
+        return self.async_engine.error
+
+
+@dataclass(eq=False)
+class TensorDeployment:
+    """One loaded tensor-model version (onnxruntime or torch): its model behind the dynamic
+    batcher, and the requests it is serving."""
+
+    name: str
+    version: str
+    model: TensorModel
+    memory_bytes: int
+    in_flight: int = 0
+    sequences: int = 0
+    drained: threading.Event = field(default_factory=threading.Event)
+    running: bool = True
+    error: BaseException | None = None
+
+    @property
+    def kind(self) -> str:
+        return self.model.config.backend
+
+    @property
+    def key(self) -> str:
+        return f"{self.name}:{self.version}"
+
+    def close(self) -> None:
+        self.running = False
+        self.model.close()
+
+    def unfinished(self) -> int:
+        return self.model.batcher.queued()
+
+    def busy(self) -> bool:
+        return bool(self.in_flight or self.unfinished())
+
+
+AnyDeployment = Deployment | TensorDeployment
 
 
 def build_deployment(name: str, version: str, path: str | None, args: EngineArgs, factory: EngineFactory,
@@ -90,7 +144,27 @@ def build_deployment(name: str, version: str, path: str | None, args: EngineArgs
     return Deployment(name, version, engine, aengine, measured)
 
 
-def wait_drained(deployment: Deployment, timeout: float) -> None:
+def build_tensor_deployment(name: str, version: str, path: str, config: TensorModelConfig, budget: MemoryBudget,
+                            observe: BatchObserver | None = None) -> TensorDeployment:
+    """Load a tensor model's version with its file's size reserved in `budget` per instance; on
+    failure nothing stays reserved and the error is a SurgeError."""
+    key = f"{name}:{version}"
+    size = sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(path) for f in files)
+    budget.reserve(key, size * config.instance_count, f"{config.backend} model files {size / MiB:.1f} MiB x "
+                                                      f"{config.instance_count} instance(s)")
+    try:
+        watch = (lambda rows, waits, seconds: observe(name, rows, waits, seconds)) if observe else None
+        model = TensorModel.load(path, config, key, watch)
+    except BaseException as exc:
+        budget.release(key)
+        if isinstance(exc, SurgeError):
+            raise
+        raise ModelLoadError(f"{type(exc).__name__}: {exc}") from exc
+    budget.settle(key, model.memory_bytes)
+    return TensorDeployment(name, version, model, model.memory_bytes)
+
+
+def wait_drained(deployment: AnyDeployment, timeout: float) -> None:
     """Until no request holds or runs on `deployment`, or `timeout` seconds."""
     deadline = time.monotonic() + timeout
     while deployment.busy() and time.monotonic() < deadline:

@@ -20,16 +20,21 @@ from surge.engine.args import EngineArgs
 from surge.errors import ModelNotFoundError
 from surge.server.budget import MemoryBudget
 from surge.server.repository.deployments import (
-    Deployment,
+    AnyDeployment,
+    BatchObserver,
     EngineFactory,
     build_deployment,
+    build_tensor_deployment,
     wait_drained,
 )
 from surge.server.repository.scanning import (
     directory_signature,
     scan_directory,
+    version_backend,
     version_engine_args,
     version_key,
+    version_settings,
+    version_tensor_config,
 )
 from surge.server.repository.versions import (
     ModelEntry,
@@ -55,6 +60,7 @@ class ModelRepository:
         self.drain_timeout = drain_timeout
         self.models: dict[str, ModelEntry] = {}
         self.on_unloaded: list[Callable[[str], None]] = []  # told the key of each unloaded version
+        self.observe_batch: BatchObserver | None = None  # told each batch a tensor model runs
         self._lock = threading.RLock()
         self._stop = threading.Event()
         self._poller: threading.Thread | None = None
@@ -253,14 +259,20 @@ class ModelRepository:
     # ---- loading and switching -----------------------------------------------------------
 
     def engine_args(self, entry: ModelEntry, record: VersionRecord) -> EngineArgs:
-        return version_engine_args(self.defaults, entry.root, record.path)
+        return version_engine_args(self.defaults, version_settings(entry.root, record.path))
 
-    def _build(self, entry: ModelEntry, record: VersionRecord) -> Deployment:
+    def _build(self, entry: ModelEntry, record: VersionRecord) -> AnyDeployment:
         with self._lock:
             record.loading()
         try:
-            return build_deployment(entry.name, record.version, record.path, self.engine_args(entry, record),
-                                    self.factory, self.budget)
+            layers = version_settings(entry.root, record.path)
+            backend = version_backend(layers, record.path)
+            if backend != "llm" and record.path is not None:
+                config = version_tensor_config(backend, layers, record.path)
+                return build_tensor_deployment(entry.name, record.version, record.path, config, self.budget,
+                                               self.observe_batch)
+            return build_deployment(entry.name, record.version, record.path,
+                                    version_engine_args(self.defaults, layers), self.factory, self.budget)
         except BaseException as exc:
             with self._lock:
                 record.failed(str(exc))
@@ -268,7 +280,7 @@ class ModelRepository:
                          record.path or "the default model", exc)
             raise
 
-    def _switch(self, entry: ModelEntry, record: VersionRecord, deployment: Deployment, reason: str,
+    def _switch(self, entry: ModelEntry, record: VersionRecord, deployment: AnyDeployment, reason: str,
                 remember: bool) -> None:
         """Make `record` the serving version (under the lock); the previous one drains."""
         previous = entry.serving
@@ -305,7 +317,7 @@ class ModelRepository:
 
     # ---- routing -------------------------------------------------------------------------
 
-    def acquire(self, requested: str | None, sequences: int = 1) -> tuple[Deployment, str]:
+    def acquire(self, requested: str | None, sequences: int = 1) -> tuple[AnyDeployment, str]:
         """The deployment serving `requested` ("name" or "name:version"), with a lease taken for
         `sequences` sequences, and the name to answer with. Return the lease with release()."""
         with self._lock:
@@ -336,26 +348,26 @@ class ModelRepository:
             record.deployment.sequences += sequences
             return record.deployment, requested or entry.name
 
-    def release(self, deployment: Deployment, sequences: int = 1) -> None:
+    def release(self, deployment: AnyDeployment, sequences: int = 1) -> None:
         with self._lock:
             deployment.in_flight -= 1
             deployment.sequences -= sequences
 
     # ---- observation ---------------------------------------------------------------------
 
-    def deployments(self) -> list[Deployment]:
+    def deployments(self) -> list[AnyDeployment]:
         """Every loaded deployment (serving or draining)."""
         with self._lock:
             return [r.deployment for e in self.models.values() for r in e.versions.values()
                     if r.deployment is not None]
 
-    def serving(self) -> list[Deployment]:
+    def serving(self) -> list[AnyDeployment]:
         with self._lock:
             return [e.versions[e.serving].deployment for e in self.models.values()  # type: ignore[misc]
                     if e.serving is not None and e.versions[e.serving].deployment is not None]
 
     def in_flight(self) -> int:
-        return sum(d.in_flight + d.async_engine.num_unfinished() for d in self.deployments())
+        return sum(d.in_flight + d.unfinished() for d in self.deployments())
 
     def index(self) -> list[dict[str, Any]]:
         """Every model version with its state, as Triton's repository index lists them."""

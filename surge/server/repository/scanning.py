@@ -2,9 +2,11 @@
 files are still changing (a copy in progress), and the engine settings in `surge.toml` files.
 
     DIR/
-      <name>/                 one model; `surge.toml` here holds engine settings for every version
-        <version>/            a positive integer: a .gguf file, or a Hugging Face directory,
-          surge.toml          and optionally settings for this version only
+      <name>/                 one model; `surge.toml` here holds settings for every version
+        <version>/            a positive integer: a .gguf file, or a Hugging Face directory, or a
+                              tensor model (model.onnx, model.pt TorchScript, model.pt2 exported)
+          surge.toml          and optionally settings for this version only (`backend` and a tensor
+                              model's settings: surge/tensor/config.py)
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from typing import Any
 
 from surge.engine.args import EngineArgs
 from surge.errors import InvalidArgumentError
+from surge.tensor.config import BACKENDS, TensorModelConfig, detect_backend, tensor_config
 
 CONFIG_FILE = "surge.toml"
 
@@ -61,13 +64,42 @@ def read_settings(path: str) -> dict[str, Any]:
         raise InvalidArgumentError(f"{path}: not valid TOML: {exc}") from exc
 
 
-def version_engine_args(defaults: EngineArgs, model_root: str | None, version_path: str | None) -> EngineArgs:
-    """The server's settings, overridden by the model's surge.toml, then by the version's."""
+def version_settings(model_root: str | None, version_path: str | None) -> list[tuple[dict[str, Any], str]]:
+    """[(settings, file)] of a version: the model's surge.toml, then the version's (later wins)."""
+    if model_root is None:
+        return []
+    files = [os.path.join(model_root, CONFIG_FILE)]
+    if version_path is not None:
+        files.append(os.path.join(version_path, CONFIG_FILE))
+    return [(read_settings(f), f) for f in files]
+
+
+def version_backend(layers: list[tuple[dict[str, Any], str]], version_path: str | None) -> str:
+    """The version's backend: `backend` as its surge.toml files set it, else what its files call for."""
+    backend, source = None, ""
+    for settings, file in layers:
+        if "backend" in settings:
+            backend, source = settings["backend"], file
+    if backend is None:
+        return detect_backend(version_path)
+    if backend not in BACKENDS:
+        raise InvalidArgumentError(f"{source}: backend must be one of {', '.join(BACKENDS)}, not {backend!r}")
+    return backend
+
+
+def version_engine_args(defaults: EngineArgs, layers: list[tuple[dict[str, Any], str]]) -> EngineArgs:
+    """An LLM version's settings: the server's, overridden by the model's surge.toml, then by the version's."""
     args = defaults
-    if model_root is not None:
-        model_file = os.path.join(model_root, CONFIG_FILE)
-        args = args.updated(read_settings(model_file), model_file)
-        if version_path is not None:
-            version_file = os.path.join(version_path, CONFIG_FILE)
-            args = args.updated(read_settings(version_file), version_file)
+    for settings, file in layers:
+        args = args.updated({k: v for k, v in settings.items() if k != "backend"}, file)
     return args
+
+
+def version_tensor_config(backend: str, layers: list[tuple[dict[str, Any], str]],
+                          version_path: str) -> TensorModelConfig:
+    """A tensor model version's configuration: the model's surge.toml, key by key overridden by the version's."""
+    merged: dict[str, Any] = {}
+    for settings, _file in layers:
+        merged.update({k: v for k, v in settings.items() if k != "backend"})
+    sources = " + ".join(f for s, f in layers if s) or version_path
+    return tensor_config(merged, backend, sources)

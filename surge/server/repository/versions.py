@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 
 from surge.errors import SurgeError
-from surge.server.repository.deployments import Deployment
+from surge.server.repository.deployments import AnyDeployment
 
 
 class State(str, Enum):
@@ -56,7 +56,7 @@ class VersionRecord:
     path: str | None  # None: the embedded default model
     state: State = State.UNAVAILABLE
     reason: str | None = "not loaded"
-    deployment: Deployment | None = None
+    deployment: AnyDeployment | None = None
     signature: tuple | None = None  # the directory's files as last scanned
     stable: bool = False  # unchanged between the last two scans (a copy into place has finished)
     tried: tuple | None = None  # the signature at the last load attempt; polling retries only new files
@@ -75,13 +75,13 @@ class VersionRecord:
     def failed(self, error: str) -> None:
         self._move(State.FAILED, error)
 
-    def ready(self, deployment: Deployment) -> None:
+    def ready(self, deployment: AnyDeployment) -> None:
         self._move(State.READY, None)
         self.deployment = deployment
         self.loaded_at = self.loaded_at or time.time()
         self.draining = None  # an older deployment still draining (past --drain-timeout) no longer decides the state
 
-    def unloading(self, reason: str) -> Deployment:
+    def unloading(self, reason: str) -> AnyDeployment:
         """Stop routing here; returns the deployment to drain."""
         deployment = self.deployment
         assert deployment is not None
@@ -90,7 +90,7 @@ class VersionRecord:
         self.draining = deployment.drained
         return deployment
 
-    def detach(self, deployment: Deployment) -> None:
+    def detach(self, deployment: AnyDeployment) -> None:
         """`deployment` is closed: the record lets go of it (so its tensors can be freed)."""
         if self.deployment is deployment:
             self.deployment = None
@@ -118,7 +118,7 @@ class ModelEntry:
     def newest(self) -> str | None:
         return max(self.versions, key=int) if self.versions else None
 
-    def switch(self, record: VersionRecord, deployment: Deployment, remember: bool) -> VersionRecord | None:
+    def switch(self, record: VersionRecord, deployment: AnyDeployment, remember: bool) -> VersionRecord | None:
         """Make `record` (with `deployment`) the serving version; returns the previous serving
         record if it must now be retired."""
         record.ready(deployment)

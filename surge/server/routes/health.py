@@ -24,7 +24,7 @@ def router(state: ServerState) -> APIRouter:
     async def ready() -> Response:
         """Readiness: 200 when requests are taken (with the serving versions), 503 while loading,
         draining, failed or with no model."""
-        serving = [d for d in state.repository.serving() if d.async_engine.is_running]
+        serving = [d for d in state.repository.serving() if d.running]
         if state.status == "ready" and serving and state.engine_error is None:
             return JSONResponse({"status": "ready", "models": sorted(d.key for d in serving)})
         status = state.status if state.status != "ready" else ("dead" if state.engine_error else "no model ready")

@@ -14,7 +14,7 @@ from surge.server.errors import APIError
 from surge.server.openapi import request_body
 from surge.server.plumbing import read_body
 from surge.server.protocol import EmptyRequest, IndexRequest, LoadRequest
-from surge.server.repository import ModelLoadError, ModelUnavailableError, RepositoryConflictError
+from surge.server.repository import Deployment, ModelLoadError, ModelUnavailableError, RepositoryConflictError
 from surge.server.state import ServerState
 
 
@@ -38,8 +38,9 @@ def router(state: ServerState) -> APIRouter:
     async def models() -> dict:
         data = []
         for dep in sorted(state.repository.serving(), key=lambda d: d.name):
-            data.append({"id": dep.name, "object": "model", "created": state.created, "owned_by": "surge",
-                         "max_model_len": dep.engine.max_model_len, "version": dep.version})
+            if isinstance(dep, Deployment):  # tensor models answer on /v2/models only
+                data.append({"id": dep.name, "object": "model", "created": state.created, "owned_by": "surge",
+                             "max_model_len": dep.engine.max_model_len, "version": dep.version})
         return {"object": "list", "data": data}
 
     @api.get("/v2/repository/index")
