@@ -61,20 +61,37 @@ async def infer(deployment: TensorDeployment, request: InferRequest, retry_after
         model.check(request.inputs, wanted)
     except InferInputError as exc:
         raise KServeError(400, str(exc)) from None
+    (result,) = await run(deployment, [request.inputs], _timeout(request.parameters), retry_after)
+    names = wanted or [s.name for s in model.outputs]
+    return [(n, datatype_of(result[n].dtype), result[n]) for n in names]
+
+
+async def run(deployment: TensorDeployment, requests: list[dict[str, np.ndarray]], timeout_us: int | None,
+              retry_after: int) -> list[dict[str, np.ndarray]]:
+    """Each checked request's outputs, all queued at once on the model's batcher (so they can
+    share batches); cancelling the caller withdraws those not yet running. KServeError: 429 the
+    queue is full, 503 a queue timeout or an unload, 400 / 500 the model failing on a request."""
+    futures = []
     try:
-        future = model.submit(request.inputs, _timeout(request.parameters))
+        for inputs in requests:
+            futures.append(deployment.model.submit(inputs, timeout_us))
     except QueueFullError as exc:
+        for f in futures:
+            f.cancel()
         raise KServeError(429, f"{deployment.key} is at capacity: {exc}; retry later",
-                     {"Retry-After": str(retry_after)}) from None
+                          {"Retry-After": str(retry_after)}) from None
     except BatcherClosedError as exc:
+        for f in futures:
+            f.cancel()
         raise KServeError(503, f"{deployment.key}: {exc}; retry") from None
     try:
-        result = await asyncio.wrap_future(future)
+        return list(await asyncio.gather(*[asyncio.wrap_future(f) for f in futures]))
     except QueueTimeoutError as exc:
         raise KServeError(503, f"{deployment.key}: {exc}") from None
     except BatcherClosedError as exc:
         raise KServeError(503, f"{deployment.key}: {exc}; retry") from None
     except Exception as exc:  # noqa: BLE001 - the model's own failure on this request
         raise _model_failure(exc) from None
-    names = wanted or [s.name for s in model.outputs]
-    return [(n, datatype_of(result[n].dtype), result[n]) for n in names]
+    finally:
+        for f in futures:
+            f.cancel()  # those still queued, when the caller went away or another one failed

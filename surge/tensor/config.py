@@ -86,9 +86,10 @@ class TensorModelConfig:
     intra_op_threads: int = 0
     inputs: tuple[TensorSpec, ...] = ()  # declared; the backend fills in what the model carries
     outputs: tuple[TensorSpec, ...] = ()
+    embedding: Any = None  # an EmbeddingConfig (embedding.py): the model serves /v1/embeddings
 
 
-SETTINGS = {f.name for f in dataclasses.fields(TensorModelConfig)} - {"inputs", "outputs"}
+SETTINGS = {f.name for f in dataclasses.fields(TensorModelConfig)} - {"inputs", "outputs", "embedding"}
 
 
 def _int(source: str, key: str, value: Any, low: int) -> int:
@@ -122,12 +123,16 @@ def _spec(source: str, kind: str, table: Any, is_input: bool) -> TensorSpec:
 
 def tensor_config(settings: Mapping[str, Any], backend: str, source: str) -> TensorModelConfig:
     """The checked configuration of a tensor model from its (merged) surge.toml settings."""
-    unknown = set(settings) - SETTINGS - {"input", "output"}
+    unknown = set(settings) - SETTINGS - {"input", "output", "embedding"}
     if unknown:
         raise InvalidArgumentError(
             f"{source}: unknown setting(s) for the {backend} backend: {', '.join(sorted(unknown))}; known: "
-            f"{', '.join(sorted(SETTINGS | {'input', 'output'}))}")
+            f"{', '.join(sorted(SETTINGS | {'input', 'output', 'embedding'}))}")
     kwargs: dict[str, Any] = {"backend": backend}
+    if "embedding" in settings:
+        from surge.tensor.embedding import embedding_config
+
+        kwargs["embedding"] = embedding_config(settings["embedding"], source)
     if "max_batch_size" in settings:
         kwargs["max_batch_size"] = _int(source, "max_batch_size", settings["max_batch_size"], 0)
     for key, low in (("max_queue_delay_us", 0), ("max_queue_size", 0), ("default_timeout_us", 0),

@@ -19,6 +19,7 @@ import numpy as np
 from surge.errors import InvalidArgumentError
 from surge.tensor.batcher import DynamicBatcher
 from surge.tensor.config import NUMPY_TYPES, TensorModelConfig, TensorSpec, datatype_of, model_file
+from surge.tensor.embedding import Embedder
 
 logger = logging.getLogger("surge.tensor")
 
@@ -41,13 +42,20 @@ def load_backend(path: str, config: TensorModelConfig) -> Any:
 
 class TensorModel:
     def __init__(self, backend: Any, config: TensorModelConfig, name: str = "model",
-                 observe: Callable[[int, list[float], float], None] | None = None):
+                 observe: Callable[[int, list[float], float], None] | None = None, path: str | None = None):
         self.backend = backend
         self.config = config
         self.inputs: tuple[TensorSpec, ...] = backend.inputs
         self.outputs: tuple[TensorSpec, ...] = backend.outputs
         self.max_batch_size: int = backend.max_batch_size
-        pads = {s.name: s.pad_value for s in self.inputs if s.pad_value is not None}
+        self.embedder: Embedder | None = None
+        pads: dict[str, float | int] = {}
+        if config.embedding is not None:
+            if path is None or not os.path.isdir(path):
+                raise InvalidArgumentError("an embedding model is served from a version directory (its tokenizer)")
+            self.embedder = Embedder(config.embedding, path, self.inputs, self.outputs, self.batched)
+            pads.update(self.embedder.pad_values())
+        pads.update({s.name: s.pad_value for s in self.inputs if s.pad_value is not None})
         self.batcher = DynamicBatcher(backend.run, config.instance_count, self.max_batch_size,
                                       config.preferred_batch_sizes, config.max_queue_delay_us,
                                       config.max_queue_size, config.default_timeout_us, pads, observe, name)
@@ -56,7 +64,12 @@ class TensorModel:
     def load(cls, path: str, config: TensorModelConfig, name: str = "model",
              observe: Callable[[int, list[float], float], None] | None = None) -> "TensorModel":
         start = time.perf_counter()
-        model = cls(load_backend(path, config), config, name, observe)
+        backend = load_backend(path, config)
+        try:
+            model = cls(backend, config, name, observe, path)
+        except BaseException:
+            backend.close()
+            raise
         logger.info("loaded %s (%s) in %.2fs: inputs %s, outputs %s, max_batch_size %d, %d instance(s)", name,
                     model.platform, time.perf_counter() - start, [s.metadata(model.batched) for s in model.inputs],
                     [s.metadata(model.batched) for s in model.outputs], model.max_batch_size, config.instance_count)

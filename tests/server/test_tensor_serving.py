@@ -7,6 +7,7 @@ server goes on serving."""
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import threading
@@ -18,7 +19,7 @@ import onnxruntime as ort
 import pytest
 
 from tests.server.conftest import chromium_or_skip, free_port, launch, metric, put
-from tests.tensor.builders import bert_inputs, export, reference, vision_inputs
+from tests.tensor.builders import bert_inputs, export, export_encoder, reference, vision_inputs
 
 ADMIN = {"Authorization": "Bearer admin-secret"}
 MODELS = {"bert": ("bert", "onnx"), "bert_ts": ("bert", "ts"), "vision": ("vision", "onnx"),
@@ -28,7 +29,7 @@ OUTPUT = {"bert": "logits", "vision": "scores"}
 
 
 @pytest.fixture(scope="module")
-def served(tmp_path_factory, default_gguf_path):
+def served(tmp_path_factory, default_gguf_path, tiny_tokenizer_dir):
     root = tmp_path_factory.mktemp("tensor_repo")
     staging = tmp_path_factory.mktemp("tensor_models")
     (root / "smollm2" / "1").mkdir(parents=True)
@@ -41,11 +42,14 @@ def served(tmp_path_factory, default_gguf_path):
     for version in (1, 2):  # the hot-reload model: version 2 is copied in by its test
         refs[f"reload{version}"] = export("vision", 10 + version, staging / f"reload{version}")
     put(root, "reload", 1, staging / "reload1")
+    refs["encoder"] = export_encoder(3, tiny_tokenizer_dir, staging / "encoder")
+    put(root, "encoder", 1, staging / "encoder")
+    srv_tokenizer = tiny_tokenizer_dir / "tokenizer.json"
     grpc_port = free_port()
     srv = launch(tmp_path_factory.mktemp("tensor_server"), "--model-repository", str(root), "--grpc-port",
                  str(grpc_port), "--admin-key", "admin-secret", "--repository-poll-interval", "0.3",
                  "--log-level", "warning")
-    srv.grpc_port, srv.root, srv.refs, srv.staging = grpc_port, root, refs, staging
+    srv.grpc_port, srv.root, srv.refs, srv.staging, srv.tokenizer = grpc_port, root, refs, staging, srv_tokenizer
     yield srv
     srv.stop()
 
@@ -128,7 +132,7 @@ def test_outputs_equal_the_runtimes(served, model):
 
 def test_the_llm_is_served_beside_and_the_openai_routes_name_the_difference(served):
     listed = httpx.get(f"{served.url}/v1/models", timeout=10).json()["data"]
-    assert [m["id"] for m in listed] == ["smollm2"]
+    assert [m["id"] for m in listed] == ["encoder", "smollm2"]  # the encoder serves /v1/embeddings
     r = httpx.post(f"{served.url}/v1/completions", json={"model": "smollm2", "prompt": "Hello", "max_tokens": 4},
                    timeout=60)
     assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 4
@@ -316,3 +320,59 @@ def test_dashboard_shows_the_batcher(served):
     data = httpx.get(f"{served.url}/dashboard/data", timeout=10).json()
     assert data["kinds"]["vision"] == "tensor" and data["kinds"]["smollm2"] == "llm"
     assert max(v for v in data["models"]["vision"]["batch_size_max"] if v is not None) > 1
+
+
+TEXTS = ["The quick brown fox", "Hello, world. How are you today?", "def main(argv):\n    return 1",
+         "Numbers 12345 and 3.14159", "I am fine, thanks for asking."]
+
+
+def encoder_reference(served, text: str) -> np.ndarray:
+    """transformers' BertModel on the same token ids: the mean of the last hidden state, L2-normalised."""
+    import torch
+    from tokenizers import Tokenizer
+
+    ids = torch.tensor([Tokenizer.from_file(str(served.tokenizer)).encode(text).ids])
+    with torch.inference_mode():
+        hidden = served.refs["encoder"].bert(input_ids=ids, attention_mask=torch.ones_like(ids)).last_hidden_state[0]
+    vector = hidden.double().mean(dim=0).numpy()
+    return vector / np.linalg.norm(vector)
+
+
+def test_encoder_embeddings_with_the_openai_client(served):
+    from openai import OpenAI
+
+    client = OpenAI(base_url=f"{served.url}/v1", api_key="unused")
+    want = {t: encoder_reference(served, t) for t in TEXTS}
+    for text in TEXTS[:2]:
+        got = np.array(client.embeddings.create(model="encoder", input=text).data[0].embedding)
+        assert float(got @ want[text]) > 0.9999
+        np.testing.assert_allclose(got, want[text], atol=1e-5, rtol=0)
+    before = httpx.get(f"{served.url}/metrics", timeout=10).text
+    batch = [TEXTS[i % len(TEXTS)] + " " * (i // len(TEXTS)) + "x" * (i % 7) for i in range(32)]
+    alone = {t: np.array(client.embeddings.create(model="encoder", input=t).data[0].embedding) for t in set(batch)}
+    reply = client.embeddings.create(model="encoder", input=batch, encoding_format="base64")
+    assert [d.index for d in reply.data] == list(range(32)) and reply.usage.prompt_tokens > 32
+    for text, d in zip(batch, reply.data):  # asked for explicitly, base64 comes back undecoded
+        np.testing.assert_allclose(np.frombuffer(base64.b64decode(d.embedding), "<f4"), alone[text], atol=1e-5, rtol=0)
+    after = httpx.get(f"{served.url}/metrics", timeout=10).text
+    batches = metric(after, "surge_batch_size_count", model="encoder") - metric(before, "surge_batch_size_count",
+                                                                                model="encoder")
+    rows = metric(after, "surge_batch_size_sum", model="encoder") - metric(before, "surge_batch_size_sum",
+                                                                          model="encoder")
+    assert rows == 32 + len(set(batch)) and batches < rows  # the 32 inputs shared batches
+
+
+def test_encoder_embedding_errors(served):
+    cases = [
+        ({"model": "encoder", "input": "hello " * 80}, "takes at most 64"),
+        ({"model": "encoder", "input": [[1, 2, 100000]]}, "outside the vocabulary"),
+        ({"model": "encoder", "input": "hi", "pooling": "last"}, "pools as its [embedding] table says (mean)"),
+        ({"model": "encoder", "input": "hi", "dimensions": 8}, "embedding size, 48"),
+        ({"model": "bert", "input": "hi"}, "without an [embedding] table"),
+        ({"model": "nope", "input": "hi"}, "does not exist"),
+    ]
+    for body, message in cases:
+        r = httpx.post(f"{served.url}/v1/embeddings", json=body, timeout=30)
+        assert r.status_code in (400, 404) and message in r.json()["error"]["message"], (body, r.text)
+    r = httpx.post(f"{served.url}/v1/embeddings", json={"model": "encoder", "input": "hi"}, timeout=30)
+    assert r.status_code == 200 and len(r.json()["data"][0]["embedding"]) == 48

@@ -126,3 +126,54 @@ def reference(model: torch.nn.Module, inputs: dict[str, np.ndarray]) -> np.ndarr
     """The model run directly by torch on the same inputs."""
     with torch.inference_mode():
         return model(*[torch.from_numpy(v) for v in inputs.values()]).numpy()
+
+
+ENCODER_TOML = """\
+max_queue_delay_us = 20000
+
+[embedding]
+output = "last_hidden_state"
+pooling = "mean"
+max_length = 64
+"""
+
+
+class Encoder(torch.nn.Module):
+    """A BertModel whose one output is the last hidden state: an embedding model."""
+
+    def __init__(self, seed: int, vocab_size: int):
+        super().__init__()
+        from transformers import BertConfig, BertModel
+
+        torch.manual_seed(seed)
+        config = BertConfig(vocab_size=vocab_size, hidden_size=48, num_hidden_layers=2, num_attention_heads=4,
+                            intermediate_size=96, max_position_embeddings=64)
+        self.bert = BertModel(config, add_pooling_layer=False)
+        self.eval()
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                token_type_ids: torch.Tensor) -> torch.Tensor:
+        return self.bert(input_ids=input_ids, attention_mask=attention_mask,
+                         token_type_ids=token_type_ids).last_hidden_state
+
+
+def export_encoder(seed: int, tokenizer_dir: Path, out: Path) -> Encoder:
+    """An embedding model as ONNX with its tokenizer.json and [embedding] table."""
+    import shutil
+
+    from tokenizers import Tokenizer
+
+    tokenizer = Tokenizer.from_file(str(tokenizer_dir / "tokenizer.json"))
+    model = Encoder(seed, tokenizer.get_vocab_size(with_added_tokens=True))
+    ids = torch.tensor([tokenizer.encode("hello world, how are you").ids])
+    args = (ids, torch.ones_like(ids), torch.zeros_like(ids))
+    names = ["input_ids", "attention_mask", "token_type_ids"]
+    out.mkdir(parents=True, exist_ok=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, args, str(out / "model.onnx"), input_names=names, output_names=["last_hidden_state"],
+                          dynamic_axes={**{n: {0: "batch", 1: "sequence"} for n in names},
+                                        "last_hidden_state": {0: "batch", 1: "sequence"}}, dynamo=False)
+    shutil.copy(tokenizer_dir / "tokenizer.json", out / "tokenizer.json")
+    (out / "surge.toml").write_text(ENCODER_TOML)
+    return model

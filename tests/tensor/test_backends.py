@@ -182,3 +182,36 @@ def test_configuration_errors_are_named(exported, tmp_path):
     with pytest.raises(ModelFormatError, match="onnxruntime cannot load it"):
         TensorModel.load(str(broken), tensor_config({}, "onnxruntime", "test"))
     assert BERT_TOML  # the served layout writes it beside the ONNX file
+
+
+def test_embedding_configuration_errors(exported, tmp_path, tiny_tokenizer_dir):
+    root, _ = exported
+    for table, message in (
+        ({"output": "h", "pooled": "mean"}, "unknown key(s) pooled"),
+        ({"pooling": "mean"}, "needs 'output'"),
+        ({"output": "h", "pooling": "max"}, "pooling must be one of mean, cls, last"),
+        ({"output": "h", "max_length": 0}, "max_length must be a positive integer"),
+    ):
+        with pytest.raises(InvalidArgumentError, match=re.escape(message)):
+            tensor_config({"embedding": table}, "onnxruntime", "surge.toml")
+    with pytest.raises(InvalidArgumentError, match="takes input_ids .* this one takes pixels"):
+        load(root / "vision_onnx", "onnxruntime", {"embedding": {"output": "scores"}})
+    with pytest.raises(InvalidArgumentError, match="output 'hidden' is not one of the model's outputs: logits"):
+        load(root / "bert_onnx", "onnxruntime", {"embedding": {"output": "hidden"}})
+    with pytest.raises(InvalidArgumentError, match="tokenizer tokenizer.json is not in"):
+        load(root / "bert_onnx", "onnxruntime", {"embedding": {"output": "logits"}})
+    from tests.tensor.builders import export_encoder
+
+    export_encoder(0, tiny_tokenizer_dir, tmp_path / "enc")
+    model = load(tmp_path / "enc", "onnxruntime")
+    try:
+        embedder = model.embedder
+        assert embedder is not None and embedder.hidden_size == 48
+        with pytest.raises(InvalidArgumentError, match="takes at most 64"):
+            embedder.tokens([1] * 65)
+        with pytest.raises(InvalidArgumentError, match="empty"):
+            embedder.tokens("")
+        vector = embedder.vector(model.infer(embedder.arrays(embedder.tokens("hello there"))), 3)
+        assert abs(np.linalg.norm(vector) - 1) < 1e-6
+    finally:
+        model.close()
