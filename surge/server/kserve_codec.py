@@ -94,6 +94,8 @@ def _json_elements(data: Any, datatype: str, count: int, name: str) -> np.ndarra
         raise ProtocolError(f"input '{name}': BOOL data must be true or false")
     if datatype != "BOOL" and not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in flat):
         raise ProtocolError(f"input '{name}': {datatype} data must be numbers")
+    if "INT" in datatype and not all(isinstance(v, int) for v in flat):  # no silent truncation of 1.5 to 1
+        raise ProtocolError(f"input '{name}': {datatype} data must be integers")
     try:
         return np.array(flat, dtype=DTYPES[datatype])
     except (OverflowError, ValueError) as exc:

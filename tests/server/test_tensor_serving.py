@@ -184,12 +184,14 @@ def _bad_rest_cases(url: str) -> list[tuple[str, bytes, dict, int, str]]:
     return [
         ("bert", body([{**good_ids, "name": "token_ids"}, mask]), {}, 400, "unknown input(s) token_ids"),
         ("bert", body([{**good_ids, "datatype": "INT32"}, mask]), {}, 400, "is INT32; the model takes INT64"),
+        ("bert", body([{**good_ids, "data": [1.5, 2, 3, 4]}, mask]), {}, 400, "INT64 data must be integers"),
+        ("bert", body([{**good_ids, "data": [1, 2, 3]}, mask]), {}, 400, "3 elements for a shape of 4"),
         ("vision", body([{"name": "pixels", "datatype": "FP32", "shape": [1, 3, 16, 16], "data": [0.0] * 768}]),
          {}, 400, "has shape [1, 3, 16, 16]; the model takes [-1, 3, 32, 32]"),
         ("bert", body([{**nine, "name": "input_ids"}, {**nine, "name": "attention_mask"}]), {}, 400,
          "batch size 9; this model takes 1 to 8"),
         ("vision", header + b"\0" * 100, {"Inference-Header-Content-Length": str(len(header)),
-                                          "Content-Type": "application/octet-stream"}, 400, ""),
+                                          "Content-Type": "application/octet-stream"}, 400, "'pixels'"),
         ("nope", body([good_ids]), {}, 404, "does not exist"),
         ("bert/versions/7", body([good_ids, mask]), {}, 404, "version 7"),
     ]
