@@ -75,17 +75,10 @@ async def run(deployment: TensorDeployment, requests: list[dict[str, np.ndarray]
     try:
         for inputs in requests:
             futures.append(deployment.model.submit(inputs, timeout_us))
+        return list(await asyncio.gather(*[asyncio.wrap_future(f) for f in futures]))
     except QueueFullError as exc:
-        for f in futures:
-            f.cancel()
         raise KServeError(429, f"{deployment.key} is at capacity: {exc}; retry later",
                           {"Retry-After": str(retry_after)}) from None
-    except BatcherClosedError as exc:
-        for f in futures:
-            f.cancel()
-        raise KServeError(503, f"{deployment.key}: {exc}; retry") from None
-    try:
-        return list(await asyncio.gather(*[asyncio.wrap_future(f) for f in futures]))
     except QueueTimeoutError as exc:
         raise KServeError(503, f"{deployment.key}: {exc}") from None
     except BatcherClosedError as exc:
@@ -94,4 +87,4 @@ async def run(deployment: TensorDeployment, requests: list[dict[str, np.ndarray]
         raise _model_failure(exc) from None
     finally:
         for f in futures:
-            f.cancel()  # those still queued, when the caller went away or another one failed
+            f.cancel()  # those still queued: the caller went away, or another one failed or was refused

@@ -53,12 +53,12 @@ class Item:
 
 @dataclass
 class BatchStats:
-    """What the batcher has done, for the dashboard (metrics get each batch through `observe`)."""
+    """What the batcher has done, for inspection (the server's metrics and dashboard get each
+    batch through `observe`)."""
 
     batches: int = 0
     items: int = 0
     sizes: dict[int, int] = field(default_factory=dict)  # rows per batch -> how many batches
-    queue_seconds: float = 0.0
 
 
 class DynamicBatcher:
@@ -220,36 +220,36 @@ class DynamicBatcher:
         start = time.monotonic()
         waits = [start - i.enqueued for i in batch]
         try:
-            if not self.batching:
-                results = [self.run(instance, batch[0].inputs)]
-            else:
-                inputs, lengths = self._stack(batch)
-                results = self._split(self.run(instance, inputs), batch, lengths)
+            results = self._compute(instance, batch)
         except Exception as exc:  # noqa: BLE001 - the batch's requests get the error, the instance goes on
             if len(batch) == 1:
                 batch[0].future.set_exception(exc)
             else:  # find the one that fails: each item alone
                 logger.info("a batch of %d requests failed (%s); running them one by one", len(batch), exc)
                 for item in batch:
-                    self._run_alone(instance, item)
+                    try:
+                        (out,) = self._compute(instance, [item])
+                    except Exception as alone:  # noqa: BLE001
+                        item.future.set_exception(alone)
+                    else:
+                        item.future.set_result(out)
         else:
             for item, out in zip(batch, results):
                 item.future.set_result(out)
         self._record(waits, sum(i.rows for i in batch), time.monotonic() - start)
 
-    def _run_alone(self, instance: int, item: Item) -> None:
-        try:
-            inputs, lengths = self._stack([item])
-            item.future.set_result(self._split(self.run(instance, inputs), [item], lengths)[0])
-        except Exception as exc:  # noqa: BLE001
-            item.future.set_exception(exc)
+    def _compute(self, instance: int, batch: list[Item]) -> list[Arrays]:
+        """Each item's outputs of one run of the model on the items together."""
+        if not self.batching:
+            return [self.run(instance, batch[0].inputs)]
+        inputs, lengths = self._stack(batch)
+        return self._split(self.run(instance, inputs), batch, lengths)
 
     def _record(self, waits: list[float], rows: int, seconds: float) -> None:
         with self._cond:
             self.stats.batches += 1
             self.stats.sizes[rows] = self.stats.sizes.get(rows, 0) + 1
             self.stats.items += len(waits)
-            self.stats.queue_seconds += sum(waits)
         if self.observe is not None:
             self.observe(rows, waits, seconds)
 

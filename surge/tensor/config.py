@@ -191,15 +191,3 @@ def detect_backend(path: str | None) -> str:
     if TORCHSCRIPT_FILE in files or EXPORTED_FILE in files:
         return "torch"
     return "llm"
-
-
-def split_backend(settings: Mapping[str, Any], path: str | None, source: str) -> tuple[str, dict[str, Any]]:
-    """(the backend, the remaining settings) from a version's merged surge.toml settings."""
-    rest = dict(settings)
-    backend = rest.pop("backend", None)
-    if backend is None:
-        return detect_backend(path), rest
-    if backend not in BACKENDS:
-        raise InvalidArgumentError(f"{source}: backend must be one of {', '.join(BACKENDS)}, not {backend!r}")
-    return backend, rest
-

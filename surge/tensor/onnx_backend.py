@@ -72,7 +72,9 @@ class OnnxBackend:
                   "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
                   "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL}
         providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in ort.get_available_providers()]
-        cached = os.path.join(cache_dir(), f"{_digest(path)}-{level}-ort{ort.__version__}.onnx")
+        # the file is read once for its digest only when there is an optimised graph to cache
+        cached = os.path.join(cache_dir(), f"{_digest(path)}-{level}-ort{ort.__version__}.onnx") \
+            if level != "disable" else ""
         self.sessions = []
         for _ in range(config.instance_count):
             options = ort.SessionOptions()
@@ -83,12 +85,12 @@ class OnnxBackend:
             options.add_session_config_entry("session.intra_op.allow_spinning", "0")
             options.add_session_config_entry("session.inter_op.allow_spinning", "0")
             source = path
-            if level != "disable" and os.path.isfile(cached):
+            if cached and os.path.isfile(cached):
                 source = cached  # optimised already
                 options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
             else:
                 options.graph_optimization_level = levels[level]
-                if level != "disable" and not self.sessions:
+                if cached and not self.sessions:
                     os.makedirs(cache_dir(), exist_ok=True)
                     fd, partial = tempfile.mkstemp(suffix=".onnx", dir=cache_dir())
                     os.close(fd)
@@ -96,6 +98,8 @@ class OnnxBackend:
             try:
                 session = ort.InferenceSession(source, options, providers=providers)
             except Exception as exc:  # noqa: BLE001 - onnxruntime's own error types
+                if options.optimized_model_filepath and os.path.exists(options.optimized_model_filepath):
+                    os.unlink(options.optimized_model_filepath)  # no half-written graph left in the cache
                 raise ModelFormatError(f"{path}: onnxruntime cannot load it: {exc}") from exc
             if options.optimized_model_filepath:
                 self._keep(options.optimized_model_filepath, cached)

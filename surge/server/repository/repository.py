@@ -258,9 +258,6 @@ class ModelRepository:
 
     # ---- loading and switching -----------------------------------------------------------
 
-    def engine_args(self, entry: ModelEntry, record: VersionRecord) -> EngineArgs:
-        return version_engine_args(self.defaults, version_settings(entry.root, record.path))
-
     def _build(self, entry: ModelEntry, record: VersionRecord) -> AnyDeployment:
         with self._lock:
             record.loading()

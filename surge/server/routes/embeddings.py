@@ -31,7 +31,7 @@ from surge.server.kserve_codec import KServeError
 from surge.server.lease import Lease, version_headers
 from surge.server.repository import TensorDeployment
 from surge.server.openapi import request_body
-from surge.server.plumbing import read_body, until_disconnect
+from surge.server.plumbing import off_loop, read_body, until_disconnect
 from surge.server.protocol import EmbeddingRequest
 from surge.server.state import ServerState
 
@@ -59,8 +59,8 @@ def router(state: ServerState) -> APIRouter:
         if body.dimensions is not None and body.dimensions != size:
             raise bad_request(f"'dimensions' must be this model's embedding size, {size}: its vectors are not "
                               "trained to be truncated", "dimensions")
-        try:
-            ids = [embedder.tokens(item) for item in body.inputs()]
+        try:  # tokenized off the event loop, as the language models' prompts are
+            ids = await off_loop(lambda: [embedder.tokens(item) for item in body.inputs()])
         except InvalidArgumentError as exc:
             raise bad_request(str(exc), "input") from None
         start = time.monotonic()

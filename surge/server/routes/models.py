@@ -39,11 +39,13 @@ def router(state: ServerState) -> APIRouter:
         data = []
         for dep in sorted(state.repository.serving(), key=lambda d: d.name):
             if isinstance(dep, Deployment):
-                data.append({"id": dep.name, "object": "model", "created": state.created, "owned_by": "surge",
-                             "max_model_len": dep.engine.max_model_len, "version": dep.version})
+                max_len = dep.engine.max_model_len
             elif dep.model.embedder is not None:  # an encoder: /v1/embeddings; other tensor models: /v2 only
-                data.append({"id": dep.name, "object": "model", "created": state.created, "owned_by": "surge",
-                             "max_model_len": dep.model.embedder.config.max_length, "version": dep.version})
+                max_len = dep.model.embedder.config.max_length
+            else:
+                continue
+            data.append({"id": dep.name, "object": "model", "created": state.created, "owned_by": "surge",
+                         "max_model_len": max_len, "version": dep.version})
         return {"object": "list", "data": data}
 
     @api.get("/v2/repository/index")
