@@ -28,7 +28,8 @@ class ScheduledRequest:
     sample: bool  # this chunk reaches the end of the known tokens: sample the next one
     new: NewRequestData | None = None
     # a constrained request's allowed next tokens (int32 bitmask words: bit b of word w is
-    # token 32 w + b), filled by the engine before the step; None: any token
+    # token 32 w + b), filled by the engine before the step, or for a runner in the engine's
+    # process a DeferredMask that computes them if the sampler asks; None: any token
     allowed: Any = None
 
 

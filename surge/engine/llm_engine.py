@@ -169,7 +169,7 @@ class LLMEngine:
         if not scheduled.requests and not scheduled.finished_request_ids:
             return []
         if self.structured.active:
-            self.structured.fill(scheduled)
+            self.structured.fill(scheduled, deferred=self.core.executor.in_process)
         clock = self.core.timings
         t1 = time.perf_counter()
         clock.schedule += t1 - t0

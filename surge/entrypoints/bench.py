@@ -69,13 +69,15 @@ def structured_outputs(spec: str | None) -> Any:
         else StructuredOutputsParams(json=fields)  # a bare schema
 
 
-def time_request(engine: Any, ids: list[int], output_len: int, constraint: Any = None) -> tuple[float, float, int]:
-    """(seconds to the first token, decode tokens/s after it, tokens generated) of one greedy
-    request run alone on an idle engine (a constraint may end it before output_len)."""
+def time_request(engine: Any, ids: list[int], output_len: int, constraint: Any = None,
+                 temperature: float = 0.0) -> tuple[float, float, int]:
+    """(seconds to the first token, decode tokens/s after it, tokens generated) of one request
+    (greedy, or sampled with seed 0) run alone on an idle engine (a constraint may end it
+    before output_len)."""
     from surge.sampling_params import RequestOutputKind, SamplingParams
 
-    params = SamplingParams(max_tokens=output_len, temperature=0, ignore_eos=True,
-                            output_kind=RequestOutputKind.DELTA, structured_outputs=constraint)
+    params = SamplingParams(max_tokens=output_len, temperature=temperature, seed=0 if temperature else None,
+                            ignore_eos=True, output_kind=RequestOutputKind.DELTA, structured_outputs=constraint)
     start = time.perf_counter()
     engine.add_request(ids, params)
     first = None
@@ -93,7 +95,10 @@ def _constraint_report(llm: Any, constraint: Any) -> dict[str, Any]:
     if constraint is None:
         return {}
     stats = llm.engine.structured.stats()
-    return {"constraint": constraint.kind, "grammar_compile_s": stats["grammar_compile_seconds"]}
+    return {"constraint": constraint.kind, "grammar_compile_s": stats["grammar_compile_seconds"],
+            # the share of constrained rows whose whole mask was computed (the others: the
+            # grammar allowed the token sampled as if free)
+            "masks_computed_share": round(stats["masks_computed"] / max(1, stats["constrained_rows"]), 3)}
 
 
 def bench_latency(llm: Any, input_len: int, output_len: int, iters: int, constraint: Any = None) -> dict[str, Any]:

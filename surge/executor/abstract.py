@@ -21,6 +21,10 @@ from surge.worker.reports import MemoryEstimate, ModelInfo, StepTimings
 
 
 class Executor(ABC):
+    # the worker runs in the engine's process: a SchedulerOutput may carry live objects (a
+    # constrained request's DeferredMask), not only data that pickles
+    in_process = False
+
     def __init__(self, config: EngineConfig):
         self.config = config
         self._failure_callbacks: list[Callable[[BaseException], None]] = []

@@ -13,6 +13,8 @@ from surge.worker.worker import Worker
 
 
 class UniProcExecutor(Executor):
+    in_process = True
+
     def __init__(self, config: EngineConfig):
         super().__init__(config)
         self.worker = Worker(config)

@@ -1,8 +1,9 @@
 """Token sampling for a batch of requests, each with its own settings and random generator.
 
 Order of operations (vLLM's): logit bias, min-tokens ban, penalties -> greedy argmax, or
-temperature -> min-p -> top-k -> top-p -> sample. Logprobs are those of the raw model
-distribution (before any of it).
+temperature -> min-p -> top-k -> top-p -> sample (inverse CDF: one uniform a row, from the
+request's own generator when it has a seed). Logprobs are those of the raw model distribution
+(before any of it; a grammar's mask comes first, see Sampler).
 
 No accepted setting may produce a NaN or inf probability (a tiny repetition penalty or
 temperature overflows float32): scaled logits are clamped to float32's range, the most likely
@@ -13,6 +14,7 @@ greedily instead of failing the step.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy
 import torch
@@ -30,6 +32,26 @@ class SamplingRow:
     generator: torch.Generator | None
     prompt_ids: list[int]
     output_ids: list[int]
+
+
+class DeferredMask(Protocol):
+    """A constrained row whose bitmask is computed only on demand (surge.structured.manager)."""
+
+    def allows(self, token: int) -> bool: ...
+
+    def resolve(self, group: list["DeferredMask"]) -> numpy.ndarray: ...  # bitmask rows of `group`
+
+
+def mask_commutes(params: SamplingParams, vocab: int) -> bool:
+    """Whether sampling this row as if free, then keeping the token when the grammar allows it
+    and otherwise sampling again from the masked logits, draws from the masked distribution.
+    Greedy: the first maximum, when allowed, is the first allowed maximum. Temperature alone:
+    p(t) + P(refused) p(t) / Z = p(t) / Z, Z the allowed mass. Top-k/p and min-p choose their
+    set from the whole row (masked first, the set differs); logprobs are of the masked row."""
+    if params.logprobs is not None:
+        return False
+    return params.greedy or ((params.top_k == 0 or params.top_k >= vocab) and params.top_p >= 1.0
+                             and params.min_p == 0.0)
 
 
 def argmax_rows(logits: torch.Tensor) -> torch.Tensor:
@@ -133,10 +155,38 @@ def filter_logits(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor
     return logits.masked_fill(drop.scatter(1, order, drop), float("-inf"))
 
 
+CDF_BLOCK = 256  # tokens a block in inverse_cdf
+
+
+def inverse_cdf(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
+    """One draw a row of `probs` [R, V] (non-negative; a row need not sum to 1) from `uniforms`
+    [R] in [0, 1): the first token whose running sum exceeds u times the row's total, so a
+    token of probability 0 is never drawn. Two levels, the running sums in float64: over the
+    blocks of CDF_BLOCK tokens (each block's mass a float32 sum), then over the tokens of the
+    chosen block (a float64 copy of the whole row costs more than the rest of sampling;
+    torch.multinomial ~1 ms a row for a 49k vocabulary on CPU)."""
+    rows, vocab = probs.shape
+    pad = (-vocab) % CDF_BLOCK
+    blocks = (torch.nn.functional.pad(probs, (0, pad)) if pad else probs.contiguous()).view(rows, -1, CDF_BLOCK)
+    cdf = blocks.sum(-1).to(torch.float64).cumsum(-1)  # [R, blocks]
+    x = uniforms.to(torch.float32).to(torch.float64) * cdf[:, -1]  # below the total: u < 1
+    block = torch.searchsorted(cdf, x.unsqueeze(1), right=True).squeeze(1).clamp_(max=cdf.shape[1] - 1)
+    before = torch.where(block > 0, cdf.gather(1, (block - 1).clamp(min=0).unsqueeze(1)).squeeze(1), 0.0)
+    inner = blocks[torch.arange(rows), block]  # [R, CDF_BLOCK]
+    within = torch.searchsorted(inner.to(torch.float64).cumsum(-1), (x - before).unsqueeze(1), right=True).squeeze(1)
+    # rounding past the block's end: its last token that can be drawn
+    last = torch.where(inner > 0, torch.arange(CDF_BLOCK), -1).max(-1).values
+    return block * CDF_BLOCK + torch.minimum(within, last)
+
+
 def finite_logits(logits: torch.Tensor) -> torch.Tensor:
     """NaN -> -inf (never chosen), +inf -> float32's largest (still the favourite, softmax stays finite)."""
     big = torch.finfo(logits.dtype).max
     return torch.nan_to_num(logits, nan=float("-inf"), posinf=big, neginf=float("-inf"))
+
+
+def _has_penalties(rows: list[SamplingRow]) -> bool:
+    return any(r.params.logit_bias or r.params.has_penalties or r.params.min_tokens for r in rows)
 
 
 class Sampler:
@@ -145,15 +195,49 @@ class Sampler:
     `allowed` (per row, or None): a constrained request's grammar bitmask. It masks the logits
     first, so logprobs are those of the constrained distribution and every filter works on the
     allowed tokens only; where min_tokens would ban the only tokens the grammar allows (its end),
-    the grammar wins.
+    the grammar wins. A DeferredMask row whose settings commute with the mask (mask_commutes)
+    is sampled as if free first and masked only when the grammar refuses its token: the same
+    token greedily, the same distribution otherwise, without computing most masks.
     """
 
     def __call__(
         self, logits: torch.Tensor, rows: list[SamplingRow], eos_ids: frozenset[int] = frozenset(),
-        allowed: list[numpy.ndarray | None] | None = None,
+        allowed: list[numpy.ndarray | DeferredMask | None] | None = None,
     ) -> tuple[list[int], list[TokenLogprobs | None]]:
         if logits.dtype != torch.float32:
             logits = logits.float()
+        deferred = [i for i, a in enumerate(allowed or ()) if a is not None and not isinstance(a, numpy.ndarray)]
+        if not deferred:
+            return self._sample(logits, rows, eos_ids, allowed)
+        assert allowed is not None
+        allowed = list(allowed)
+        vocab = logits.shape[1]
+        late = [i for i in deferred if mask_commutes(rows[i].params, vocab)]
+        late_at = {i: j for j, i in enumerate(late)}
+        early = [i for i in deferred if i not in late_at]
+        if early:  # these need their whole row first
+            bits = allowed[early[0]].resolve([allowed[i] for i in early])  # type: ignore[union-attr]
+            for j, i in enumerate(early):
+                allowed[i] = bits[j]
+        lazy = {i: allowed[i] for i in late}
+        for i in late:
+            allowed[i] = None
+        # the first pass may change the logits in place (penalties): keep what a second one needs
+        kept = logits[late].clone() if late and _has_penalties(rows) else None
+        tokens, logprobs = self._sample(logits, rows, eos_ids, allowed)
+        refused = [i for i in late if not lazy[i].allows(tokens[i])]  # type: ignore[union-attr]
+        if refused:
+            bits = lazy[refused[0]].resolve([lazy[i] for i in refused])  # type: ignore[union-attr]
+            again = kept[[late_at[i] for i in refused]] if kept is not None else logits[refused]
+            picks, _ = self._sample(again, [rows[i] for i in refused], eos_ids, list(bits))
+            for i, token in zip(refused, picks):
+                tokens[i] = token
+        return tokens, logprobs
+
+    def _sample(
+        self, logits: torch.Tensor, rows: list[SamplingRow], eos_ids: frozenset[int],
+        allowed: list[numpy.ndarray | DeferredMask | None] | None,
+    ) -> tuple[list[int], list[TokenLogprobs | None]]:
         masked = [i for i, a in enumerate(allowed or ()) if a is not None]
         if masked:  # in place: the logits are this step's own
             assert allowed is not None
@@ -162,7 +246,7 @@ class Sampler:
             apply_token_bitmask(logits, torch.from_numpy(bits), masked)
         want_logprobs = [r.params.logprobs is not None for r in rows]
         raw_logprobs = logits.log_softmax(-1) if any(want_logprobs) else None
-        if any(r.params.logit_bias or r.params.has_penalties or r.params.min_tokens for r in rows):
+        if _has_penalties(rows):
             before = logits[masked].clone() if masked else None
             logits = logits if masked else logits.clone()
             apply_penalties(logits, rows, eos_ids)
@@ -175,7 +259,8 @@ class Sampler:
         if random_rows:
             idx = torch.tensor(random_rows, dtype=torch.long)
             vocab = logits.shape[1]
-            sub = logits[idx] / torch.tensor([rows[i].params.temperature for i in random_rows]).unsqueeze(1)
+            chosen = logits if len(random_rows) == len(rows) else logits[idx]  # a new tensor below either way
+            sub = chosen / torch.tensor([rows[i].params.temperature for i in random_rows]).unsqueeze(1)
             sub = filter_logits(
                 finite_logits(sub),
                 torch.tensor([min(rows[i].params.top_k, vocab) for i in random_rows]),  # beyond the vocabulary: all
@@ -184,20 +269,21 @@ class Sampler:
             )
             probs = sub.softmax(-1)
             # a row with nothing finite left (NaN logits from the model) keeps its greedy token
-            ok = torch.isfinite(probs).all(-1) & (probs.sum(-1) > 0)
+            total = probs.sum(-1)  # NaN anywhere in a row makes it NaN (softmax gives no inf)
+            ok = torch.isfinite(total) & (total > 0)
             if not bool(ok.all()):
                 keep = ok.tolist()
                 random_rows = [i for i, good in zip(random_rows, keep) if good]
                 probs = probs[ok]
                 idx = idx[ok]
-            unseeded = [j for j, i in enumerate(random_rows) if rows[i].generator is None]
-            if unseeded:
-                picks = torch.multinomial(probs[unseeded], 1).squeeze(1)
-                tokens[idx[unseeded]] = picks
+            # one uniform a row; a seeded row draws it from its own stream (the same seed gives
+            # the same tokens in any batch)
+            uniforms = torch.rand(len(random_rows))
             for j, i in enumerate(random_rows):
                 gen = rows[i].generator
-                if gen is not None:  # its own stream: the same seed gives the same tokens in any batch
-                    tokens[i] = torch.multinomial(probs[j], 1, generator=gen)[0]
+                if gen is not None:
+                    uniforms[j] = torch.rand(1, generator=gen)[0]
+            tokens[idx] = inverse_cdf(probs, uniforms)
         logprobs: list[TokenLogprobs | None] = [None] * len(rows)
         if raw_logprobs is not None:
             sel = [i for i, w in enumerate(want_logprobs) if w]

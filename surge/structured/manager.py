@@ -4,10 +4,17 @@ Grammars are compiled once per constraint (kind and text) and cached, errors inc
 whatever thread asks first: the server validates a request in a worker thread before queueing
 it, so a slow schema never stalls the step loop, and the engine thread only finds it cached.
 Each constrained request (each of its n > 1 completions) gets its own matcher. Before a step
-runs, every scheduled request that samples gets the row of allowed tokens its matcher gives
-(`ScheduledRequest.allowed`, int32 bitmask words in a numpy array: plain data an executor
-ships as it is); the sampler masks that row's logits; the sampled token is accepted back here. A preempted request
-keeps its matcher: its tokens are recomputed, not re-chosen, so the grammar state stays valid.
+runs, every scheduled request that samples gets, on `ScheduledRequest.allowed`, either
+
+- the row of allowed tokens its matcher gives (int32 bitmask words in a numpy array: plain data
+  an executor ships to a worker process as it is), or
+- where the runner is in this process, a DeferredMask: the sampler first samples as if free and
+  asks whether the grammar allows that token (microseconds); only rows it refuses, or whose
+  settings need the whole row (logprobs, top-k/p, min-p), get their mask computed (tens to
+  hundreds of microseconds each, the cost that dominated constrained decoding).
+
+The sampled token is accepted back here. A preempted request keeps its matcher: its tokens are
+recomputed, not re-chosen, so the grammar state stays valid.
 """
 
 from __future__ import annotations
@@ -18,6 +25,7 @@ import time
 from collections import OrderedDict
 from typing import Any
 
+import numpy
 import torch
 
 from surge.core.scheduler_output import SchedulerOutput
@@ -28,6 +36,10 @@ from surge.structured.schema import REGEX_EXTENSIONS, prepare_schema
 from surge.tokenizer import Tokenizer
 
 CACHE_SIZE = 512  # compiled grammars (and refusals) kept, least recently used first out
+# llguidance masks computed on its own thread pool from this many a step; fewer one at a time:
+# the pool's threads keep spinning after their work and take time from the forward pass that
+# follows (measured on 2 cores: a few deferred masks a step in the pool slowed the forward 2-7%)
+PARALLEL_MASKS = 8
 
 
 class _Pending:
@@ -36,6 +48,23 @@ class _Pending:
     def __init__(self) -> None:
         self.done = threading.Event()
         self.value: Grammar | StructuredOutputError | None = None
+
+
+class DeferredMask:
+    """One constrained row's mask, computed only if the sampler asks for it."""
+
+    __slots__ = ("_manager", "request_id")
+
+    def __init__(self, manager: StructuredOutputManager, request_id: str):
+        self._manager, self.request_id = manager, request_id
+
+    def allows(self, token: int) -> bool:
+        """Whether the row's mask would allow `token` (the grammar state does not change)."""
+        return self._manager.allows(self.request_id, token)
+
+    def resolve(self, group: list[DeferredMask]) -> numpy.ndarray:
+        """The masks of `group` (deferred rows of this step), one row each, computed together."""
+        return self._manager.masks([d.request_id for d in group])
 
 
 class StructuredOutputManager:
@@ -52,6 +81,8 @@ class StructuredOutputManager:
         self._rows = torch.empty((0, self.words), dtype=torch.int32)  # one step's bitmasks
         self.compiles = 0
         self.compile_seconds = 0.0
+        self.rows = 0  # constrained rows sampled
+        self.masks_computed = 0  # of them, those whose whole mask was computed
 
     # ---- grammars ---------------------------------------------------------------------
 
@@ -136,33 +167,60 @@ class StructuredOutputManager:
     def active(self) -> bool:
         return bool(self._matchers)
 
-    def fill(self, scheduled: SchedulerOutput) -> None:
-        """Give each scheduled request that samples this step and is constrained its allowed tokens."""
+    def fill(self, scheduled: SchedulerOutput, deferred: bool = False) -> None:
+        """Give each scheduled request that samples this step and is constrained its allowed
+        tokens: the bitmask row, or with `deferred` (a runner in this process) a DeferredMask."""
         todo = [(r, m) for r in scheduled.requests
                 if r.sample and (m := self._matchers.get(r.request_id)) is not None]
         if not todo:
             return
+        self.rows += len(todo)
+        if deferred:
+            for r, _ in todo:
+                r.allowed = DeferredMask(self, r.request_id)
+            return
         if self._rows.shape[0] < len(todo):
             self._rows = torch.empty((max(len(todo), 2 * self._rows.shape[0]), self.words), dtype=torch.int32)
-        rows = self._rows.numpy()
-        parallel = [(matcher, i) for i, (_, matcher) in enumerate(todo) if getattr(matcher, "parallel", False)]
-        together = len(parallel) > 1
-        if together:
-            try:
-                self.guidance.fill_many(parallel, self._rows[: len(todo)])
-            except Exception:  # noqa: BLE001 - one at a time below, so a failure stays its request's
-                together = False
-        for i, (r, matcher) in enumerate(todo):
-            if not (together and getattr(matcher, "parallel", False)):
-                try:
-                    matcher.fill(self._rows, i)
-                except Exception as exc:  # noqa: BLE001 - this request fails alone, at accept()
-                    self._failed[r.request_id] = exc
-                    rows[i] = 0
+        rows = self._compute([(r.request_id, m) for r, m in todo], self._rows)
+        for i, (r, _) in enumerate(todo):
             # a numpy row, not a tensor: pickled by value to a worker process (a tensor would go
             # as a shared-memory handle the worker cannot open); the buffer is refilled next step,
             # after this one has run
             r.allowed = rows[i]
+
+    def masks(self, request_ids: list[str]) -> numpy.ndarray:
+        """The bitmask rows of these requests' matchers now, in a new array."""
+        out = torch.empty((len(request_ids), self.words), dtype=torch.int32)
+        return self._compute([(rid, self._matchers[rid]) for rid in request_ids], out)
+
+    def allows(self, request_id: str, token: int) -> bool:
+        try:
+            return self._matchers[request_id].allows(token)
+        except Exception as exc:  # noqa: BLE001 - the token stands; its request fails at accept()
+            self._failed[request_id] = exc
+            return True
+
+    def _compute(self, todo: list[tuple[str, Matcher]], buffer: torch.Tensor) -> numpy.ndarray:
+        """Fill buffer[:len(todo)] with the matchers' masks (llguidance's together on its own
+        threads, when there are PARALLEL_MASKS of them); a matcher that raises gets an empty row
+        and its request fails at accept()."""
+        self.masks_computed += len(todo)
+        rows = buffer.numpy()
+        parallel = [(matcher, i) for i, (_, matcher) in enumerate(todo) if getattr(matcher, "parallel", False)]
+        together = len(parallel) >= PARALLEL_MASKS
+        if together:
+            try:
+                self.guidance.fill_many(parallel, buffer[: len(todo)])
+            except Exception:  # noqa: BLE001 - one at a time below, so a failure stays its request's
+                together = False
+        for i, (request_id, matcher) in enumerate(todo):
+            if not (together and getattr(matcher, "parallel", False)):
+                try:
+                    matcher.fill(buffer, i)
+                except Exception as exc:  # noqa: BLE001 - this request fails alone, at accept()
+                    self._failed[request_id] = exc
+                    rows[i] = 0
+        return rows[: len(todo)]
 
     def accept(self, request_id: str, token: int) -> bool:
         """Advance the request's matcher by its sampled token; True when the grammar has ended.
@@ -179,4 +237,5 @@ class StructuredOutputManager:
 
     def stats(self) -> dict[str, Any]:
         return {"grammars_compiled": self.compiles, "grammar_compile_seconds": self.compile_seconds,
-                "constrained_requests": len(self._matchers)}
+                "constrained_requests": len(self._matchers), "constrained_rows": self.rows,
+                "masks_computed": self.masks_computed}

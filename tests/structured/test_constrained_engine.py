@@ -176,6 +176,9 @@ def test_a_failing_grammar_fails_its_request_alone(default_llm, monkeypatch):
         def fill(self, bitmask, row):
             self.inner.fill(bitmask, row)
 
+        def allows(self, token):
+            return self.inner.allows(token)
+
         def accept(self, token):
             return False
 
@@ -195,9 +198,11 @@ def test_a_failing_grammar_fails_its_request_alone(default_llm, monkeypatch):
     assert not structured.active and default_llm.engine.is_idle_clean()
 
 
-def test_a_matcher_that_raises_fails_its_request_alone(default_llm, monkeypatch):
-    """A grammar engine raising while it computes a mask ends that request with an error naming
-    it; the rest of the batch (constrained ones too) finishes as it would have."""
+@pytest.mark.parametrize("where", ["mask", "check"])
+def test_a_matcher_that_raises_fails_its_request_alone(default_llm, monkeypatch, where):
+    """A grammar engine raising while it computes a mask, or while it checks a sampled token
+    against the grammar (the deferred mask's first question), ends that request with an error
+    naming it; the rest of the batch (constrained ones too) finishes as it would have."""
     free = SamplingParams(max_tokens=12, temperature=0)
     good = json_params("color_enum", max_tokens=40)
     want = tokens(default_llm.generate(PROMPTS[:2] + ["y"], [free, free, good]))
@@ -209,6 +214,11 @@ def test_a_matcher_that_raises_fails_its_request_alone(default_llm, monkeypatch)
 
         def fill(self, bitmask, row):
             raise ValueError("mask computation exploded")
+
+        def allows(self, token):
+            if where == "check":
+                raise ValueError("mask computation exploded")
+            return False  # so the mask is computed
 
     def add(request_id, spec):
         real_add(request_id, spec)

@@ -5,13 +5,15 @@ replaced, a key dropped or added; jsonschema decides that they are invalid) alwa
 Instances are written as the grammars write JSON (json.dumps' separators, properties in the
 schema's order, other keys after them), tokenized by the default model's tokenizer and fed one
 token at a time through the matcher the engine would use; accepted means every token and then
-the end of sequence were allowed, and every token was inside the bitmask the matcher gave.
+the end of sequence were allowed, and every token was inside the bitmask the matcher gave (and
+matcher.allows(), the deferred masks' question, said the same).
 """
 
 from __future__ import annotations
 
 import copy
 import json
+from pathlib import Path
 from typing import Any
 
 import jsonschema
@@ -68,8 +70,10 @@ def accepts(manager: StructuredOutputManager, spec: StructuredOutputsParams, tex
     bitmask = torch.zeros((1, manager.words), dtype=torch.int32)
     eos = min(manager.tokenizer.eos_token_ids)
     for token in [*manager.tokenizer.encode(text, add_special_tokens=False), eos]:
+        allows = matcher.allows(token)  # before the mask, as the sampler asks
         matcher.fill(bitmask, 0)
         allowed = bool((int(bitmask[0, token // 32]) >> (token % 32)) & 1)
+        assert allows == allowed, f"allows() and the bitmask disagree on token {token} of {text!r}"
         accepted = matcher.accept(token)
         assert allowed == accepted, f"the bitmask and the matcher disagree on token {token} of {text!r}"
         if not accepted:
@@ -227,3 +231,69 @@ def test_regex_choice_grammar_and_json_object(manager, spec, good, bad):
         assert accepts(manager, params, text), f"{spec}: refused {text!r}"
     for text in bad:
         assert not accepts(manager, params, text), f"{spec}: accepted {text!r}"
+
+
+AGREEMENT = [  # (constraint, its engine, a walk of 12 tokens reaches its end): forced keys and
+    # separators, bounded strings and numbers, free text
+    ({"json": "records_bounded"}, "guidance", False),
+    ({"json": "temperature_range"}, "guidance", True),
+    ({"json": "string_lengths"}, "guidance", True),
+    ({"json": "anyof_id"}, "xgrammar", True),
+    ({"json": "deep_nesting"}, "xgrammar", False),
+    ({"regex": "(ab|cd)[0-9]{2,4}x{0,3}"}, "xgrammar", True),
+    ({"grammar": 'start: "say " NAME "!"\nNAME: /[a-z]{1,6}/'}, "guidance", True),
+    # along a path to where the grammar may end or go on
+    ({"grammar": 'start: "n=" /[0-9]{1,5}/', "path": "n=12"}, "guidance", True),
+]
+
+
+def constraint(spec: dict[str, Any]) -> StructuredOutputsParams:
+    spec = {k: v for k, v in spec.items() if k != "path"}
+    if spec.get("json") == "records_bounded":
+        path = Path(__file__).resolve().parents[2] / "benchmarks/schemas/records_bounded.json"
+        return StructuredOutputsParams(json=json.loads(path.read_text()))
+    if "json" in spec:
+        return StructuredOutputsParams(json=SCHEMAS[spec["json"]])
+    return StructuredOutputsParams(**spec)
+
+
+def walk(manager: StructuredOutputManager, spec: dict[str, Any], seed: int, bits: numpy.ndarray,
+         rng: numpy.random.Generator, step: int) -> int:
+    """The next token of a walk: along the spec's path (then the end), or at random among the
+    allowed ones (short tokens first on odd seeds), the end as soon as it is allowed."""
+    eos = min(manager.tokenizer.eos_token_ids)
+    if "path" in spec:
+        path = [*manager.tokenizer.encode(spec["path"], add_special_tokens=False), eos]
+        return path[step]
+    choices = numpy.flatnonzero(bits)
+    return eos if bits[eos] else int(rng.choice(choices[:64] if seed else choices))
+
+
+@pytest.mark.parametrize("spec, engine, ends", AGREEMENT, ids=[e + "-" + next(iter(s.values())).split("\n")[0][:20]
+                                                                for s, e, _ in AGREEMENT])
+def test_allows_is_the_bitmask_on_the_whole_vocabulary(manager, spec, engine, ends):
+    """matcher.allows(t) is bit t of the mask for every token, along random walks through the
+    grammar: the deferred masks' greedy tokens are then the masked ones exactly. (llguidance's
+    mask holds only the canonical token where bytes are forced; validate_tokens alone would take
+    'n' where 'name' is forced.)"""
+    grammar = manager.grammar(constraint(spec))
+    assert grammar.backend == engine
+    vocab = manager.vocab_size
+    bitmask = torch.zeros((1, manager.words), dtype=torch.int32)
+    ended = 0
+    for seed in range(2):
+        rng = numpy.random.default_rng(seed)
+        matcher = grammar.matcher()
+        for step in range(12):
+            # asked before the mask is computed, as the sampler asks
+            allows = numpy.fromiter((matcher.allows(t) for t in range(vocab)), bool, vocab)
+            matcher.fill(bitmask, 0)
+            bits = numpy.unpackbits(bitmask.numpy().view(numpy.uint8), bitorder="little")[:vocab].astype(bool)
+            differ = numpy.flatnonzero(allows != bits)
+            assert not len(differ), f"allows() and the mask disagree on {differ[:8].tolist()}"
+            token = walk(manager, spec, seed, bits, rng, step)
+            assert matcher.accept(token)
+            if matcher.is_terminated():
+                ended += 1
+                break
+    assert ended or not ends  # the end states (the end of sequence allowed or not) are among those checked
