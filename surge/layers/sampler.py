@@ -167,7 +167,8 @@ def inverse_cdf(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
     torch.multinomial ~1 ms a row for a 49k vocabulary on CPU)."""
     rows, vocab = probs.shape
     pad = (-vocab) % CDF_BLOCK
-    blocks = (torch.nn.functional.pad(probs, (0, pad)) if pad else probs.contiguous()).view(rows, -1, CDF_BLOCK)
+    blocks = (torch.nn.functional.pad(probs, (0, pad)) if pad else probs.contiguous()).view(
+        rows, (vocab + pad) // CDF_BLOCK, CDF_BLOCK)
     cdf = blocks.sum(-1).to(torch.float64).cumsum(-1)  # [R, blocks]
     x = uniforms.to(torch.float32).to(torch.float64) * cdf[:, -1]  # below the total: u < 1
     block = torch.searchsorted(cdf, x.unsqueeze(1), right=True).squeeze(1).clamp_(max=cdf.shape[1] - 1)
@@ -223,7 +224,7 @@ class Sampler:
         for i in late:
             allowed[i] = None
         # the first pass may change the logits in place (penalties): keep what a second one needs
-        kept = logits[late].clone() if late and _has_penalties(rows) else None
+        kept = logits[late] if late and _has_penalties(rows) else None  # indexing by a list copies
         tokens, logprobs = self._sample(logits, rows, eos_ids, allowed)
         refused = [i for i in late if not lazy[i].allows(tokens[i])]  # type: ignore[union-attr]
         if refused:
@@ -276,14 +277,15 @@ class Sampler:
                 random_rows = [i for i, good in zip(random_rows, keep) if good]
                 probs = probs[ok]
                 idx = idx[ok]
-            # one uniform a row; a seeded row draws it from its own stream (the same seed gives
-            # the same tokens in any batch)
-            uniforms = torch.rand(len(random_rows))
-            for j, i in enumerate(random_rows):
-                gen = rows[i].generator
-                if gen is not None:
-                    uniforms[j] = torch.rand(1, generator=gen)[0]
-            tokens[idx] = inverse_cdf(probs, uniforms)
+            if random_rows:
+                # one uniform a row; a seeded row draws it from its own stream (the same seed
+                # gives the same tokens in any batch)
+                uniforms = torch.rand(len(random_rows))
+                for j, i in enumerate(random_rows):
+                    gen = rows[i].generator
+                    if gen is not None:
+                        uniforms[j] = torch.rand(1, generator=gen)[0]
+                tokens[idx] = inverse_cdf(probs, uniforms)
         logprobs: list[TokenLogprobs | None] = [None] * len(rows)
         if raw_logprobs is not None:
             sel = [i for i, w in enumerate(want_logprobs) if w]

@@ -94,6 +94,10 @@ def test_degenerate_rows_fall_back_to_greedy():
     tokens, _ = sampler(logits, rows)
     assert all(0 <= t < 4 for t in tokens)
     assert tokens[1] == 1
+    # every sampled row degenerate (nothing left to draw from), seeded or not
+    seeded = SamplingRow(SamplingParams(temperature=0.5, seed=3), torch.Generator().manual_seed(3), [0], [])
+    tokens, _ = sampler(torch.full((2, 300), math.nan), [rows[0], seeded])
+    assert all(0 <= t < 300 for t in tokens)
 
 
 def test_prompt_logprobs_in_slices_equal_one_slice(llm, monkeypatch):
