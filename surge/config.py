@@ -321,6 +321,48 @@ class CompilationConfig:
     native_decode: bool = True  # decode-only steps through the native decoder stack where it runs
 
 
+SPECULATIVE_METHODS = ("ngram", "draft")
+MAX_SPECULATIVE_TOKENS = 32  # proposals a step per request at most: past it a step verifies mostly misses
+
+
+@dataclass(frozen=True)
+class SpeculativeConfig:
+    """Speculative decoding (vLLM's --speculative-config keys): each step a decoding request's
+    next tokens are proposed cheaply and verified in the target's own forward pass.
+
+    ngram: the continuation of the latest match of the context's last n tokens (n from
+    prompt_lookup_max down to prompt_lookup_min) in the request's own prompt and output."""
+
+    method: str = "ngram"
+    num_speculative_tokens: int = 4  # proposed tokens a step per request at most
+    prompt_lookup_min: int = 2
+    prompt_lookup_max: int = 4
+    model: str | None = None  # the draft model (method "draft")
+
+    def __post_init__(self) -> None:
+        if self.method not in SPECULATIVE_METHODS:
+            raise InvalidArgumentError(f"speculative_config: unknown method {self.method!r}; choose one of "
+                                       f"{', '.join(SPECULATIVE_METHODS)}")
+        if self.method == "draft":
+            raise InvalidArgumentError(
+                "speculative_config: method 'draft' (a second model proposing) is not available in this version; "
+                "use method 'ngram'")
+        for name in ("num_speculative_tokens", "prompt_lookup_min", "prompt_lookup_max"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise InvalidArgumentError(f"speculative_config: {name} must be a positive integer, got {value!r}")
+        if self.num_speculative_tokens > MAX_SPECULATIVE_TOKENS:
+            raise InvalidArgumentError(
+                f"speculative_config: num_speculative_tokens {self.num_speculative_tokens} is more than "
+                f"{MAX_SPECULATIVE_TOKENS}; a step's proposals past a few tokens are almost never all accepted")
+        if self.prompt_lookup_min > self.prompt_lookup_max:
+            raise InvalidArgumentError(
+                f"speculative_config: prompt_lookup_min ({self.prompt_lookup_min}) is above prompt_lookup_max "
+                f"({self.prompt_lookup_max})")
+        if self.model is not None and self.method == "ngram":
+            raise InvalidArgumentError("speculative_config: 'model' is a draft model's; method 'ngram' has none")
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     """Everything an engine and its workers are built from; plain data, so a worker process
@@ -334,3 +376,4 @@ class EngineConfig:
     quant: QuantConfig
     device: DeviceConfig
     compilation: CompilationConfig = field(default_factory=CompilationConfig)
+    speculative: SpeculativeConfig | None = None  # None: no speculative decoding

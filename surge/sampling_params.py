@@ -192,5 +192,11 @@ class SamplingParams:
         return self.temperature < 1e-5
 
     @property
+    def verifiable(self) -> bool:
+        """Whether proposed tokens can be verified for it (speculative decoding). Not yet: a
+        request that wants logprobs, or a grammar's constraint, or an embedding."""
+        return self.logprobs is None and self.structured_outputs is None and self.pooling is None
+
+    @property
     def has_penalties(self) -> bool:
         return self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0

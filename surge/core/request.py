@@ -38,6 +38,9 @@ class Request:
     cache_salt: Any = None
     # Requests that need logits at every prompt position cannot skip cached ones.
     skip_prefix_cache: bool = False
+    # Whether proposed tokens may be verified for it (speculative decoding; the engine decides
+    # from its sampling settings).
+    speculate: bool = False
     output_token_ids: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0
     num_cached_tokens: int = 0  # prompt tokens found in the prefix cache at admission

@@ -22,6 +22,9 @@ class TokenLogprobs:
 @dataclass(slots=True)
 class ModelRunnerOutput:
     sampled: dict[str, int] = field(default_factory=dict)
+    # a request that verified proposed tokens: the step's tokens after `sampled`'s (the accepted
+    # proposals follow in order, then the one sampled where the first was refused or after all)
+    more_tokens: dict[str, list[int]] = field(default_factory=dict)
     logprobs: dict[str, TokenLogprobs] = field(default_factory=dict)
     # prompt logprobs computed this step, in prompt order (position p scores token p + 1)
     prompt_logprobs: dict[str, list[TokenLogprobs]] = field(default_factory=dict)
@@ -31,6 +34,7 @@ class ModelRunnerOutput:
 
     def merge(self, other: "ModelRunnerOutput") -> None:
         self.sampled.update(other.sampled)
+        self.more_tokens.update(other.more_tokens)
         self.logprobs.update(other.logprobs)
         self.prompt_logprobs.update(other.prompt_logprobs)
         self.pooled.update(other.pooled)

@@ -27,9 +27,10 @@ import enum
 import itertools
 from dataclasses import dataclass
 
-from surge.config import CacheConfig, SchedulerConfig
+from surge.config import CacheConfig, SchedulerConfig, SpeculativeConfig
 from surge.core.kv_cache_manager import KVCacheManager
 from surge.core.request import FinishReason, Request, RequestStatus
+from surge.core.speculation import Speculator
 from surge.core.scheduler_output import (
     NewRequestData,
     ScheduledRequest,
@@ -52,8 +53,11 @@ class SchedulerStats:
 
 
 class Scheduler:
-    def __init__(self, config: SchedulerConfig, cache: CacheConfig, num_blocks: int):
+    def __init__(self, config: SchedulerConfig, cache: CacheConfig, num_blocks: int,
+                 speculative: SpeculativeConfig | None = None):
         self.config = config
+        # proposes tokens for decoding requests; the runner verifies them (speculative decoding)
+        self.speculator = Speculator(speculative) if speculative is not None else None
         self.long_prefill_token_threshold = config.long_prefill_token_threshold
         # 0: chunks of the threshold whatever the context
         self.attention_parity_tokens = config.attention_parity_tokens
@@ -118,6 +122,8 @@ class Scheduler:
         request.finish_reason = reason
         self.kv.free(request)
         self._seq.pop(request.request_id, None)
+        if self.speculator is not None:
+            self.speculator.forget(request.request_id)
         if request.request_id in self._sent:
             self._sent.discard(request.request_id)
             self._finished_ids.append(request.request_id)
@@ -152,14 +158,21 @@ class Scheduler:
         budget = self.max_num_batched_tokens
         granted: dict[str, int] = {}  # request id -> tokens scheduled this step
         preempted: list[Request] = []
-        decoding = any(r.num_tokens - r.num_computed_tokens == 1 for r in self.running)
+        decoding = [r for r in self.running if r.num_tokens - r.num_computed_tokens == 1]
         cap = self.long_prefill_token_threshold if decoding else 0
+        drafts = self._plan_drafts(decoding, cap, budget)  # request id -> proposed tokens to verify
 
         i = 0
         while i < len(self.running) and budget > 0:
             request = self.running[i]
-            num_new = self._chunk(request.num_tokens - request.num_computed_tokens, budget,
-                                  cap and self._prefill_cap(request.num_computed_tokens))
+            remaining = request.num_tokens - request.num_computed_tokens
+            draft = drafts.get(request.request_id)
+            if draft and remaining < budget:  # a decoding request: its proposals as far as the budget goes
+                del draft[budget - remaining:]
+                num_new = remaining + len(draft)
+            else:
+                drafts.pop(request.request_id, None)
+                num_new = self._chunk(remaining, budget, cap and self._prefill_cap(request.num_computed_tokens))
             if num_new <= 0:
                 i += 1
                 continue
@@ -168,6 +181,7 @@ class Scheduler:
                 victim_index = self.running.index(victim)
                 self._preempt(victim)
                 preempted.append(victim)
+                drafts.pop(victim.request_id, None)
                 budget += granted.pop(victim.request_id, 0)
                 if victim is request:
                     break
@@ -206,36 +220,67 @@ class Scheduler:
             if request.request_id not in self._sent:
                 self._sent.add(request.request_id)
                 new = NewRequestData(request.prompt_token_ids, request.sampling_params)
-            prompt_part = max(0, min(start + n, request.num_prompt_tokens) - start)
+            draft = drafts.get(request.request_id, [])
+            known = n - len(draft)
+            prompt_part = max(0, min(start + known, request.num_prompt_tokens) - start)
             self.stats.num_computed_prompt_tokens += prompt_part
             out.requests.append(
                 ScheduledRequest(
                     request_id=request.request_id,
-                    token_ids=request.token_slice(start, start + n),
+                    token_ids=request.token_slice(start, start + known) + draft,
                     start_position=start,
                     block_ids=self.kv.block_ids(request.request_id),
-                    sample=start + n == request.num_tokens,
+                    sample=start + known == request.num_tokens,
                     new=new,
+                    num_draft=len(draft),
                 )
             )
         out.preempted_request_ids = [r.request_id for r in preempted]
         return out
 
-    def update(self, output: SchedulerOutput, sampled: dict[str, int]) -> list[Request]:
-        """Advance computed counts and append sampled tokens; return the requests that got one."""
+    def _plan_drafts(self, decoding: list[Request], cap: int, budget: int) -> dict[str, list[int]]:
+        """Proposed tokens for decoding requests this step (speculative decoding), sized against
+        the step's other work: about one row per running request, a prompt's chunk per prefill."""
+        if self.speculator is None or not decoding:
+            return {}
+        rows = sum(min(r.num_tokens - r.num_computed_tokens, cap or budget) for r in self.running)
+        return self.speculator.plan(decoding, min(rows, budget))
+
+    def update(self, output: SchedulerOutput, sampled: dict[str, int],
+               more_tokens: dict[str, list[int]] | None = None) -> list[Request]:
+        """Advance computed counts and append sampled tokens; return the requests that got some.
+        A request that verified proposed tokens gets `sampled`'s token and `more_tokens`' (the
+        accepted proposals and the one after them); its refused proposals are not computed: their
+        KV is written over when those positions are computed again."""
         by_id = {r.request_id: r for r in self.running}
+        more_tokens = more_tokens or {}
         changed = []
         for scheduled in output.requests:
             request = by_id.get(scheduled.request_id)
             if request is None:  # finished or preempted meanwhile
                 continue
-            request.num_computed_tokens += len(scheduled.token_ids)
             token = sampled.get(scheduled.request_id)
-            if token is not None:
-                request.output_token_ids.append(token)
-                self.stats.num_generated_tokens += 1
-                changed.append(request)
+            if token is None:
+                request.num_computed_tokens += len(scheduled.token_ids) - scheduled.num_draft
+                continue
+            more = more_tokens.get(scheduled.request_id, [])
+            if len(more) > scheduled.num_draft:
+                raise ValueError(f"request {scheduled.request_id}: {len(more) + 1} tokens from "
+                                 f"{scheduled.num_draft} proposed")
+            request.num_computed_tokens += len(scheduled.token_ids) - scheduled.num_draft + len(more)
+            request.output_token_ids.append(token)
+            request.output_token_ids.extend(more)
+            self.stats.num_generated_tokens += 1 + len(more)
+            if scheduled.num_draft and self.speculator is not None:
+                self.speculator.record(scheduled.request_id, scheduled.num_draft, len(more))
+            changed.append(request)
         return changed
+
+    def take_back(self, request: Request, num_tokens: int) -> None:
+        """Drop a finished request's last `num_tokens` output tokens (a step's tokens past its stop)."""
+        if num_tokens > 0:
+            del request.output_token_ids[-num_tokens:]
+            self.stats.num_generated_tokens -= num_tokens
 
     def all_blocks_free(self) -> bool:
         """Idle self-check: every block is free or evictable and no request holds any."""

@@ -31,6 +31,9 @@ class ScheduledRequest:
     # token 32 w + b), filled by the engine before the step, or for a runner in the engine's
     # process a DeferredMask that computes them if the sampler asks; None: any token
     allowed: Any = None
+    # the last num_draft of token_ids are proposed tokens to verify (speculative decoding): the
+    # logits of the last num_draft + 1 positions decide how many are accepted, plus one sampled
+    num_draft: int = 0
 
 
 @dataclass(slots=True)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -28,6 +29,7 @@ from surge.config import (
     ParallelConfig,
     QuantConfig,
     SchedulerConfig,
+    SpeculativeConfig,
 )
 from surge.errors import InvalidArgumentError
 
@@ -57,6 +59,26 @@ def parse_bytes(value: str | int, what: str) -> int:
 # kinds of settings: how a value is read from a flag and checked wherever it comes from
 STR, OPT_STR, INT, OPT_INT, COUNT, FRACTION, SIZE, BOOL = ("str", "str?", "int", "int?", "count", "fraction",
                                                             "size", "bool")
+SPECULATIVE = "speculative"  # a SpeculativeConfig: a JSON object (flag), a table (surge.toml) or a dict
+
+
+def parse_speculative(value: Any, what: str) -> SpeculativeConfig | None:
+    """vLLM's speculative config from a JSON string, a mapping or a SpeculativeConfig."""
+    if value is None or isinstance(value, SpeculativeConfig):
+        return value
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as exc:
+            raise InvalidArgumentError(f"{what}: not JSON ({exc}); example: "
+                                       '\'{"method": "ngram", "num_speculative_tokens": 4}\'') from exc
+    if not isinstance(value, Mapping):
+        raise InvalidArgumentError(f"{what} must be a JSON object, got {value!r}")
+    known = {f.name for f in dataclasses.fields(SpeculativeConfig)}
+    unknown = sorted(str(k) for k in value if k not in known)
+    if unknown:
+        raise InvalidArgumentError(f"{what}: unknown key {unknown[0]!r}; known keys: {', '.join(sorted(known))}")
+    return SpeculativeConfig(**value)
 
 
 def setting(default: Any, help: str, kind: str, *, flags: tuple[str, ...] = (), choices: Iterable[str] = (),
@@ -117,6 +139,10 @@ class EngineArgs:
         True, "decode every step through the model's layers in PyTorch, not the native decoder stack (one "
         "native call per decode step where the CPU and the model's formats allow it)", BOOL,
         flags=("--no-native-decode",))
+    speculative_config: SpeculativeConfig | None = setting(
+        None, "speculative decoding, vLLM's JSON: {\"method\": \"ngram\", \"num_speculative_tokens\": 4, "
+        "\"prompt_lookup_min\": 2, \"prompt_lookup_max\": 4} proposes each request's next tokens from its own "
+        "context and verifies them in one forward pass (default: off)", SPECULATIVE, metavar="JSON")
     warmup: bool = setting(True, "serve without first running each decode batch size and some prefill shapes",
                            BOOL, flags=("--no-warmup",), serve_only=True)
 
@@ -204,6 +230,7 @@ class EngineArgs:
             quant=QuantConfig(quantization, self.group_size),
             device=DeviceConfig(device, self.threads),
             compilation=CompilationConfig(self.compile, self.warmup, self.native_decode),
+            speculative=self.speculative_config,
         )
 
 
@@ -214,6 +241,8 @@ def _check(name: str, value: Any, meta: Mapping[str, Any]) -> Any:
         if not isinstance(value, bool):
             raise InvalidArgumentError(f"{name} must be true or false, got {value!r}")
         return value
+    if kind == SPECULATIVE:
+        return parse_speculative(value, name)
     if value is None and kind in (OPT_STR, OPT_INT, SIZE):
         return None
     if kind == SIZE:
@@ -248,6 +277,8 @@ def _flag_parser(flag: str, kind: str) -> Callable[[str], Any]:
                 return int(text)
             if kind == FRACTION:
                 return float(text)
+            if kind == SPECULATIVE:
+                return parse_speculative(text, flag)
             return text
         except ValueError as exc:
             raise argparse.ArgumentTypeError(f"{flag}: cannot read {text!r} ({exc})") from exc

@@ -54,7 +54,7 @@ class EngineCore:
         except BaseException:
             self.executor.shutdown()
             raise
-        self.scheduler = Scheduler(config.scheduler, config.cache, num_blocks)
+        self.scheduler = Scheduler(config.scheduler, config.cache, num_blocks, config.speculative)
         self.timings = StepTimings()  # the engine's side of each step; the workers keep theirs
         self.num_compiles = 0
         self._failed_steps = 0  # consecutive steps whose every request failed

@@ -48,6 +48,20 @@ class EngineStats:
     computed_prompt_tokens: int  # prompt tokens actually run through the model (recomputes included)
     generation_tokens: int
     num_compiles: int = 0  # graphs compiled for the forward (with --compile)
+    # speculative decoding: its method (None: off), verifications, proposed and accepted tokens
+    spec_method: str | None = None
+    spec_drafts: int = 0
+    spec_draft_tokens: int = 0
+    spec_accepted_tokens: int = 0
+
+    @property
+    def spec_acceptance_rate(self) -> float:
+        return self.spec_accepted_tokens / self.spec_draft_tokens if self.spec_draft_tokens else 0.0
+
+    @property
+    def spec_mean_accepted_length(self) -> float:
+        """Tokens a verifying request gained per step: its accepted proposals plus one."""
+        return 1.0 + self.spec_accepted_tokens / self.spec_drafts if self.spec_drafts else 0.0
 
 
 @dataclass
@@ -247,7 +261,16 @@ class LLMEngine:
             computed_prompt_tokens=s.stats.num_computed_prompt_tokens,
             generation_tokens=s.stats.num_generated_tokens,
             num_compiles=self.core.num_compiles,
+            **self._spec_stats(),
         )
+
+    def _spec_stats(self) -> dict:
+        spec = self.scheduler.speculator
+        if spec is None:
+            return {}
+        return dict(spec_method=spec.method, spec_drafts=spec.stats.num_drafts,
+                    spec_draft_tokens=spec.stats.num_draft_tokens,
+                    spec_accepted_tokens=spec.stats.num_accepted_tokens)
 
     def timings(self) -> StepTimings:
         """Where the steps since the last reset spent their time, the workers' parts included."""

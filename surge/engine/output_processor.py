@@ -94,6 +94,7 @@ class OutputProcessor:
                 child_id, ids, max_tokens, child_params, now, priority,
                 # prompt logprobs and mean pooling need every prompt position computed
                 skip_prefix_cache=(i == 0 and params.prompt_logprobs is not None) or params.pooling == "mean",
+                speculate=self.scheduler.speculator is not None and params.verifiable,
             )
             if i > 0:
                 request.sampling_params = dataclasses.replace(child_params, prompt_logprobs=None)
@@ -149,7 +150,7 @@ class OutputProcessor:
                 check_recoverable(exc)
                 outputs.append(self.fail(parent, exc))
         now = time.monotonic()
-        changed = self.scheduler.update(scheduled, result.sampled)
+        changed = self.scheduler.update(scheduled, result.sampled, result.more_tokens)
         for request_id, vector in result.pooled.items():  # an embedding request ends with its prompt
             entry = self._child_parent.get(request_id)
             if entry is None or entry[1].request.is_finished:
@@ -163,12 +164,18 @@ class OutputProcessor:
                 request.first_token_time = now
             parent, child = self._child_parent[request.request_id]
             try:
-                token = request.output_token_ids[-1]
                 lp = result.logprobs.get(request.request_id)
                 if lp is not None and child.logprobs is not None:
                     child.logprobs.append(self._position_logprobs(lp))
                     child.cumulative_logprob = (child.cumulative_logprob or 0.0) + lp.logprob
-                self._check_stop(child, token)
+                # one token, or a verified proposal's several: each checked in order, those past a stop dropped
+                new = 1 + len(result.more_tokens.get(request.request_id, ()))
+                count = len(request.output_token_ids) - new
+                for token in request.output_token_ids[count:]:
+                    count += 1
+                    if self._check_stop(child, token, count):
+                        self.scheduler.take_back(request, len(request.output_token_ids) - count)
+                        break
                 touched[parent.request_id] = parent
             except BaseException as exc:
                 check_recoverable(exc)
@@ -223,11 +230,11 @@ class OutputProcessor:
                 out[tid] = Logprob(value, rank, text(tid))
         return out
 
-    def _check_stop(self, child: _Child, token: int) -> None:
+    def _check_stop(self, child: _Child, token: int, count: int) -> bool:
+        """Whether the request ends at `token`, its `count`-th output token (and end it there)."""
         request, params = child.request, child.request.sampling_params
         ended = self.structured.accept(request.request_id, token)  # the grammar has accepted an end
         stop_string = child.detok.add(token) if child.detok is not None else None
-        count = len(request.output_token_ids)
         reason: FinishReason | None = None
         if ended:
             reason = FinishReason.STOP
@@ -243,10 +250,12 @@ class OutputProcessor:
             reason = FinishReason.STOP
         elif count >= request.max_tokens:
             reason = FinishReason.LENGTH
-        if reason is not None:
-            if stop_string is None and child.detok is not None:
-                child.detok.finish()
-            self.scheduler.finish(request, reason)
+        if reason is None:
+            return False
+        if stop_string is None and child.detok is not None:
+            child.detok.finish()
+        self.scheduler.finish(request, reason)
+        return True
 
     def _final_text(self, parent: _Parent, child: _Child) -> str:
         if child.detok is not None:

@@ -155,6 +155,31 @@ def filter_logits(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor
     return logits.masked_fill(drop.scatter(1, order, drop), float("-inf"))
 
 
+def sampling_probs(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+    """The distribution each row of `logits` [R, V] is sampled from under its settings:
+    temperature, then min-p, top-k and top-p (float32; see usable_rows for the degenerate)."""
+    vocab = logits.shape[1]
+    sub = logits / torch.tensor([p.temperature for p in params]).unsqueeze(1)
+    sub = filter_logits(
+        finite_logits(sub),
+        torch.tensor([min(p.top_k, vocab) for p in params]),  # beyond the vocabulary: all
+        torch.tensor([p.top_p for p in params]),
+        torch.tensor([p.min_p for p in params]),
+    )
+    return sub.softmax(-1)
+
+
+def usable_rows(probs: torch.Tensor) -> torch.Tensor:
+    """[R] bool: the rows of sampling_probs that can be sampled (not NaN logits from the model)."""
+    total = probs.sum(-1)  # NaN anywhere in a row makes it NaN (softmax gives no inf)
+    return torch.isfinite(total) & (total > 0)
+
+
+def uniform(generator: torch.Generator | None) -> float:
+    """One draw in [0, 1), from the request's own stream when it has a seed."""
+    return float(torch.rand(1, generator=generator)[0])
+
+
 CDF_BLOCK = 256  # tokens a block in inverse_cdf
 
 
@@ -186,7 +211,7 @@ def finite_logits(logits: torch.Tensor) -> torch.Tensor:
     return torch.nan_to_num(logits, nan=float("-inf"), posinf=big, neginf=float("-inf"))
 
 
-def _has_penalties(rows: list[SamplingRow]) -> bool:
+def any_penalties(rows: list[SamplingRow]) -> bool:
     return any(r.params.logit_bias or r.params.has_penalties or r.params.min_tokens for r in rows)
 
 
@@ -224,7 +249,7 @@ class Sampler:
         for i in late:
             allowed[i] = None
         # the first pass may change the logits in place (penalties): keep what a second one needs
-        kept = logits[late] if late and _has_penalties(rows) else None  # indexing by a list copies
+        kept = logits[late] if late and any_penalties(rows) else None  # indexing by a list copies
         tokens, logprobs = self._sample(logits, rows, eos_ids, allowed)
         refused = [i for i in late if not lazy[i].allows(tokens[i])]  # type: ignore[union-attr]
         if refused:
@@ -247,7 +272,7 @@ class Sampler:
             apply_token_bitmask(logits, torch.from_numpy(bits), masked)
         want_logprobs = [r.params.logprobs is not None for r in rows]
         raw_logprobs = logits.log_softmax(-1) if any(want_logprobs) else None
-        if _has_penalties(rows):
+        if any_penalties(rows):
             before = logits[masked].clone() if masked else None
             logits = logits if masked else logits.clone()
             apply_penalties(logits, rows, eos_ids)
@@ -259,19 +284,10 @@ class Sampler:
         random_rows = [i for i, r in enumerate(rows) if not r.params.greedy]
         if random_rows:
             idx = torch.tensor(random_rows, dtype=torch.long)
-            vocab = logits.shape[1]
             chosen = logits if len(random_rows) == len(rows) else logits[idx]  # a new tensor below either way
-            sub = chosen / torch.tensor([rows[i].params.temperature for i in random_rows]).unsqueeze(1)
-            sub = filter_logits(
-                finite_logits(sub),
-                torch.tensor([min(rows[i].params.top_k, vocab) for i in random_rows]),  # beyond the vocabulary: all
-                torch.tensor([rows[i].params.top_p for i in random_rows]),
-                torch.tensor([rows[i].params.min_p for i in random_rows]),
-            )
-            probs = sub.softmax(-1)
+            probs = sampling_probs(chosen, [rows[i].params for i in random_rows])
             # a row with nothing finite left (NaN logits from the model) keeps its greedy token
-            total = probs.sum(-1)  # NaN anywhere in a row makes it NaN (softmax gives no inf)
-            ok = torch.isfinite(total) & (total > 0)
+            ok = usable_rows(probs)
             if not bool(ok.all()):
                 keep = ok.tolist()
                 random_rows = [i for i, good in zip(random_rows, keep) if good]

@@ -54,6 +54,18 @@ class _EngineCollector(Collector):
                      lambda s: s.num_preemptions)
         yield family(C, "surge_prompt_tokens", "Prompt tokens of admitted requests", lambda s: s.prompt_tokens)
         yield family(C, "surge_generation_tokens", "Generated tokens", lambda s: s.generation_tokens)
+        for name, doc, value in (
+                ("surge_spec_decode_num_drafts", "Speculative decoding: verifications of a request's proposed "
+                 "tokens", lambda s: s.spec_drafts),
+                ("surge_spec_decode_num_draft_tokens", "Speculative decoding: proposed tokens",
+                 lambda s: s.spec_draft_tokens),
+                ("surge_spec_decode_num_accepted_tokens", "Speculative decoding: proposed tokens accepted",
+                 lambda s: s.spec_accepted_tokens)):
+            metric = C(name, doc, labels=labels + ["method"])
+            for model, version, stats in rows:
+                if stats.spec_method is not None:
+                    metric.add_metric([model, version, stats.spec_method], value(stats))
+            yield metric
         yield family(C, "surge_compilations", "Graphs compiled for the forward (--compile); growth while "
                      "serving means a shape outside the warmed-up buckets", lambda s: s.num_compiles)
 

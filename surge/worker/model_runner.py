@@ -17,6 +17,7 @@ from surge.core.scheduler_output import SchedulerOutput
 from surge.layers.attention import AttentionMetadata, native_decode
 from surge.layers.forward_context import ForwardContext, set_forward_context
 from surge.layers.native_decoder import NativeDecoder
+from surge.layers.rejection_sampler import verify
 from surge.layers.sampler import Sampler, SamplingRow, token_logprobs
 from surge.worker.reports import StepTimings
 
@@ -53,7 +54,7 @@ class ModelRunner:
 
     def prepare(self, output: SchedulerOutput) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, list[int]]:
         """(input ids, positions, attention metadata, rows of the tokens to sample from)."""
-        if self.native_decode and output.requests and all(len(r.token_ids) == 1 for r in output.requests):
+        if self.native_decode and output.requests and all(len(r.token_ids) == 1 + r.num_draft for r in output.requests):
             return self._prepare_decode(output)
         ids: list[int] = []
         positions: list[int] = []
@@ -73,8 +74,8 @@ class ModelRunner:
             slots.extend(table[p // bs] * bs + p % bs for p in pos)
             starts.append(starts[-1] + n)
             seq_lens.append(r.start_position + n)
-            if r.sample:
-                sample_rows.append(starts[-1] - 1)
+            if r.sample:  # the last token's row, and a proposal's rows before it
+                sample_rows.extend(range(starts[-1] - 1 - r.num_draft, starts[-1]))
         dev = self.device
         meta = AttentionMetadata(
             slot_mapping=torch.tensor(slots, dtype=torch.int64, device=dev),
@@ -93,20 +94,27 @@ class ModelRunner:
 
     def _prepare_decode(self, output: SchedulerOutput) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, list[int]]:
         """prepare() of a step in which every request decodes one token: the per-token values in
-        one tensor (a batch-1 step's Python is measurable against its forward)."""
+        one tensor (a batch-1 step's Python is measurable against its forward). A request that
+        verifies proposed tokens brings a row for each, as if each were a sequence of its own
+        with one new token: the same block table, the context up to its own position (every
+        row's K/V is written before any row attends)."""
         bs, reqs = self.block_size, output.requests
-        positions = [r.start_position for r in reqs]
+        if any(r.num_draft for r in reqs):
+            rows = [(r, j) for r in reqs for j in range(len(r.token_ids))]
+        else:
+            rows = [(r, 0) for r in reqs]
+        positions = [r.start_position + j for r, j in rows]
         lens = [p + 1 for p in positions]
-        values = torch.tensor([[r.token_ids[0] for r in reqs], positions,
-                               [r.block_ids[p // bs] * bs + p % bs for r, p in zip(reqs, positions)], lens],
+        values = torch.tensor([[r.token_ids[j] for r, j in rows], positions,
+                               [r.block_ids[p // bs] * bs + p % bs for (r, _), p in zip(rows, positions)], lens],
                               dtype=torch.int64, device=self.device)
         ids, pos, slots, seq_lens = values.unbind(0)
         width = max(len(r.block_ids) for r in reqs)
-        tables = torch.tensor([r.block_ids + [0] * (width - len(r.block_ids)) for r in reqs], dtype=torch.int64,
+        tables = torch.tensor([r.block_ids + [0] * (width - len(r.block_ids)) for r, _ in rows], dtype=torch.int64,
                               device=self.device)
-        meta = AttentionMetadata(slots, tables, list(range(len(reqs) + 1)), lens, bs)
+        meta = AttentionMetadata(slots, tables, list(range(len(rows) + 1)), lens, bs)
         meta.set_decode_only(seq_lens)
-        return ids, pos, meta, [i for i, r in enumerate(reqs) if r.sample]
+        return ids, pos, meta, [i for i, (r, _) in enumerate(rows) if r.sample]
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         """The model's hidden states, its attention layers reading the caches and `meta` from the
@@ -153,7 +161,7 @@ class ModelRunner:
         hidden = self.forward(input_ids, positions, meta)
         sampled = [r for r in output.requests if r.sample]
         if any(self.requests[r.request_id].params.pooling for r in output.requests):
-            self._pool(output, hidden, meta, result)
+            self._pool(output, hidden, meta, result)  # an embedding request proposes nothing: one row each
             keep = [k for k, r in enumerate(sampled) if self.requests[r.request_id].params.pooling is None]
             sampled, sample_rows = [sampled[k] for k in keep], [sample_rows[k] for k in keep]
         rows = hidden if len(sample_rows) == hidden.shape[0] else hidden[sample_rows]  # all rows: in order
@@ -167,16 +175,40 @@ class ModelRunner:
         if logits is None:
             clock.sample += time.perf_counter() - t2
             return result
+        if any(r.num_draft for r in sampled):
+            logits, sampled = self._verify(logits, sampled, result)
         rows = [self.requests[r.request_id] for r in sampled]
-        allowed = [r.allowed for r in sampled] if any(r.allowed is not None for r in sampled) else None
-        tokens, logprobs = self.sampler(logits, rows, self.eos_ids, allowed)
+        if rows:
+            allowed = [r.allowed for r in sampled] if any(r.allowed is not None for r in sampled) else None
+            tokens, logprobs = self.sampler(logits, rows, self.eos_ids, allowed)
+            for r, row, token, lp in zip(sampled, rows, tokens, logprobs):
+                row.output_ids.append(token)
+                result.sampled[r.request_id] = token
+                if lp is not None:
+                    result.logprobs[r.request_id] = lp
         clock.sample += time.perf_counter() - t2
-        for r, row, token, lp in zip(sampled, rows, tokens, logprobs):
-            row.output_ids.append(token)
-            result.sampled[r.request_id] = token
-            if lp is not None:
-                result.logprobs[r.request_id] = lp
         return result
+
+    def _verify(self, logits: torch.Tensor, sampled: list, result: ModelRunnerOutput) -> tuple[torch.Tensor, list]:
+        """The requests that proposed tokens verified (their tokens into `result`); returns the
+        logits and requests left for the sampler, one row each."""
+        if logits.dtype != torch.float32:
+            logits = logits.float()
+        plain_rows, plain = [], []
+        start = 0
+        for r in sampled:
+            n = 1 + r.num_draft
+            if r.num_draft:
+                row = self.requests[r.request_id]
+                tokens = verify(logits[start:start + n], row, r.token_ids[-r.num_draft:], self.eos_ids)
+                row.output_ids.extend(tokens)
+                result.sampled[r.request_id] = tokens[0]
+                result.more_tokens[r.request_id] = tokens[1:]
+            else:
+                plain_rows.append(start)
+                plain.append(r)
+            start += n
+        return logits[plain_rows], plain
 
     def _pool(self, output: SchedulerOutput, hidden: torch.Tensor, meta: AttentionMetadata,
               result: ModelRunnerOutput) -> None:
