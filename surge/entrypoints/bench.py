@@ -101,6 +101,17 @@ def _constraint_report(llm: Any, constraint: Any) -> dict[str, Any]:
             "masks_computed_share": round(stats["masks_computed"] / max(1, stats["constrained_rows"]), 3)}
 
 
+def _speculation_report(llm: Any) -> dict[str, Any]:
+    """What speculative decoding did in the run (its counters since the engine started)."""
+    stats = llm.engine.stats()
+    if stats.spec_method is None:
+        return {}
+    return {"spec_method": stats.spec_method, "spec_draft_tokens": stats.spec_draft_tokens,
+            "spec_accepted_tokens": stats.spec_accepted_tokens,
+            "spec_acceptance_rate": round(stats.spec_acceptance_rate, 3),
+            "spec_mean_accepted_length": round(stats.spec_mean_accepted_length, 3)}
+
+
 def bench_latency(llm: Any, input_len: int, output_len: int, iters: int, constraint: Any = None) -> dict[str, Any]:
     rng = random.Random(0)
     vocab = llm.engine.vocab_size
@@ -119,7 +130,7 @@ def bench_latency(llm: Any, input_len: int, output_len: int, iters: int, constra
     return {"input_len": input_len, "output_len": output_len, "generated": min(lengths),
             "prefill_s": statistics.median(prefill), "prefill_tok_s": input_len / statistics.median(prefill),
             "decode_tok_s": statistics.median(decode), **_constraint_report(llm, constraint),
-            "step": engine.timings().summary()}
+            **_speculation_report(llm), "step": engine.timings().summary()}
 
 
 def bench_throughput(llm: Any, num_prompts: int, input_len: int, output_len: int,
@@ -141,7 +152,7 @@ def bench_throughput(llm: Any, num_prompts: int, input_len: int, output_len: int
     return {"num_prompts": num_prompts, "input_len": input_len, "output_len": output_len, "elapsed_s": elapsed,
             "generated": generated, "output_tok_s": generated / elapsed,
             "total_tok_s": (generated + num_prompts * input_len) / elapsed, **_constraint_report(llm, constraint),
-            "step": llm.engine.timings().summary()}
+            **_speculation_report(llm), "step": llm.engine.timings().summary()}
 
 
 async def _serve_load(url: str, model: str | None, concurrency: int, num_prompts: int, words: tuple[int, int],

@@ -21,6 +21,8 @@ from surge.engine.llm_engine import EngineStats
 
 SERIES = ("tokens_per_s", "requests_per_s", "ttft_p50", "ttft_p99", "tpot_p50", "tpot_p99",
           "queue_depth", "running", "kv_cache_usage", "prefix_cache_hit_rate",
+          # speculative decoding: proposed tokens accepted in the interval / proposed (None: none proposed)
+          "spec_acceptance_rate",
           # tensor models (their dynamic batcher): rows per batch, time queued for a batch
           "batch_size_mean", "batch_size_max", "queue_time_p50", "queue_time_p99")
 
@@ -59,6 +61,7 @@ class StatsHistory:
         self.latency_window = latency_window
         self._models: dict[str, _ModelSeries] = defaultdict(_ModelSeries)
         self._last_tokens: dict[str, int] = {}
+        self._last_spec: dict[str, tuple[int, int]] = {}  # (proposed, accepted) tokens at the last sample
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -99,13 +102,18 @@ class StatsHistory:
         live = {key for rows in per_model.values() for key, _ in rows}
         with self._lock:
             self._last_tokens = {k: v for k, v in self._last_tokens.items() if k in live}
+            self._last_spec = {k: v for k, v in self._last_spec.items() if k in live}
             for model in set(per_model) | set(self._models):
                 series = self._models[model]
                 rows = per_model.get(model, [])
-                tokens = 0
+                tokens = proposed = accepted = 0
                 for key, stats in rows:
                     tokens += max(0, stats.generation_tokens - self._last_tokens.get(key, 0))
                     self._last_tokens[key] = stats.generation_tokens
+                    last_proposed, last_accepted = self._last_spec.get(key, (0, 0))
+                    proposed += max(0, stats.spec_draft_tokens - last_proposed)
+                    accepted += max(0, stats.spec_accepted_tokens - last_accepted)
+                    self._last_spec[key] = (stats.spec_draft_tokens, stats.spec_accepted_tokens)
                 while series.finished and series.finished[0][0] < now - max(self.latency_window, elapsed):
                     series.finished.popleft()
                 while series.batches and series.batches[0][0] < now - max(self.latency_window, elapsed):
@@ -126,6 +134,7 @@ class StatsHistory:
                     "running": sum(s.num_running for _, s in rows),
                     "kv_cache_usage": max((s.kv_cache_usage for _, s in rows), default=0.0),
                     "prefix_cache_hit_rate": sum(s.prefix_cache_hits for _, s in rows) / queries if queries else 0.0,
+                    "spec_acceptance_rate": accepted / proposed if proposed else None,
                     "batch_size_mean": sum(sizes) / len(sizes) if sizes else None,
                     "batch_size_max": max(sizes, default=None),
                     "queue_time_p50": percentile(waits, 0.50), "queue_time_p99": percentile(waits, 0.99),

@@ -57,9 +57,13 @@ def test_bench_latency_and_throughput_report_numbers():
     assert result["prefill_tok_s"] > 0 and result["decode_tok_s"] > 0
     step = result["step"]  # one prefill step and three decode steps were timed, split by part
     assert step["steps"] == 4 and step["forward_ms"] > 0 and 0 < step["overhead_pct"] < 100
-    proc = _surge("bench", "throughput", "--num-prompts", "3", "--input-len", "8", "--output-len", "4", "--json")
+    proc = _surge("bench", "throughput", "--num-prompts", "3", "--input-len", "8", "--output-len", "4", "--json",
+                  "--speculative-config", '{"method": "ngram", "num_speculative_tokens": 3}')
     assert proc.returncode == 0, proc.stderr
     result = json.loads(proc.stdout)
-    assert result["output_tok_s"] > 0 and result["step"]["steps"] >= 4
+    assert result["output_tok_s"] > 0 and result["step"]["steps"] >= 2
+    assert result["spec_method"] == "ngram" and 0 <= result["spec_acceptance_rate"] <= 1
     bad = _surge("bench", "latency", "--input-len", "0")
     assert bad.returncode == 2 and "input-len" in bad.stderr
+    bad = _surge("bench", "latency", "--speculative-config", '{"method": "eagle"}')
+    assert bad.returncode == 2 and "unknown method 'eagle'" in bad.stderr

@@ -111,10 +111,32 @@ def test_percentile_nearest_rank():
     assert percentile(values, 0.5) == 50.0 and percentile(values, 0.99) == 99.0
 
 
-def _stats(tokens: int, waiting: int = 0) -> EngineStats:
+def _stats(tokens: int, waiting: int = 0, **spec) -> EngineStats:
     return EngineStats(num_running=2, num_waiting=waiting, kv_blocks_used=5, kv_blocks_total=10, kv_cache_usage=0.5,
                        prefix_cache_queries=10, prefix_cache_hits=4, prefix_cache_hit_rate=0.4, num_preemptions=0,
-                       prompt_tokens=10, computed_prompt_tokens=6, generation_tokens=tokens)
+                       prompt_tokens=10, computed_prompt_tokens=6, generation_tokens=tokens, **spec)
+
+
+def test_speculation_in_the_dashboard_and_metrics():
+    from prometheus_client import generate_latest
+
+    from surge.server.metrics import ServerMetrics
+
+    spec = dict(spec_method="ngram", spec_drafts=10, spec_draft_tokens=40, spec_accepted_tokens=30)
+    assert _stats(0, **spec).spec_acceptance_rate == 0.75 and _stats(0, **spec).spec_mean_accepted_length == 4.0
+    rows = [("m", "1", _stats(0, **spec)), ("plain", "1", _stats(0))]
+    history = StatsHistory(lambda: rows, interval=1.0)
+    history.sample(now=10.0)
+    rows[0] = ("m", "1", _stats(0, **dict(spec, spec_draft_tokens=60, spec_accepted_tokens=35)))
+    history.sample(now=11.0)
+    data = history.data()["models"]
+    assert data["m"]["spec_acceptance_rate"][-1] == pytest.approx(0.25)  # 5 of the 20 proposed since
+    assert data["plain"]["spec_acceptance_rate"][-1] is None  # nothing proposed: no point
+    text = generate_latest(ServerMetrics(lambda: rows).registry).decode()
+    assert 'surge_spec_decode_num_draft_tokens_total{method="ngram",model="m",version="1"} 60.0' in text
+    assert 'surge_spec_decode_num_accepted_tokens_total{method="ngram",model="m",version="1"} 35.0' in text
+    assert 'surge_spec_decode_num_drafts_total{method="ngram",model="m",version="1"} 10.0' in text
+    assert 'model="plain"' not in "".join(line for line in text.splitlines() if "spec_decode" in line)
 
 
 def test_history_turns_counters_into_rates():
