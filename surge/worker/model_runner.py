@@ -161,9 +161,13 @@ class ModelRunner:
         hidden = self.forward(input_ids, positions, meta)
         sampled = [r for r in output.requests if r.sample]
         if any(self.requests[r.request_id].params.pooling for r in output.requests):
-            self._pool(output, hidden, meta, result)  # an embedding request proposes nothing: one row each
+            self._pool(output, hidden, meta, result)
+            rows_of, start = [], 0  # each sampled request's rows in sample_rows (1 + its proposals)
+            for r in sampled:
+                rows_of.append(sample_rows[start:start + 1 + r.num_draft])
+                start += 1 + r.num_draft
             keep = [k for k, r in enumerate(sampled) if self.requests[r.request_id].params.pooling is None]
-            sampled, sample_rows = [sampled[k] for k in keep], [sample_rows[k] for k in keep]
+            sampled, sample_rows = [sampled[k] for k in keep], [row for k in keep for row in rows_of[k]]
         rows = hidden if len(sample_rows) == hidden.shape[0] else hidden[sample_rows]  # all rows: in order
         logits = self.model.compute_logits(rows) if sampled else None
         if logits is not None and logits.device.type != "cpu":

@@ -10,6 +10,7 @@ import torch
 
 from surge import LLM, SamplingParams
 from surge.core import speculation
+from surge.core.ngram_proposer import NgramProposer
 from surge.engine.args import EngineArgs
 from surge.errors import InvalidArgumentError
 
@@ -201,3 +202,29 @@ def test_the_flag_and_the_keyword_agree():
     assert from_flag.num_speculative_tokens == 6 and from_flag.prompt_lookup_max == 4
     with pytest.raises(SystemExit):
         parser.parse_args(["--speculative-config", '{"method": "eagle"}'])
+
+
+def test_proposals_beside_embeddings_and_in_a_worker_process(tmp_path_factory, tiny_tokenizer_dir,
+                                                              monkeypatch: pytest.MonkeyPatch):
+    """A step that verifies proposals beside an embedding request's prompt, in this process and
+    in a worker process: the tokens and vectors of plain decoding."""
+    from tests.conftest import build_tiny_model
+
+    monkeypatch.setattr(speculation, "STEP_FIXED_ROWS", 1e9)  # every proposal verified
+    # a random model repeats little: propose its own last tokens every step, whatever they are
+    monkeypatch.setattr(NgramProposer, "propose", lambda self, request, k: request.output_token_ids[-k:] if k else [])
+    path = str(build_tiny_model("llama", tmp_path_factory.mktemp("spec_mixed") / "m", tiny_tokenizer_dir))
+    config = NGRAM
+    # small steps: the long prompt to embed is prefilled in chunks while the others decode
+    small = dict(dtype="float32", kv_cache_memory=16 << 20, max_num_batched_tokens=24, long_prefill_token_threshold=16)
+    plain = LLM(path, **small)
+    texts = ["the quick brown fox the quick brown fox the", "def main(argv): return main(argv) def", "hello hello",
+             "an embedding of this long text " * 12]
+    params = [SamplingParams(max_tokens=30, temperature=0.0)] * 3 + [SamplingParams(pooling="mean")]
+    expected = plain.generate(texts, params)
+    for backend in ("uni", "mp"):
+        with LLM(path, **small, speculative_config=config, distributed_executor_backend=backend) as spec:
+            got = spec.generate(texts, params)
+            assert [o.outputs[0].token_ids for o in got[:3]] == [o.outputs[0].token_ids for o in expected[:3]]
+            assert got[3].embedding == pytest.approx(expected[3].embedding, abs=1e-6)
+            assert spec.engine.stats().spec_drafts > 0, backend
