@@ -30,12 +30,12 @@ from dataclasses import dataclass
 from surge.config import CacheConfig, SchedulerConfig, SpeculativeConfig
 from surge.core.kv_cache_manager import KVCacheManager
 from surge.core.request import FinishReason, Request, RequestStatus
-from surge.core.speculation import Speculator
 from surge.core.scheduler_output import (
     NewRequestData,
     ScheduledRequest,
     SchedulerOutput,
 )
+from surge.core.speculation import Speculator
 from surge.errors import InvalidArgumentError
 
 

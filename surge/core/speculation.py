@@ -11,11 +11,14 @@ unit of time:
 
     add one where  a^j * (STEP_FIXED_ROWS + rows) > expected tokens of the step so far
 
-STEP_FIXED_ROWS is a step's cost apart from its rows, in rows (measured: a decode step of
-the default model takes ~6.5 ms at one row and ~1.3 ms more per row on 2 cores; see
-docs/performance.md). So at batch 1 a request with a good record proposes up to K tokens, at
-batch 32 only near-certain ones, and a request whose proposals keep failing stops proposing;
-its estimate drifts back to the prior while it does not speculate, so it tries again later.
+where STEP_FIXED_ROWS is a step's cost apart from its rows, in rows: measured as the engine
+runs (`observe`: a least-squares line of decode steps' seconds against their rows, older
+steps forgotten gradually), the model's, the machine's and the context's own; until the
+steps have varied enough to fit it, a prior (the default model on 2 cores: ~5 ms a step plus
+~1.7 ms a row at a 500-token context, docs/performance.md). So at batch 1 a request with a
+good record proposes up to K tokens, at batch 32 only near-certain ones, and a request whose
+proposals keep failing stops proposing; its estimate drifts back to the prior while it does
+not speculate, so it tries again later.
 """
 
 from __future__ import annotations
@@ -27,7 +30,10 @@ from surge.config import SpeculativeConfig
 from surge.core.ngram_proposer import NgramProposer
 from surge.core.request import Request
 
-STEP_FIXED_ROWS = 5.0
+STEP_FIXED_ROWS = 3.0  # the prior: a step's cost apart from its rows, in rows
+FIXED_ROWS_RANGE = (0.5, 64.0)  # what a fit may say
+FIT_DECAY = 0.99  # weight a step's timing keeps at each newer one (a memory of ~100 steps)
+FIT_MIN_VARIANCE = 0.25  # rows must vary this much (weighted variance) before the fit is used
 PRIOR_ACCEPTED, PRIOR_TRIALS = 1.0, 2.0  # a new request's estimate: 0.5, worth two observations
 DECAY = 0.9  # weight an older tested token keeps at each newer one (a memory of ~10 tokens)
 IDLE_DECAY = 0.97  # towards the prior, each step a request decodes without proposing
@@ -66,6 +72,28 @@ class Speculator:
         self.proposer = NgramProposer(config.prompt_lookup_min, config.prompt_lookup_max)
         self.stats = SpeculationStats()
         self._records: dict[str, _Record] = {}
+        self._fit = [0.0] * 5  # weighted sums of 1, rows, rows^2, seconds, rows * seconds
+
+    def observe(self, rows: int, seconds: float) -> None:
+        """A decode step's rows (tokens, proposals included) and the seconds it took."""
+        fit = self._fit
+        for i, value in enumerate((1.0, rows, rows * rows, seconds, rows * seconds)):
+            fit[i] = fit[i] * FIT_DECAY + value
+
+    @property
+    def fixed_rows(self) -> float:
+        """A step's cost apart from its rows, in rows: the fitted intercept over the slope, or
+        the prior while the steps have not varied enough to fit a line."""
+        n, x, xx, t, xt = self._fit
+        spread = n * xx - x * x  # n^2 times the weighted variance of rows
+        if n <= 0 or spread < FIT_MIN_VARIANCE * n * n:
+            return STEP_FIXED_ROWS
+        slope = (n * xt - x * t) / spread
+        if slope <= 0:
+            return STEP_FIXED_ROWS
+        intercept = (t - slope * x) / n
+        low, high = FIXED_ROWS_RANGE
+        return min(high, max(low, intercept / slope))
 
     def plan(self, decoding: list[Request], rows: int) -> dict[str, list[int]]:
         """Proposed tokens for some of `decoding` (requests about to decode one token; only those
@@ -75,7 +103,8 @@ class Speculator:
         bets: list[tuple[float, int, int]] = []  # (-gain, index, j) of each request's next token
         proposals: list[list[int]] = []
         rates: list[float] = []
-        floor = len(decoding) / (STEP_FIXED_ROWS + rows)  # a first proposed token's gain must beat it
+        fixed = self.fixed_rows
+        floor = len(decoding) / (fixed + rows)  # a first proposed token's gain must beat it
         for i, request in enumerate(decoding):
             record = self._records.setdefault(request.request_id, _Record())
             room = request.max_tokens - len(request.output_token_ids) - 1  # the last token is sampled
@@ -92,7 +121,7 @@ class Speculator:
         while bets:
             neg_gain, i, j = bets[0]
             gain = -neg_gain
-            if gain * (STEP_FIXED_ROWS + rows) <= expected:
+            if gain * (fixed + rows) <= expected:
                 break
             heapq.heappop(bets)
             expected += gain

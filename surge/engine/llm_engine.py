@@ -190,6 +190,10 @@ class LLMEngine:
         result, culprits = self.core.execute(scheduled)
         t2 = time.perf_counter()
         clock.execute += t2 - t1
+        speculator = self.scheduler.speculator
+        if speculator is not None and not culprits and scheduled.requests and \
+                all(len(r.token_ids) == 1 + r.num_draft for r in scheduled.requests):  # a decode step
+            speculator.observe(scheduled.num_tokens, t2 - t1)
         outputs = self.processor.process(scheduled, result, culprits)
         clock.postprocess += time.perf_counter() - t2
         clock.steps += 1

@@ -109,7 +109,7 @@ def test_large_batches_back_off():
     assert s.plan(batch, 32) == {}  # at the prior, a bet costs 32 rows' worth of a step
     for r in batch:
         for _ in range(20):
-            s.record(r.request_id, 10, 9)  # 9 of 10 accepted
+            s.record(r.request_id, 20, 19)  # 19 of 20 accepted
     plan = s.plan(batch, 32)  # likely proposals still pay, fewer of them
     assert len(plan) == 32 and all(len(v) == 1 for v in plan.values())
     assert len(s.plan(batch[:1], 1)["0"]) == 4
@@ -245,3 +245,27 @@ def test_update_refuses_more_tokens_than_proposed():
 def test_bad_configs_are_refused(bad, message):
     with pytest.raises(InvalidArgumentError, match=message):
         SpeculativeConfig(**bad)
+
+
+def test_a_steps_fixed_cost_is_fitted_from_its_timings():
+    s = Speculator(SpeculativeConfig("ngram", 4, 2, 3))
+    assert s.fixed_rows == speculation.STEP_FIXED_ROWS  # nothing seen: the prior
+    for _ in range(50):
+        s.observe(1, 0.005 + 0.001)  # every step one row: no line to fit yet
+    assert s.fixed_rows == speculation.STEP_FIXED_ROWS
+    for i in range(300):  # 5 ms a step plus 1 ms a row
+        rows = 1 + i % 6
+        s.observe(rows, 0.005 + 0.001 * rows)
+    assert s.fixed_rows == pytest.approx(5.0, rel=1e-6)
+    for i in range(1000):  # the context grew: 4 ms a row now; the old steps are forgotten
+        rows = 1 + i % 6
+        s.observe(rows, 0.006 + 0.004 * rows)
+    assert s.fixed_rows == pytest.approx(1.5, rel=1e-3)
+    cheap = Speculator(SpeculativeConfig("ngram", 4, 2, 3))
+    for i in range(100):  # rows nearly free: the fit is bounded
+        cheap.observe(1 + i % 4, 0.010 + 1e-9 * (i % 4))
+    assert cheap.fixed_rows == speculation.FIXED_ROWS_RANGE[1]
+    # the fit decides the bets: at batch 1 and a prior-level record, a cheap row buys more proposals
+    r = copy_request("a")
+    assert len(cheap.plan([r], 1)["a"]) > len(s.plan([copy_request("b")], 1).get("b", []))
+

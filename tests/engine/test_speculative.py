@@ -137,7 +137,7 @@ def chi_square_p(a: list[int], b: list[int]) -> float:
 def test_sampled_tokens_follow_the_same_distribution(pair_bf16, monkeypatch: pytest.MonkeyPatch):
     """Temperature 0.8, top-p 0.9: the second and third tokens (the first verified ones) with and
     without speculation agree by a chi-square test at p = 0.01."""
-    monkeypatch.setattr(speculation, "STEP_FIXED_ROWS", 1e9)  # every proposal taken, at any batch
+    monkeypatch.setattr(speculation.Speculator, "fixed_rows", 1e9)  # every proposal taken, at any batch
     plain, spec = pair_bf16
     text = "red blue green red blue green red blue green red blue green red"
     n = 1000
@@ -161,7 +161,7 @@ def test_sampled_tokens_follow_the_same_distribution(pair_bf16, monkeypatch: pyt
 def test_seeded_requests_give_the_same_tokens_in_any_batch_and_as_without(pair, monkeypatch: pytest.MonkeyPatch):
     """A seeded request draws its uniforms in the same order whether its tokens come from
     verified proposals or plain steps: the same tokens alone, in a batch, and without speculation."""
-    monkeypatch.setattr(speculation, "STEP_FIXED_ROWS", 1e9)  # every proposal verified, at any batch
+    monkeypatch.setattr(speculation.Speculator, "fixed_rows", 1e9)  # every proposal verified, at any batch
     plain, spec = pair
     text = "red blue green red blue green red blue green red blue green red"
     params = SamplingParams(max_tokens=32, temperature=0.7, top_k=40, seed=11)
@@ -210,7 +210,7 @@ def test_proposals_beside_embeddings_and_in_a_worker_process(tmp_path_factory, t
     in a worker process: the tokens and vectors of plain decoding."""
     from tests.conftest import build_tiny_model
 
-    monkeypatch.setattr(speculation, "STEP_FIXED_ROWS", 1e9)  # every proposal verified
+    monkeypatch.setattr(speculation.Speculator, "fixed_rows", 1e9)  # every proposal verified
     # a random model repeats little: propose its own last tokens every step, whatever they are
     monkeypatch.setattr(NgramProposer, "propose", lambda self, request, k: request.output_token_ids[-k:] if k else [])
     path = str(build_tiny_model("llama", tmp_path_factory.mktemp("spec_mixed") / "m", tiny_tokenizer_dir))
@@ -228,3 +228,13 @@ def test_proposals_beside_embeddings_and_in_a_worker_process(tmp_path_factory, t
             assert [o.outputs[0].token_ids for o in got[:3]] == [o.outputs[0].token_ids for o in expected[:3]]
             assert got[3].embedding == pytest.approx(expected[3].embedding, abs=1e-6)
             assert spec.engine.stats().spec_drafts > 0, backend
+
+
+def test_the_engine_feeds_decode_steps_timings(tmp_path_factory, tiny_tokenizer_dir):
+    from tests.conftest import build_tiny_model
+
+    path = build_tiny_model("llama", tmp_path_factory.mktemp("fit") / "m", tiny_tokenizer_dir)
+    llm = LLM(str(path), dtype="float32", kv_cache_memory=8 << 20, speculative_config={"method": "ngram"})
+    llm.generate(["a b a b a b", "c d"], SamplingParams(max_tokens=6, temperature=0.0))
+    n = llm.engine.scheduler.speculator._fit[0]
+    assert 4 <= n <= 6  # the decode steps (not the prefill)
