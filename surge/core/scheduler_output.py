@@ -46,3 +46,8 @@ class SchedulerOutput:
     @property
     def num_tokens(self) -> int:
         return sum(len(r.token_ids) for r in self.requests)
+
+    @property
+    def decode_only(self) -> bool:
+        """Every scheduled request decodes its one next token (with its proposals, if any)."""
+        return bool(self.requests) and all(len(r.token_ids) == 1 + r.num_draft for r in self.requests)

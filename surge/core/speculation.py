@@ -39,6 +39,15 @@ DECAY = 0.9  # weight an older tested token keeps at each newer one (a memory of
 IDLE_DECAY = 0.97  # towards the prior, each step a request decodes without proposing
 
 
+def acceptance_rate(accepted: int, proposed: int) -> float:
+    return accepted / proposed if proposed else 0.0
+
+
+def mean_accepted_length(accepted: int, drafts: int) -> float:
+    """Tokens a verifying request gained per step: its accepted proposals plus the one sampled."""
+    return 1.0 + accepted / drafts if drafts else 0.0
+
+
 @dataclass(slots=True)
 class SpeculationStats:
     num_drafts: int = 0  # verifications: a request's proposed tokens checked in a step
@@ -47,12 +56,11 @@ class SpeculationStats:
 
     @property
     def acceptance_rate(self) -> float:
-        return self.num_accepted_tokens / self.num_draft_tokens if self.num_draft_tokens else 0.0
+        return acceptance_rate(self.num_accepted_tokens, self.num_draft_tokens)
 
     @property
     def mean_accepted_length(self) -> float:
-        """Tokens a verifying request gained per step (its accepted tokens plus the one sampled)."""
-        return 1.0 + self.num_accepted_tokens / self.num_drafts if self.num_drafts else 0.0
+        return mean_accepted_length(self.num_accepted_tokens, self.num_drafts)
 
 
 @dataclass(slots=True)

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from surge.config import EngineConfig
 from surge.core.kv_cache_manager import PrefixCacheStats
 from surge.core.scheduler import SchedulerStats
+from surge.core.speculation import acceptance_rate, mean_accepted_length
 from surge.engine.args import EngineArgs
 from surge.engine.engine_core import MAX_FAILED_STEPS, EngineBrokenError, EngineCore, ReserveHook
 from surge.engine.output_processor import OutputProcessor
@@ -56,12 +57,11 @@ class EngineStats:
 
     @property
     def spec_acceptance_rate(self) -> float:
-        return self.spec_accepted_tokens / self.spec_draft_tokens if self.spec_draft_tokens else 0.0
+        return acceptance_rate(self.spec_accepted_tokens, self.spec_draft_tokens)
 
     @property
     def spec_mean_accepted_length(self) -> float:
-        """Tokens a verifying request gained per step: its accepted proposals plus one."""
-        return 1.0 + self.spec_accepted_tokens / self.spec_drafts if self.spec_drafts else 0.0
+        return mean_accepted_length(self.spec_accepted_tokens, self.spec_drafts)
 
 
 @dataclass
@@ -191,8 +191,7 @@ class LLMEngine:
         t2 = time.perf_counter()
         clock.execute += t2 - t1
         speculator = self.scheduler.speculator
-        if speculator is not None and not culprits and scheduled.requests and \
-                all(len(r.token_ids) == 1 + r.num_draft for r in scheduled.requests):  # a decode step
+        if speculator is not None and not culprits and scheduled.decode_only:
             speculator.observe(scheduled.num_tokens, t2 - t1)
         outputs = self.processor.process(scheduled, result, culprits)
         clock.postprocess += time.perf_counter() - t2

@@ -300,7 +300,7 @@ class Sampler:
                 for j, i in enumerate(random_rows):
                     gen = rows[i].generator
                     if gen is not None:
-                        uniforms[j] = torch.rand(1, generator=gen)[0]
+                        uniforms[j] = uniform(gen)
                 tokens[idx] = inverse_cdf(probs, uniforms)
         logprobs: list[TokenLogprobs | None] = [None] * len(rows)
         if raw_logprobs is not None:

@@ -54,7 +54,7 @@ class ModelRunner:
 
     def prepare(self, output: SchedulerOutput) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, list[int]]:
         """(input ids, positions, attention metadata, rows of the tokens to sample from)."""
-        if self.native_decode and output.requests and all(len(r.token_ids) == 1 + r.num_draft for r in output.requests):
+        if self.native_decode and output.decode_only:
             return self._prepare_decode(output)
         ids: list[int] = []
         positions: list[int] = []
