@@ -2,8 +2,11 @@
 interleaved, ratios pair by pair).
 
     python benchmarks/speculative.py [--pairs 5] [--model M] [--k 4] [--batch 1 32] [--dtype D]
+                                     [--draft-model D] [--workloads copy free]
 
-Two engines on the same model, one with `--speculative-config '{"method": "ngram", ...}'`.
+Two engines on the same model, one with `--speculative-config '{"method": "ngram", ...}'`, or
+with --draft-model `{"method": "draft", "model": D, ...}` (e.g. `--model
+qwen2.5-coder-1.5b-instruct-q4_k_m --draft-model qwen2.5-coder-0.5b-instruct`).
 Workloads, each greedy with up to --output-len tokens:
   copy:  chat requests that rewrite a given text (code with a renamed function, a passage
          with one word changed): most of the answer is in the prompt;
@@ -62,13 +65,18 @@ def main() -> None:
     ap.add_argument("--k", type=int, default=4, help="num_speculative_tokens")
     ap.add_argument("--output-len", type=int, default=256)
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 32])
+    ap.add_argument("--draft-model", default=None, help="speculate with this draft model instead of n-grams")
+    ap.add_argument("--workloads", nargs="+", default=["copy", "free"], choices=["copy", "free"])
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
-    spec = {"method": "ngram", "num_speculative_tokens": args.k, "prompt_lookup_min": 2, "prompt_lookup_max": 4}
+    if args.draft_model:
+        spec = {"method": "draft", "model": args.draft_model, "num_speculative_tokens": args.k}
+    else:
+        spec = {"method": "ngram", "num_speculative_tokens": args.k, "prompt_lookup_min": 2, "prompt_lookup_max": 4}
     base = LLM(model=args.model, dtype=args.dtype)
     fast = LLM(model=args.model, dtype=args.dtype, speculative_config=spec)
     results = []
-    for name, prompts in (("copy", COPY), ("free", FREE)):
+    for name, prompts in [(w, {"copy": COPY, "free": FREE}[w]) for w in args.workloads]:
         for batch in args.batch:
             convs = [[{"role": "user", "content": prompts[i % len(prompts)]}] for i in range(batch)]
             run(base, convs, 8)  # prompts into both prefix caches
@@ -90,7 +98,9 @@ def main() -> None:
                        spec_tok_s=round(statistics.median(spec_runs), 1), ratio=round(statistics.median(ratios), 3),
                        acceptance=round(accepted / proposed, 3) if proposed else 0.0,
                        tokens_per_verification=round(1 + accepted / drafts, 2) if drafts else 0.0,
-                       proposed_per_step=round(proposed / max(1, drafts), 2), identical=same)
+                       proposed_per_step=round(proposed / max(1, drafts), 2), identical=same,
+                       fixed_rows=round(fast.engine.scheduler.speculator.fixed_rows, 2),
+                       pass_rows=round(fast.engine.scheduler.speculator.pass_rows, 2))
             results.append(row)
             if not args.json:
                 print(" ".join(f"{k}={v}" for k, v in row.items()), flush=True)

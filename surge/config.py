@@ -331,7 +331,10 @@ class SpeculativeConfig:
     next tokens are proposed cheaply and verified in the target's own forward pass.
 
     ngram: the continuation of the latest match of the context's last n tokens (n from
-    prompt_lookup_max down to prompt_lookup_min) in the request's own prompt and output."""
+    prompt_lookup_max down to prompt_lookup_min) in the request's own prompt and output.
+    draft: a smaller model with the target's tokenizer (`model`: a path or name as --model
+    takes it, or "self-int4" / "self-int8": the target itself quantized) runs ahead of the
+    target, greedily, in its own paged KV cache."""
 
     method: str = "ngram"
     num_speculative_tokens: int = 4  # proposed tokens a step per request at most
@@ -343,10 +346,6 @@ class SpeculativeConfig:
         if self.method not in SPECULATIVE_METHODS:
             raise InvalidArgumentError(f"speculative_config: unknown method {self.method!r}; choose one of "
                                        f"{', '.join(SPECULATIVE_METHODS)}")
-        if self.method == "draft":
-            raise InvalidArgumentError(
-                "speculative_config: method 'draft' (a second model proposing) is not available in this version; "
-                "use method 'ngram'")
         for name in ("num_speculative_tokens", "prompt_lookup_min", "prompt_lookup_max"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -361,6 +360,23 @@ class SpeculativeConfig:
                 f"({self.prompt_lookup_max})")
         if self.model is not None and self.method == "ngram":
             raise InvalidArgumentError("speculative_config: 'model' is a draft model's; method 'ngram' has none")
+        if self.method == "draft" and (not isinstance(self.model, str) or not self.model.strip()):
+            raise InvalidArgumentError(
+                "speculative_config: method 'draft' needs 'model': a model with the target's tokenizer (a path or "
+                f"name as --model takes it, or one of {', '.join(SELF_DRAFTS)}), got {self.model!r}")
+
+
+SELF_DRAFTS = {"self-int4": "int4", "self-int8": "int8"}  # draft model names for the target quantized
+
+
+@dataclass(frozen=True)
+class DraftModelConfig:
+    """The draft model of method "draft", resolved like the target: its checkpoint, its
+    architecture and how its weights are quantized (its dtype is the target's)."""
+
+    model: ModelConfig
+    load: LoadConfig
+    quant: QuantConfig
 
 
 @dataclass(frozen=True)
@@ -377,3 +393,4 @@ class EngineConfig:
     device: DeviceConfig
     compilation: CompilationConfig = field(default_factory=CompilationConfig)
     speculative: SpeculativeConfig | None = None  # None: no speculative decoding
+    draft: DraftModelConfig | None = None  # speculative method "draft": the model that proposes

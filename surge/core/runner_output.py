@@ -31,6 +31,11 @@ class ModelRunnerOutput:
     # embedding requests whose prompt ended this step: the pooled, normalised hidden state
     pooled: dict[str, list[float]] = field(default_factory=dict)
     num_compiles: int = 0  # graphs the worker has compiled so far (with --compile)
+    # a draft model's proposals this step (speculative method "draft"): all its time, and its
+    # passes of one token a request (what a proposal's depth costs, without catch-up) and theirs
+    draft_seconds: float = 0.0
+    draft_passes: int = 0
+    draft_pass_seconds: float = 0.0
 
     def merge(self, other: "ModelRunnerOutput") -> None:
         self.sampled.update(other.sampled)
@@ -39,3 +44,6 @@ class ModelRunnerOutput:
         self.prompt_logprobs.update(other.prompt_logprobs)
         self.pooled.update(other.pooled)
         self.num_compiles = max(self.num_compiles, other.num_compiles)
+        self.draft_seconds = max(self.draft_seconds, other.draft_seconds)
+        self.draft_passes = max(self.draft_passes, other.draft_passes)
+        self.draft_pass_seconds = max(self.draft_pass_seconds, other.draft_pass_seconds)

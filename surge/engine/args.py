@@ -28,10 +28,12 @@ from surge.config import (
     LoadConfig,
     ParallelConfig,
     QuantConfig,
+    SELF_DRAFTS,
+    DraftModelConfig,
     SchedulerConfig,
     SpeculativeConfig,
 )
-from surge.errors import InvalidArgumentError
+from surge.errors import InvalidArgumentError, SurgeError
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)?\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "m": 1000**2, "mb": 1000**2, "g": 1000**3, "gb": 1000**3,
@@ -217,6 +219,7 @@ class EngineArgs:
                     f"max_model_len {self.max_model_len} is longer than the context of {source.name} "
                     f"({max_model_len} tokens); choose at most {max_model_len}")
             max_model_len = self.max_model_len
+        dtype = resolve_dtype(self.dtype, device, model.checkpoint_dtype)
         return EngineConfig(
             model=model,
             cache=CacheConfig(self.block_size, self.kv_cache_memory, self.kv_cache_fraction, self.kv_cache_dtype,
@@ -225,13 +228,38 @@ class EngineArgs:
                 self.max_num_seqs, self.max_num_batched_tokens, max_model_len, self.enable_chunked_prefill,
                 self.long_prefill_token_threshold, self.scheduling_policy, model.attention_parity_tokens),
             parallel=ParallelConfig(distributed_executor_backend=self.distributed_executor_backend),
-            load=LoadConfig(source.path, source.kind, source.name, resolve_dtype(self.dtype, device,
-                                                                                 model.checkpoint_dtype)),
+            load=LoadConfig(source.path, source.kind, source.name, dtype),
             quant=QuantConfig(quantization, self.group_size),
             device=DeviceConfig(device, self.threads),
             compilation=CompilationConfig(self.compile, self.warmup, self.native_decode),
             speculative=self.speculative_config,
+            draft=self._draft_config(source, device, dtype),
         )
+
+    def _draft_config(self, target: Any, device: str, dtype: str) -> DraftModelConfig | None:
+        """The draft model of method "draft", resolved as the target is (a bad path fails here,
+        naming the draft), or the target itself quantized ("self-int4" / "self-int8"); it runs
+        in the target's dtype."""
+        from surge.loader import effective_quantization, read_model_config, resolve_model
+
+        spec = self.speculative_config
+        if spec is None or spec.method != "draft":
+            return None
+        assert spec.model is not None
+        if spec.model in SELF_DRAFTS:
+            source, quantization = target, effective_quantization(SELF_DRAFTS[spec.model], device)
+        else:
+            try:
+                source = resolve_model(spec.model)
+            except SurgeError as exc:
+                raise InvalidArgumentError(f"speculative_config: draft model {spec.model!r}: {exc}") from exc
+            quantization = effective_quantization("auto", device)
+        try:
+            model = read_model_config(source)
+        except SurgeError as exc:
+            raise InvalidArgumentError(f"speculative_config: draft model {spec.model!r}: {exc}") from exc
+        return DraftModelConfig(model, LoadConfig(source.path, source.kind, spec.model, dtype),
+                                QuantConfig(quantization, self.group_size))
 
 
 def _check(name: str, value: Any, meta: Mapping[str, Any]) -> Any:

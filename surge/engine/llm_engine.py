@@ -15,7 +15,7 @@ import logging
 import time
 from dataclasses import dataclass
 
-from surge.config import EngineConfig
+from surge.config import SELF_DRAFTS, DraftModelConfig, EngineConfig
 from surge.core.kv_cache_manager import PrefixCacheStats
 from surge.core.scheduler import SchedulerStats
 from surge.core.speculation import acceptance_rate, mean_accepted_length
@@ -80,6 +80,24 @@ def decode_buckets(max_num_seqs: int) -> list[int]:
     return sizes + [max_num_seqs]
 
 
+def check_draft_tokenizer(tokenizer: Tokenizer, draft: DraftModelConfig) -> None:
+    """A draft model must share the target's vocabulary: the same token for every id."""
+    from surge.loader import load_tokenizer
+    from surge.loader.hub import ModelSource
+
+    load = draft.load
+    if load.name in SELF_DRAFTS:  # the target itself, quantized
+        return
+    theirs = load_tokenizer(ModelSource(load.kind, load.path, load.name), draft.model)
+    ours_vocab, their_vocab = tokenizer.backend.get_vocab(), theirs.backend.get_vocab()
+    if ours_vocab != their_vocab:
+        differ = sorted(set(ours_vocab.items()) ^ set(their_vocab.items()), key=lambda kv: kv[1])
+        example = f"; e.g. id {differ[0][1]} is {differ[0][0]!r} in one of them" if differ else ""
+        raise InvalidArgumentError(
+            f"speculative_config: the draft model {load.name!r} has another vocabulary than the target "
+            f"({len(their_vocab)} tokens against {len(ours_vocab)}{example}); a draft must use the target's tokenizer")
+
+
 class LLMEngine:
     def __init__(self, config: EngineConfig, tokenizer: Tokenizer | None = None, reserve: ReserveHook | None = None):
         from surge.loader import load_tokenizer
@@ -91,6 +109,8 @@ class LLMEngine:
         self.tokenizer: Tokenizer = tokenizer or load_tokenizer(ModelSource(load.kind, load.path, load.name),
                                                                 config.model)
         self.eos_ids = frozenset(config.model.eos_token_ids) | frozenset(self.tokenizer.eos_token_ids)
+        if config.draft is not None:  # before any weight is read
+            check_draft_tokenizer(self.tokenizer, config.draft)
         self.core = EngineCore(config, self.eos_ids, reserve)
         self.scheduler = self.core.scheduler
         self.model_info: ModelInfo = self.core.model_info
@@ -192,7 +212,9 @@ class LLMEngine:
         clock.execute += t2 - t1
         speculator = self.scheduler.speculator
         if speculator is not None and not culprits and scheduled.decode_only:
-            speculator.observe(scheduled.num_tokens, t2 - t1)
+            speculator.observe(scheduled.num_tokens, t2 - t1 - result.draft_seconds)
+        if speculator is not None and not culprits:
+            speculator.observe_draft(result.draft_passes, result.draft_pass_seconds)
         outputs = self.processor.process(scheduled, result, culprits)
         clock.postprocess += time.perf_counter() - t2
         clock.steps += 1

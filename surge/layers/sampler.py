@@ -33,6 +33,10 @@ class SamplingRow:
     prompt_ids: list[int]
     output_ids: list[int]
 
+    def context(self) -> list[int]:
+        """Every known token of the request: its prompt, then its output."""
+        return self.prompt_ids + self.output_ids
+
 
 class DeferredMask(Protocol):
     """A constrained row whose bitmask is computed only on demand (surge.structured.manager)."""

@@ -50,8 +50,12 @@ def kv_cache_budget(cache: CacheConfig, device: str) -> int:
     return budget if device.startswith("cuda") else min(budget, DEFAULT_CPU_KV_BYTES)
 
 
-def num_kv_blocks(model: ModelConfig, cache: CacheConfig, dtype: torch.dtype, device: str) -> int:
+def num_kv_blocks(model: ModelConfig, cache: CacheConfig, dtype: torch.dtype, device: str,
+                  draft: ModelConfig | None = None) -> int:
+    """Blocks that fit the budget; with a draft model, each block is also one of its cache's."""
     per_block = bytes_per_block(model, cache.block_size, dtype)
+    if draft is not None:
+        per_block += bytes_per_block(draft, cache.block_size, dtype)
     budget = kv_cache_budget(cache, device)
     blocks = budget // per_block
     if blocks < 1:

@@ -19,6 +19,7 @@ from surge.layers.forward_context import ForwardContext, set_forward_context
 from surge.layers.native_decoder import NativeDecoder
 from surge.layers.rejection_sampler import verify
 from surge.layers.sampler import Sampler, SamplingRow, token_logprobs
+from surge.worker.draft_runner import DraftProposer
 from surge.worker.reports import StepTimings
 
 
@@ -36,6 +37,7 @@ class ModelRunner:
         device: str,
         eos_ids: frozenset[int] = frozenset(),
         decoder: NativeDecoder | None = None,
+        drafter: DraftProposer | None = None,
     ):
         self.model = model
         self.kv_caches = kv_caches
@@ -51,6 +53,7 @@ class ModelRunner:
         # Builds (or loads from its cache) the native decode kernel now, at load, not in the first step.
         self.native_decode = bool(kv_caches) and native_decode(kv_caches[0])
         self.decoder = decoder if self.native_decode else None  # a decode-only step's stack in one call
+        self.drafter = drafter  # speculative method "draft": the model that fills in proposals
 
     def prepare(self, output: SchedulerOutput) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, list[int]]:
         """(input ids, positions, attention metadata, rows of the tokens to sample from)."""
@@ -137,8 +140,12 @@ class ModelRunner:
         for request_id in output.finished_request_ids:
             self.requests.pop(request_id, None)
             self.pools.pop(request_id, None)
+            if self.drafter is not None:
+                self.drafter.forget(request_id)
         for request_id in output.preempted_request_ids:  # recomputed from its first token
             self.pools.pop(request_id, None)
+            if self.drafter is not None:  # its blocks are gone: the draft's KV with them
+                self.drafter.forget(request_id)
         for r in output.requests:
             # a step re-run after a failure resends `new`: the state (and its generator) stays
             if r.new is not None and r.request_id not in self.requests:
@@ -155,6 +162,13 @@ class ModelRunner:
         if not output.requests:
             return result
         clock = self.timings
+        if self.drafter is not None and any(r.num_draft for r in output.requests):
+            start = time.perf_counter()
+            contexts = {r.request_id: self.requests[r.request_id].context() for r in output.requests if r.num_draft}
+            self.drafter.propose(output, contexts)
+            result.draft_seconds = time.perf_counter() - start
+            result.draft_passes, result.draft_pass_seconds = self.drafter.decode_passes, self.drafter.decode_seconds
+            clock.draft += result.draft_seconds
         t0 = time.perf_counter()
         input_ids, positions, meta, sample_rows = self.prepare(output)
         t1 = time.perf_counter()
@@ -205,6 +219,8 @@ class ModelRunner:
             if r.num_draft:
                 row = self.requests[r.request_id]
                 tokens = verify(logits[start:start + n], row, r.token_ids[-r.num_draft:], self.eos_ids)
+                if self.drafter is not None:
+                    self.drafter.settle(r.request_id, r.start_position, r.num_draft, len(tokens) - 1)
                 row.output_ids.extend(tokens)
                 result.sampled[r.request_id] = tokens[0]
                 result.more_tokens[r.request_id] = tokens[1:]

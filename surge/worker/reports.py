@@ -8,7 +8,8 @@ from dataclasses import dataclass
 @dataclass
 class StepTimings:
     """Where steps spend their wall time (seconds, summed). The worker fills prepare, forward
-    (the model and the LM head; synchronous on CPU) and sample; the engine fills schedule,
+    (the model and the LM head; synchronous on CPU), sample and draft (a draft model's
+    proposals, speculative method "draft"); the engine fills schedule,
     execute (the executor's call, transport to another process included) and postprocess."""
 
     steps: int = 0
@@ -17,11 +18,12 @@ class StepTimings:
     prepare: float = 0.0  # input tensors and attention metadata
     forward: float = 0.0  # the model and the LM head
     sample: float = 0.0  # sampler and prompt logprobs
+    draft: float = 0.0  # the draft model proposing tokens
     postprocess: float = 0.0  # Scheduler.update, stop checks, detokenization, outputs
 
     @property
     def worker(self) -> float:
-        return self.prepare + self.forward + self.sample
+        return self.prepare + self.forward + self.sample + self.draft
 
     @property
     def transport(self) -> float:
@@ -35,16 +37,16 @@ class StepTimings:
     def combined(self, worker: "StepTimings") -> "StepTimings":
         """The engine's parts with the worker's."""
         return StepTimings(self.steps, self.schedule, self.execute, worker.prepare, worker.forward, worker.sample,
-                           self.postprocess)
+                           worker.draft, self.postprocess)
 
     def summary(self) -> dict[str, float]:
-        """Per-step milliseconds of each part and the share of the step outside the forward."""
+        """Per-step milliseconds of each part and the share of the step outside the models' forwards."""
         n = max(self.steps, 1)
-        names = ("schedule", "prepare", "forward", "sample", "transport", "postprocess")
+        names = ("schedule", "prepare", "forward", "sample", "draft", "transport", "postprocess")
         parts = {k: 1000 * getattr(self, k) / n for k in names}
         total = self.total
         return {**{f"{k}_ms": v for k, v in parts.items()}, "steps": self.steps,
-                "overhead_pct": 100 * (total - self.forward) / total if total else 0.0}
+                "overhead_pct": 100 * (total - self.forward - self.draft) / total if total else 0.0}
 
 
 @dataclass(frozen=True)

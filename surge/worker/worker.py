@@ -16,6 +16,7 @@ import torch
 from surge.config import EngineConfig
 from surge.core.runner_output import ModelRunnerOutput
 from surge.core.scheduler_output import SchedulerOutput
+from surge.errors import InvalidArgumentError
 from surge.worker.reports import MemoryEstimate, ModelInfo, StepTimings
 
 logger = logging.getLogger(__name__)
@@ -31,6 +32,8 @@ class Worker:
         self.compiled = None  # the CompiledModel with --compile
         self.info: ModelInfo | None = None
         self.kv_caches: list[torch.Tensor] = []
+        self.draft_model: torch.nn.Module | None = None  # speculative method "draft"
+        self.draft_kv_caches: list[torch.Tensor] = []
 
     # ---- set-up, in the order an executor calls it --------------------------------------
 
@@ -51,6 +54,9 @@ class Worker:
         from surge.worker.kv_cache import kv_cache_budget
 
         weights = estimate_model_bytes(self.config.model, self.dtype, self.config.quant.method)
+        draft = self.config.draft
+        if draft is not None:
+            weights += estimate_model_bytes(draft.model, self.dtype, draft.quant.method)
         return MemoryEstimate(weights, kv_cache_budget(self.config.cache, self.device))
 
     def load_model(self) -> ModelInfo:
@@ -65,14 +71,27 @@ class Worker:
                               describe_quantization(self.model))
         logger.info("loaded %s (%s, %s) in %.1fs", load.name, self.config.model.architecture, load.dtype,
                     time.perf_counter() - start)
+        draft = self.config.draft
+        if draft is not None:
+            start = time.perf_counter()
+            try:
+                self.draft_model = load_weights(ModelSource(draft.load.kind, draft.load.path, draft.load.name),
+                                                draft.model, self.dtype, self.device, draft.quant.method,
+                                                draft.quant.group_size)
+            except Exception as exc:
+                raise InvalidArgumentError(f"speculative_config: the draft model {draft.load.name!r} did not load: "
+                                           f"{exc}") from exc
+            logger.info("loaded the draft model %s (%s, %s) in %.1fs", draft.load.name, draft.model.architecture,
+                        describe_quantization(self.draft_model), time.perf_counter() - start)
         return self.info
 
     def determine_num_blocks(self) -> int:
         """KV blocks that fit the configured budget (or the fraction of free memory)."""
         from surge.worker.kv_cache import cache_dtype, num_kv_blocks
 
+        draft = self.config.draft
         return num_kv_blocks(self.config.model, self.config.cache, cache_dtype(self.config.cache, self.dtype),
-                             self.device)
+                             self.device, draft.model if draft is not None else None)
 
     def initialize_cache(self, num_blocks: int, eos_token_ids: frozenset[int]) -> ModelInfo:
         """Allocate the cache, wrap the forward for compilation, build the runner; returns the
@@ -97,10 +116,32 @@ class Worker:
             from surge.layers.native_decoder import build_native_decoder
 
             decoder = build_native_decoder(self.model, self.kv_caches)
-        self.runner = ModelRunner(model, self.kv_caches, cache.block_size, self.device, eos_token_ids, decoder)
-        self.info = dataclasses.replace(self.info, weight_bytes=module_bytes(self.model),
-                                        kv_cache_bytes=tensor_bytes(self.kv_caches))
+        drafter = self._drafter(num_blocks, kv_dtype) if self.draft_model is not None else None
+        self.runner = ModelRunner(model, self.kv_caches, cache.block_size, self.device, eos_token_ids, decoder,
+                                  drafter)
+        weights, caches = module_bytes(self.model), tensor_bytes(self.kv_caches)
+        if self.draft_model is not None:
+            weights += module_bytes(self.draft_model)
+            caches += tensor_bytes(self.draft_kv_caches)
+        self.info = dataclasses.replace(self.info, weight_bytes=weights, kv_cache_bytes=caches)
         return self.info
+
+    def _drafter(self, num_blocks: int, kv_dtype: torch.dtype):  # noqa: ANN202 (a DraftProposer)
+        """The draft model's runner over its own KV cache of the target's blocks."""
+        from surge.worker.draft_runner import DraftProposer
+        from surge.worker.kv_cache import allocate_kv_caches
+        from surge.worker.model_runner import ModelRunner
+
+        draft, cache = self.config.draft, self.config.cache
+        assert draft is not None and self.draft_model is not None
+        self.draft_kv_caches = allocate_kv_caches(draft.model, num_blocks, cache.block_size, kv_dtype, self.device)
+        decoder = None
+        if self.config.compilation.native_decode:
+            from surge.layers.native_decoder import build_native_decoder
+
+            decoder = build_native_decoder(self.draft_model, self.draft_kv_caches)
+        runner = ModelRunner(self.draft_model, self.draft_kv_caches, cache.block_size, self.device, decoder=decoder)
+        return DraftProposer(runner, self.config.model.vocab_size, self.config.scheduler.max_num_batched_tokens)
 
     # ---- serving ------------------------------------------------------------------------
 
@@ -131,3 +172,5 @@ class Worker:
         self.runner = None
         self.kv_caches = []
         self.model = None
+        self.draft_kv_caches = []
+        self.draft_model = None

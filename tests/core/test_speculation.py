@@ -125,6 +125,34 @@ def test_proposals_respect_the_request_and_its_room():
     assert s.plan([r], 1) == {}
 
 
+def test_a_draft_model_gets_placeholders_and_its_passes_are_paid_for():
+    """Method "draft": the plan holds placeholders for the worker's draft to fill in, in any
+    context; each new depth also costs a draft pass, so an expensive draft proposes less."""
+    s = Speculator(SpeculativeConfig("draft", 6, model="d.gguf"))
+    r = req("a", [1, 2, 3, 4, 5])  # nothing repeats: no n-gram would propose
+    for _ in range(20):
+        s.record("a", 6, 6)
+    assert s.plan([r], 1) == {"a": [speculation.DRAFT_PLACEHOLDER] * 6}
+    assert s.pass_rows == speculation.DRAFT_PASS_ROWS  # nothing measured: the prior
+    for i in range(300):  # the target: 5 ms a step plus 1 ms a row
+        rows = 1 + i % 6
+        s.observe(rows, 0.005 + 0.001 * rows)
+    s.observe_draft(4, 0.004)  # a pass costs one row
+    assert s.pass_rows == pytest.approx(1.0, rel=1e-6)
+    assert len(s.plan([r], 1)["a"]) == 6  # a near-certain record: every depth pays its pass
+    for _ in range(40):
+        s.record("a", 5, 4)  # four of five accepted: a ~ 0.8
+    assert len(s.plan([r], 1)["a"]) == 3  # 0.8^3 (6 + 3 * 2) > 2.44 x 2; 0.8^4 x 12 < 2.95 x 2
+    for _ in range(1000):
+        s.observe_draft(2, 0.006)  # 3 ms a pass: 3 rows
+    assert s.pass_rows == pytest.approx(3.0, rel=1e-3)
+    assert len(s.plan([r], 1)["a"]) == 1  # 0.8 x 6 > 4; then 0.64 x 10 < 1.8 x 4
+    for _ in range(40):
+        s.record("a", 4, 1)  # a poor record: no bet pays a pass
+    assert s.plan([r], 1) == {}
+    assert Speculator(SpeculativeConfig("ngram", 4)).pass_rows == 0.0
+
+
 def test_stats_and_forget():
     s = Speculator(SpeculativeConfig("ngram", 4, 2, 3))
     s.record("a", 4, 2)
@@ -235,7 +263,8 @@ def test_update_refuses_more_tokens_than_proposed():
 
 @pytest.mark.parametrize("bad, message", [
     ({"method": "eagle"}, "unknown method 'eagle'"),
-    ({"method": "draft", "model": "x.gguf"}, "not available"),
+    ({"method": "draft"}, "method 'draft' needs 'model'"),
+    ({"method": "draft", "model": "  "}, "method 'draft' needs 'model'"),
     ({"num_speculative_tokens": 0}, "num_speculative_tokens must be a positive integer"),
     ({"num_speculative_tokens": 1000}, "more than 32"),
     ({"num_speculative_tokens": 2.5}, "positive integer"),

@@ -1,0 +1,170 @@
+"""The draft model of speculative decoding (method "draft"): a smaller model with the target's
+tokenizer proposes each speculating request's next tokens just before the target's forward
+verifies them, in the same step.
+
+The scheduler has already decided how many tokens each request proposes (`num_draft`) and
+allocated their positions; the proposals arrive as placeholders at the end of the request's
+`token_ids`, and `propose` writes the draft's tokens over them. The draft's KV cache has the
+target's blocks (the same number and size, its own tensors), so a request's block table and
+slots serve both models.
+
+What the draft has computed of each request is kept here: after a verification its KV is good
+up to the last accepted proposal (`settle`); the positions after that, and all of a request
+that starts speculating or was preempted, are computed by the next proposal's first pass
+(catch-up, chunked to the step's token budget). Each later pass feeds the previous proposal,
+one token a request, through the native decode step where the draft has one.
+
+A request that starts speculating skips the blocks whose draft KV is already there: the
+target's prefix cache hands it blocks another request filled, and where the draft computed
+such a block for the same prefix (its chained hash, core/prefix_hash.py) the block's draft KV
+is kept. Every draft write into a block forgets what the block held.
+
+Proposals are the draft's argmax, a one-hot q: the verifier accepts a proposal when the
+target's own draw equals it, so the output is the target's distribution exactly and a seeded
+request draws the same tokens as without speculation (layers/rejection_sampler.py).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping, Sequence
+
+import torch
+
+from surge.core.prefix_hash import BlockHash, hash_block_tokens
+from surge.core.scheduler_output import ScheduledRequest, SchedulerOutput
+
+
+SHORT_CATCH_UP = 8  # a first pass whose requests each feed at most this many: rows of the decode step
+
+
+class DraftProposer:
+    def __init__(self, runner, vocab_size: int, max_chunk: int):  # noqa: ANN001 (a ModelRunner)
+        self.runner = runner  # the draft model's runner: its model and KV caches
+        self.block_size = runner.block_size
+        self.vocab_size = vocab_size  # the target's: a draft id past it could not be verified
+        self.max_chunk = max(1, max_chunk)  # tokens a catch-up pass takes at most
+        self.computed: dict[str, int] = {}  # request id -> positions whose draft KV is good
+        self.held: dict[int, BlockHash] = {}  # block id -> the full prefix block its draft KV is of
+        self._hashes: dict[str, list[BlockHash]] = {}  # request id -> its context's full blocks' hashes
+        # the last propose(): its passes of one token a request (a pass's cost without catch-up)
+        self.decode_passes = 0
+        self.decode_seconds = 0.0
+
+    @torch.inference_mode()
+    def propose(self, output: SchedulerOutput, contexts: Mapping[str, Sequence[int]]) -> int:
+        """Write the draft's tokens over the placeholders of every request with `num_draft`;
+        `contexts` holds each request's known tokens (prompt and output), the last at its
+        `start_position`. Returns the draft forward passes run; `decode_passes` and
+        `decode_seconds` say which of them fed one token a request, and their time."""
+        self.decode_passes, self.decode_seconds = 0, 0.0
+        reqs = [r for r in output.requests if r.num_draft]
+        if not reqs:
+            return 0
+        passes = 0
+        proposals: dict[str, list[int]] = {r.request_id: [] for r in reqs}
+        # first pass (and catch-up chunks): every position the draft lacks, through the current token
+        cursor: dict[str, int] = {}
+        for r in reqs:
+            context = contexts[r.request_id]
+            if len(context) != r.start_position + 1 or context[-1] != r.token_ids[0]:
+                raise RuntimeError(f"request {r.request_id}: the draft's context ({len(context)} tokens) does not end "
+                                   f"at the verified position {r.start_position}")
+            done = self.computed.get(r.request_id)
+            if done is None:
+                done = self._kept(r, context)
+            cursor[r.request_id] = min(done, r.start_position)
+        while True:
+            budget, step = self.max_chunk, []
+            for r in reqs:
+                start, end = cursor[r.request_id], r.start_position + 1
+                if start >= end or (budget <= 0 and step):
+                    continue
+                n = min(end - start, max(budget, 1))
+                step.append(ScheduledRequest(r.request_id, list(contexts[r.request_id][start:start + n]), start,
+                                             r.block_ids, sample=start + n == end))
+                cursor[r.request_id] = start + n
+                budget -= n
+            if not step:
+                break
+            if all(r.sample and len(r.token_ids) <= SHORT_CATCH_UP for r in step):
+                for r in step:  # each token a row of the native decode step, as a verification's are
+                    r.num_draft = len(r.token_ids) - 1
+            for request_id, token in self._timed(step, 1).items():
+                proposals[request_id].append(token)
+            passes += 1
+        for r in reqs:  # the draft's KV is now good through the current token: its full blocks kept
+            self._hold(r, contexts[r.request_id])
+        # later passes: the previous proposal at the next position, for requests proposing that far
+        for depth in range(2, max(r.num_draft for r in reqs) + 1):
+            step = [ScheduledRequest(r.request_id, [proposals[r.request_id][-1]], r.start_position + depth - 1,
+                                     r.block_ids, sample=True) for r in reqs if r.num_draft >= depth]
+            for request_id, token in self._timed(step, depth).items():
+                proposals[request_id].append(token)
+            passes += 1
+        for r in reqs:
+            r.token_ids[len(r.token_ids) - r.num_draft:] = proposals[r.request_id][:r.num_draft]
+        return passes
+
+    def _timed(self, step: list[ScheduledRequest], depth: int) -> dict[str, int]:
+        """_run, forgetting what the blocks it writes held; a pass of one token a request timed."""
+        bs = self.block_size
+        for r in step:
+            for i in range(r.start_position // bs, (r.start_position + len(r.token_ids) - 1) // bs + 1):
+                self.held.pop(r.block_ids[i], None)
+        if any(len(r.token_ids) != 1 + r.num_draft for r in step):  # a prompt's catch-up: not a pass's cost
+            return self._run(step, depth)
+        start = time.perf_counter()
+        tokens = self._run(step, depth)
+        self.decode_passes += 1
+        self.decode_seconds += time.perf_counter() - start
+        return tokens
+
+    def _block_hashes(self, request_id: str, context: Sequence[int], count: int) -> list[BlockHash]:
+        """The chained hashes of the context's first `count` full blocks (extended as it grows)."""
+        hashes, bs = self._hashes.setdefault(request_id, []), self.block_size
+        while len(hashes) < count:
+            i = len(hashes)
+            hashes.append(hash_block_tokens(hashes[-1] if hashes else None, context[i * bs:(i + 1) * bs]))
+        return hashes[:count]
+
+    def _kept(self, r: ScheduledRequest, context: Sequence[int]) -> int:
+        """Positions at the start of a request whose draft KV its blocks already hold."""
+        hashes = self._block_hashes(r.request_id, context, r.start_position // self.block_size)
+        kept = 0
+        for i, h in enumerate(hashes):
+            held = self.held.get(r.block_ids[i])
+            if held is None or not held.matches(h):
+                break
+            kept = i + 1
+        return kept * self.block_size
+
+    def _hold(self, r: ScheduledRequest, context: Sequence[int]) -> None:
+        """The request's full blocks through its current token hold the draft's KV of its prefix."""
+        hashes = self._block_hashes(r.request_id, context, (r.start_position + 1) // self.block_size)
+        for i, h in enumerate(hashes):
+            self.held[r.block_ids[i]] = h
+
+    def _run(self, step: list[ScheduledRequest], depth: int) -> dict[str, int]:
+        """One forward of the draft over `step`; the argmax after each sampled request's last
+        token, its proposal at `depth` (1: the first)."""
+        runner = self.runner
+        ids, positions, meta, _ = runner.prepare(SchedulerOutput(requests=step))
+        hidden = runner.forward(ids, positions, meta)
+        last, end = [], 0  # each sampled request's last row
+        for r in step:
+            end += len(r.token_ids)
+            if r.sample:
+                last.append(end - 1)
+        logits = runner.model.compute_logits(hidden[last])[:, :self.vocab_size]
+        tokens = logits.argmax(dim=-1).tolist()
+        return dict(zip((r.request_id for r in step if r.sample), tokens))
+
+    def settle(self, request_id: str, position: int, num_draft: int, accepted: int) -> None:
+        """A verification at `position` accepted `accepted` of `num_draft` proposals: the draft's
+        KV is good through the last accepted one (the draft never fed its last proposal)."""
+        self.computed[request_id] = position + min(accepted + 1, num_draft)
+
+    def forget(self, request_id: str) -> None:
+        self.computed.pop(request_id, None)
+        self._hashes.pop(request_id, None)

@@ -1,0 +1,51 @@
+"""The draft model's bookkeeping (worker/draft_runner.py): what it has computed of a request,
+and which blocks hold its KV of which prefix."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+from surge.core.scheduler_output import ScheduledRequest
+from surge.worker.draft_runner import DraftProposer
+
+BS = 4
+
+
+def proposer() -> DraftProposer:
+    p = DraftProposer(SimpleNamespace(block_size=BS), vocab_size=100, max_chunk=64)
+    p._run = lambda step, depth: {r.request_id: 7 for r in step if r.sample}  # no model: the bookkeeping only
+    return p
+
+
+def decoding(rid: str, context: list[int], blocks: list[int], num_draft: int = 2) -> ScheduledRequest:
+    return ScheduledRequest(rid, [context[-1]] + [-1] * num_draft, len(context) - 1, blocks, True,
+                            num_draft=num_draft)
+
+
+def test_a_prefix_block_is_kept_until_the_draft_writes_into_it():
+    p = proposer()
+    ctx = list(range(10, 21))  # 11 tokens: two full blocks before the current token's block
+    a = decoding("a", ctx, [5, 6, 7, 8])
+    p.propose(SimpleNamespace(requests=[a]), {"a": ctx})
+    assert a.token_ids == [20, 7, 7]  # the placeholders filled in
+    assert set(p.held) == {5, 6}  # the full blocks through the current token
+    b = decoding("b", ctx, [5, 6, 9, 10])  # the same prefix in the same blocks: kept
+    assert p._kept(b, ctx) == 2 * BS
+    other = decoding("c", ctx, [5, 11, 12, 13])  # block 5 again, then another
+    assert p._kept(other, ctx) == BS
+    changed = ctx[:5] + [99] + ctx[6:]  # another second block: only the first is the same prefix
+    assert p._kept(decoding("d", changed, [5, 6, 9, 10]), changed) == BS
+    # a pass that writes into block 6 (positions 4..7) for another prefix: block 6 holds nothing now
+    p._timed([ScheduledRequest("e", [1, 2, 3], 4, [9, 6], True)], 1)
+    assert 6 not in p.held and 5 in p.held
+    assert p._kept(b, ctx) == BS
+
+
+def test_settle_trusts_the_accepted_proposals_only():
+    p = proposer()
+    p.settle("a", 10, num_draft=4, accepted=2)
+    assert p.computed["a"] == 13  # 10 (current), 11 and 12 (accepted proposals fed to the draft)
+    p.settle("a", 10, num_draft=4, accepted=4)
+    assert p.computed["a"] == 14  # the last proposal was never fed
+    p.forget("a")
+    assert "a" not in p.computed
