@@ -154,3 +154,22 @@ def test_blocks_the_kernels_cannot_take_run_dequantized(rows, dtype):
     ref = x.double() @ w.dequantize().to(dtype).double().t()
     err = (layer(x).double() - ref).abs()
     assert (err <= 2**-7 * ref.abs() + 1e-3 * _bound(x, w.dequantize())).all()
+
+
+@native
+@pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
+def test_a_rows_output_has_the_same_bits_beside_other_rows(qtype):
+    """From the codes, a row's output is the same bits computed alone, in a pass of four or
+    beside up to twenty others (a verified proposal must equal the token decoded alone)."""
+    w = random_blocks(qtype, 128, 512)
+    packed = native_linear.pack_codes(decode_blocks(w))
+    x = torch.randn(21, 512, generator=torch.Generator().manual_seed(3)).bfloat16()
+
+    def run(rows: torch.Tensor) -> torch.Tensor:
+        return torch.ops.surge_native.linear_quant(rows, packed.q, packed.qh, packed.s,
+                                                   native_linear.KIND_CODES[packed.kind], packed.group_size, None, 1,
+                                                   1 << 30)
+
+    alone = torch.cat([run(x[i:i + 1]) for i in range(21)])
+    for rows in (4, 5, 8, 21):
+        assert torch.equal(run(x[:rows]), alone[:rows]), rows

@@ -135,6 +135,12 @@ def test_quant_linear_native_path_matches_its_dequantized_weight(make, kind):
         weight = weight.bfloat16() if rows >= TILE_MIN_ROWS[kind] else weight  # tiles hold bf16
         ref = x.double() @ weight.double().t() + layer.bias.double()
         _assert_close_to(layer(x), ref)
+    # below the tiles, a row's output has the same bits alone and beside others (a verified
+    # proposal equals the token decoded alone); tests/layers/test_gguf_block_kernels.py: GGUF blocks
+    x = torch.randn(TILE_MIN_ROWS[kind] - 1, 256, generator=_gen(7)).bfloat16()
+    alone = torch.cat([layer(x[i:i + 1]) for i in range(x.shape[0])])
+    for rows in (4, 5, 8, x.shape[0]):
+        assert torch.equal(layer(x[:rows]), alone[:rows]), rows
 
 
 @pytest.mark.parametrize("make", [lambda w: quantize_int4(w, 64), quantize_int8_groups], ids=["int4-g64", "int8-g32"])

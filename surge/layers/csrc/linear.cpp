@@ -331,14 +331,20 @@ float weight_at(const uint8_t* q, const uint8_t* qh, const uint8_t* s, int64_t g
   return total;
 }
 
+// Rows in passes of at most kRows, as even as the count allows (5 rows: 3 + 2, not 4 + 1: a
+// pass of one row waits on its four accumulators' dot-product latency, one of two rows less).
 template <typename Fn>
 void for_row_chunks(int64_t rows, Fn&& fn) {
-  for (int64_t m0 = 0; m0 < rows; m0 += kRows) {
-    switch (std::min(kRows, rows - m0)) {
-      case 1: fn(m0, std::integral_constant<int, 1>{}); break;
-      case 2: fn(m0, std::integral_constant<int, 2>{}); break;
-      case 3: fn(m0, std::integral_constant<int, 3>{}); break;
-      default: fn(m0, std::integral_constant<int, 4>{}); break;
+  const int64_t passes = (rows + kRows - 1) / kRows;
+  for (int64_t i = 0, m0 = 0; i < passes; ++i) {
+    const int64_t mb = (rows - m0) / (passes - i);
+    const int64_t m = m0;
+    m0 += mb;
+    switch (mb) {
+      case 1: fn(m, std::integral_constant<int, 1>{}); break;
+      case 2: fn(m, std::integral_constant<int, 2>{}); break;
+      case 3: fn(m, std::integral_constant<int, 3>{}); break;
+      default: fn(m, std::integral_constant<int, 4>{}); break;
     }
   }
 }
