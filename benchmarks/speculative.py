@@ -14,12 +14,20 @@ Workloads, each greedy with up to --output-len tokens:
 For each workload and batch size it prints both engines' output tokens/s, the median of the
 per-pair ratios, the acceptance rate and tokens gained per verification, and whether the
 greedy outputs were identical.
+
+--compare-llama-cpp (with --draft-model): the same chat requests at batch 1 against llama.cpp's
+llama-server (built from the sources of the other comparisons, benchmarks/compare.py) without
+and with its own speculative decoding on the same pair (`-md DRAFT --spec-type draft-simple
+--spec-draft-n-max K`, its defaults otherwise),
+both servers up and their requests interleaved; tokens/s as completion tokens over each
+request's wall time, and llama-server's own draft counts.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
@@ -57,6 +65,67 @@ def run(llm: LLM, conversations: list, output_len: int) -> tuple[float, list[lis
     return sum(len(t) for t in tokens) / elapsed, tokens
 
 
+def llama_cpp_rows(model: str, draft: str, workloads: list[str], pairs: int, output_len: int, k: int,
+                   threads: int) -> list[dict]:
+    """llama-server plain vs `-md draft` on the same chat requests (batch 1), interleaved."""
+    import subprocess
+
+    import httpx
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from compare import _wait_http, ensure_llama_server
+
+    from surge.loader import resolve_model
+
+    exe = ensure_llama_server()
+    if exe is None:
+        return []
+    target, small = resolve_model(model).path, resolve_model(draft).path
+    common = ["-m", target, "-t", str(threads), "-tb", str(threads), "-np", "1", "-c", "4096", "--host", "127.0.0.1"]
+    servers = {"plain": common + ["--port", "8741"],
+               "draft": common + ["--port", "8742", "-md", small, "-td", str(threads), "--spec-type", "draft-simple",
+                                  "--spec-draft-n-max", str(k)]}
+    urls = {"plain": "http://127.0.0.1:8741", "draft": "http://127.0.0.1:8742"}
+    env = {**os.environ, "LD_LIBRARY_PATH": os.path.dirname(exe)}
+    procs = {name: subprocess.Popen([exe, *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+             for name, args in servers.items()}
+    rows = []
+    try:
+        for name, proc in procs.items():
+            _wait_http(urls[name] + "/health", proc)
+
+        def ask(name: str, content: str, n: int) -> tuple[float, dict]:
+            body = {"messages": [{"role": "user", "content": content}], "max_tokens": n, "temperature": 0}
+            start = time.perf_counter()
+            r = httpx.post(urls[name] + "/v1/chat/completions", json=body, timeout=600).json()
+            return r["usage"]["completion_tokens"] / (time.perf_counter() - start), r.get("timings", {})
+
+        for workload in workloads:
+            prompts = {"copy": COPY, "free": FREE}[workload]
+            for name in urls:
+                ask(name, prompts[0], 8)  # the prompt into each server's cache
+            speeds: dict[str, list[float]] = {"plain": [], "draft": []}
+            drafted = accepted = 0
+            for _ in range(pairs):
+                for name in urls:
+                    tok_s, timings = ask(name, prompts[0], output_len)
+                    speeds[name].append(tok_s)
+                    if name == "draft":
+                        drafted += timings.get("draft_n", 0)
+                        accepted += timings.get("draft_n_accepted", 0)
+            ratios = [b / a for a, b in zip(speeds["plain"], speeds["draft"])]
+            rows.append(dict(engine="llama.cpp", workload=workload, batch=1,
+                             plain_tok_s=round(statistics.median(speeds["plain"]), 1),
+                             spec_tok_s=round(statistics.median(speeds["draft"]), 1),
+                             ratio=round(statistics.median(ratios), 3),
+                             acceptance=round(accepted / drafted, 3) if drafted else 0.0))
+    finally:
+        for proc in procs.values():
+            proc.terminate()
+            proc.wait(60)
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=None)
@@ -67,6 +136,9 @@ def main() -> None:
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 32])
     ap.add_argument("--draft-model", default=None, help="speculate with this draft model instead of n-grams")
     ap.add_argument("--workloads", nargs="+", default=["copy", "free"], choices=["copy", "free"])
+    ap.add_argument("--compare-llama-cpp", action="store_true",
+                    help="with --draft-model: llama-server without and with -md on the same requests")
+    ap.add_argument("--threads", type=int, default=2, help="llama-server's threads")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     if args.draft_model:
@@ -101,6 +173,13 @@ def main() -> None:
                        proposed_per_step=round(proposed / max(1, drafts), 2), identical=same,
                        fixed_rows=round(fast.engine.scheduler.speculator.fixed_rows, 2),
                        pass_rows=round(fast.engine.scheduler.speculator.pass_rows, 2))
+            results.append(row)
+            if not args.json:
+                print(" ".join(f"{k}={v}" for k, v in row.items()), flush=True)
+    if args.compare_llama_cpp and args.draft_model:
+        del base, fast  # their memory back before the servers start
+        for row in llama_cpp_rows(args.model, args.draft_model, args.workloads, args.pairs, args.output_len,
+                                  args.k, args.threads):
             results.append(row)
             if not args.json:
                 print(" ".join(f"{k}={v}" for k, v in row.items()), flush=True)

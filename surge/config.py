@@ -341,6 +341,9 @@ class SpeculativeConfig:
     prompt_lookup_min: int = 2
     prompt_lookup_max: int = 4
     model: str | None = None  # the draft model (method "draft")
+    # method "draft": a proposal the draft gives less probability than this is not made, nor
+    # any after it in the step (llama.cpp's --draft-p-min)
+    draft_p_min: float = 0.5
 
     def __post_init__(self) -> None:
         if self.method not in SPECULATIVE_METHODS:
@@ -360,6 +363,10 @@ class SpeculativeConfig:
                 f"({self.prompt_lookup_max})")
         if self.model is not None and self.method == "ngram":
             raise InvalidArgumentError("speculative_config: 'model' is a draft model's; method 'ngram' has none")
+        if isinstance(self.draft_p_min, bool) or not isinstance(self.draft_p_min, (int, float)) \
+                or not 0.0 <= self.draft_p_min <= 1.0:
+            raise InvalidArgumentError(f"speculative_config: draft_p_min must be a probability in [0, 1], "
+                                       f"got {self.draft_p_min!r}")
         if self.method == "draft" and (not isinstance(self.model, str) or not self.model.strip()):
             raise InvalidArgumentError(
                 "speculative_config: method 'draft' needs 'model': a model with the target's tokenizer (a path or "

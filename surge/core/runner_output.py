@@ -31,6 +31,8 @@ class ModelRunnerOutput:
     # embedding requests whose prompt ended this step: the pooled, normalised hidden state
     pooled: dict[str, list[float]] = field(default_factory=dict)
     num_compiles: int = 0  # graphs the worker has compiled so far (with --compile)
+    # requests whose draft model proposed fewer tokens than scheduled (it doubted the rest): how many
+    num_proposed: dict[str, int] = field(default_factory=dict)
     # a draft model's proposals this step (speculative method "draft"): all its time, and its
     # passes of one token a request (what a proposal's depth costs, without catch-up) and theirs
     draft_seconds: float = 0.0
@@ -40,6 +42,7 @@ class ModelRunnerOutput:
     def merge(self, other: "ModelRunnerOutput") -> None:
         self.sampled.update(other.sampled)
         self.more_tokens.update(other.more_tokens)
+        self.num_proposed.update(other.num_proposed)
         self.logprobs.update(other.logprobs)
         self.prompt_logprobs.update(other.prompt_logprobs)
         self.pooled.update(other.pooled)

@@ -247,13 +247,16 @@ class Scheduler:
         return self.speculator.plan(decoding, min(rows, budget))
 
     def update(self, output: SchedulerOutput, sampled: dict[str, int],
-               more_tokens: dict[str, list[int]] | None = None) -> list[Request]:
+               more_tokens: dict[str, list[int]] | None = None,
+               num_proposed: dict[str, int] | None = None) -> list[Request]:
         """Advance computed counts and append sampled tokens; return the requests that got some.
         A request that verified proposed tokens gets `sampled`'s token and `more_tokens`' (the
         accepted proposals and the one after them); its refused proposals are not computed: their
-        KV is written over when those positions are computed again."""
+        KV is written over when those positions are computed again. `num_proposed`: requests
+        that verified fewer proposals than scheduled (a draft model doubted the rest)."""
         by_id = {r.request_id: r for r in self.running}
         more_tokens = more_tokens or {}
+        num_proposed = num_proposed or {}
         changed = []
         for scheduled in output.requests:
             request = by_id.get(scheduled.request_id)
@@ -264,15 +267,16 @@ class Scheduler:
                 request.num_computed_tokens += len(scheduled.token_ids) - scheduled.num_draft
                 continue
             more = more_tokens.get(scheduled.request_id, [])
-            if len(more) > scheduled.num_draft:
+            proposed = min(scheduled.num_draft, num_proposed.get(scheduled.request_id, scheduled.num_draft))
+            if len(more) > proposed:
                 raise ValueError(f"request {scheduled.request_id}: {len(more) + 1} tokens from "
-                                 f"{scheduled.num_draft} proposed")
+                                 f"{proposed} proposed")
             request.num_computed_tokens += len(scheduled.token_ids) - scheduled.num_draft + len(more)
             request.output_token_ids.append(token)
             request.output_token_ids.extend(more)
             self.stats.num_generated_tokens += 1 + len(more)
             if scheduled.num_draft and self.speculator is not None:
-                self.speculator.record(scheduled.request_id, scheduled.num_draft, len(more))
+                self.speculator.record(scheduled.request_id, proposed, len(more), proposed < scheduled.num_draft)
             changed.append(request)
         return changed
 

@@ -199,14 +199,16 @@ class Speculator:
                 record.trials = prior.trials + (record.trials - prior.trials) * IDLE_DECAY
         return plan
 
-    def record(self, request_id: str, proposed: int, accepted: int) -> None:
+    def record(self, request_id: str, proposed: int, accepted: int, doubted: bool = False) -> None:
         """A verification's outcome: `accepted` of `proposed` tokens, in order (the first
-        refused one ends it)."""
-        self.stats.num_drafts += 1
-        self.stats.num_draft_tokens += proposed
-        self.stats.num_accepted_tokens += accepted
+        refused one ends it). `doubted`: a draft model stopped proposing short of what was
+        scheduled, which counts as one more refused token (its pass was spent for nothing)."""
+        if proposed:
+            self.stats.num_drafts += 1
+            self.stats.num_draft_tokens += proposed
+            self.stats.num_accepted_tokens += accepted
         record = self._records.get(request_id) or self._records.setdefault(request_id, self._prior())
-        trials = accepted + (1 if accepted < proposed else 0)  # the tokens tested: up to the first refusal
+        trials = accepted + (1 if accepted < proposed or doubted else 0)  # tested: up to the first refusal
         keep = DECAY ** trials
         record.accepted = record.accepted * keep + accepted
         record.trials = record.trials * keep + trials

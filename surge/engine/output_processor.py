@@ -150,7 +150,7 @@ class OutputProcessor:
                 check_recoverable(exc)
                 outputs.append(self.fail(parent, exc))
         now = time.monotonic()
-        changed = self.scheduler.update(scheduled, result.sampled, result.more_tokens)
+        changed = self.scheduler.update(scheduled, result.sampled, result.more_tokens, result.num_proposed)
         for request_id, vector in result.pooled.items():  # an embedding request ends with its prompt
             entry = self._child_parent.get(request_id)
             if entry is None or entry[1].request.is_finished:

@@ -2,9 +2,9 @@
 tokenizer proposes each speculating request's next tokens just before the target's forward
 verifies them, in the same step.
 
-The scheduler has already decided how many tokens each request proposes (`num_draft`) and
+The scheduler has already decided how many tokens each request may propose (`num_draft`) and
 allocated their positions; the proposals arrive as placeholders at the end of the request's
-`token_ids`, and `propose` writes the draft's tokens over them. The draft's KV cache has the
+`token_ids`, and `propose` gives the step back with the draft's tokens in their place. The draft's KV cache has the
 target's blocks (the same number and size, its own tensors), so a request's block table and
 slots serve both models.
 
@@ -19,6 +19,12 @@ target's prefix cache hands it blocks another request filled, and where the draf
 such a block for the same prefix (its chained hash, core/prefix_hash.py) the block's draft KV
 is kept. Every draft write into a block forgets what the block held.
 
+A proposal the draft itself doubts (its probability below `min_probability`, the config's
+draft_p_min) ends the request's proposals there, as llama.cpp's --draft-p-min does: it would
+likely be refused, and its row and the draft's later passes are saved. The request verifies
+fewer tokens than the scheduler allowed (`proposed`, reported back with the step's output;
+the speculator counts a doubt as a refusal).
+
 Proposals are the draft's argmax, a one-hot q: the verifier accepts a proposal when the
 target's own draw equals it, so the output is the target's distribution exactly and a seeded
 request draws the same tokens as without speculation (layers/rejection_sampler.py).
@@ -26,6 +32,7 @@ request draws the same tokens as without speculation (layers/rejection_sampler.p
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Mapping, Sequence
 
@@ -39,29 +46,33 @@ SHORT_CATCH_UP = 8  # a first pass whose requests each feed at most this many: r
 
 
 class DraftProposer:
-    def __init__(self, runner, vocab_size: int, max_chunk: int):  # noqa: ANN001 (a ModelRunner)
+    def __init__(self, runner, vocab_size: int, max_chunk: int,  # noqa: ANN001 (a ModelRunner)
+                 min_probability: float = 0.0):
         self.runner = runner  # the draft model's runner: its model and KV caches
+        self.min_probability = min_probability
         self.block_size = runner.block_size
         self.vocab_size = vocab_size  # the target's: a draft id past it could not be verified
         self.max_chunk = max(1, max_chunk)  # tokens a catch-up pass takes at most
         self.computed: dict[str, int] = {}  # request id -> positions whose draft KV is good
         self.held: dict[int, BlockHash] = {}  # block id -> the full prefix block its draft KV is of
         self._hashes: dict[str, list[BlockHash]] = {}  # request id -> its context's full blocks' hashes
-        # the last propose(): its passes of one token a request (a pass's cost without catch-up)
+        # the last propose(): its passes of one token a request (a pass's cost without catch-up),
+        # and how many tokens each request proposes (fewer than scheduled where the draft doubted)
         self.decode_passes = 0
         self.decode_seconds = 0.0
+        self.proposed: dict[str, int] = {}
 
     @torch.inference_mode()
-    def propose(self, output: SchedulerOutput, contexts: Mapping[str, Sequence[int]]) -> int:
-        """Write the draft's tokens over the placeholders of every request with `num_draft`;
-        `contexts` holds each request's known tokens (prompt and output), the last at its
-        `start_position`. Returns the draft forward passes run; `decode_passes` and
-        `decode_seconds` say which of them fed one token a request, and their time."""
-        self.decode_passes, self.decode_seconds = 0, 0.0
+    def propose(self, output: SchedulerOutput, contexts: Mapping[str, Sequence[int]]) -> SchedulerOutput:
+        """The step with the draft's tokens in place of the placeholders of every request with
+        `num_draft` (fewer of them where the draft doubts: `proposed` says how many; `output`
+        itself is left as the scheduler made it). `contexts` holds each request's known tokens
+        (prompt and output), the last at its `start_position`. `decode_passes` and
+        `decode_seconds` say how many draft passes fed one token a request, and their time."""
+        self.decode_passes, self.decode_seconds, self.proposed = 0, 0.0, {}
         reqs = [r for r in output.requests if r.num_draft]
         if not reqs:
-            return 0
-        passes = 0
+            return output
         proposals: dict[str, list[int]] = {r.request_id: [] for r in reqs}
         # first pass (and catch-up chunks): every position the draft lacks, through the current token
         cursor: dict[str, int] = {}
@@ -90,23 +101,31 @@ class DraftProposer:
             if all(r.sample and len(r.token_ids) <= SHORT_CATCH_UP for r in step):
                 for r in step:  # each token a row of the native decode step, as a verification's are
                     r.num_draft = len(r.token_ids) - 1
-            for request_id, token in self._timed(step, 1).items():
-                proposals[request_id].append(token)
-            passes += 1
+            for request_id, (token, prob) in self._timed(step, 1).items():
+                if prob >= self.min_probability:
+                    proposals[request_id].append(token)
         for r in reqs:  # the draft's KV is now good through the current token: its full blocks kept
+            self.computed[r.request_id] = r.start_position + 1
             self._hold(r, contexts[r.request_id])
         # later passes: the previous proposal at the next position, for requests proposing that far
         for depth in range(2, max(r.num_draft for r in reqs) + 1):
             step = [ScheduledRequest(r.request_id, [proposals[r.request_id][-1]], r.start_position + depth - 1,
-                                     r.block_ids, sample=True) for r in reqs if r.num_draft >= depth]
-            for request_id, token in self._timed(step, depth).items():
-                proposals[request_id].append(token)
-            passes += 1
-        for r in reqs:
-            r.token_ids[len(r.token_ids) - r.num_draft:] = proposals[r.request_id][:r.num_draft]
-        return passes
+                                     r.block_ids, sample=True)
+                    for r in reqs if r.num_draft >= depth and len(proposals[r.request_id]) == depth - 1]
+            if not step:
+                break
+            for request_id, (token, prob) in self._timed(step, depth).items():
+                if prob >= self.min_probability:
+                    proposals[request_id].append(token)
+        filled = {}
+        for r in reqs:  # the placeholders become the proposals; those the draft doubted are dropped
+            mine = proposals[r.request_id]
+            self.proposed[r.request_id] = len(mine)
+            filled[r.request_id] = dataclasses.replace(
+                r, token_ids=r.token_ids[:len(r.token_ids) - r.num_draft] + mine, num_draft=len(mine))
+        return dataclasses.replace(output, requests=[filled.get(r.request_id, r) for r in output.requests])
 
-    def _timed(self, step: list[ScheduledRequest], depth: int) -> dict[str, int]:
+    def _timed(self, step: list[ScheduledRequest], depth: int) -> dict[str, tuple[int, float]]:
         """_run, forgetting what the blocks it writes held; a pass of one token a request timed."""
         bs = self.block_size
         for r in step:
@@ -145,9 +164,9 @@ class DraftProposer:
         for i, h in enumerate(hashes):
             self.held[r.block_ids[i]] = h
 
-    def _run(self, step: list[ScheduledRequest], depth: int) -> dict[str, int]:
-        """One forward of the draft over `step`; the argmax after each sampled request's last
-        token, its proposal at `depth` (1: the first)."""
+    def _run(self, step: list[ScheduledRequest], depth: int) -> dict[str, tuple[int, float]]:
+        """One forward of the draft over `step`: after each sampled request's last token, the
+        argmax and the draft's probability of it, its proposal at `depth` (1: the first)."""
         runner = self.runner
         ids, positions, meta, _ = runner.prepare(SchedulerOutput(requests=step))
         hidden = runner.forward(ids, positions, meta)
@@ -156,9 +175,10 @@ class DraftProposer:
             end += len(r.token_ids)
             if r.sample:
                 last.append(end - 1)
-        logits = runner.model.compute_logits(hidden[last])[:, :self.vocab_size]
-        tokens = logits.argmax(dim=-1).tolist()
-        return dict(zip((r.request_id for r in step if r.sample), tokens))
+        logits = runner.model.compute_logits(hidden[last])[:, :self.vocab_size].float()
+        best, tokens = logits.max(dim=-1)
+        probs = (best - logits.logsumexp(dim=-1)).exp().tolist()
+        return dict(zip((r.request_id for r in step if r.sample), zip(tokens.tolist(), probs)))
 
     def settle(self, request_id: str, position: int, num_draft: int, accepted: int) -> None:
         """A verification at `position` accepted `accepted` of `num_draft` proposals: the draft's

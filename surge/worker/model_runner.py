@@ -165,9 +165,10 @@ class ModelRunner:
         if self.drafter is not None and any(r.num_draft for r in output.requests):
             start = time.perf_counter()
             contexts = {r.request_id: self.requests[r.request_id].context() for r in output.requests if r.num_draft}
-            self.drafter.propose(output, contexts)
+            output = self.drafter.propose(output, contexts)  # the step with the draft's tokens in it
             result.draft_seconds = time.perf_counter() - start
             result.draft_passes, result.draft_pass_seconds = self.drafter.decode_passes, self.drafter.decode_seconds
+            result.num_proposed = dict(self.drafter.proposed)
             clock.draft += result.draft_seconds
         t0 = time.perf_counter()
         input_ids, positions, meta, sample_rows = self.prepare(output)

@@ -141,7 +141,9 @@ class Worker:
 
             decoder = build_native_decoder(self.draft_model, self.draft_kv_caches)
         runner = ModelRunner(self.draft_model, self.draft_kv_caches, cache.block_size, self.device, decoder=decoder)
-        return DraftProposer(runner, self.config.model.vocab_size, self.config.scheduler.max_num_batched_tokens)
+        spec = self.config.speculative
+        return DraftProposer(runner, self.config.model.vocab_size, self.config.scheduler.max_num_batched_tokens,
+                             spec.draft_p_min if spec is not None else 0.0)
 
     # ---- serving ------------------------------------------------------------------------
 

@@ -251,6 +251,28 @@ def test_preemption_drops_a_victims_proposals():
     assert s.kv.block_ids("b") == []
 
 
+def test_a_verification_of_fewer_proposals_than_scheduled():
+    """A draft model that doubted some of its scheduled proposals verified fewer: the tokens and
+    the stats follow what was verified."""
+    s = sched(k=3)
+    s.add_request(req("a", [1, 2, 3, 1, 2]))
+    trust(s, "a")
+    prefill(s, 3)
+    out = s.schedule()
+    assert out.requests[0].num_draft == 3
+    with pytest.raises(ValueError, match="from 1 proposed"):
+        s.update(out, {"a": 1}, {"a": [2, 3]}, {"a": 1})
+    computed = s.running[0].num_computed_tokens
+    s.update(out, {"a": 1}, {"a": [2]}, {"a": 1})
+    assert s.running[0].num_computed_tokens == computed + 2  # the known token and the accepted proposal
+    assert (s.speculator.stats.num_draft_tokens, s.speculator.stats.num_accepted_tokens) == (1, 1)
+    record = s.speculator._records["a"]
+    before = record.trials
+    out = s.schedule()
+    s.update(out, {"a": 5}, {}, {"a": 0})  # the draft doubted them all: a refusal, no verification
+    assert s.speculator.stats.num_drafts == 1 and record.trials < before + 1.01 and record.rate < 1
+
+
 def test_update_refuses_more_tokens_than_proposed():
     s = sched(k=2)
     s.add_request(req("a", [1, 2, 3, 1, 2]))
@@ -265,6 +287,7 @@ def test_update_refuses_more_tokens_than_proposed():
     ({"method": "eagle"}, "unknown method 'eagle'"),
     ({"method": "draft"}, "method 'draft' needs 'model'"),
     ({"method": "draft", "model": "  "}, "method 'draft' needs 'model'"),
+    ({"method": "draft", "model": "d.gguf", "draft_p_min": 1.5}, "draft_p_min must be a probability"),
     ({"num_speculative_tokens": 0}, "num_speculative_tokens must be a positive integer"),
     ({"num_speculative_tokens": 1000}, "more than 32"),
     ({"num_speculative_tokens": 2.5}, "positive integer"),

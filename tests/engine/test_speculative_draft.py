@@ -20,8 +20,9 @@ from tests.engine.test_speculative import chi_square_p
 WORDS = "red blue green one two three alpha beta gamma north south east west".split()
 
 
-def draft_config(model: str | Path, k: int = 4) -> dict:
-    return {"method": "draft", "model": str(model), "num_speculative_tokens": k}
+def draft_config(model: str | Path, k: int = 4, p_min: float = 0.0) -> dict:
+    """A draft model's config; every proposal made, however doubtful, unless p_min says."""
+    return {"method": "draft", "model": str(model), "num_speculative_tokens": k, "draft_p_min": p_min}
 
 
 def noisy_copy(src: Path, dst: Path, scale: float) -> Path:
@@ -113,7 +114,7 @@ def test_the_drafts_cache_follows_verifications(models, monkeypatch: pytest.Monk
 
     def spoiled(self, step, depth):  # noqa: ANN001, ANN202
         tokens = run(self, step, depth)
-        return {rid: (t + 1) % 384 if depth == 2 else t for rid, t in tokens.items()}
+        return {rid: ((t + 1) % 384, p) if depth == 2 else (t, p) for rid, (t, p) in tokens.items()}
 
     monkeypatch.setattr(DraftProposer, "_run", spoiled)
     assert [o.outputs[0].token_ids for o in spec.generate(texts, params)] == expected
@@ -162,6 +163,26 @@ def test_sampled_tokens_follow_the_targets_distribution(models, monkeypatch: pyt
     for position in (1, 2, 3):
         assert chi_square_p([x[position] for x in a], [x[position] for x in b]) > 0.01
     assert chi_square_p([x[1:3] for x in a], [x[1:3] for x in b]) > 0.01
+
+
+def test_proposals_the_draft_doubts_are_not_made(models, monkeypatch: pytest.MonkeyPatch):
+    """A proposal below the draft's own probability bar (draft_p_min) ends the request's
+    proposals: with a bar no token clears nothing is verified, with none every scheduled
+    proposal is; the tokens are the target's either way, and the stats count what was verified."""
+    monkeypatch.setattr(speculation.Speculator, "fixed_rows", 1e9)
+    target = str(models["target"])
+    params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+    texts = prompts(4, seed=3)
+    expected = [o.outputs[0].token_ids for o in LLM(target, **SMALL).generate(texts, params)]
+    counts = {}
+    for bar in (1.0, 0.0):
+        spec = LLM(target, **SMALL, speculative_config=draft_config(models["noisy"], k=3, p_min=bar))
+        assert [o.outputs[0].token_ids for o in spec.generate(texts, params)] == expected
+        stats = spec.engine.stats()
+        counts[bar] = (stats.spec_drafts, stats.spec_draft_tokens)
+    assert counts[1.0] == (0, 0)
+    drafts, tokens = counts[0.0]
+    assert drafts > 10 and tokens > 2 * drafts
 
 
 def test_the_default_model_drafts_for_itself_quantized(monkeypatch: pytest.MonkeyPatch):

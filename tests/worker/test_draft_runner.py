@@ -5,15 +5,15 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
-from surge.core.scheduler_output import ScheduledRequest
+from surge.core.scheduler_output import ScheduledRequest, SchedulerOutput
 from surge.worker.draft_runner import DraftProposer
 
 BS = 4
 
 
 def proposer() -> DraftProposer:
-    p = DraftProposer(SimpleNamespace(block_size=BS), vocab_size=100, max_chunk=64)
-    p._run = lambda step, depth: {r.request_id: 7 for r in step if r.sample}  # no model: the bookkeeping only
+    p = DraftProposer(SimpleNamespace(block_size=BS), vocab_size=100, max_chunk=64, min_probability=0.5)
+    p._run = lambda step, depth: {r.request_id: (7, 0.9) for r in step if r.sample}  # no model: the bookkeeping only
     return p
 
 
@@ -26,8 +26,10 @@ def test_a_prefix_block_is_kept_until_the_draft_writes_into_it():
     p = proposer()
     ctx = list(range(10, 21))  # 11 tokens: two full blocks before the current token's block
     a = decoding("a", ctx, [5, 6, 7, 8])
-    p.propose(SimpleNamespace(requests=[a]), {"a": ctx})
-    assert a.token_ids == [20, 7, 7]  # the placeholders filled in
+    step = p.propose(SchedulerOutput(requests=[a]), {"a": ctx})
+    assert step.requests[0].token_ids == [20, 7, 7] and p.proposed == {"a": 2}  # the placeholders filled in
+    assert a.token_ids == [20, -1, -1]  # the scheduler's own step untouched
+    assert p.computed["a"] == 11  # through the current token, before any verification
     assert set(p.held) == {5, 6}  # the full blocks through the current token
     b = decoding("b", ctx, [5, 6, 9, 10])  # the same prefix in the same blocks: kept
     assert p._kept(b, ctx) == 2 * BS
@@ -39,6 +41,21 @@ def test_a_prefix_block_is_kept_until_the_draft_writes_into_it():
     p._timed([ScheduledRequest("e", [1, 2, 3], 4, [9, 6], True)], 1)
     assert 6 not in p.held and 5 in p.held
     assert p._kept(b, ctx) == BS
+
+
+def test_a_doubted_proposal_ends_the_requests_proposals():
+    p = proposer()
+    probs = {1: 0.9, 2: 0.3, 3: 0.9}  # the second proposal doubted
+    p._run = lambda step, depth: {r.request_id: (depth, probs[depth]) for r in step if r.sample}
+    ctx = list(range(10, 21))
+    a = decoding("a", ctx, [5, 6, 7, 8], num_draft=3)
+    got = p.propose(SchedulerOutput(requests=[a]), {"a": ctx}).requests[0]
+    assert got.token_ids == [20, 1] and got.num_draft == 1 and p.proposed == {"a": 1}
+    assert p.decode_passes == 1  # the second pass (one token) ran, the third did not
+    probs[1] = 0.1
+    b = decoding("b", ctx, [5, 6, 7, 8], num_draft=3)
+    got = p.propose(SchedulerOutput(requests=[b]), {"b": ctx}).requests[0]
+    assert got.token_ids == [20] and got.num_draft == 0 and p.proposed == {"b": 0}
 
 
 def test_settle_trusts_the_accepted_proposals_only():
