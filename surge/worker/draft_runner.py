@@ -47,9 +47,11 @@ SHORT_CATCH_UP = 8  # a first pass whose requests each feed at most this many: r
 
 class DraftProposer:
     def __init__(self, runner, vocab_size: int, max_chunk: int,  # noqa: ANN001 (a ModelRunner)
-                 min_probability: float = 0.0):
+                 min_probability: float = 0.0, draft_vocab_size: int | None = None):
         self.runner = runner  # the draft model's runner: its model and KV caches
         self.min_probability = min_probability
+        # the draft's embedding rows: a target id past them (padding the draft lacks) is fed as 0
+        self.draft_vocab_size = draft_vocab_size or vocab_size
         self.block_size = runner.block_size
         self.vocab_size = vocab_size  # the target's: a draft id past it could not be verified
         self.max_chunk = max(1, max_chunk)  # tokens a catch-up pass takes at most
@@ -92,8 +94,8 @@ class DraftProposer:
                 if start >= end or (budget <= 0 and step):
                     continue
                 n = min(end - start, max(budget, 1))
-                step.append(ScheduledRequest(r.request_id, list(contexts[r.request_id][start:start + n]), start,
-                                             r.block_ids, sample=start + n == end))
+                tokens = [t if t < self.draft_vocab_size else 0 for t in contexts[r.request_id][start:start + n]]
+                step.append(ScheduledRequest(r.request_id, tokens, start, r.block_ids, sample=start + n == end))
                 cursor[r.request_id] = start + n
                 budget -= n
             if not step:

@@ -143,7 +143,7 @@ class Worker:
         runner = ModelRunner(self.draft_model, self.draft_kv_caches, cache.block_size, self.device, decoder=decoder)
         spec = self.config.speculative
         return DraftProposer(runner, self.config.model.vocab_size, self.config.scheduler.max_num_batched_tokens,
-                             spec.draft_p_min if spec is not None else 0.0)
+                             spec.draft_p_min if spec is not None else 0.0, draft.model.vocab_size)
 
     # ---- serving ------------------------------------------------------------------------
 

@@ -66,3 +66,15 @@ def test_settle_trusts_the_accepted_proposals_only():
     assert p.computed["a"] == 14  # the last proposal was never fed
     p.forget("a")
     assert "a" not in p.computed
+
+
+def test_ids_past_the_drafts_vocabulary_are_fed_as_zero():
+    """A target whose embedding has rows the draft lacks (padding): such an id reaches the draft
+    as 0 instead of indexing past its table; the proposal is the draft's to make, as ever."""
+    p = DraftProposer(SimpleNamespace(block_size=BS), vocab_size=100, max_chunk=64, draft_vocab_size=50)
+    fed = []
+    p._run = lambda step, depth: fed.extend(t for r in step for t in r.token_ids) or \
+        {r.request_id: (7, 0.9) for r in step if r.sample}
+    ctx = [10, 60, 20, 99]
+    p.propose(SchedulerOutput(requests=[decoding("a", ctx, [5, 6], num_draft=1)]), {"a": ctx})
+    assert fed == [10, 0, 20, 0]
