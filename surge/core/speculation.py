@@ -155,9 +155,7 @@ class Speculator:
         fixed = self.fixed_rows
         floor = len(decoding) / (fixed + rows)  # a first proposed token's gain must beat it
         for i, request in enumerate(decoding):
-            record = self._records.get(request.request_id)
-            if record is None:
-                record = self._records[request.request_id] = self._prior()
+            record = self._record(request.request_id)
             room = request.max_tokens - len(request.output_token_ids) - 1  # the last token is sampled
             proposal = []
             if request.speculate and room > 0 and record.rate > floor:  # else no lookup: it could not win
@@ -207,7 +205,7 @@ class Speculator:
             self.stats.num_drafts += 1
             self.stats.num_draft_tokens += proposed
             self.stats.num_accepted_tokens += accepted
-        record = self._records.get(request_id) or self._records.setdefault(request_id, self._prior())
+        record = self._record(request_id)
         trials = accepted + (1 if accepted < proposed or doubted else 0)  # tested: up to the first refusal
         keep = DECAY ** trials
         record.accepted = record.accepted * keep + accepted
@@ -215,6 +213,13 @@ class Speculator:
         method, keep = self._method, METHOD_DECAY ** trials
         method.accepted = method.accepted * keep + accepted
         method.trials = method.trials * keep + trials
+
+    def _record(self, request_id: str) -> _Record:
+        """A request's estimate, from the prior the first time it is asked for."""
+        record = self._records.get(request_id)
+        if record is None:
+            record = self._records[request_id] = self._prior()
+        return record
 
     def _prior(self) -> _Record:
         """A request's estimate before its own verifications: the method's recent rate, worth

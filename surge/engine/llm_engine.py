@@ -211,11 +211,11 @@ class LLMEngine:
         t2 = time.perf_counter()
         clock.execute += t2 - t1
         speculator = self.scheduler.speculator
-        if speculator is not None and not culprits and scheduled.decode_only:
-            rows = sum(len(r.token_ids) - r.num_draft + result.num_proposed.get(r.request_id, r.num_draft)
-                       for r in scheduled.requests)  # a draft model may have proposed fewer
-            speculator.observe(rows, t2 - t1 - result.draft_seconds)
         if speculator is not None and not culprits:
+            if scheduled.decode_only:
+                rows = sum(len(r.token_ids) - r.num_draft + result.num_proposed.get(r.request_id, r.num_draft)
+                           for r in scheduled.requests)  # a draft model may have proposed fewer
+                speculator.observe(rows, t2 - t1 - result.draft_seconds)
             speculator.observe_draft(result.draft_passes, result.draft_pass_seconds)
         outputs = self.processor.process(scheduled, result, culprits)
         clock.postprocess += time.perf_counter() - t2

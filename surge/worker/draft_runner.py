@@ -4,9 +4,9 @@ verifies them, in the same step.
 
 The scheduler has already decided how many tokens each request may propose (`num_draft`) and
 allocated their positions; the proposals arrive as placeholders at the end of the request's
-`token_ids`, and `propose` gives the step back with the draft's tokens in their place. The draft's KV cache has the
-target's blocks (the same number and size, its own tensors), so a request's block table and
-slots serve both models.
+`token_ids`, and `propose` gives the step back with the draft's tokens in their place. The
+draft's KV cache has the target's blocks (the same number and size, its own tensors), so a
+request's block table and slots serve both models.
 
 What the draft has computed of each request is kept here: after a verification its KV is good
 up to the last accepted proposal (`settle`); the positions after that, and all of a request

@@ -111,11 +111,7 @@ class Worker:
             from surge.worker.compiled import CompiledModel
 
             model = self.compiled = CompiledModel(self.model, self.config.scheduler.max_model_len)  # type: ignore
-        decoder = None
-        if self.config.compilation.native_decode:
-            from surge.layers.native_decoder import build_native_decoder
-
-            decoder = build_native_decoder(self.model, self.kv_caches)
+        decoder = self._native_decoder(self.model, self.kv_caches)
         drafter = self._drafter(num_blocks, kv_dtype) if self.draft_model is not None else None
         self.runner = ModelRunner(model, self.kv_caches, cache.block_size, self.device, eos_token_ids, decoder,
                                   drafter)
@@ -126,6 +122,14 @@ class Worker:
         self.info = dataclasses.replace(self.info, weight_bytes=weights, kv_cache_bytes=caches)
         return self.info
 
+    def _native_decoder(self, model: torch.nn.Module, kv_caches: list[torch.Tensor]):  # noqa: ANN202
+        """A model's decode-only step in one native call over its caches, unless turned off."""
+        if not self.config.compilation.native_decode:
+            return None
+        from surge.layers.native_decoder import build_native_decoder
+
+        return build_native_decoder(model, kv_caches)
+
     def _drafter(self, num_blocks: int, kv_dtype: torch.dtype):  # noqa: ANN202 (a DraftProposer)
         """The draft model's runner over its own KV cache of the target's blocks."""
         from surge.worker.draft_runner import DraftProposer
@@ -135,11 +139,7 @@ class Worker:
         draft, cache = self.config.draft, self.config.cache
         assert draft is not None and self.draft_model is not None
         self.draft_kv_caches = allocate_kv_caches(draft.model, num_blocks, cache.block_size, kv_dtype, self.device)
-        decoder = None
-        if self.config.compilation.native_decode:
-            from surge.layers.native_decoder import build_native_decoder
-
-            decoder = build_native_decoder(self.draft_model, self.draft_kv_caches)
+        decoder = self._native_decoder(self.draft_model, self.draft_kv_caches)
         runner = ModelRunner(self.draft_model, self.draft_kv_caches, cache.block_size, self.device, decoder=decoder)
         spec = self.config.speculative
         return DraftProposer(runner, self.config.model.vocab_size, self.config.scheduler.max_num_batched_tokens,
