@@ -255,10 +255,15 @@ class SchedulerConfig:
                 f"unknown scheduling policy {self.policy!r}: choose one of {', '.join(SCHEDULING_POLICIES)}")
 
 
+MAX_DATA_PARALLEL = 64
+
+
 @dataclass(frozen=True)
 class ParallelConfig:
-    """How many workers run the model and where. Sizes above 1 arrive with the parallelism work;
-    the executor backend already chooses between the worker in this process and a spawned one."""
+    """How many workers run the model and where: the executor backend (the worker in this
+    process or a spawned one) and data-parallel replicas (whole engines, each a process of its
+    own, behind one front: engine/data_parallel.py). Tensor and pipeline sizes above 1 arrive
+    with that work."""
 
     tensor_parallel_size: int = 1
     pipeline_parallel_size: int = 1
@@ -270,9 +275,12 @@ class ParallelConfig:
             raise InvalidArgumentError(
                 f"unknown executor backend {self.distributed_executor_backend!r}: choose one of "
                 f"{', '.join(EXECUTOR_BACKENDS)}")
-        for name in ("tensor_parallel_size", "pipeline_parallel_size", "data_parallel_size"):
+        for name in ("tensor_parallel_size", "pipeline_parallel_size"):
             if getattr(self, name) != 1:
                 raise InvalidArgumentError(f"{name} must be 1: surge runs one worker per model for now")
+        if not 1 <= self.data_parallel_size <= MAX_DATA_PARALLEL:
+            raise InvalidArgumentError(f"data_parallel_size must be between 1 and {MAX_DATA_PARALLEL}, "
+                                       f"got {self.data_parallel_size}")
 
     @property
     def world_size(self) -> int:

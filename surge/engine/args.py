@@ -135,6 +135,11 @@ class EngineArgs:
     distributed_executor_backend: str = setting(
         "uni", "uni: the model runs in this process; mp: in a worker process of its own (a worker that dies "
         "or hangs is detected, the engine reports dead instead of hanging)", STR, choices=EXECUTOR_BACKENDS)
+    data_parallel_size: int = setting(
+        1, "serve N replicas of the engine, each a process of its own with its scheduler, KV cache and "
+        "--threads (default: the machine's cores split between them), behind the one endpoint; requests go "
+        "where their prompt's prefix was sent, or to the least loaded", COUNT, flags=("--data-parallel-size", "-dp"),
+        metavar="N", serve_only=True)
     compile: bool = setting(False, "run the forward under torch.compile (first use of each shape class "
                                    "compiles; cached on disk under ~/.cache/surge/inductor)", BOOL)
     native_decode: bool = setting(
@@ -227,7 +232,8 @@ class EngineArgs:
             scheduler=SchedulerConfig(
                 self.max_num_seqs, self.max_num_batched_tokens, max_model_len, self.enable_chunked_prefill,
                 self.long_prefill_token_threshold, self.scheduling_policy, model.attention_parity_tokens),
-            parallel=ParallelConfig(distributed_executor_backend=self.distributed_executor_backend),
+            parallel=ParallelConfig(data_parallel_size=self.data_parallel_size,
+                                    distributed_executor_backend=self.distributed_executor_backend),
             load=LoadConfig(source.path, source.kind, source.name, dtype),
             quant=QuantConfig(quantization, self.group_size),
             device=DeviceConfig(device, self.threads),

@@ -23,7 +23,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from surge.engine.llm_engine import EngineStats, LLMEngine
-from surge.errors import EngineDeadError, SurgeError
+from surge.errors import EngineDeadError, InvalidArgumentError, SurgeError
 from surge.outputs import RequestOutput
 from surge.sampling_params import SamplingParams
 
@@ -98,8 +98,11 @@ class AsyncEngine:
         request_id: str | None = None,
         priority: int = 0,
         prompt_text: str | None = None,
+        data_parallel_rank: int | None = None,
     ) -> AsyncIterator[RequestOutput]:
-        """Outputs of one request as the engine produces them; closing the iterator aborts it."""
+        """Outputs of one request as the engine produces them; closing the iterator aborts it.
+        `data_parallel_rank`: only 0 (or None) names this one engine."""
+        self.check_replica(data_parallel_rank)
         if not self.is_running:
             raise EngineDeadError(f"the engine is not running ({self.error or 'shut down'})")
         text, ids = self.engine.tokenize_prompt(prompt)
@@ -129,6 +132,13 @@ class AsyncEngine:
         finally:
             if not finished:
                 self.abort(request_id)
+
+    @staticmethod
+    def check_replica(data_parallel_rank: int | None) -> None:
+        """One engine is replica 0: any other rank asked for is refused."""
+        if data_parallel_rank not in (None, 0):
+            raise InvalidArgumentError(f"data_parallel_rank {data_parallel_rank} is out of range: this model runs "
+                                       f"one replica (0)")
 
     def abort(self, request_id: str) -> None:
         self._commands.put(_Abort(request_id))

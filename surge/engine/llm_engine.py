@@ -31,7 +31,8 @@ from surge.worker.reports import ModelInfo, StepTimings
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["MAX_FAILED_STEPS", "EngineBrokenError", "EngineStats", "LLMEngine", "WarmupReport", "decode_buckets"]
+__all__ = ["MAX_FAILED_STEPS", "EngineBrokenError", "EngineStats", "LLMEngine", "WarmupReport", "check_prompt",
+           "decode_buckets"]
 
 
 @dataclass
@@ -98,11 +99,48 @@ def check_draft_tokenizer(tokenizer: Tokenizer, draft: DraftModelConfig) -> None
             f"({len(their_vocab)} tokens against {len(ours_vocab)}{example}); a draft must use the target's tokenizer")
 
 
+def check_prompt(ids: list[int], params: SamplingParams, vocab_size: int, max_model_len: int,
+                 structured: StructuredOutputManager) -> int:
+    """Check a prompt against the vocabulary and context (and compile its grammar, cached in
+    `structured`); return its effective max_tokens. Raises InvalidArgumentError."""
+    if not ids:
+        raise InvalidArgumentError("the prompt is empty")
+    bad = [t for t in ids if not 0 <= t < vocab_size]
+    if bad:
+        raise InvalidArgumentError(f"token id {bad[0]} is outside the vocabulary [0, {vocab_size})")
+    room = max_model_len - len(ids)
+    if params.pooling is not None:  # an embedding: the prompt alone, nothing generated
+        if room < 0:
+            raise InvalidArgumentError(
+                f"the input has {len(ids)} tokens; the model's context is {max_model_len} tokens")
+        return 1
+    if room <= 0:
+        raise InvalidArgumentError(
+            f"the prompt has {len(ids)} tokens; the model's context is {max_model_len} tokens"
+        )
+    max_tokens = room if params.max_tokens is None else params.max_tokens
+    if max_tokens > room:
+        raise InvalidArgumentError(
+            f"prompt ({len(ids)} tokens) + max_tokens ({max_tokens}) exceeds the model's context "
+            f"of {max_model_len} tokens"
+        )
+    bad_bias = [t for t in (params.logit_bias or {}) if not 0 <= t < vocab_size]
+    if bad_bias:
+        raise InvalidArgumentError(f"logit_bias token id {bad_bias[0]} is outside the vocabulary")
+    if params.structured_outputs is not None:
+        structured.grammar(params.structured_outputs)  # compiled (or refused) here, then cached
+    return max_tokens
+
+
 class LLMEngine:
     def __init__(self, config: EngineConfig, tokenizer: Tokenizer | None = None, reserve: ReserveHook | None = None):
         from surge.loader import load_tokenizer
         from surge.loader.hub import ModelSource
 
+        if config.parallel.data_parallel_size > 1:
+            raise InvalidArgumentError(
+                f"data_parallel_size {config.parallel.data_parallel_size}: replicas run behind `surge serve "
+                f"--data-parallel-size`; LLM(...) and LLMEngine run one engine")
         self.config = config
         self.model_config = config.model
         load = config.load
@@ -136,33 +174,7 @@ class LLMEngine:
 
     def validate(self, ids: list[int], params: SamplingParams) -> int:
         """Check a prompt against the vocabulary and context; return its effective max_tokens."""
-        if not ids:
-            raise InvalidArgumentError("the prompt is empty")
-        bad = [t for t in ids if not 0 <= t < self.vocab_size]
-        if bad:
-            raise InvalidArgumentError(f"token id {bad[0]} is outside the vocabulary [0, {self.vocab_size})")
-        room = self.max_model_len - len(ids)
-        if params.pooling is not None:  # an embedding: the prompt alone, nothing generated
-            if room < 0:
-                raise InvalidArgumentError(
-                    f"the input has {len(ids)} tokens; the model's context is {self.max_model_len} tokens")
-            return 1
-        if room <= 0:
-            raise InvalidArgumentError(
-                f"the prompt has {len(ids)} tokens; the model's context is {self.max_model_len} tokens"
-            )
-        max_tokens = room if params.max_tokens is None else params.max_tokens
-        if max_tokens > room:
-            raise InvalidArgumentError(
-                f"prompt ({len(ids)} tokens) + max_tokens ({max_tokens}) exceeds the model's context "
-                f"of {self.max_model_len} tokens"
-            )
-        bad_bias = [t for t in (params.logit_bias or {}) if not 0 <= t < self.vocab_size]
-        if bad_bias:
-            raise InvalidArgumentError(f"logit_bias token id {bad_bias[0]} is outside the vocabulary")
-        if params.structured_outputs is not None:
-            self.structured.grammar(params.structured_outputs)  # compiled (or refused) here, then cached
-        return max_tokens
+        return check_prompt(ids, params, self.vocab_size, self.max_model_len, self.structured)
 
     def add_request(
         self,

@@ -146,7 +146,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     import dataclasses
 
-    from surge.engine.llm_engine import LLMEngine
+    from surge.engine.data_parallel import build_engine
     from surge.loader.hub import resolve_model
     from surge.server.budget import MemoryBudget
     from surge.platform import default_device
@@ -163,7 +163,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     budget = MemoryBudget(budget_bytes)
 
     def factory(path: str | None, engine_args: Any, reserve: Any) -> Any:
-        return LLMEngine.from_engine_args(dataclasses.replace(engine_args, model=path), reserve)
+        return build_engine(dataclasses.replace(engine_args, model=path), reserve)
 
     if args.model_repository is not None:
         if args.model is not None or args.served_model_name is not None:

@@ -34,7 +34,7 @@ def _heartbeat(beats: socket.socket, parent: int) -> None:
         time.sleep(HEARTBEAT_INTERVAL_S)
 
 
-def _portable(exc: BaseException) -> BaseException:
+def portable(exc: BaseException) -> BaseException:
     """The exception itself if it survives pickling, else a WorkerError with its text."""
     try:
         pickle.loads(pickle.dumps(exc))
@@ -79,11 +79,11 @@ def main(argv: list[str]) -> int:
             if isinstance(exc, (KeyboardInterrupt, SystemExit)):
                 raise
             log.debug("%s() failed:\n%s", method, traceback.format_exc())
-            reply = ("error", _portable(exc))
+            reply = ("error", portable(exc))
         try:
             conn.send(reply)
         except (pickle.PicklingError, TypeError, AttributeError) as exc:  # a result that cannot travel
-            conn.send(("error", _portable(exc)))
+            conn.send(("error", portable(exc)))
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.background import BackgroundTask
 
 from surge.engine.llm_engine import LLMEngine
-from surge.errors import StructuredOutputError, SurgeError
+from surge.errors import InvalidArgumentError, StructuredOutputError, SurgeError
 from surge.outputs import RequestOutput
 from surge.sampling_params import SamplingParams
 from surge.server.errors import APIError, bad_request
@@ -172,11 +172,27 @@ class OutputFormat(Protocol):
         """The final answer's choices from each prompt's last output."""
 
 
+REPLICA_HEADER = "x-surge-replica"
+
+
+def requested_replica(request: Any, body_rank: int | None) -> int | None:
+    """The data-parallel replica a request asks for: the body's `data_parallel_rank`, else the
+    X-Surge-Replica header (a 400 when it is not a non-negative integer), else None."""
+    if body_rank is not None:
+        return body_rank
+    raw = request.headers.get(REPLICA_HEADER)
+    if raw is None:
+        return None
+    if not raw.strip().isdigit() or len(raw.strip()) > 4:
+        raise bad_request(f"X-Surge-Replica must be a replica's number (0, 1, ...), got {raw!r}")
+    return int(raw)
+
+
 class Generation:
     """One OpenAI request's engine streams under its lease (see the module docstring)."""
 
     def __init__(self, state: ServerState, lease: Lease, prompts: list[Prompt], params: SamplingParams,
-                 rid_prefix: str, priority: int, include_usage: bool, numbered: bool):
+                 rid_prefix: str, priority: int, include_usage: bool, numbered: bool, replica: int | None = None):
         self.state, self.lease, self.prompts, self.params = state, lease, prompts, params
         self.rid = f"{rid_prefix}-{uuid.uuid4().hex}"
         self.created = int(time.time())
@@ -184,19 +200,24 @@ class Generation:
         self.include_usage = include_usage
         # engine request ids: "<rid>-<i>" per prompt where a request may have several (numbered)
         ids = [f"{self.rid}-{i}" for i in range(len(prompts))] if numbered else [self.rid] * len(prompts)
-        self.gens = [lease.generate(p_ids, params, rid, priority, prompt_text=text)
+        self.gens = [lease.generate(p_ids, params, rid, priority, prompt_text=text, replica=replica)
                      for rid, (text, p_ids) in zip(ids, prompts)]
 
     @classmethod
     async def start(cls, state: ServerState, model: str | None, sequences: int,
                     prepare: Callable[[LLMEngine], list[Prompt]], params: SamplingParams, rid_prefix: str,
-                    priority: int, include_usage: bool, numbered: bool = False) -> "Generation":
+                    priority: int, include_usage: bool, numbered: bool = False,
+                    replica: int | None = None) -> "Generation":
         """Lease a deployment for `sequences` sequences, run prepare(engine) off the event loop
         and queue every prompt; the lease is returned if any of it fails."""
         lease = Lease(state, model, sequences)
         try:
+            try:
+                lease.aengine.check_replica(replica)
+            except InvalidArgumentError as exc:
+                raise bad_request(str(exc), "data_parallel_rank") from exc
             prompts = await off_loop(prepare, lease.engine)
-            return cls(state, lease, prompts, params, rid_prefix, priority, include_usage, numbered)
+            return cls(state, lease, prompts, params, rid_prefix, priority, include_usage, numbered, replica)
         except BaseException:
             lease.release()
             raise

@@ -76,17 +76,20 @@ class Lease:
         self.release()
 
     def generate(self, ids: list[int], params: SamplingParams, request_id: str, priority: int,
-                 prompt_text: str | None = None) -> AsyncIterator[RequestOutput]:
-        """The engine's stream for one prompt, or a replay from the response cache."""
+                 prompt_text: str | None = None, replica: int | None = None) -> AsyncIterator[RequestOutput]:
+        """The engine's stream for one prompt, or a replay from the response cache. `replica`:
+        the data-parallel replica asked for (a cached answer is replayed wherever it came from)."""
         cache = self.state.response_cache
         if cache is None or not is_deterministic(params):
-            return self.aengine.generate(ids, params, request_id, priority, prompt_text=prompt_text)
+            return self.aengine.generate(ids, params, request_id, priority, prompt_text=prompt_text,
+                                         data_parallel_rank=replica)
         key = cache_key(self.deployment.key, ids, params)
         hit = cache.get(key)
         self.state.metrics.record_cache(self.deployment.name, hit is not None)
         if hit is not None:
             return replay(hit, request_id)
-        stream = self.aengine.generate(ids, params, request_id, priority, prompt_text=prompt_text)
+        stream = self.aengine.generate(ids, params, request_id, priority, prompt_text=prompt_text,
+                                       data_parallel_rank=replica)
         return cache.through(key, stream, cumulative=params.output_kind is RequestOutputKind.CUMULATIVE)
 
 

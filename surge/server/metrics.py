@@ -14,6 +14,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from surge.engine.data_parallel import ReplicaReport
 from surge.engine.llm_engine import EngineStats
 
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0, 160.0)
@@ -70,10 +71,58 @@ class _EngineCollector(Collector):
                      "serving means a shape outside the warmed-up buckets", lambda s: s.num_compiles)
 
 
+class _ReplicaCollector(Collector):
+    """Data-parallel replicas of every deployment that has them, labelled by model, version and replica."""
+
+    def __init__(self, replicas: Callable[[], list[tuple[str, str, ReplicaReport]]]):
+        self.replicas = replicas
+
+    def collect(self) -> Iterator:
+        rows = self.replicas()
+        labels = ["model", "version", "replica"]
+        G, C = GaugeMetricFamily, CounterMetricFamily
+
+        def family(kind: type, name: str, doc: str, value: Callable[[ReplicaReport], float | None]) -> Any:
+            metric = kind(name, doc, labels=labels)
+            for model, version, r in rows:
+                v = value(r)
+                if v is not None:
+                    metric.add_metric([model, version, str(r.index)], v)
+            return metric
+
+        def stat(field: str) -> Callable[[ReplicaReport], float | None]:
+            return lambda r: None if r.stats is None else getattr(r.stats, field)
+
+        yield family(G, "surge_replica_up", "1 while the replica serves, 0 while it is down or restarting",
+                     lambda r: float(r.up))
+        yield family(C, "surge_replica_restarts", "Times the replica's process was started again", lambda r: r.restarts)
+        yield family(C, "surge_replica_requests", "Requests routed to the replica", lambda r: r.router.routed)
+        routed = C("surge_replica_routed", "Requests routed to the replica, by why it was chosen",
+                   labels=[*labels, "reason"])
+        for model, version, r in rows:
+            for reason, n in (("affinity", r.router.by_affinity), ("load", r.router.by_load),
+                              ("explicit", r.router.explicit)):
+                routed.add_metric([model, version, str(r.index), reason], n)
+        yield routed
+        yield family(G, "surge_replica_weight", "The router's share weight of the replica (adapted to its speed)",
+                     lambda r: r.router.weight)
+        yield family(G, "surge_replica_num_requests_running", "Requests being computed", stat("num_running"))
+        yield family(G, "surge_replica_num_requests_waiting", "Requests waiting for a slot", stat("num_waiting"))
+        yield family(G, "surge_replica_kv_cache_usage_ratio", "Fraction of KV-cache blocks in use",
+                     stat("kv_cache_usage"))
+        yield family(G, "surge_replica_prefix_cache_hit_rate", "Prompt tokens found in the prefix cache / looked up",
+                     stat("prefix_cache_hit_rate"))
+        yield family(C, "surge_replica_prefix_cache_hits", "Prompt tokens found in the prefix cache",
+                     stat("prefix_cache_hits"))
+        yield family(C, "surge_replica_prefix_cache_queries", "Prompt tokens looked up in the prefix cache",
+                     stat("prefix_cache_queries"))
+
+
 class ServerMetrics:
     """Per-request measurements, labelled by the model name a request was routed to."""
 
-    def __init__(self, deployments: Callable[[], list[tuple[str, str, EngineStats]]]):
+    def __init__(self, deployments: Callable[[], list[tuple[str, str, EngineStats]]],
+                 replicas: Callable[[], list[tuple[str, str, ReplicaReport]]] = lambda: []):
         self.registry = CollectorRegistry()
         self.requests = Counter(
             "surge_requests", "HTTP requests by endpoint and status code", ["endpoint", "status"],
@@ -98,6 +147,7 @@ class ServerMetrics:
         self.compute_time = Histogram("surge_batch_compute_seconds", "Time a tensor model took to run one batch",
                                       ["model"], buckets=QUEUE_BUCKETS, registry=self.registry)
         self.registry.register(_EngineCollector(deployments))
+        self.registry.register(_ReplicaCollector(replicas))
         self.listeners: list[Callable[[str, float, float | None, float | None], None]] = []
 
     def record_status(self, endpoint: str, status: int) -> None:

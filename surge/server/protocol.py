@@ -115,6 +115,7 @@ class _SamplingFields(_Strict):
     min_tokens: int = Field(0, ge=0, le=2**31 - 1)
     skip_special_tokens: bool = True
     priority: Int32 = 0
+    data_parallel_rank: int | None = Field(None, ge=0, le=4095)  # route to this replica (or X-Surge-Replica)
     structured_outputs: StructuredOutputs | None = None
     response_format: ResponseFormat | None = None
     # vLLM's earlier names of structured_outputs' fields

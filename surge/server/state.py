@@ -6,6 +6,7 @@ import asyncio
 import time
 from dataclasses import dataclass, field
 
+from surge.engine.data_parallel import DataParallelEngine, ReplicaReport
 from surge.engine.llm_engine import EngineStats
 from surge.server.dashboard import StatsHistory
 from surge.server.metrics import ServerMetrics
@@ -32,7 +33,7 @@ class ServerState:
     response_cache: ResponseCache | None = field(init=False)
 
     def __post_init__(self) -> None:
-        self.metrics = ServerMetrics(self.engine_stats)
+        self.metrics = ServerMetrics(self.engine_stats, self.replica_reports)
         self.history = StatsHistory(self.engine_stats)
         self.metrics.listeners.append(self.history.record_request)
         self.repository.observe_batch = self._observe_batch
@@ -48,6 +49,11 @@ class ServerState:
     def engine_stats(self) -> list[tuple[str, str, EngineStats]]:
         return [(d.name, d.version, d.async_engine.stats()) for d in self.repository.deployments()
                 if isinstance(d, Deployment)]
+
+    def replica_reports(self) -> list[tuple[str, str, ReplicaReport]]:
+        return [(d.name, d.version, r) for d in self.repository.deployments()
+                if isinstance(d, Deployment) and isinstance(d.async_engine, DataParallelEngine)
+                for r in d.async_engine.replicas()]
 
     def in_flight(self) -> int:
         return self.repository.in_flight()

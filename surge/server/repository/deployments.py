@@ -14,6 +14,7 @@ from typing import Any
 
 from surge.engine.args import EngineArgs
 from surge.engine.async_engine import AsyncEngine
+from surge.engine.data_parallel import DataParallelEngine
 from surge.engine.engine_core import ReserveHook
 from surge.engine.llm_engine import LLMEngine
 from surge.errors import SurgeError
@@ -23,7 +24,7 @@ from surge.tensor.model import TensorModel
 
 logger = logging.getLogger("surge.repository")
 
-EngineFactory = Callable[[str | None, EngineArgs, ReserveHook], LLMEngine]
+EngineFactory = Callable[[str | None, EngineArgs, ReserveHook], LLMEngine | DataParallelEngine]
 BatchObserver = Callable[[str, int, list[float], float], None]  # (model, batch rows, queue waits, run seconds)
 
 
@@ -33,13 +34,14 @@ class ModelLoadError(SurgeError):
 
 @dataclass(eq=False)
 class Deployment:
-    """One loaded LLM version: its engine and the requests it is serving."""
+    """One loaded LLM version: its engine and the requests it is serving. With data-parallel
+    replicas both are the one DataParallelEngine (the front of the replicas' processes)."""
 
     kind = "llm"
     name: str
     version: str
-    engine: LLMEngine
-    async_engine: AsyncEngine
+    engine: LLMEngine | DataParallelEngine
+    async_engine: AsyncEngine | DataParallelEngine
     memory_bytes: int
     in_flight: int = 0  # requests holding a lease
     sequences: int = 0  # their sequences (n x prompts), what --max-queue counts
@@ -120,10 +122,14 @@ def build_deployment(name: str, version: str, path: str | None, args: EngineArgs
             budget.reserve(key, weights + kv, f"weights ~{weights / MiB:.0f} MiB + KV cache {kv / MiB:.0f} MiB")
 
         engine = factory(path, args, reserve)
-        warm = engine.warm_up() if args.warmup else None
+        if isinstance(engine, DataParallelEngine):  # its replicas warmed up as they started
+            warm = None
+            aengine: AsyncEngine | DataParallelEngine = engine
+        else:
+            warm = engine.warm_up() if args.warmup else None
+            aengine = AsyncEngine(engine)
         measured = engine.memory_bytes()
         budget.settle(key, measured)
-        aengine = AsyncEngine(engine)
         aengine.start()
     except BaseException as exc:
         if engine is not None:  # its warm-up failed: its workers go too

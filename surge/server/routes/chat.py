@@ -12,7 +12,7 @@ from surge.engine.llm_engine import LLMEngine
 from surge.outputs import CompletionOutput, RequestOutput
 from surge.server.errors import bad_request
 from surge.server.formatting import chat_logprobs
-from surge.server.generation import Generation, Prompt, prepare_prompts, render_chat, sampling
+from surge.server.generation import Generation, Prompt, prepare_prompts, render_chat, requested_replica, sampling
 from surge.server.openapi import request_body
 from surge.server.plumbing import read_body
 from surge.server.protocol import ChatCompletionRequest
@@ -144,7 +144,7 @@ def router(state: ServerState) -> APIRouter:
             return [(None, prepare_prompts(engine, [ids], params, body.constraint_param or "tools")[0][1])]
 
         gen = await Generation.start(state, body.model, body.n, prepare, params, "chatcmpl", body.priority,
-                                     include_usage)
+                                     include_usage, replica=requested_replica(request, body.data_parallel_rank))
         return await gen.respond(request, ChatFormat(body.n, gen.engine, top_n, *plans[0]), body.streaming)
 
     return api

@@ -10,7 +10,8 @@ from fastapi.responses import Response
 from surge.engine.llm_engine import LLMEngine
 from surge.outputs import RequestOutput
 from surge.server.formatting import completion_logprobs
-from surge.server.generation import Generation, Prompt, check_prompt_count, prepare_prompts, sampling
+from surge.server.generation import (Generation, Prompt, check_prompt_count, prepare_prompts, requested_replica,
+                                     sampling)
 from surge.server.openapi import request_body
 from surge.server.plumbing import off_loop, off_loop_if_long, read_body
 from surge.server.protocol import CompletionRequest
@@ -100,7 +101,8 @@ def router(state: ServerState) -> APIRouter:
             return prepare_prompts(engine, raw_prompts, params, body.constraint_param)
 
         gen = await Generation.start(state, body.model, body.n * len(raw_prompts), prepare, params, "cmpl",
-                                     body.priority, include_usage, numbered=True)
+                                     body.priority, include_usage, numbered=True,
+                                     replica=requested_replica(request, body.data_parallel_rank))
         return await gen.respond(request, CompletionFormat(body, gen.engine, gen.prompts), body.streaming)
 
     return api
