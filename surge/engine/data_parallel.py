@@ -35,11 +35,11 @@ from surge.core.router import ReplicaCounters, Router, RouterConfig
 from surge.engine.args import EngineArgs
 from surge.engine.async_engine import RequestFailedError
 from surge.engine.engine_core import ReserveHook
-from surge.engine.llm_engine import EngineStats, check_prompt
+from surge.engine.llm_engine import EngineStats, check_prompt, split_prompt
 from surge.engine.replica import ReplicaInfo
 from surge.errors import EngineDeadError, InvalidArgumentError
 from surge.outputs import RequestOutput
-from surge.sampling_params import SamplingParams
+from surge.sampling_params import RequestOutputKind, SamplingParams
 from surge.structured.manager import StructuredOutputManager
 from surge.tokenizer import Tokenizer
 from surge.worker.reports import MemoryEstimate
@@ -87,7 +87,7 @@ class _Stream:
     queue: asyncio.Queue
     replica: int = -1
     started: bool = False  # an output reached the caller: it cannot move to another replica
-    tokens: int = 0
+    tokens: int = 0  # output tokens so far (the most of its n completions)
     t0: float = field(default_factory=time.monotonic)
 
 
@@ -280,11 +280,13 @@ class DataParallelEngine:
                 if stream is None or stream.replica != index:
                     continue
                 stream.started = True
+                new = max((len(c.token_ids) for c in out.outputs), default=0)
+                # a delta output carries its new tokens only; the others every token so far
+                stream.tokens = stream.tokens + new if stream.params.output_kind is RequestOutputKind.DELTA else new
                 self._deliver(stream, out)
                 if out.finished:
                     self._streams.pop(out.request_id, None)
-                    tokens = max((len(c.token_ids) for c in out.outputs), default=0)
-                    self.router.finished(index, time.monotonic() - stream.t0, tokens)
+                    self.router.finished(index, time.monotonic() - stream.t0, stream.tokens)
 
     def _reject(self, index: int, request_id: str, error: BaseException) -> None:
         with self._lock:
@@ -349,9 +351,7 @@ class DataParallelEngine:
         return not self._closing and self.error is None
 
     def tokenize_prompt(self, prompt: str | list[int]) -> tuple[str | None, list[int]]:
-        if isinstance(prompt, str):
-            return prompt, self.tokenizer.encode(prompt)
-        return None, [int(t) for t in prompt]
+        return split_prompt(self.tokenizer, prompt)
 
     def validate(self, ids: list[int], params: SamplingParams) -> int:
         return check_prompt(ids, params, self.vocab_size, self.max_model_len, self.structured)

@@ -32,7 +32,7 @@ from surge.worker.reports import ModelInfo, StepTimings
 logger = logging.getLogger(__name__)
 
 __all__ = ["MAX_FAILED_STEPS", "EngineBrokenError", "EngineStats", "LLMEngine", "WarmupReport", "check_prompt",
-           "decode_buckets"]
+           "decode_buckets", "split_prompt"]
 
 
 @dataclass
@@ -97,6 +97,13 @@ def check_draft_tokenizer(tokenizer: Tokenizer, draft: DraftModelConfig) -> None
         raise InvalidArgumentError(
             f"speculative_config: the draft model {load.name!r} has another vocabulary than the target "
             f"({len(their_vocab)} tokens against {len(ours_vocab)}{example}); a draft must use the target's tokenizer")
+
+
+def split_prompt(tokenizer: Tokenizer, prompt: str | list[int]) -> tuple[str | None, list[int]]:
+    """A prompt's text (None for token ids) and its token ids."""
+    if isinstance(prompt, str):
+        return prompt, tokenizer.encode(prompt)
+    return None, [int(t) for t in prompt]
 
 
 def check_prompt(ids: list[int], params: SamplingParams, vocab_size: int, max_model_len: int,
@@ -168,9 +175,7 @@ class LLMEngine:
     # ---- requests -----------------------------------------------------------------------
 
     def tokenize_prompt(self, prompt: str | list[int]) -> tuple[str | None, list[int]]:
-        if isinstance(prompt, str):
-            return prompt, self.tokenizer.encode(prompt)
-        return None, [int(t) for t in prompt]
+        return split_prompt(self.tokenizer, prompt)
 
     def validate(self, ids: list[int], params: SamplingParams) -> int:
         """Check a prompt against the vocabulary and context; return its effective max_tokens."""

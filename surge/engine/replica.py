@@ -52,7 +52,6 @@ def step_delay(index: int) -> float:
 class ReplicaInfo:
     """What a loaded replica reports to the front."""
 
-    pid: int
     model_info: Any  # worker.reports.ModelInfo
     capacity_tokens: int
     memory_bytes: int
@@ -81,7 +80,7 @@ def serve(conn: mpc.Connection) -> int:
     except BaseException as exc:
         conn.send(("error", portable(exc)))
         return 1
-    conn.send(("ready", ReplicaInfo(os.getpid(), engine.model_info, engine.capacity_tokens, engine.memory_bytes(),
+    conn.send(("ready", ReplicaInfo(engine.model_info, engine.capacity_tokens, engine.memory_bytes(),
                                     engine.max_num_seqs, seconds)))
     commands: queue.SimpleQueue = queue.SimpleQueue()
 
