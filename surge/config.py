@@ -198,7 +198,7 @@ class ModelConfig:
 
 KV_CACHE_DTYPES = ("auto", "int8")
 SCHEDULING_POLICIES = ("fcfs", "priority")
-EXECUTOR_BACKENDS = ("uni", "mp")
+EXECUTOR_BACKENDS = ("uni", "mp", "ray")
 QUANTIZATIONS = ("auto", "none", "int8", "int4")
 
 
@@ -259,16 +259,42 @@ MAX_DATA_PARALLEL = 64
 
 
 @dataclass(frozen=True)
+class AutoscalingConfig:
+    """Data-parallel replicas added and removed by load (core/autoscaler.py): the ongoing requests
+    per replica are held near `target_ongoing_requests`, between `min_replicas` and
+    `max_replicas`; a change is made once it has been wanted for its delay (seconds)."""
+
+    min_replicas: int = 1
+    max_replicas: int = 2
+    target_ongoing_requests: float = 8.0
+    upscale_delay: float = 10.0
+    downscale_delay: float = 60.0
+    look_back: float = 5.0  # seconds of once-a-second samples averaged into the load
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.min_replicas <= self.max_replicas <= MAX_DATA_PARALLEL:
+            raise InvalidArgumentError(
+                f"replicas must satisfy 1 <= min_replicas <= max_replicas <= {MAX_DATA_PARALLEL}, got "
+                f"min_replicas {self.min_replicas}, max_replicas {self.max_replicas}")
+        for name in ("target_ongoing_requests", "upscale_delay", "downscale_delay", "look_back"):
+            if not getattr(self, name) > 0:
+                raise InvalidArgumentError(f"{name} must be above 0, got {getattr(self, name)!r}")
+
+
+@dataclass(frozen=True)
 class ParallelConfig:
     """How many workers run the model and where: the executor backend (the worker in this
     process or a spawned one) and data-parallel replicas (whole engines, each a process of its
-    own, behind one front: engine/data_parallel.py). Tensor and pipeline sizes above 1 arrive
-    with that work."""
+    own, behind one front: engine/data_parallel.py), their number fixed or autoscaled. Tensor
+    and pipeline sizes above 1 arrive with that work."""
 
     tensor_parallel_size: int = 1
     pipeline_parallel_size: int = 1
-    data_parallel_size: int = 1
+    data_parallel_size: int = 1  # with autoscaling: the replicas started with (within its bounds)
     distributed_executor_backend: str = "uni"
+    autoscaling: AutoscalingConfig | None = None
+    replica_health_timeout: float = 10.0  # seconds without a replica's heartbeat before it is restarted
+    ray_address: str | None = None  # backend "ray": the cluster to join ("auto", HOST:PORT); None: start one
 
     def __post_init__(self) -> None:
         if self.distributed_executor_backend not in EXECUTOR_BACKENDS:
@@ -281,6 +307,28 @@ class ParallelConfig:
         if not 1 <= self.data_parallel_size <= MAX_DATA_PARALLEL:
             raise InvalidArgumentError(f"data_parallel_size must be between 1 and {MAX_DATA_PARALLEL}, "
                                        f"got {self.data_parallel_size}")
+        scaling = self.autoscaling
+        if scaling is not None and self.data_parallel_size > 1 and not (
+                scaling.min_replicas <= self.data_parallel_size <= scaling.max_replicas):
+            raise InvalidArgumentError(
+                f"data_parallel_size {self.data_parallel_size} is outside the autoscaling bounds "
+                f"{scaling.min_replicas}..{scaling.max_replicas}")
+        if self.ray_address is not None and self.distributed_executor_backend != "ray":
+            raise InvalidArgumentError("ray_address needs distributed_executor_backend ray")
+        if not self.replica_health_timeout > 0:
+            raise InvalidArgumentError(f"replica_health_timeout must be above 0, got {self.replica_health_timeout!r}")
+
+    @property
+    def initial_replicas(self) -> int:
+        """Replicas started with: data_parallel_size, raised to the autoscaling minimum."""
+        if self.autoscaling is None:
+            return self.data_parallel_size
+        return max(self.data_parallel_size, self.autoscaling.min_replicas)
+
+    @property
+    def replicated(self) -> bool:
+        """More than one engine now or later, or engines placed by Ray: the data-parallel front serves."""
+        return self.data_parallel_size > 1 or self.autoscaling is not None or self.distributed_executor_backend == "ray"
 
     @property
     def world_size(self) -> int:

@@ -58,6 +58,7 @@ class ReplicaCounters:
     outstanding: int = 0
     weight: float = 1.0
     up: bool = True
+    draining: bool = False  # up, finishing what it holds, given nothing new (it is being removed)
 
 
 @dataclass(frozen=True)
@@ -109,11 +110,32 @@ class Router:
         r.counters.up = up
         self._credit = [0.0] * len(self._replicas)
 
+    def add_replica(self) -> int:
+        """A new replica slot (down until set_up): its index."""
+        self._replicas.append(_Replica(ReplicaCounters(up=False)))
+        self._credit = [0.0] * len(self._replicas)
+        return len(self._replicas) - 1
+
+    def remove_replica(self) -> None:
+        """Drop the last replica slot (a replica scaled away)."""
+        if len(self._replicas) == 1:
+            raise InvalidArgumentError("a router keeps at least one replica")
+        self._replicas.pop()
+        self._credit = [0.0] * len(self._replicas)
+
+    def drain(self, replica: int) -> None:
+        """Route nothing new to `replica`; it finishes what it holds."""
+        self._replicas[replica].counters.draining = True
+
     def is_up(self, replica: int) -> bool:
-        return self._replicas[replica].counters.up
+        return self._routable(replica)
 
     def any_up(self) -> bool:
-        return any(r.counters.up for r in self._replicas)
+        return any(self._routable(i) for i in range(len(self._replicas)))
+
+    def _routable(self, i: int) -> bool:
+        c = self._replicas[i].counters
+        return c.up and not c.draining
 
     # ---- routing ----------------------------------------------------------------------
 
@@ -127,7 +149,7 @@ class Router:
         if replica is not None:
             self.check(replica)
             return self._take(replica, "explicit", self._matched(replica, hashes), hashes)
-        live = [i for i, r in enumerate(self._replicas) if r.counters.up and i not in exclude]
+        live = [i for i in range(len(self._replicas)) if self._routable(i) and i not in exclude]
         if not live:
             raise InvalidArgumentError("no replica is up to take the request")
         least = min(live, key=self._order_key(live))
@@ -146,8 +168,11 @@ class Router:
             raise InvalidArgumentError(
                 f"data_parallel_rank {replica} is out of range: there are {len(self._replicas)} replicas "
                 f"(0..{len(self._replicas) - 1})")
-        if not self._replicas[replica].counters.up:
-            raise InvalidArgumentError(f"data_parallel_rank {replica}: that replica is down")
+        c = self._replicas[replica].counters
+        if not c.up:
+            raise InvalidArgumentError(f"data_parallel_rank {replica}: that replica is down or starting")
+        if c.draining:
+            raise InvalidArgumentError(f"data_parallel_rank {replica}: that replica is being removed")
 
     def _load(self, i: int) -> float:
         c = self._replicas[i].counters
@@ -192,7 +217,7 @@ class Router:
             r.blocks.move_to_end(h.value)
         while len(r.blocks) > self.config.lru_blocks:
             r.blocks.popitem(last=False)
-        live = [j for j, other in enumerate(self._replicas) if other.counters.up]
+        live = [j for j in range(len(self._replicas)) if self._routable(j)]
         for j in live:
             self._credit[j] += self._replicas[j].counters.weight
         self._credit[i] -= sum(self._replicas[j].counters.weight for j in live)
@@ -217,7 +242,7 @@ class Router:
         cfg = self.config
         self._finished_in_window = 0
         measured = {i: sum(r.seconds_per_token) / len(r.seconds_per_token)
-                    for i, r in enumerate(self._replicas) if r.seconds_per_token and r.counters.up}
+                    for i, r in enumerate(self._replicas) if r.seconds_per_token and self._routable(i)}
         if len(measured) >= 2:
             mean = sum(measured.values()) / len(measured)
             for i, speed in measured.items():

@@ -21,6 +21,7 @@ from surge.config import (
     KV_CACHE_DTYPES,
     QUANTIZATIONS,
     SCHEDULING_POLICIES,
+    AutoscalingConfig,
     CacheConfig,
     CompilationConfig,
     DeviceConfig,
@@ -61,6 +62,7 @@ def parse_bytes(value: str | int, what: str) -> int:
 # kinds of settings: how a value is read from a flag and checked wherever it comes from
 STR, OPT_STR, INT, OPT_INT, COUNT, FRACTION, SIZE, BOOL = ("str", "str?", "int", "int?", "count", "fraction",
                                                             "size", "bool")
+POSITIVE = "positive"  # a number above 0 (seconds, a rate)
 SPECULATIVE = "speculative"  # a SpeculativeConfig: a JSON object (flag), a table (surge.toml) or a dict
 
 
@@ -134,12 +136,34 @@ class EngineArgs:
                                      STR, choices=SCHEDULING_POLICIES)
     distributed_executor_backend: str = setting(
         "uni", "uni: the model runs in this process; mp: in a worker process of its own (a worker that dies "
-        "or hangs is detected, the engine reports dead instead of hanging)", STR, choices=EXECUTOR_BACKENDS)
+        "or hangs is detected, the engine reports dead instead of hanging); ray (surge serve): each replica is a "
+        "Ray actor placed on a Ray cluster (pip install \"surge[ray]\")", STR, choices=EXECUTOR_BACKENDS)
+    ray_address: str | None = setting(
+        None, "with --distributed-executor-backend ray: the Ray cluster to join, auto or HOST:PORT (default: "
+        "start a local one)", OPT_STR, metavar="ADDRESS", serve_only=True)
     data_parallel_size: int = setting(
         1, "serve N replicas of the engine, each a process of its own with its scheduler, KV cache and "
         "--threads (default: the machine's cores split between them), behind the one endpoint; requests go "
         "where their prompt's prefix was sent, or to the least loaded", COUNT, flags=("--data-parallel-size", "-dp"),
         metavar="N", serve_only=True)
+    min_replicas: int | None = setting(
+        None, "autoscaling: replicas kept at least (default 1 when --max-replicas is given)", OPT_INT, metavar="N",
+        serve_only=True)
+    max_replicas: int | None = setting(
+        None, "autoscaling on: replicas added while the ongoing requests per replica stay above "
+        "--target-ongoing-requests, removed (after draining) when they stay below, between --min-replicas and "
+        "this (default: off, a fixed --data-parallel-size)", OPT_INT, metavar="N", serve_only=True)
+    target_ongoing_requests: float = setting(
+        8.0, "autoscaling: ongoing (running and waiting) requests per replica aimed at", POSITIVE, metavar="N",
+        serve_only=True)
+    upscale_delay: float = setting(10.0, "autoscaling: seconds more replicas must be wanted before one is added",
+                                   POSITIVE, metavar="S", serve_only=True)
+    downscale_delay: float = setting(
+        60.0, "autoscaling: seconds fewer replicas must be wanted before one is drained and removed", POSITIVE,
+        metavar="S", serve_only=True)
+    replica_health_timeout: float = setting(
+        10.0, "a data-parallel replica that sends no heartbeat (one a second) for this many seconds is killed "
+        "and restarted", POSITIVE, metavar="S", serve_only=True)
     compile: bool = setting(False, "run the forward under torch.compile (first use of each shape class "
                                    "compiles; cached on disk under ~/.cache/surge/inductor)", BOOL)
     native_decode: bool = setting(
@@ -233,7 +257,9 @@ class EngineArgs:
                 self.max_num_seqs, self.max_num_batched_tokens, max_model_len, self.enable_chunked_prefill,
                 self.long_prefill_token_threshold, self.scheduling_policy, model.attention_parity_tokens),
             parallel=ParallelConfig(data_parallel_size=self.data_parallel_size,
-                                    distributed_executor_backend=self.distributed_executor_backend),
+                                    distributed_executor_backend=self.distributed_executor_backend,
+                                    autoscaling=self._autoscaling(), ray_address=self.ray_address,
+                                    replica_health_timeout=self.replica_health_timeout),
             load=LoadConfig(source.path, source.kind, source.name, dtype),
             quant=QuantConfig(quantization, self.group_size),
             device=DeviceConfig(device, self.threads),
@@ -241,6 +267,14 @@ class EngineArgs:
             speculative=self.speculative_config,
             draft=self._draft_config(source, device, dtype),
         )
+
+    def _autoscaling(self) -> AutoscalingConfig | None:
+        if self.max_replicas is None:
+            if self.min_replicas is not None:
+                raise InvalidArgumentError("min_replicas needs max_replicas (autoscaling)")
+            return None
+        return AutoscalingConfig(self.min_replicas or 1, self.max_replicas, self.target_ongoing_requests,
+                                 self.upscale_delay, self.downscale_delay)
 
     def _draft_config(self, target: Any, device: str, dtype: str) -> DraftModelConfig | None:
         """The draft model of method "draft", resolved as the target is (a bad path fails here,
@@ -291,6 +325,10 @@ def _check(name: str, value: Any, meta: Mapping[str, Any]) -> Any:
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
             raise InvalidArgumentError(f"{name} must be a number in (0, 1], got {value!r}")
         return float(value)
+    if kind == POSITIVE:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf"):
+            raise InvalidArgumentError(f"{name} must be a number above 0, got {value!r}")
+        return float(value)
     if isinstance(value, bool) or not isinstance(value, int):
         raise InvalidArgumentError(f"{name} must be {'an integer' if kind == INT else 'a positive integer'}, "
                                    f"got {value!r}")
@@ -309,7 +347,7 @@ def _flag_parser(flag: str, kind: str) -> Callable[[str], Any]:
                 return parse_bytes(text, flag)
             if kind in (INT, OPT_INT, COUNT):
                 return int(text)
-            if kind == FRACTION:
+            if kind in (FRACTION, POSITIVE):
                 return float(text)
             if kind == SPECULATIVE:
                 return parse_speculative(text, flag)

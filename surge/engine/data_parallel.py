@@ -7,9 +7,15 @@ cache and threads, behind one front that the server uses like an AsyncEngine.
                                └── replica 1 process ...
              outputs <── one reader thread per replica ── ("out", outputs, stats)
 
-A replica that dies (its socket closes) is marked down at once: the requests it held that had
-not streamed anything yet are sent again to another replica; the ones that had end with an
-error; the replica is started again in the background and takes traffic once warmed up.
+A replica that dies (its socket closes) or hangs (no heartbeat for --replica-health-timeout
+seconds: it is killed) is marked down at once: the requests it held that had not streamed
+anything yet are sent again to another replica; the ones that had end with an error; the
+replica is started again in the background and takes traffic once warmed up.
+
+With autoscaling (--max-replicas) a monitor thread samples the ongoing requests once a second
+(core/autoscaler.py): a replica added starts and warms up before the router sees it; one
+removed is drained (routed nothing new, finishes what it holds) and then stopped. Replicas are
+numbered 0..N-1; the highest go first.
 """
 
 from __future__ import annotations
@@ -18,25 +24,21 @@ import asyncio
 import dataclasses
 import itertools
 import logging
-import multiprocessing.connection as mpc
 import os
-import socket
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
-import surge
 from surge.config import EngineConfig
+from surge.core.autoscaler import Autoscaler
 from surge.core.router import ReplicaCounters, Router, RouterConfig
 from surge.engine.args import EngineArgs
 from surge.engine.async_engine import RequestFailedError
 from surge.engine.engine_core import ReserveHook
 from surge.engine.llm_engine import EngineStats, check_prompt, split_prompt
-from surge.engine.replica import ReplicaInfo
+from surge.engine.replica_links import ProcessLink, ReplicaLink
 from surge.errors import EngineDeadError, InvalidArgumentError
 from surge.outputs import RequestOutput
 from surge.sampling_params import RequestOutputKind, SamplingParams
@@ -48,7 +50,6 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["DataParallelEngine", "ReplicaReport", "build_engine"]
 
-START_TIMEOUT_S = 600.0  # a replica's load and warm-up
 RESTART_ATTEMPTS = 5
 RESTART_BACKOFF_S = 2.0
 
@@ -59,9 +60,14 @@ def build_engine(args: EngineArgs, reserve: ReserveHook | None = None) -> Any:
     from surge.engine.llm_engine import LLMEngine
 
     config = args.create_engine_config()
-    if config.parallel.data_parallel_size > 1:
+    if config.parallel.replicated:
         return DataParallelEngine(config, reserve)
     return LLMEngine(config, reserve=reserve)
+
+
+# a replica slot's state
+UP, DOWN, STARTING, DRAINING = "up", "down", "starting", "draining"
+REMOVED = "was removed by autoscaling"  # a link's cause when the front stopped it on purpose
 
 
 @dataclass(frozen=True)
@@ -70,10 +76,15 @@ class ReplicaReport:
 
     index: int
     pid: int | None
-    up: bool
+    where: str  # its node (Ray), empty for a process of this machine
+    state: str  # up | down (restarting) | starting (added by autoscaling) | draining (being removed)
     restarts: int
     router: ReplicaCounters
     stats: EngineStats | None
+
+    @property
+    def up(self) -> bool:
+        return self.state in (UP, DRAINING)
 
 
 @dataclass(eq=False)
@@ -91,57 +102,6 @@ class _Stream:
     t0: float = field(default_factory=time.monotonic)
 
 
-class _Link:
-    """One replica process and the socket to it."""
-
-    def __init__(self, index: int, config: EngineConfig, warmup: bool):
-        ours, theirs = socket.socketpair()
-        env = dict(os.environ)
-        root = os.path.dirname(os.path.dirname(os.path.abspath(surge.__file__)))
-        env["PYTHONPATH"] = os.pathsep.join([root, *filter(None, [env.get("PYTHONPATH")])])
-        cmd = [sys.executable, "-m", "surge.engine.replica", str(theirs.fileno()),
-               str(logging.getLogger().getEffectiveLevel())]
-        self.proc = subprocess.Popen(cmd, pass_fds=(theirs.fileno(),), env=env)
-        theirs.close()
-        self.index = index
-        self.conn = mpc.Connection(ours.detach())
-        self.send_lock = threading.Lock()
-        self.info: ReplicaInfo | None = None
-        self.conn.send(("init", config, warmup, index))
-
-    def expect(self, kind: str, timeout: float = START_TIMEOUT_S) -> Any:
-        if not self.conn.poll(timeout):
-            raise EngineDeadError(f"replica {self.index} (process {self.proc.pid}) did not report within "
-                                  f"{timeout:.0f}s")
-        try:
-            message = self.conn.recv()
-        except (EOFError, OSError) as exc:
-            raise EngineDeadError(f"replica {self.index} (process {self.proc.pid}) exited while starting "
-                                  f"(code {self.proc.poll()})") from exc
-        if message[0] == "error":
-            raise message[1]
-        if message[0] != kind:
-            raise EngineDeadError(f"replica {self.index}: expected {kind!r}, got {message[0]!r}")
-        return message[1]
-
-    def send(self, message: Any) -> bool:
-        try:
-            with self.send_lock:
-                self.conn.send(message)
-            return True
-        except (OSError, ValueError):
-            return False  # it is dying: its reader thread reports it
-
-    def close(self, timeout: float = 5.0) -> None:
-        self.send(("stop",))
-        try:
-            self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(timeout)
-        self.conn.close()
-
-
 class DataParallelEngine:
     """The front of N replicas, with the attributes the server reads of an LLMEngine and the
     calls it makes of an AsyncEngine (it is both)."""
@@ -151,15 +111,20 @@ class DataParallelEngine:
         from surge.loader import load_tokenizer
         from surge.loader.hub import ModelSource
 
-        n = config.parallel.data_parallel_size
-        if config.device.threads is None:  # the machine's cores split between the replicas
+        parallel = config.parallel
+        n = parallel.initial_replicas
+        scaling = parallel.autoscaling
+        self.max_replicas = max(n, scaling.max_replicas if scaling else n)  # what memory is reserved for
+        if config.device.threads is None:  # the machine's cores split between the replicas (at most)
             cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-            config = dataclasses.replace(config, device=dataclasses.replace(config.device,
-                                                                            threads=max(1, cores // n)))
+            config = dataclasses.replace(config, device=dataclasses.replace(
+                config.device, threads=max(1, cores // self.max_replicas)))
         self.config = config
-        # each replica is one whole engine
-        self._replica_config = dataclasses.replace(
-            config, parallel=dataclasses.replace(config.parallel, data_parallel_size=1))
+        # each replica is one whole engine, its model run in its own process
+        ray = parallel.distributed_executor_backend == "ray"
+        self._replica_config = dataclasses.replace(config, parallel=dataclasses.replace(
+            parallel, data_parallel_size=1, autoscaling=None, ray_address=None,
+            distributed_executor_backend="uni" if ray else parallel.distributed_executor_backend))
         load = config.load
         self.tokenizer: Tokenizer = load_tokenizer(ModelSource(load.kind, load.path, load.name), config.model)
         self.eos_ids = frozenset(config.model.eos_token_ids) | frozenset(self.tokenizer.eos_token_ids)
@@ -168,112 +133,243 @@ class DataParallelEngine:
         self.max_model_len = config.scheduler.max_model_len
         self.block_size = config.cache.block_size
         self.router = Router(n, router or RouterConfig(block_size=self.block_size))
+        self.autoscaler = Autoscaler(scaling) if scaling else None
+        self.health_timeout = parallel.replica_health_timeout
         self.error: BaseException | None = None
         self._warmup = config.compilation.warmup
         self._lock = threading.RLock()
         self._streams: dict[str, _Stream] = {}
+        # one entry per replica slot, index = replica number
+        self._links: list[ReplicaLink | None] = [None] * n
+        self._state: list[str] = [STARTING] * n
         self._stats: list[EngineStats | None] = [None] * n
         self._restarts = [0] * n
         self._closing = False
+        self._wake = threading.Event()  # the monitor's sleep, cut short at shutdown
         self._ids = itertools.count()
         self._token_texts: dict[int, str] = {}
-        self._links: list[_Link | None] = [None] * n
+        self._placement: Any = None
         try:
+            if ray:
+                from surge.engine.ray_replicas import RayPlacement
+
+                self._placement = RayPlacement(parallel, self.max_replicas, config.device.threads)
             self._start_all(reserve)
         except BaseException:
             self._close_links()
             raise
         info = self._links[0].info  # type: ignore[union-attr]
         self.model_info = info.model_info
-        self.max_num_seqs = sum(link.info.max_num_seqs for link in self._links)  # type: ignore[union-attr]
-        self.capacity_tokens = sum(link.info.capacity_tokens for link in self._links)  # type: ignore[union-attr]
-        self._memory = sum(link.info.memory_bytes for link in self._links)  # type: ignore[union-attr]
+        # what the server sizes its waiting room and memory by: every replica it may run
+        self.max_num_seqs = info.max_num_seqs * self.max_replicas
+        self.capacity_tokens = info.capacity_tokens * self.max_replicas
+        self._memory = max(link.info.memory_bytes for link in self._links) * self.max_replicas  # type: ignore
         self.warmup_seconds = max(link.info.warmup_seconds for link in self._links)  # type: ignore[union-attr]
-        for link in self._links:
+        for i, link in enumerate(self._links):
+            self._state[i] = UP
             self._read(link)  # type: ignore[arg-type]
-        logger.info("data parallel: %d replicas (processes %s), %d threads each, KV cache %d tokens each", n,
-                    ", ".join(str(link.proc.pid) for link in self._links),  # type: ignore[union-attr]
-                    config.device.threads, info.capacity_tokens)
+        threading.Thread(target=self._monitor, name="surge-replicas-monitor", daemon=True).start()
+        logger.info("data parallel: %d replicas (%s), %d threads each, KV cache %d tokens each%s", n,
+                    ", ".join(link.describe() for link in self._links),  # type: ignore[union-attr]
+                    config.device.threads, info.capacity_tokens,
+                    f"; autoscaling {scaling.min_replicas}..{scaling.max_replicas} at "
+                    f"{scaling.target_ongoing_requests:g} ongoing requests each" if scaling else "")
 
     # ---- starting replicas --------------------------------------------------------------
+
+    def _new_link(self, index: int, restart: bool = False) -> ReplicaLink:
+        """Replica `index`'s process (`restart`: started again after a failure)."""
+        if self._placement is not None:
+            from surge.engine.ray_replicas import RayLink
+
+            return RayLink(index, self._placement, restart)
+        return ProcessLink(index)
 
     def _start_all(self, reserve: ReserveHook | None) -> None:
         n = len(self._links)
         for i in range(n):  # they load side by side
-            self._links[i] = _Link(i, self._replica_config, self._warmup)
-        estimates = [link.expect("estimate") for link in self._links]  # type: ignore[union-attr]
-        if reserve is not None:
-            reserve(MemoryEstimate(sum(e.weight_bytes for e in estimates), sum(e.kv_cache_bytes for e in estimates)))
+            self._links[i] = self._new_link(i)
+        estimates = [link.start(self._replica_config, self._warmup) for link in self._links]  # type: ignore
+        if reserve is not None:  # room for as many replicas as autoscaling may run
+            most = max(estimates, key=lambda e: e.weight_bytes + e.kv_cache_bytes)
+            extra = self.max_replicas - n
+            reserve(MemoryEstimate(sum(e.weight_bytes for e in estimates) + extra * most.weight_bytes,
+                                   sum(e.kv_cache_bytes for e in estimates) + extra * most.kv_cache_bytes))
         for link in self._links:
             link.send("go")  # type: ignore[union-attr]
         for link in self._links:
             link.info = link.expect("ready")  # type: ignore[union-attr]
+            link.last_seen = time.monotonic()  # type: ignore[union-attr]
+
+    def _launch(self, index: int, restart: bool = False) -> ReplicaLink:
+        """Start replica `index` (its memory is held in the budget already) and wait until it is ready."""
+        link = self._new_link(index, restart)
+        try:
+            link.start(self._replica_config, self._warmup)
+            link.finish_start()
+        except BaseException:
+            link.abandon()
+            raise
+        return link
 
     def _restart(self, index: int) -> None:
-        """Start replica `index` again (its memory is still held in the budget), then let it serve."""
+        """Start replica `index` again, then let it serve."""
         for attempt in range(1, RESTART_ATTEMPTS + 1):
             if self._closing:
                 return
-            link = None
             try:
-                link = _Link(index, self._replica_config, self._warmup)
-                link.expect("estimate")
-                link.send("go")
-                link.info = link.expect("ready")
+                link = self._launch(index, restart=True)
             except BaseException as exc:
                 logger.error("replica %d did not restart (attempt %d of %d): %s", index, attempt, RESTART_ATTEMPTS,
                              exc)
-                if link is not None:
-                    link.proc.kill()
-                    link.conn.close()
                 time.sleep(RESTART_BACKOFF_S * attempt)
                 continue
-            with self._lock:
-                if self._closing:
-                    link.close()
-                    return
-                self._links[index] = link
-                self._restarts[index] += 1
-                self.router.set_up(index, True)
-            self._read(link)
-            logger.info("replica %d is back (process %d)", index, link.proc.pid)
+            if not self._serve(index, link, restart=True):
+                return
+            logger.info("replica %d is back (%s)", index, link.describe())
             return
         with self._lock:
             if not self.router.any_up():
                 self.error = EngineDeadError(f"every replica is down and replica {index} did not restart")
 
-    def _read(self, link: _Link) -> None:
+    def _serve(self, index: int, link: ReplicaLink, restart: bool) -> bool:
+        """Put a started replica in its slot and route to it (False: shutting down, it was stopped)."""
+        with self._lock:
+            if self._closing:
+                link.close()
+                return False
+            self._links[index] = link
+            self._state[index] = UP
+            if restart:
+                self._restarts[index] += 1
+            self.router.set_up(index, True)
+        self._read(link)
+        return True
+
+    def _grow(self, target: int) -> None:
+        """Autoscaling: add replicas one at a time up to `target`; each is routed to once warmed up."""
+        while not self._closing:
+            with self._lock:
+                if len(self._links) >= target:
+                    return
+                index = self.router.add_replica()
+                self._links.append(None)
+                self._state.append(STARTING)
+                self._stats.append(None)
+                self._restarts.append(0)
+            try:
+                link = self._launch(index)
+            except BaseException as exc:
+                logger.error("autoscaling: replica %d did not start: %s", index, exc)
+                with self._lock:
+                    self._drop_slot(index)
+                return
+            if not self._serve(index, link, restart=False):
+                return
+            logger.info("autoscaling: replica %d added (%s); %d replicas", index, link.describe(), index + 1)
+
+    def _drop_slot(self, index: int) -> None:
+        """Forget the last replica slot (under the lock)."""
+        assert index == len(self._links) - 1
+        self.router.remove_replica()
+        for slots in (self._links, self._state, self._stats, self._restarts):
+            slots.pop()
+
+    def _shrink(self, target: int) -> None:
+        """Autoscaling: drain the replicas above `target` (under the lock); the monitor stops each
+        once it holds nothing."""
+        for index in range(target, len(self._links)):
+            if self._state[index] == UP:
+                self._state[index] = DRAINING
+                self.router.drain(index)
+                logger.info("autoscaling: draining replica %d", index)
+
+    def _read(self, link: ReplicaLink) -> None:
         threading.Thread(target=self._reader, args=(link,), name=f"surge-replica-{link.index}", daemon=True).start()
+
+    # ---- health checks and autoscaling, once a second -----------------------------------
+
+    def _monitor(self) -> None:
+        while not self._wake.wait(1.0):
+            try:
+                self._tick(time.monotonic())
+            except Exception:  # the monitor must outlive anything one tick meets
+                logger.exception("replica monitor")
+
+    def _tick(self, now: float) -> None:
+        stopping: list[ReplicaLink] = []
+        with self._lock:
+            if self._closing:
+                return
+            for index, link in enumerate(self._links):
+                if link is None or self._state[index] not in (UP, DRAINING) or link.cause is not None:
+                    continue
+                silent = now - link.last_seen
+                if silent > self.health_timeout:
+                    link.cause = f"sent no heartbeat for {silent:.0f}s (hung) and was killed"
+                    logger.error("replica %d (%s) %s", index, link.describe(), link.cause)
+                    link.kill()  # its reader sees the connection close and reports it lost
+            # drained replicas at the top go, highest first
+            while len(self._links) > 1 and self._state[-1] == DRAINING and not any(
+                    s.replica == len(self._links) - 1 for s in self._streams.values()):
+                link = self._links[-1]
+                if link is not None:
+                    link.cause = REMOVED
+                    stopping.append(link)
+                self._drop_slot(len(self._links) - 1)
+            if self.autoscaler is not None:
+                if any(state != UP for state in self._state):
+                    self.autoscaler.hold()
+                else:
+                    n = len(self._links)
+                    target = self.autoscaler.observe(now, len(self._streams), n)
+                    if target > n:
+                        logger.info("autoscaling: %.1f ongoing requests over %d replicas: scaling to %d",
+                                    self.autoscaler.load(), n, target)
+                        threading.Thread(target=self._grow, args=(target,), name="surge-replicas-grow",
+                                         daemon=True).start()
+                    elif target < n:
+                        logger.info("autoscaling: %.1f ongoing requests over %d replicas: scaling to %d",
+                                    self.autoscaler.load(), n, target)
+                        self._shrink(target)
+        for link in stopping:
+            link.close()
+            logger.info("autoscaling: replica %d stopped", link.index)
 
     # ---- the replicas' messages ---------------------------------------------------------
 
-    def _reader(self, link: _Link) -> None:
+    def _reader(self, link: ReplicaLink) -> None:
         cause = "closed its connection"
         while True:
             try:
                 message = link.conn.recv()
             except (EOFError, OSError):
                 break
+            link.last_seen = time.monotonic()
             kind = message[0]
             if kind == "out":
-                self._outputs(link.index, message[1], message[2])
+                self._outputs(link, message[1], message[2])
             elif kind == "reject":
-                self._reject(link.index, message[1], message[2])
+                self._reject(link, message[1], message[2])
             elif kind == "dead":
                 cause = f"failed: {type(message[1]).__name__}: {message[1]}"
-        if self._closing:
+        if self._closing or link.cause == REMOVED:
             return
-        code = link.proc.poll()
+        code = link.exit_code(2.0)
         if code is None:
-            try:
-                code = link.proc.wait(2.0)
-            except subprocess.TimeoutExpired:
-                link.proc.kill()
-        self._lost(link, f"replica {link.index} (process {link.proc.pid}) {cause}"
+            link.kill()
+        self._lost(link, f"replica {link.index} ({link.describe()}) {link.cause or cause}"
                          f"{'' if code is None else f', exit code {code}'}")
 
-    def _outputs(self, index: int, outputs: list[RequestOutput], stats: EngineStats) -> None:
+    def _current(self, link: ReplicaLink) -> bool:
+        """Whether `link` still holds its slot (under the lock; a removed replica's last words are dropped)."""
+        return link.index < len(self._links) and self._links[link.index] is link
+
+    def _outputs(self, link: ReplicaLink, outputs: list[RequestOutput], stats: EngineStats) -> None:
+        index = link.index
         with self._lock:
+            if not self._current(link):
+                return
             self._stats[index] = stats
             for out in outputs:
                 stream = self._streams.get(out.request_id)
@@ -288,8 +384,11 @@ class DataParallelEngine:
                     self._streams.pop(out.request_id, None)
                     self.router.finished(index, time.monotonic() - stream.t0, stream.tokens)
 
-    def _reject(self, index: int, request_id: str, error: BaseException) -> None:
+    def _reject(self, link: ReplicaLink, request_id: str, error: BaseException) -> None:
+        index = link.index
         with self._lock:
+            if not self._current(link):
+                return
             stream = self._streams.get(request_id)
             if stream is None or stream.replica != index:
                 return
@@ -297,14 +396,19 @@ class DataParallelEngine:
             self.router.finished(index)
             self._deliver(stream, error)
 
-    def _lost(self, link: _Link, reason: str) -> None:
+    def _lost(self, link: ReplicaLink, reason: str) -> None:
         index = link.index
         logger.error("%s; its requests that had not started go to another replica", reason)
         with self._lock:
-            if self._links[index] is not link:
+            if not self._current(link):
                 return
+            draining = self._state[index] == DRAINING
             self.router.set_up(index, False)
             self._stats[index] = None
+            if draining:  # it was going anyway: the monitor drops its slot
+                self._links[index] = None
+            else:
+                self._state[index] = DOWN
             moved = failed = 0
             for stream in [s for s in self._streams.values() if s.replica == index]:
                 if not stream.started and self.router.any_up():
@@ -317,6 +421,8 @@ class DataParallelEngine:
         if moved or failed:
             logger.warning("replica %d down: %d requests sent again elsewhere, %d ended with an error",
                            index, moved, failed)
+        if draining:
+            return
         threading.Thread(target=self._restart, args=(index,), name=f"surge-replica-restart-{index}",
                          daemon=True).start()
 
@@ -443,7 +549,8 @@ class DataParallelEngine:
     def replicas(self) -> list[ReplicaReport]:
         with self._lock:
             counters = self.router.counters()
-            return [ReplicaReport(i, link.proc.pid if link is not None else None, counters[i].up,
+            return [ReplicaReport(i, link.info.pid if link is not None and link.info else None,
+                                  link.info.where if link is not None and link.info else "", self._state[i],
                                   self._restarts[i], counters[i], self._stats[i])
                     for i, link in enumerate(self._links)]
 
@@ -458,6 +565,7 @@ class DataParallelEngine:
         if self._closing:
             return
         self._closing = True
+        self._wake.set()
         with self._lock:
             streams = list(self._streams.values())
             self._streams.clear()
@@ -467,6 +575,11 @@ class DataParallelEngine:
 
     def _close_links(self) -> None:
         self._closing = True
-        for link in self._links:
+        self._wake.set()
+        with self._lock:
+            links = list(self._links)
+        for link in links:
             if link is not None:
                 link.close()
+        if self._placement is not None:
+            self._placement.close()

@@ -144,10 +144,11 @@ class LLMEngine:
         from surge.loader import load_tokenizer
         from surge.loader.hub import ModelSource
 
-        if config.parallel.data_parallel_size > 1:
+        if config.parallel.replicated:
             raise InvalidArgumentError(
-                f"data_parallel_size {config.parallel.data_parallel_size}: replicas run behind `surge serve "
-                f"--data-parallel-size`; LLM(...) and LLMEngine run one engine")
+                f"data_parallel_size {config.parallel.data_parallel_size}, max_replicas or the ray backend: replicas "
+                f"run behind `surge serve --data-parallel-size` (--max-replicas, --distributed-executor-backend ray); "
+                f"LLM(...) and LLMEngine run one engine")
         self.config = config
         self.model_config = config.model
         load = config.load

@@ -10,10 +10,13 @@ process of its own, driven by the front process over one socket (`engine/data_pa
     ("abort", id) | ("stop",)             ──>
                                           <──      ("out", [RequestOutput], EngineStats) after each step
                                           <──      ("dead", exception): the engine broke; the process exits
+                                          <──      ("beat",) every second from a thread of its own
 
-Commands are read by a thread into a queue; the main thread owns the engine and is the only
-writer of the socket, so nothing spins: it sleeps on the queue when idle. The replica exits when
-the front's end of the socket closes (the front died or let it go).
+Commands are read by a thread into a queue; the main thread owns the engine, so nothing spins:
+it sleeps on the queue when idle. Sends share one lock with the heartbeat thread, whose beat
+tells the front that the process is alive and not frozen (a replica silent for
+--replica-health-timeout seconds is killed and restarted). The replica exits when the front's
+end of the socket closes (the front died or let it go).
 
 Fault injection for tests: SURGE_FAULT_REPLICA_STEP_DELAY="INDEX:SECONDS" makes replica INDEX
 sleep that long after every step (a slow machine, as the router's adaptive weights see one).
@@ -38,6 +41,7 @@ from surge.executor.worker_process import portable
 logger = logging.getLogger(__name__)
 
 EXIT_BROKEN = 3
+HEARTBEAT_S = 1.0
 FAULT_STEP_DELAY = "SURGE_FAULT_REPLICA_STEP_DELAY"
 
 
@@ -57,17 +61,34 @@ class ReplicaInfo:
     memory_bytes: int
     max_num_seqs: int
     warmup_seconds: float
+    pid: int
+    where: str  # its node (a Ray node id), empty for a process of this machine
 
 
 class LoadRefused(SurgeError):
     """The front refused the replica's memory estimate (its budget is full) or is shutting down."""
 
 
-def serve(conn: mpc.Connection) -> int:
+def serve(conn: mpc.Connection, where: str = "") -> int:
+    """Run one replica over `conn` until told to stop or the front goes away; `where`: the
+    process's place as the front reports it (a Ray node id; empty for a local process)."""
     from surge.engine.llm_engine import LLMEngine
 
     _, config, warmup, index = conn.recv()
     delay = step_delay(index)
+    lock = threading.Lock()
+    stopped = threading.Event()
+
+    def send(message: Any) -> None:
+        with lock:
+            conn.send(message)
+
+    def beat() -> None:
+        while not stopped.wait(HEARTBEAT_S):
+            try:
+                send(("beat",))
+            except OSError:
+                return
 
     def reserve(estimate: Any) -> None:
         conn.send(("estimate", estimate))
@@ -81,7 +102,8 @@ def serve(conn: mpc.Connection) -> int:
         conn.send(("error", portable(exc)))
         return 1
     conn.send(("ready", ReplicaInfo(engine.model_info, engine.capacity_tokens, engine.memory_bytes(),
-                                    engine.max_num_seqs, seconds)))
+                                    engine.max_num_seqs, seconds, os.getpid(), where)))
+    threading.Thread(target=beat, name="surge-replica-heartbeat", daemon=True).start()
     commands: queue.SimpleQueue = queue.SimpleQueue()
 
     def read() -> None:
@@ -103,7 +125,7 @@ def serve(conn: mpc.Connection) -> int:
             try:
                 engine.add_request(ids, params, request_id, priority, prompt_text=text)
             except Exception as exc:
-                conn.send(("reject", request_id, portable(exc)))
+                send(("reject", request_id, portable(exc)))
         elif message[0] == "abort":
             engine.abort_request(message[1])
         elif message[0] == "stop":
@@ -114,7 +136,7 @@ def serve(conn: mpc.Connection) -> int:
         while True:
             block = not engine.has_unfinished_requests()
             if block:
-                conn.send(("out", [], engine.stats()))  # idle: the front's counters catch up
+                send(("out", [], engine.stats()))  # idle: the front's counters catch up
             message = commands.get() if block else None
             if message is not None and not apply(message):
                 break
@@ -128,17 +150,18 @@ def serve(conn: mpc.Connection) -> int:
                 outputs = engine.step()
                 if delay:
                     time.sleep(delay)
-                conn.send(("out", outputs, engine.stats()))
+                send(("out", outputs, engine.stats()))
     except (BrokenPipeError, ConnectionResetError, EOFError):
         return 0  # the front is gone
     except BaseException as exc:
         logger.exception("replica engine failed")
         try:
-            conn.send(("dead", portable(exc)))
+            send(("dead", portable(exc)))
         except OSError:
             pass
         return EXIT_BROKEN
     finally:
+        stopped.set()
         engine.shutdown()
     return 0
 

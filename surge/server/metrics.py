@@ -93,8 +93,14 @@ class _ReplicaCollector(Collector):
         def stat(field: str) -> Callable[[ReplicaReport], float | None]:
             return lambda r: None if r.stats is None else getattr(r.stats, field)
 
-        yield family(G, "surge_replica_up", "1 while the replica serves, 0 while it is down or restarting",
-                     lambda r: float(r.up))
+        yield family(G, "surge_replica_up", "1 while the replica serves (draining included), 0 while it is down, "
+                     "restarting or starting", lambda r: float(r.up))
+        info = G("surge_replica_info", "1 per replica, labelled by its state (up, down, starting, draining), node "
+                 "(a Ray node id; empty for a process of this machine) and process id",
+                 labels=[*labels, "state", "node", "pid"])
+        for model, version, r in rows:
+            info.add_metric([model, version, str(r.index), r.state, r.where, str(r.pid or "")], 1.0)
+        yield info
         yield family(C, "surge_replica_restarts", "Times the replica's process was started again", lambda r: r.restarts)
         yield family(C, "surge_replica_requests", "Requests routed to the replica", lambda r: r.router.routed)
         routed = C("surge_replica_routed", "Requests routed to the replica, by why it was chosen",

@@ -172,3 +172,24 @@ def test_affinity_beats_round_robin_on_interleaved_families():
 def test_bad_router_sizes():
     with pytest.raises(InvalidArgumentError, match="at least one replica"):
         Router(0)
+
+
+def test_added_replicas_take_traffic_once_up_and_drained_ones_none():
+    router = Router(1, RouterConfig(block_size=BS))
+    index = router.add_replica()
+    assert index == 1 and router.num_replicas == 2
+    with pytest.raises(InvalidArgumentError, match="down or starting"):
+        router.route([1, 2, 3], replica=1)
+    assert {router.route([i]).replica for i in range(4)} == {0}  # still starting
+    router.set_up(1, True)
+    assert router.route([9]).replica == 1  # the idle one
+    router.drain(1)
+    with pytest.raises(InvalidArgumentError, match="being removed"):
+        router.check(1)
+    assert {router.route([i]).replica for i in range(4)} == {0}
+    router.finished(1)
+    assert router.counters()[1].outstanding == 0  # what it held still ends there
+    router.remove_replica()
+    assert router.num_replicas == 1
+    with pytest.raises(InvalidArgumentError, match="at least one"):
+        router.remove_replica()

@@ -46,8 +46,12 @@ def test_flags_parse_and_check():
 def test_kwargs_and_settings_files_are_checked_against_the_table():
     with pytest.raises(InvalidArgumentError, match="unknown setting 'max_seqs'.*max_num_seqs"):
         LLM(max_seqs=4)
-    with pytest.raises(InvalidArgumentError, match="distributed_executor_backend must be one of uni, mp"):
-        EngineArgs(distributed_executor_backend="ray")
+    with pytest.raises(InvalidArgumentError, match="distributed_executor_backend must be one of uni, mp, ray"):
+        EngineArgs(distributed_executor_backend="slurm")
+    with pytest.raises(InvalidArgumentError, match="target_ongoing_requests must be a number above 0"):
+        EngineArgs(target_ongoing_requests=-1)
+    with pytest.raises(InvalidArgumentError, match="replicas run behind `surge serve"):
+        LLM(distributed_executor_backend="ray")
     with pytest.raises(InvalidArgumentError, match="f.toml: unknown setting 'model'"):
         EngineArgs().updated({"model": "x"}, "f.toml")  # the repository names the model, not the file
     assert EngineArgs().updated({"max_model_len": 64}, "f.toml").max_model_len == 64

@@ -1,6 +1,7 @@
 """`surge serve --data-parallel-size 2`: two whole engines in processes of their own behind one
 endpoint. Outputs equal one engine's, both replicas serve, prefixes go where they are cached,
-a slow replica loses share, a replica killed mid-stream is survived and comes back."""
+a slow replica loses share, a replica killed or frozen mid-stream is survived and comes back;
+with --max-replicas the replica count follows the load."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from openai import OpenAI
 
 from surge import LLM, SamplingParams
 from tests.helpers import process_alive
-from tests.server.conftest import MODEL_NAME, launch, metric
+from tests.server.conftest import MODEL_NAME, chromium_or_skip, launch, metric
 
 pytestmark = pytest.mark.slow
 
@@ -47,7 +48,7 @@ def replica_metric(url: str, name: str, replica: int, **labels: str) -> float:
 
 @pytest.fixture(scope="module")
 def dp_server(tmp_path_factory):
-    srv = launch(tmp_path_factory.mktemp("dp"), "-dp", "2", *ARGS)
+    srv = launch(tmp_path_factory.mktemp("dp"), "-dp", "2", "--replica-health-timeout", "5", *ARGS)
     yield srv
     srv.stop()
 
@@ -75,6 +76,29 @@ def test_200_concurrent_requests_equal_one_engine(dp_server, single_engine):
     assert sum(served) == 200 and min(served) > 200 / 3, served
     assert len(replica_pids(dp_server.log())) == 2
     assert httpx.get(f"{dp_server.url}/health").json() == {"status": "ok"}
+
+
+def test_dashboard_shows_the_replicas(dp_server):
+    """/dashboard/data lists each replica; the page's replica table shows them, up, with their counts."""
+    from playwright.sync_api import sync_playwright
+
+    client(dp_server.url).completions.create(model=MODEL_NAME, prompt=prompt(1), max_tokens=2)
+    rows = httpx.get(f"{dp_server.url}/dashboard/data").json()["replicas"]
+    assert [(r["replica"], r["state"], r["node"]) for r in rows] == [(0, "up", ""), (1, "up", "")]
+    assert sum(r["routed"] for r in rows) >= 1 and all(isinstance(r["pid"], int) for r in rows)
+    browser_path = chromium_or_skip()
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=browser_path, args=["--no-sandbox", "--disable-gpu"])
+        try:
+            page = browser.new_page()
+            page.goto(f"{dp_server.url}/dashboard")
+            page.wait_for_function("document.querySelectorAll('#replicas tbody tr[data-state=up]').length === 2",
+                                   timeout=30_000)
+            assert page.is_visible("#replicas")
+            routed = page.eval_on_selector_all("#replicas tbody tr", "rows => rows.map(r => Number(r.dataset.routed))")
+            assert sum(routed) >= 1
+        finally:
+            browser.close()
 
 
 def test_explicit_replica_by_field_and_header(dp_server):
@@ -142,10 +166,18 @@ def test_a_slow_replica_gets_less_than_its_share(tmp_path):
     srv.stop()
 
 
-def test_a_killed_replica_is_survived_and_comes_back(dp_server):
-    pids = replica_pids(dp_server.log())
-    victim = pids[0]
-    c = client(dp_server.url)
+def replica_infos(url: str) -> list[dict[str, str]]:
+    """The labels of each surge_replica_info series."""
+    rows = []
+    for line in httpx.get(f"{url}/metrics").text.splitlines():
+        if line.startswith("surge_replica_info{"):
+            rows.append(dict(re.findall(r'(\w+)="([^"]*)"', line[line.index("{"):line.index("}")])))
+    return rows
+
+
+def streams_through(c: OpenAI, n: int, fault) -> dict[int, str]:  # type: ignore[no-untyped-def]
+    """n streams of 48 tokens; `fault()` 1.5 s in (some streams started, some still queued). Each
+    stream's outcome: "ok", "empty" or "error: ..." (an error event ends a stream)."""
     results: dict[int, str] = {}
 
     def stream(i: int) -> None:
@@ -154,15 +186,27 @@ def test_a_killed_replica_is_survived_and_comes_back(dp_server):
                 model=MODEL_NAME, prompt=prompt(i), max_tokens=48, temperature=0, stream=True,
                 extra_body={"ignore_eos": True}))
             results[i] = "ok" if text else "empty"
-        except Exception as exc:  # an error event ends the stream
+        except Exception as exc:
             results[i] = f"error: {exc}"
 
-    with cf.ThreadPoolExecutor(32) as pool:
-        futures = [pool.submit(stream, i) for i in range(32)]
-        time.sleep(1.5)  # some streams started, some still queued
-        os.kill(victim, signal.SIGKILL)
+    with cf.ThreadPoolExecutor(n) as pool:
+        futures = [pool.submit(stream, i) for i in range(n)]
+        time.sleep(1.5)
+        fault()
         for f in futures:
             f.result(timeout=300)
+    return results
+
+
+@pytest.mark.parametrize("fault", ["kill", "freeze"])
+def test_a_killed_replica_is_survived_and_comes_back(dp_server, fault):
+    """kill -9, or SIGSTOP (a hung process: its socket stays open, its heartbeat stops)."""
+    pids = [int(r["pid"]) for r in replica_infos(dp_server.url)]
+    assert len(pids) == 2
+    victim = pids[0] if fault == "kill" else pids[1]
+    restarts = sum(replica_metric(dp_server.url, "surge_replica_restarts_total", r) for r in (0, 1))
+    c = client(dp_server.url)
+    results = streams_through(c, 32, lambda: os.kill(victim, signal.SIGKILL if fault == "kill" else signal.SIGSTOP))
     assert len(results) == 32
     errors = [r for r in results.values() if r.startswith("error")]
     assert all(r == "ok" for r in results.values() if not r.startswith("error")), results
@@ -177,9 +221,11 @@ def test_a_killed_replica_is_survived_and_comes_back(dp_server):
         assert health["status"] in ("degraded", "ok")
         time.sleep(0.5)
     else:
-        pytest.fail("the killed replica did not come back within 60 s")
+        pytest.fail(f"the {fault} replica did not come back within 60 s")
     assert not process_alive(victim)
-    assert sum(replica_metric(dp_server.url, "surge_replica_restarts_total", r) for r in (0, 1)) == 1
+    assert sum(replica_metric(dp_server.url, "surge_replica_restarts_total", r) for r in (0, 1)) == restarts + 1
+    if fault == "freeze":
+        assert "sent no heartbeat for" in dp_server.log()
     # a second run after recovery: no errors, both replicas serving
     before = [replica_metric(dp_server.url, "surge_replica_requests_total", r) for r in (0, 1)]
     with cf.ThreadPoolExecutor(16) as pool:
@@ -189,6 +235,55 @@ def test_a_killed_replica_is_survived_and_comes_back(dp_server):
     after = [replica_metric(dp_server.url, "surge_replica_requests_total", r) for r in (0, 1)]
     assert all(a > b for a, b in zip(after, before))
     assert httpx.get(f"{dp_server.url}/health").json() == {"status": "ok"}
+
+
+def test_autoscaling_follows_the_load_with_no_failed_request(tmp_path):
+    """1 replica; 16 streaming clients (4 a replica wanted) add a second, which serves; 2 clients
+    then drain it away while it may hold some of theirs; nothing fails."""
+    srv = launch(tmp_path, "--max-replicas", "2", "--target-ongoing-requests", "4", "--upscale-delay", "2",
+                 "--downscale-delay", "3", *ARGS)
+    c = client(srv.url)
+    assert len(replica_infos(srv.url)) == 1
+    failures: list[str] = []
+    done = [0]
+
+    def clients(n: int, until) -> None:  # type: ignore[no-untyped-def]
+        def loop(i: int) -> None:
+            while not until():
+                try:
+                    text = "".join(ch.choices[0].text or "" for ch in c.completions.create(
+                        model=MODEL_NAME, prompt=prompt(i), max_tokens=24, temperature=0, stream=True,
+                        extra_body={"ignore_eos": True}))
+                    assert text
+                    done[0] += 1
+                except Exception as exc:
+                    failures.append(repr(exc))
+                    return
+        with cf.ThreadPoolExecutor(n) as pool:
+            list(pool.map(loop, range(n)))
+
+    deadline = time.monotonic() + 120
+
+    def scaled_out() -> bool:
+        if time.monotonic() > deadline or failures:
+            return True
+        rows = replica_infos(srv.url)
+        return len(rows) == 2 and rows[1]["state"] == "up" and \
+            replica_metric(srv.url, "surge_replica_requests_total", 1) >= 8
+
+    clients(16, scaled_out)
+    assert not failures, failures[:3]
+    assert len(replica_infos(srv.url)) == 2, "no second replica within 120 s under 16 clients"
+    assert metric(httpx.get(f"{srv.url}/metrics").text, "surge_replica_requests_total", replica="1") >= 8
+    deadline = time.monotonic() + 60
+    clients(2, lambda: time.monotonic() > deadline or failures or len(replica_infos(srv.url)) == 1)
+    assert not failures, failures[:3]
+    rows = replica_infos(srv.url)
+    assert len(rows) == 1 and rows[0]["state"] == "up", rows
+    assert "autoscaling: replica 1 stopped" in srv.log()
+    assert httpx.get(f"{srv.url}/health").json() == {"status": "ok"}
+    assert done[0] > 16
+    srv.stop()
 
 
 def test_no_replica_outlives_the_server(tmp_path):
@@ -214,3 +309,10 @@ def test_bad_data_parallel_sizes(tmp_path):
     srv = launch(tmp_path, "-dp", "0", *ARGS, wait=False)
     assert srv.proc.wait(60) == 2
     assert "data_parallel_size must be a positive integer" in srv.log()
+    for args, message in ((("--max-replicas", "2", "--min-replicas", "3"), "min_replicas <= max_replicas"),
+                          (("--min-replicas", "2"), "min_replicas needs max_replicas"),
+                          (("--max-replicas", "2", "-dp", "3"), "outside the autoscaling bounds"),
+                          (("--max-replicas", "2", "--target-ongoing-requests", "0"), "must be a number above 0")):
+        srv = launch(tmp_path, *args, *ARGS, wait=False)
+        assert srv.proc.wait(60) == 2
+        assert message in srv.log(), srv.log()

@@ -18,7 +18,8 @@ def router(state: ServerState) -> APIRouter:
         if state.engine_error is not None or state.status == "failed":
             return JSONResponse({"status": "dead", "error": state.engine_error or state.load_error},
                                 status_code=503)
-        down = [f"{model}:{version} replica {r.index}" for model, version, r in state.replica_reports() if not r.up]
+        down = [f"{model}:{version} replica {r.index}" for model, version, r in state.replica_reports()
+                if r.state == "down"]
         if down and state.status == "ready":  # serving on the other replicas while these restart
             return JSONResponse({"status": "degraded", "replicas_down": down})
         return JSONResponse({"status": "ok" if state.status == "ready" else state.status})
