@@ -39,7 +39,7 @@ from surge.engine.async_engine import RequestFailedError
 from surge.engine.engine_core import ReserveHook
 from surge.engine.llm_engine import EngineStats, check_prompt, split_prompt
 from surge.engine.replica_links import ProcessLink, ReplicaLink
-from surge.errors import EngineDeadError, InvalidArgumentError
+from surge.errors import EngineDeadError, InvalidArgumentError, SurgeError
 from surge.outputs import RequestOutput
 from surge.sampling_params import RequestOutputKind, SamplingParams
 from surge.structured.manager import StructuredOutputManager
@@ -186,16 +186,23 @@ class DataParallelEngine:
         return ProcessLink(index)
 
     def _start_all(self, reserve: ReserveHook | None) -> None:
+        """Replica 0's memory estimate is reserved for every replica the engine may run (they are
+        alike) before the others start: a size the machine cannot hold is refused at once, not
+        after N processes have started; then they all load side by side."""
         n = len(self._links)
-        for i in range(n):  # they load side by side
+        first = self._links[0] = self._new_link(0)
+        estimate = first.start(self._replica_config, self._warmup)
+        if reserve is not None:
+            m = self.max_replicas
+            try:
+                reserve(MemoryEstimate(estimate.weight_bytes * m, estimate.kv_cache_bytes * m))
+            except SurgeError as exc:  # the budget's refusal, said for the replicas
+                raise type(exc)(f"{m} data-parallel replicas of the model: {exc}") from exc
+        first.send("go")
+        for i in range(1, n):
             self._links[i] = self._new_link(i)
-        estimates = [link.start(self._replica_config, self._warmup) for link in self._links]  # type: ignore
-        if reserve is not None:  # room for as many replicas as autoscaling may run
-            most = max(estimates, key=lambda e: e.weight_bytes + e.kv_cache_bytes)
-            extra = self.max_replicas - n
-            reserve(MemoryEstimate(sum(e.weight_bytes for e in estimates) + extra * most.weight_bytes,
-                                   sum(e.kv_cache_bytes for e in estimates) + extra * most.kv_cache_bytes))
-        for link in self._links:
+        for link in self._links[1:]:
+            link.start(self._replica_config, self._warmup)  # type: ignore[union-attr]
             link.send("go")  # type: ignore[union-attr]
         for link in self._links:
             link.info = link.expect("ready")  # type: ignore[union-attr]

@@ -54,10 +54,10 @@ def pair_bf16():
 
 @pytest.mark.slow
 def test_greedy_tokens_identical_with_and_without_speculation(pair):
-    """200 prompts in batches of 1 to 8 (prefills chunked beside decodes, preemptions, prefix
+    """120 prompts in batches of 1 to 8 (prefills chunked beside decodes, preemptions, prefix
     hits): every token the same."""
     plain, spec = pair
-    texts = prompts(200)
+    texts = prompts(120)
     params = SamplingParams(max_tokens=10, temperature=0.0)
     sizes = [1, 3, 8, 2, 5, 4, 6, 8]
     batches, i = [], 0

@@ -179,7 +179,7 @@ def _rss_mb(pid: int) -> float:
 
 @pytest.mark.slow
 def test_soak_64_clients_with_disconnects(server):
-    seconds = float(os.environ.get("SURGE_SOAK_SECONDS", "75"))
+    seconds = float(os.environ.get("SURGE_SOAK_SECONDS", "50"))
     url = f"{server.url}/v1/completions"
     chat_url = f"{server.url}/v1/chat/completions"
     errors: list[str] = []

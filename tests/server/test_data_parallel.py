@@ -143,8 +143,9 @@ def test_prefix_affinity_beats_round_robin(dp_server):
 
     # fresh families for each run, so neither finds the other's blocks. Round robin puts every
     # family on both replicas, whose caches then hold about half of what they are asked for
-    affinity = run(family_prompts(1, 64), round_robin=False)
-    round_robin = run(family_prompts(2, 64), round_robin=True)
+    affinity = run(family_prompts(1, 48), round_robin=False)
+    round_robin = run(family_prompts(2, 48), round_robin=True)
+    print("prefix-cache hit tokens, affinity vs round robin:", affinity, round_robin)
     assert affinity >= 1.5 * round_robin > 0, (affinity, round_robin)
 
 
@@ -157,8 +158,8 @@ def test_a_slow_replica_gets_less_than_its_share(tmp_path):
                                     extra_body={"ignore_eos": True}).choices[0].finish_reason
 
     with cf.ThreadPoolExecutor(4) as pool:
-        reasons = list(pool.map(one, range(160)))
-    assert reasons == ["length"] * 160
+        reasons = list(pool.map(one, range(96)))  # three of the router's windows of 32
+    assert reasons == ["length"] * 96
     served = [replica_metric(srv.url, "surge_replica_requests_total", r) for r in (0, 1)]
     weights = [replica_metric(srv.url, "surge_replica_weight", r) for r in (0, 1)]
     assert served[1] < 0.5 * sum(served) < served[0], served
@@ -316,3 +317,9 @@ def test_bad_data_parallel_sizes(tmp_path):
         srv = launch(tmp_path, *args, *ARGS, wait=False)
         assert srv.proc.wait(60) == 2
         assert message in srv.log(), srv.log()
+    # more replicas than the memory holds: refused on the first replica's estimate, before the others start
+    start = time.monotonic()
+    srv = launch(tmp_path, "-dp", "16", "--memory-budget", "2GiB", *ARGS, wait=False)
+    assert srv.proc.wait(120) != 0
+    assert time.monotonic() - start < 60
+    assert "16 data-parallel replicas of the model: not enough memory" in srv.log(), srv.log()[-2000:]
