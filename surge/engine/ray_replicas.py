@@ -21,6 +21,7 @@ engine (`_RayOwner`).
 
 from __future__ import annotations
 
+import itertools
 import logging
 import multiprocessing.connection as mpc
 import os
@@ -90,6 +91,8 @@ class _RayOwner:
 
     def __init__(self, ray: Any, address: str, kwargs: dict[str, Any], timeout: float):
         self.ray = ray
+        self.address = address
+        self.users = 1  # the placements sharing this process's one Ray connection
         self._outcome: list[BaseException | None] = []
         self._started = threading.Event()
         self._release = threading.Event()
@@ -120,6 +123,38 @@ class _RayOwner:
         self._thread.join(timeout)
 
 
+# A process has one Ray connection: every engine on Ray in it (the models of a repository, the
+# old and new version during a reload) shares it; the last one to close ends it.
+_owner_lock = threading.Lock()
+_owner: _RayOwner | None = None
+_groups = itertools.count()
+
+
+def _join(ray: Any, address: str, kwargs: dict[str, Any]) -> _RayOwner:
+    global _owner
+    with _owner_lock:
+        if _owner is not None:
+            if _owner.address != address:
+                where = "a local Ray cluster" if _owner.address == "local" else f"the Ray cluster at {_owner.address}"
+                raise InvalidArgumentError(f"this server is joined to {where} already; one server joins one "
+                                           f"cluster (asked: {address})")
+            _owner.users += 1
+            return _owner
+        _owner = _RayOwner(ray, address, kwargs, CONNECT_TIMEOUT_S)
+        return _owner
+
+
+def _leave(owner: _RayOwner) -> None:
+    global _owner
+    with _owner_lock:
+        owner.users -= 1
+        if owner.users > 0:
+            return
+        if _owner is owner:
+            _owner = None
+    owner.close()
+
+
 class RayPlacement:
     """This server's hold on a Ray cluster: joined (`address`) or started here, and one placement
     group with a bundle per replica it may run."""
@@ -135,19 +170,19 @@ class RayPlacement:
             kwargs["num_cpus"] = max(os.cpu_count() or 1, bundles * cpus)  # a local cluster: this machine
         else:
             _check_reachable(address)
-        self._owner = _RayOwner(ray, address or "local", kwargs, CONNECT_TIMEOUT_S)
+        self._owner = _join(ray, address or "local", kwargs)
         from ray.util.placement_group import placement_group, remove_placement_group
 
         self._remove = remove_placement_group
         self.bundle = {"CPU": float(cpus)}
         total = ray.cluster_resources().get("CPU", 0.0)
         if bundles * cpus > total:
-            self._owner.close()
+            _leave(self._owner)
             raise InvalidArgumentError(
                 f"cannot place {bundles} replicas of {cpus} CPU each (--threads) on the Ray cluster: it has "
                 f"{total:g} CPUs in all; lower --data-parallel-size / --max-replicas or --threads, or add nodes")
         self.group = placement_group([dict(self.bundle) for _ in range(bundles)], strategy="SPREAD",
-                                     name=f"surge-replicas-{os.getpid()}")
+                                     name=f"surge-replicas-{os.getpid()}-{next(_groups)}")
         try:
             ray.get(self.group.ready(), timeout=PLACEMENT_TIMEOUT_S)
         except Exception as exc:
@@ -163,7 +198,7 @@ class RayPlacement:
                 self._remove(self.group)
             except Exception:  # the cluster is already gone
                 pass
-        self._owner.close()
+        _leave(self._owner)
 
 
 class RayLink(ReplicaLink):

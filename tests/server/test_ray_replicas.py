@@ -89,3 +89,40 @@ def test_bad_ray_settings_are_refused_in_bounded_time(cluster, tmp_path):
         assert time.monotonic() - start < 90
         assert message in srv.log(), srv.log()[-2000:]
         assert code != 0
+
+
+def test_engines_in_one_process_share_its_ray_connection(cluster, default_gguf_path):
+    """Two engines on Ray in one process (two models of a repository, or a version and its
+    reload) share the process's one Ray connection; it ends with the last of them."""
+    import asyncio
+
+    from surge.engine.args import EngineArgs
+    from surge.engine.data_parallel import DataParallelEngine
+    from surge.errors import InvalidArgumentError
+
+    c, _ = cluster
+    common = dict(model=default_gguf_path, dtype="float32", quantization="none", kv_cache_memory=32 << 20,
+                  warmup=False, threads=1, distributed_executor_backend="ray")
+    config = EngineArgs(**common, ray_address=c.address).create_engine_config()
+
+    async def complete(engine: DataParallelEngine) -> str:
+        async for out in engine.generate("The capital of France is", SamplingParams(max_tokens=6, temperature=0)):
+            last = out
+        return last.outputs[0].text
+
+    first = DataParallelEngine(config)
+    second = None
+    try:
+        second = DataParallelEngine(config)
+        with pytest.raises(InvalidArgumentError, match="joined to the Ray cluster at .* already"):
+            DataParallelEngine(EngineArgs(**common, ray_address="auto").create_engine_config())
+        text = asyncio.run(complete(first))
+        assert text and asyncio.run(complete(second)) == text
+        first.shutdown()
+        assert ray.is_initialized()  # the second still holds it
+        assert asyncio.run(complete(second)) == text
+    finally:
+        first.shutdown()
+        if second is not None:
+            second.shutdown()
+    assert not ray.is_initialized()
