@@ -15,8 +15,9 @@ nothing else on the network can speak to a replica. A replica that dies (its nod
 process killed) closes the connection like a local one, and the front starts a new actor in the
 same bundle (Ray moves a lost node's bundles to nodes that can hold them).
 
-A local cluster (no --ray-address) is started by ray.init on a thread that lives as long as the
-engine (`_RayOwner`).
+The process has one Ray connection, shared by every engine on Ray in it and ended by the last
+to close; ray.init runs on a thread that lives as long as the connection (`_RayOwner`), since a
+local cluster's processes (no --ray-address) die with the thread that started them.
 """
 
 from __future__ import annotations
