@@ -205,8 +205,7 @@ class DataParallelEngine:
             link.start(self._replica_config, self._warmup)  # type: ignore[union-attr]
             link.send("go")  # type: ignore[union-attr]
         for link in self._links:
-            link.info = link.expect("ready")  # type: ignore[union-attr]
-            link.last_seen = time.monotonic()  # type: ignore[union-attr]
+            link.ready()  # type: ignore[union-attr]
 
     def _launch(self, index: int, restart: bool = False) -> ReplicaLink:
         """Start replica `index` (its memory is held in the budget already) and wait until it is ready."""
@@ -330,14 +329,13 @@ class DataParallelEngine:
                 else:
                     n = len(self._links)
                     target = self.autoscaler.observe(now, len(self._streams), n)
-                    if target > n:
+                    if target != n:
                         logger.info("autoscaling: %.1f ongoing requests over %d replicas: scaling to %d",
                                     self.autoscaler.load(), n, target)
+                    if target > n:
                         threading.Thread(target=self._grow, args=(target,), name="surge-replicas-grow",
                                          daemon=True).start()
                     elif target < n:
-                        logger.info("autoscaling: %.1f ongoing requests over %d replicas: scaling to %d",
-                                    self.autoscaler.load(), n, target)
                         self._shrink(target)
         for link in stopping:
             link.close()

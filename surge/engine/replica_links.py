@@ -89,6 +89,10 @@ class ReplicaLink:
         """Let it load (its estimate was accepted); what it reports once ready."""
         assert self.conn is not None
         self.conn.send("go")
+        return self.ready()
+
+    def ready(self) -> ReplicaInfo:
+        """Wait for it to report loaded (it was let go); what it reports."""
         self.info = self.expect("ready")
         self.last_seen = time.monotonic()
         return self.info
