@@ -281,12 +281,16 @@ class AutoscalingConfig:
                 raise InvalidArgumentError(f"{name} must be above 0, got {getattr(self, name)!r}")
 
 
+MAX_TENSOR_PARALLEL = 64
+
+
 @dataclass(frozen=True)
 class ParallelConfig:
     """How many workers run the model and where: the executor backend (the worker in this
-    process or a spawned one) and data-parallel replicas (whole engines, each a process of its
-    own, behind one front: engine/data_parallel.py), their number fixed or autoscaled. Tensor
-    and pipeline sizes above 1 arrive with that work."""
+    process or a spawned one), tensor-parallel ranks (one model split over processes joined by
+    torch.distributed: executor/distributed.py) and data-parallel replicas (whole engines, each a
+    process of its own, behind one front: engine/data_parallel.py), their number fixed or
+    autoscaled. Pipeline parallelism (a size above 1) is not built yet."""
 
     tensor_parallel_size: int = 1
     pipeline_parallel_size: int = 1
@@ -301,9 +305,14 @@ class ParallelConfig:
             raise InvalidArgumentError(
                 f"unknown executor backend {self.distributed_executor_backend!r}: choose one of "
                 f"{', '.join(EXECUTOR_BACKENDS)}")
-        for name in ("tensor_parallel_size", "pipeline_parallel_size"):
-            if getattr(self, name) != 1:
-                raise InvalidArgumentError(f"{name} must be 1: surge runs one worker per model for now")
+        if not 1 <= self.tensor_parallel_size <= MAX_TENSOR_PARALLEL:
+            raise InvalidArgumentError(f"tensor_parallel_size must be between 1 and {MAX_TENSOR_PARALLEL}, "
+                                       f"got {self.tensor_parallel_size}")
+        if self.pipeline_parallel_size != 1:
+            raise InvalidArgumentError("pipeline_parallel_size must be 1: pipeline parallelism is not built yet")
+        if self.tensor_parallel_size > 1 and self.distributed_executor_backend == "ray":
+            raise InvalidArgumentError("tensor_parallel_size above 1 runs its ranks as local processes (the "
+                                       "uni or mp backend); ranks placed by Ray are not built yet")
         if not 1 <= self.data_parallel_size <= MAX_DATA_PARALLEL:
             raise InvalidArgumentError(f"data_parallel_size must be between 1 and {MAX_DATA_PARALLEL}, "
                                        f"got {self.data_parallel_size}")

@@ -104,7 +104,8 @@ class EngineArgs:
         "Q4_1)", OPT_STR, flags=("--model", "-m"), toml=False)
     dtype: str = setting("auto", "auto | float32 | bfloat16 | float16 (default: auto)", STR)
     device: str | None = setting(None, "cpu or cuda (default: cuda when available)", OPT_STR)
-    threads: int | None = setting(None, "CPU threads (default: PyTorch's choice)", OPT_INT, toml=False)
+    threads: int | None = setting(None, "CPU threads (default: PyTorch's choice; with tensor parallelism, per rank: "
+                                        "the machine's cores split between the ranks)", OPT_INT, toml=False)
     quantization: str = setting(
         "auto", "auto: a GGUF's Q4/Q8 weights run as int4/int8; int8/int4: quantize a float model", STR,
         flags=("--quantization", "-q"), choices=QUANTIZATIONS)
@@ -141,6 +142,10 @@ class EngineArgs:
     ray_address: str | None = setting(
         None, "with --distributed-executor-backend ray: the Ray cluster to join, auto or HOST:PORT (default: "
         "start a local one)", OPT_STR, metavar="ADDRESS", serve_only=True)
+    tensor_parallel_size: int = setting(
+        1, "split the model over N processes (ranks joined by torch.distributed: gloo on CPU, NCCL on CUDA): "
+        "each holds 1/N of the attention heads, MLP and vocabulary and its heads' KV cache; rank 0 runs in "
+        "this process and samples", COUNT, flags=("--tensor-parallel-size", "-tp"), metavar="N")
     data_parallel_size: int = setting(
         1, "serve N replicas of the engine, each a process of its own with its scheduler, KV cache and "
         "--threads (default: the machine's cores split between them), behind the one endpoint; requests go "
@@ -249,6 +254,7 @@ class EngineArgs:
                     f"({max_model_len} tokens); choose at most {max_model_len}")
             max_model_len = self.max_model_len
         dtype = resolve_dtype(self.dtype, device, model.checkpoint_dtype)
+        self._check_tensor_parallel(model, device)
         return EngineConfig(
             model=model,
             cache=CacheConfig(self.block_size, self.kv_cache_memory, self.kv_cache_fraction, self.kv_cache_dtype,
@@ -256,7 +262,8 @@ class EngineArgs:
             scheduler=SchedulerConfig(
                 self.max_num_seqs, self.max_num_batched_tokens, max_model_len, self.enable_chunked_prefill,
                 self.long_prefill_token_threshold, self.scheduling_policy, model.attention_parity_tokens),
-            parallel=ParallelConfig(data_parallel_size=self.data_parallel_size,
+            parallel=ParallelConfig(tensor_parallel_size=self.tensor_parallel_size,
+                                    data_parallel_size=self.data_parallel_size,
                                     distributed_executor_backend=self.distributed_executor_backend,
                                     autoscaling=self._autoscaling(), ray_address=self.ray_address,
                                     replica_health_timeout=self.replica_health_timeout),
@@ -267,6 +274,42 @@ class EngineArgs:
             speculative=self.speculative_config,
             draft=self._draft_config(source, device, dtype),
         )
+
+    def _check_tensor_parallel(self, model: Any, device: str) -> None:
+        """Sizes that cannot work, refused before any process starts: the model's heads, KV heads,
+        MLP width or vocabulary not split by the size, more ranks than the devices or than two a
+        CPU core, and what the ranks do not run yet (compilation, a draft model)."""
+        size = self.tensor_parallel_size
+        if size == 1:
+            return
+        import os
+
+        from surge.loader import check_tensor_parallel
+
+        check_tensor_parallel(model, size)
+        if self.quantization == "int4":  # groups are cut from each rank's columns of o_proj and down_proj
+            for what, cols in (("o_proj", model.num_attention_heads * model.head_dim),
+                               ("down_proj", model.intermediate_size)):
+                if (cols // size) % self.group_size:
+                    raise InvalidArgumentError(
+                        f"tensor_parallel_size {size}: {what}'s {cols} input columns give {cols // size} a rank, "
+                        f"which int4 groups of {self.group_size} would cut; choose a group size dividing "
+                        f"{cols // size}")
+        if device.startswith("cuda"):
+            import torch
+
+            if size > torch.cuda.device_count():
+                raise InvalidArgumentError(f"tensor_parallel_size {size} is above the {torch.cuda.device_count()} "
+                                           "CUDA devices of this machine")
+        elif size > 2 * (os.cpu_count() or 1):
+            raise InvalidArgumentError(f"tensor_parallel_size {size} is above twice this machine's "
+                                       f"{os.cpu_count()} CPU cores; ranks would only wait on each other")
+        if self.compile:
+            raise InvalidArgumentError("--compile with tensor_parallel_size above 1 is not supported yet")
+        spec = self.speculative_config
+        if spec is not None and spec.method == "draft":
+            raise InvalidArgumentError("a draft model with tensor_parallel_size above 1 is not supported yet "
+                                       "(the ngram method is)")
 
     def _autoscaling(self) -> AutoscalingConfig | None:
         if self.max_replicas is None:

@@ -32,6 +32,10 @@ class Executor(ABC):
     @staticmethod
     def get_class(config: EngineConfig) -> type["Executor"]:
         backend = config.parallel.distributed_executor_backend
+        if config.parallel.world_size > 1:
+            from surge.executor.distributed import DistributedExecutor
+
+            return DistributedExecutor
         if backend == "mp":
             from surge.executor.multiproc import MultiprocExecutor
 

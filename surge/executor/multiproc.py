@@ -119,25 +119,43 @@ class _Link:
                 return
 
     def call(self, method: str, args: tuple, timeout: float | None) -> Any:
-        with self.lock:
-            if self.dead is not None:
-                raise self.dead
-            try:
-                self.conn.send((method, args))
-                deadline = None if timeout is None else time.monotonic() + timeout
-                while not self.conn.poll(POLL_S):
-                    if self.dead is not None:
-                        raise self.dead
-                    if deadline is not None and time.monotonic() > deadline:
-                        raise self.fail(f"the worker process {self.pid} did not answer {method}() within "
-                                        f"{timeout:.0f}s")
-                status, value = self.conn.recv()
-            except (EOFError, OSError) as exc:
-                raise self.dead or self.fail(f"the worker process {self.pid} "
-                                             f"{_describe_exit(self.exit_code())}") from exc
+        self.begin(method, args)
+        status, value = self.end(method, timeout)
         if status == "error":
             raise value
         return value
+
+    def begin(self, method: str, args: tuple) -> None:
+        """Send a call; end() waits for its answer (the link is held in between)."""
+        self.lock.acquire()
+        try:
+            if self.dead is not None:
+                raise self.dead
+            self.conn.send((method, args))
+        except BaseException as exc:
+            self.lock.release()
+            if isinstance(exc, (EOFError, OSError)):
+                raise self.dead or self.fail(f"the worker process {self.pid} "
+                                             f"{_describe_exit(self.exit_code())}") from exc
+            raise
+
+    def end(self, method: str, timeout: float | None) -> tuple[str, Any]:
+        """("ok", result) or ("error", the worker's exception) of the call begun; EngineDeadError
+        when the worker is lost first."""
+        try:
+            deadline = None if timeout is None else time.monotonic() + timeout
+            while not self.conn.poll(POLL_S):
+                if self.dead is not None:
+                    raise self.dead
+                if deadline is not None and time.monotonic() > deadline:
+                    raise self.fail(f"the worker process {self.pid} did not answer {method}() within "
+                                    f"{timeout:.0f}s")
+            return self.conn.recv()
+        except (EOFError, OSError) as exc:
+            raise self.dead or self.fail(f"the worker process {self.pid} "
+                                         f"{_describe_exit(self.exit_code())}") from exc
+        finally:
+            self.lock.release()
 
     def close(self) -> None:
         """Ask the worker to exit, kill it if it does not; idempotent (also the finalizer)."""
@@ -163,6 +181,23 @@ class _Link:
             self.dead = EngineDeadError("the engine was shut down")
 
 
+def start_worker_process(callbacks: list[Callable[[BaseException], None]]) -> _Link:
+    """A worker process (python -m surge.executor.worker_process) and the link to it; nobody
+    watches its heartbeat until a thread runs the link's watch()."""
+    calls, worker_calls = socket.socketpair()
+    beats, worker_beats = socket.socketpair()
+    env = dict(os.environ)
+    # the worker imports surge from where this process did
+    root = os.path.dirname(os.path.dirname(os.path.abspath(surge.__file__)))
+    env["PYTHONPATH"] = os.pathsep.join([root, *filter(None, [env.get("PYTHONPATH")])])
+    cmd = [sys.executable, "-m", "surge.executor.worker_process", str(worker_calls.fileno()),
+           str(worker_beats.fileno()), str(logging.getLogger().getEffectiveLevel())]
+    proc = subprocess.Popen(cmd, pass_fds=(worker_calls.fileno(), worker_beats.fileno()), env=env)
+    worker_calls.close()
+    worker_beats.close()
+    return _Link(proc, mpc.Connection(calls.detach()), beats, callbacks)
+
+
 class MultiprocExecutor(Executor):
     def __init__(self, config: EngineConfig):
         if config.device.threads is None:
@@ -172,26 +207,15 @@ class MultiprocExecutor(Executor):
             config = dataclasses.replace(config, device=dataclasses.replace(config.device,
                                                                             threads=torch.get_num_threads()))
         super().__init__(config)
-        calls, worker_calls = socket.socketpair()
-        beats, worker_beats = socket.socketpair()
-        env = dict(os.environ)
-        # the worker imports surge from where this process did
-        root = os.path.dirname(os.path.dirname(os.path.abspath(surge.__file__)))
-        env["PYTHONPATH"] = os.pathsep.join([root, *filter(None, [env.get("PYTHONPATH")])])
-        cmd = [sys.executable, "-m", "surge.executor.worker_process", str(worker_calls.fileno()),
-               str(worker_beats.fileno()), str(logging.getLogger().getEffectiveLevel())]
-        proc = subprocess.Popen(cmd, pass_fds=(worker_calls.fileno(), worker_beats.fileno()), env=env)
-        worker_calls.close()
-        worker_beats.close()
-        self.pid = proc.pid
-        self._link = _Link(proc, mpc.Connection(calls.detach()), beats, self._failure_callbacks)
+        self._link = start_worker_process(self._failure_callbacks)
+        self.pid = self._link.pid
         self._finalizer = weakref.finalize(self, self._link.close)  # collected or exiting: the worker goes
         self._monitor = threading.Thread(target=self._link.watch, name=f"surge-worker-monitor-{self.pid}",
                                          daemon=True)
         self._monitor.start()
         logger.info("started worker process %d for %s", self.pid, config.load.path)
         try:
-            self._link.call("init", (config,), None)
+            self._link.call("init", (config, 0, None), None)
         except BaseException:
             self.shutdown()
             raise

@@ -69,7 +69,7 @@ def main(argv: list[str]) -> int:
             if method == "init":
                 from surge.worker.worker import Worker
 
-                worker = Worker(args[0])
+                worker = Worker(*args)  # (config, rank, rendezvous)
                 worker.init_device()
                 result: Any = None
             else:

@@ -15,7 +15,7 @@ from surge.loader.hub import ModelSource, resolve_model
 from surge.layers.quantization.apply import quantize_linears
 from surge.models.registry import get_model_class
 from surge.platform import release_free_memory
-from surge.loader.weight_loading import Pending
+from surge.loader.weight_loading import Pending, Share
 from surge.loader.weight_loading import load_weights as load_model_weights
 from surge.tokenizer import Tokenizer
 
@@ -58,6 +58,13 @@ def build_meta_model(config: ModelConfig) -> torch.nn.Module:
         return cls(config)
 
 
+def check_tensor_parallel(config: ModelConfig, size: int) -> None:
+    """InvalidArgumentError, in one line, where the model cannot be split `size` ways."""
+    from surge.distributed.tensor_parallel import check_tensor_parallel as check
+
+    check(config, size, get_model_class(config.architecture).tp_plan, config.architecture)
+
+
 def estimate_model_bytes(config: ModelConfig, dtype: torch.dtype, quantization: str) -> int:
     """Upper bound of the weights' bytes once loaded, before any is read."""
     from surge.loader.memory import estimate_weight_bytes
@@ -73,6 +80,8 @@ def load_weights(
     quantization: str = "auto",
     group_size: int = 32,
     before_finalize: Callable[[torch.nn.Module, Pending], None] | None = None,
+    share: Share | None = None,
+    model_config: ModelConfig | None = None,
 ) -> torch.nn.Module:
     """The model of `config` with the checkpoint's weights, finalized (linears packed), in eval mode.
 
@@ -81,7 +90,9 @@ def load_weights(
     dequantizes everything to `dtype`. A checkpoint written by `surge quantize` keeps its
     quantized modules under "auto". before_finalize(model, pending) runs once the weights are
     read and before linears are replaced (surge quantize installs its weights there; `pending`:
-    module path -> {shard: quantized weight}, see surge.loader.weight_loading).
+    module path -> {shard: quantized weight}, see surge.loader.weight_loading). With `share`,
+    each checkpoint tensor (read as `config` describes it) is cut to its share as it is read into
+    the model of `model_config` (a tensor-parallel rank's: surge.distributed.tensor_parallel).
     """
     if source.kind == "gguf":
         from surge.loader.gguf import iter_gguf_weights, open_gguf
@@ -102,10 +113,10 @@ def load_weights(
             weights = iter_safetensors_weights(source.path, dtype)
         else:
             weights = iter_quantized_weights(safetensors_files(source.path), dtype, modules)
-    net = build_meta_model(config)
+    net = build_meta_model(model_config or config)
     net = net.to(dtype=dtype).to_empty(device=device)
     net.tie_weights()  # to_empty gives each module its own tensor; share them again
-    pending = load_model_weights(net, weights, source.path)
+    pending = load_model_weights(net, weights, source.path, share)
     if before_finalize is not None:
         before_finalize(net, pending)
     quantize_linears(net, pending, quantization, group_size, output_head=net.output_head)
@@ -164,5 +175,6 @@ def describe_quantization(net: torch.nn.Module) -> str:
     return ", ".join(f"{k} ({n} linears)" for k, n in sorted(kinds.items())) or "none"
 
 
-__all__ = ["LoadedModel", "ModelSource", "QUANTIZATIONS", "build_meta_model", "estimate_model_bytes", "load_model",
+__all__ = ["LoadedModel", "ModelSource", "QUANTIZATIONS", "build_meta_model", "check_tensor_parallel",
+           "estimate_model_bytes", "load_model",
            "load_tokenizer", "load_weights", "read_model_config", "resolve_model"]

@@ -15,7 +15,7 @@ parameter's name for apply.py.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 
@@ -24,6 +24,7 @@ from surge.layers.quantization.formats import QUANTIZED_TYPES, QuantizedWeight, 
 from surge.models.interfaces import CausalLM
 
 Pending = dict[str, dict[int, QuantizedWeight]]
+Share = Callable[[str, int, "torch.Tensor | QuantizedWeight"], "torch.Tensor | QuantizedWeight"]
 
 
 def fused_name(model: CausalLM, name: str) -> tuple[str, int]:
@@ -44,10 +45,12 @@ def expert_target(model: CausalLM, name: str) -> tuple[str, int | None, int] | N
 
 
 def load_weights(model: CausalLM, weights: Iterable[tuple[str, torch.Tensor | QuantizedWeight]],
-                 source: str = "checkpoint") -> Pending:
+                 source: str = "checkpoint", share: Share | None = None) -> Pending:
     """Copy every pair into its parameter (rows of its shard; for stacked experts, of one
     expert or all); every parameter must be given. Returns the quantized weights kept aside.
-    ModelFormatError names a wrong shape or what is missing."""
+    ModelFormatError names a wrong shape or what is missing. `share(parameter, shard, tensor)`,
+    where given, cuts each tensor to what this process holds (a tensor-parallel rank's share)
+    before it is copied or kept."""
     params = dict(model.named_parameters())
     loaders = model.weight_loaders()
     tied = model.config.tie_word_embeddings
@@ -67,7 +70,7 @@ def load_weights(model: CausalLM, weights: Iterable[tuple[str, torch.Tensor | Qu
             continue
         if checkpoint_name == head_weight and tied:
             if isinstance(tensor, QUANTIZED_TYPES):  # the file's own quantized copy of the head
-                pending.setdefault(model.output_head, {})[0] = tensor
+                pending.setdefault(model.output_head, {})[0] = share(head_weight, 0, tensor) if share else tensor
             continue
         stacked = expert_target(model, checkpoint_name)
         expert: int | None = None
@@ -81,6 +84,9 @@ def load_weights(model: CausalLM, weights: Iterable[tuple[str, torch.Tensor | Qu
         sizes = model.shard_sizes(name)
         # a checkpoint that stores the fused tensor itself (Phi-3's qkv_proj, gate_up_proj) fills every shard
         whole = stacked is None and len(sizes) > 1 and name == checkpoint_name
+        if share is not None:
+            assert stacked is None and not whole, "a family whose tensors are not cut per rank (tp_plan)"
+            tensor = share(name, shard, tensor)
         if expert is not None and not 0 <= expert < param.shape[0]:
             raise ModelFormatError(f"{source}: tensor {checkpoint_name!r} is expert {expert}, the model has "
                                    f"{param.shape[0]}")

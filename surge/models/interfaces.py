@@ -15,6 +15,9 @@
     hf_names           a family's checkpoint names -> the model's, and which are stored [in, out]
     attention_specs(config)  per layer: heads, head size, sliding window, RoPE parameters
     embedding / output_head  module names (tied weights; quantization keeps the head in int8 groups)
+    tp_plan            parameter-name patterns -> how tensor parallelism splits them (qkv, column,
+                       row, row_bias, vocab: surge/distributed/tensor_parallel.py); None: the
+                       family does not run tensor-parallel
     decoder_plan()     the decoder's layers as plain parts (norms, linears, attention, MLP) for the
                        native decode step (surge/layers/native_decoder.py), or None where the
                        model's layers are not of those parts (experts): it then decodes eagerly
@@ -191,6 +194,7 @@ class CausalLM(nn.Module):
     hf_names: ClassVar[HfNames] = HfNames()
     embedding: ClassVar[str] = "model.embed_tokens"
     output_head: ClassVar[str] = "lm_head"
+    tp_plan: ClassVar[tuple[tuple[str, str], ...] | None] = None
 
     def __init__(self, config: ModelConfig):
         super().__init__()

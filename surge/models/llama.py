@@ -173,6 +173,16 @@ class LlamaForCausalLM(CausalLM):
         },
         permuted_qk=True,
     )
+    tp_plan = (
+        (r"\.self_attn\.qkv_proj\.(weight|bias)$", "qkv"),
+        (r"\.self_attn\.o_proj\.weight$", "row"),
+        (r"\.self_attn\.o_proj\.bias$", "row_bias"),
+        (r"\.mlp\.gate_up_proj\.(weight|bias)$", "column"),
+        (r"\.mlp\.down_proj\.weight$", "row"),
+        (r"\.mlp\.down_proj\.bias$", "row_bias"),
+        (r"^model\.embed_tokens\.weight$", "vocab"),
+        (r"^lm_head\.weight$", "vocab"),
+    )
     o_proj_bias = True  # Llama's `attention_bias` covers o_proj too
     model_class: type[LlamaModel] = LlamaModel
 

@@ -47,6 +47,7 @@ class MoeShardSizes:
     gate/up, the shared expert's gate/up), the family's own shard sizes for the rest."""
 
     config: ModelConfig
+    tp_plan = None  # experts split between ranks: not built yet
 
     def shard_sizes(self, name: str) -> list[int]:
         if name.endswith(".mlp.experts.gate_up_proj"):

@@ -20,3 +20,4 @@ class Phi3ForCausalLM(LlamaForCausalLM):
                 "attn_qkv": "self_attn.qkv_proj", "ffn_up": "mlp.gate_up_proj"},
         permuted_qk=False,
     )
+    tp_plan = None  # its checkpoints' fused q/k/v and gate/up are not cut per rank yet

@@ -38,8 +38,12 @@ class ModelRunner:
         eos_ids: frozenset[int] = frozenset(),
         decoder: NativeDecoder | None = None,
         drafter: DraftProposer | None = None,
+        driver: bool = True,
     ):
         self.model = model
+        # the rank that samples; under tensor parallelism the others run the same forward and
+        # LM-head calls (their collectives) and return nothing
+        self.driver = driver
         self.kv_caches = kv_caches
         self.block_size = block_size
         self.device = device
@@ -176,7 +180,8 @@ class ModelRunner:
         hidden = self.forward(input_ids, positions, meta)
         sampled = [r for r in output.requests if r.sample]
         if any(self.requests[r.request_id].params.pooling for r in output.requests):
-            self._pool(output, hidden, meta, result)
+            if self.driver:
+                self._pool(output, hidden, meta, result)
             rows_of, start = [], 0  # each sampled request's rows in sample_rows (1 + its proposals)
             for r in sampled:
                 rows_of.append(sample_rows[start:start + 1 + r.num_draft])
@@ -191,7 +196,7 @@ class ModelRunner:
         clock.prepare += t1 - t0
         clock.forward += t2 - t1
         self._prompt_logprobs(output, hidden, meta, result)
-        if logits is None:
+        if logits is None or not self.driver:
             clock.sample += time.perf_counter() - t2
             return result
         if any(r.num_draft for r in sampled):
@@ -270,7 +275,10 @@ class ModelRunner:
             for a in range(0, last - r.start_position, PROMPT_LOGPROBS_ROWS):
                 b = min(a + PROMPT_LOGPROBS_ROWS, last - r.start_position)
                 rows = torch.arange(first + a, first + b, device=hidden.device)
-                logprobs = self.model.compute_logits(hidden[rows]).cpu().float().log_softmax(-1)
+                logits = self.model.compute_logits(hidden[rows])
+                if not self.driver:
+                    continue
+                logprobs = logits.cpu().float().log_softmax(-1)
                 start = r.start_position + 1 + a
                 targets = torch.tensor(prompt[start : start + b - a], dtype=torch.long)
                 scores.extend(token_logprobs(logprobs, targets, [top_n] * len(targets)))

@@ -16,6 +16,8 @@ import torch
 from surge.config import EngineConfig
 from surge.core.runner_output import ModelRunnerOutput
 from surge.core.scheduler_output import SchedulerOutput
+from surge.distributed.comm import Communicator, Rendezvous
+from surge.distributed.tensor_parallel import TensorParallelLayout
 from surge.errors import InvalidArgumentError
 from surge.worker.reports import MemoryEstimate, ModelInfo, StepTimings
 
@@ -23,10 +25,16 @@ logger = logging.getLogger(__name__)
 
 
 class Worker:
-    def __init__(self, config: EngineConfig, rank: int = 0):
+    def __init__(self, config: EngineConfig, rank: int = 0, rendezvous: Rendezvous | None = None):
         self.config = config
         self.rank = rank
+        self.rendezvous = rendezvous  # where the ranks of a tensor-parallel group meet (world size > 1)
+        self.comm: Communicator | None = None
         self.device = config.device.device
+        tp = config.parallel.tensor_parallel_size
+        self.layout = TensorParallelLayout(config.model, rank, tp) if tp > 1 else None
+        # the model this worker holds: its rank's share under tensor parallelism
+        self.model_config = self.layout.local_config() if self.layout is not None else config.model
         self.model: torch.nn.Module | None = None
         self.runner = None  # a ModelRunner once the cache is allocated
         self.compiled = None  # the CompiledModel with --compile
@@ -41,6 +49,11 @@ class Worker:
         threads = self.config.device.threads
         if threads is not None:
             torch.set_num_threads(threads)
+        if self.rendezvous is not None and self.rendezvous.world_size > 1:
+            if self.device.startswith("cuda"):  # a device per rank
+                self.device = f"cuda:{self.rank}"
+                torch.cuda.set_device(self.rank)
+            self.comm = Communicator(self.rendezvous, self.rank, self.device)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -53,7 +66,7 @@ class Worker:
         from surge.loader import estimate_model_bytes
         from surge.worker.kv_cache import kv_cache_budget
 
-        weights = estimate_model_bytes(self.config.model, self.dtype, self.config.quant.method)
+        weights = estimate_model_bytes(self.model_config, self.dtype, self.config.quant.method)
         draft = self.config.draft
         if draft is not None:
             weights += estimate_model_bytes(draft.model, self.dtype, draft.quant.method)
@@ -66,7 +79,19 @@ class Worker:
         start = time.perf_counter()
         load, quant = self.config.load, self.config.quant
         source = ModelSource(load.kind, load.path, load.name)
-        self.model = load_weights(source, self.config.model, self.dtype, self.device, quant.method, quant.group_size)
+        share = None
+        if self.layout is not None:
+            from surge.distributed.tensor_parallel import TensorParallelShards
+            from surge.models.registry import get_model_class
+
+            assert self.comm is not None, "init_device() first"
+            share = TensorParallelShards(self.layout, get_model_class(self.config.model.architecture).tp_plan)
+        self.model = load_weights(source, self.config.model, self.dtype, self.device, quant.method, quant.group_size,
+                                  share=share, model_config=self.model_config)
+        if self.layout is not None:
+            from surge.distributed.tensor_parallel import parallelize
+
+            parallelize(self.model, self.layout, self.comm)
         self.info = ModelInfo(load.name, load.path, self.config.model.architecture, load.dtype,
                               describe_quantization(self.model))
         logger.info("loaded %s (%s, %s) in %.1fs", load.name, self.config.model.architecture, load.dtype,
@@ -90,7 +115,7 @@ class Worker:
         from surge.worker.kv_cache import cache_dtype, num_kv_blocks
 
         draft = self.config.draft
-        return num_kv_blocks(self.config.model, self.config.cache, cache_dtype(self.config.cache, self.dtype),
+        return num_kv_blocks(self.model_config, self.config.cache, cache_dtype(self.config.cache, self.dtype),
                              self.device, draft.model if draft is not None else None)
 
     def initialize_cache(self, num_blocks: int, eos_token_ids: frozenset[int]) -> ModelInfo:
@@ -103,7 +128,7 @@ class Worker:
         assert self.model is not None and self.info is not None, "load_model() first"
         cache = self.config.cache
         kv_dtype = cache_dtype(cache, self.dtype)
-        self.kv_caches = allocate_kv_caches(self.config.model, num_blocks, cache.block_size, kv_dtype, self.device)
+        self.kv_caches = allocate_kv_caches(self.model_config, num_blocks, cache.block_size, kv_dtype, self.device)
         logger.info("KV cache: %d blocks of %d tokens = %d tokens (%s)", num_blocks, cache.block_size,
                     num_blocks * cache.block_size, str(kv_dtype).removeprefix("torch."))
         model = self.model
@@ -114,7 +139,7 @@ class Worker:
         decoder = self._native_decoder(self.model, self.kv_caches)
         drafter = self._drafter(num_blocks, kv_dtype) if self.draft_model is not None else None
         self.runner = ModelRunner(model, self.kv_caches, cache.block_size, self.device, eos_token_ids, decoder,
-                                  drafter)
+                                  drafter, driver=self.rank == 0)
         weights, caches = module_bytes(self.model), tensor_bytes(self.kv_caches)
         if self.draft_model is not None:
             weights += module_bytes(self.draft_model)
@@ -124,8 +149,8 @@ class Worker:
 
     def _native_decoder(self, model: torch.nn.Module, kv_caches: list[torch.Tensor]):  # noqa: ANN202
         """A model's decode-only step in one native call over its caches, unless turned off."""
-        if not self.config.compilation.native_decode:
-            return None
+        if not self.config.compilation.native_decode or self.comm is not None:
+            return None  # (its one call runs every layer: no place for a tensor-parallel all-reduce)
         from surge.layers.native_decoder import build_native_decoder
 
         return build_native_decoder(model, kv_caches)
@@ -171,6 +196,8 @@ class Worker:
         """Raises if the worker cannot serve (an in-process worker always can)."""
 
     def shutdown(self) -> None:
+        if self.comm is not None:
+            self.comm.close()
         self.runner = None
         self.kv_caches = []
         self.model = None

@@ -157,6 +157,36 @@ def split_rows(weight: QuantizedWeight | torch.Tensor, sizes: list[int]) -> list
     return [Int8Weight(weight.q[s], weight.scale[s]) for s in pieces]
 
 
+def block_values(weight: QuantizedWeight) -> int:
+    """Input values that share a scale (a row can be cut only between such blocks)."""
+    if isinstance(weight, GgufBlockWeight):
+        return weight.block
+    if isinstance(weight, (Int4Weight, Int8GroupWeight)):
+        return weight.group_size
+    return 1
+
+
+def take_cols(weight: QuantizedWeight | torch.Tensor, start: int, end: int) -> QuantizedWeight | torch.Tensor:
+    """Input columns start..end of a weight (quantized or float), on its block boundaries
+    (block_values; InvalidArgumentError otherwise): a row-parallel rank's share."""
+    if isinstance(weight, torch.Tensor):
+        return weight[:, start:end]
+    block = block_values(weight)
+    if start % block or end % block:
+        raise InvalidArgumentError(f"columns {start}..{end} cut a block of {block} values")
+    if isinstance(weight, GgufBlockWeight):
+        return weight.take_cols(start, end)
+    cols = slice(start, end)
+    if isinstance(weight, Int4Weight):
+        groups = slice(start // block, end // block)
+        return Int4Weight(weight.q[:, cols], weight.scale[:, groups], weight.zero[:, groups], weight.group_size)
+    if isinstance(weight, Int8GroupWeight):
+        return Int8GroupWeight(weight.q[:, cols], weight.scale[:, start // block:end // block], weight.group_size)
+    if isinstance(weight, W8A8Weight):
+        return W8A8Weight(weight.q[:, cols], weight.scale, weight.input_scale, weight.smooth[cols])
+    return Int8Weight(weight.q[:, cols], weight.scale)
+
+
 def rows_of(weight: QuantizedWeight) -> int:
     """Output rows of a quantized weight."""
     return weight.rows if isinstance(weight, GgufBlockWeight) else int(weight.q.shape[0])

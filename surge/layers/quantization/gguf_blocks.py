@@ -45,6 +45,18 @@ class GgufBlockWeight:
     def take_rows(self, rows: slice | torch.Tensor) -> "GgufBlockWeight":
         return GgufBlockWeight(self.raw[rows].contiguous(), self.qtype, self.cols)
 
+    @property
+    def block(self) -> int:
+        """Values per block (32, or 256 for the K-quants): a row is cut only between blocks."""
+        return int(gguf.GGML_QUANT_SIZES[T(self.qtype)][0])
+
+    def take_cols(self, start: int, end: int) -> "GgufBlockWeight":
+        """Input columns start..end of every row; both on block boundaries."""
+        block, size = gguf.GGML_QUANT_SIZES[T(self.qtype)]
+        assert start % block == 0 and end % block == 0, (start, end, block)
+        return GgufBlockWeight(self.raw[:, start // block * size:end // block * size].contiguous(), self.qtype,
+                               end - start)
+
     @staticmethod
     def cat(parts: list["GgufBlockWeight"]) -> "GgufBlockWeight":
         """Stack along output rows (fusing q/k/v or gate/up); the parts must share their type."""

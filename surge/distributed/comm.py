@@ -1,0 +1,126 @@
+"""The communicator of one tensor-parallel group: torch.distributed's process group (gloo on CPU,
+NCCL on CUDA) made from a TCP rendezvous on this host, with the few collectives the model needs.
+
+The group is its own object, not torch.distributed's process-wide default group, so one process
+can hold several engines' groups (a repository's models, a model and its reload) and close each
+one alone. Every collective waits at most `timeout`; a peer that died fails it sooner (its
+connection closes). gloo has no bf16/fp16 reductions: those tensors are reduced in float32 (the
+sum of two bf16 values rounded once, as a single-process matmul would).
+"""
+
+from __future__ import annotations
+
+import datetime
+import socket
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+RENDEZVOUS_HOST = "127.0.0.1"
+
+
+def free_port(host: str = RENDEZVOUS_HOST) -> int:
+    """A TCP port nothing listens on now (the rendezvous's)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass(frozen=True)
+class Rendezvous:
+    """Where the ranks of one group meet: rank 0 hosts the store on `port`."""
+
+    port: int
+    world_size: int
+    timeout_s: float = 60.0
+    host: str = RENDEZVOUS_HOST
+
+
+class Communicator:
+    """rank / world_size, and all_reduce, gather, all_gather, send, recv, barrier on tensors.
+
+    Results equal their definitions: all_reduce leaves the elementwise sum on every rank,
+    gather the ranks' tensors in rank order on `dst`, recv what the peer sent."""
+
+    def __init__(self, rendezvous: Rendezvous, rank: int, device: str = "cpu"):
+        self.rank, self.world_size = rank, rendezvous.world_size
+        self.device = device
+        timeout = datetime.timedelta(seconds=rendezvous.timeout_s)
+        self._store = dist.TCPStore(rendezvous.host, rendezvous.port, rendezvous.world_size, rank == 0,
+                                    timeout=timeout, wait_for_workers=False)
+        if device.startswith("cuda"):
+            self._reduce_dtypes = None  # NCCL reduces every float dtype itself
+            self.group = dist.ProcessGroupNCCL(self._store, rank, rendezvous.world_size)
+        else:
+            self._reduce_dtypes = (torch.float32, torch.float64, torch.int32, torch.int64, torch.uint8, torch.int8)
+            options = dist.ProcessGroupGloo._Options()
+            options._timeout = timeout
+            options._devices = [dist.ProcessGroupGloo.create_device(hostname=rendezvous.host)]
+            self.group = dist.ProcessGroupGloo(self._store, rank, rendezvous.world_size, options)
+        self.closed = False
+
+    def _wire(self, tensor: torch.Tensor) -> torch.Tensor:
+        """The tensor as the backend can reduce it: contiguous, float32 for gloo's missing dtypes."""
+        if self._reduce_dtypes is not None and tensor.dtype not in self._reduce_dtypes:
+            return tensor.float()
+        return tensor if tensor.is_contiguous() else tensor.contiguous()
+
+    def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
+        """The elementwise sum over ranks (every rank gets it). Returns a tensor of `tensor`'s
+        dtype: `tensor` itself where it was reduced in place."""
+        if self.world_size == 1:
+            return tensor
+        wire = self._wire(tensor)
+        self.group.allreduce([wire]).wait()
+        if wire is tensor:
+            return tensor
+        return wire.to(tensor.dtype)
+
+    def all_gather(self, tensor: torch.Tensor) -> list[torch.Tensor]:
+        """Every rank's tensor (all of one shape), in rank order, on every rank."""
+        if self.world_size == 1:
+            return [tensor]
+        wire = self._wire(tensor)
+        out = [torch.empty_like(wire) for _ in range(self.world_size)]
+        self.group.allgather([out], [wire]).wait()
+        return [t.to(tensor.dtype) for t in out]
+
+    def gather(self, tensor: torch.Tensor, dst: int = 0) -> list[torch.Tensor] | None:
+        """Every rank's tensor (all of one shape), in rank order, on `dst`; None elsewhere."""
+        if self.world_size == 1:
+            return [tensor]
+        wire = self._wire(tensor)
+        opts = dist.GatherOptions()
+        opts.rootRank = dst
+        if self.rank == dst:
+            out = [torch.empty_like(wire) for _ in range(self.world_size)]
+            self.group.gather([out], [wire], opts).wait()
+            return [t.to(tensor.dtype) for t in out]
+        self.group.gather([], [wire], opts).wait()
+        return None
+
+    def send(self, tensor: torch.Tensor, dst: int, tag: int = 0) -> None:
+        self.group.send([self._wire(tensor)], dst, tag).wait()
+
+    def recv(self, like: torch.Tensor, src: int, tag: int = 0) -> torch.Tensor:
+        """A tensor of `like`'s shape and dtype, as `src` sent it."""
+        wire = self._wire(torch.empty_like(like))
+        self.group.recv([wire], src, tag).wait()
+        return wire.to(like.dtype)
+
+    def barrier(self) -> None:
+        if self.world_size > 1:
+            self.group.barrier().wait()
+
+    def close(self) -> None:
+        """Leave the group (idempotent); peers' pending collectives with this rank fail."""
+        if self.closed:
+            return
+        self.closed = True
+        try:
+            self.group.shutdown()
+        except Exception:  # noqa: BLE001 (a group whose peers are gone may refuse an orderly shutdown)
+            pass
+        self.group = None  # type: ignore[assignment]
+        self._store = None  # type: ignore[assignment]

@@ -1,0 +1,88 @@
+"""`surge serve -tp 2`: the ranks answer what the single-process engine answers through the
+OpenAI client, the layout is logged, and a rank killed mid-stream ends the stream with an error
+event, /health with 503 and the server with exit code 3, leaving no process behind."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import threading
+import time
+
+import httpx
+import pytest
+from openai import OpenAI
+
+from surge import LLM, SamplingParams
+from tests.conftest import build_tiny_model
+from tests.helpers import process_alive
+from tests.server.conftest import launch
+
+PROMPTS = ["The capital of France is", "def fibonacci(n):", "The capital of France is a city"]
+
+
+@pytest.fixture(scope="module")
+def tiny_path(tmp_path_factory, tiny_tokenizer_dir):
+    return build_tiny_model("llama", tmp_path_factory.mktemp("tp-serve") / "m", tiny_tokenizer_dir)
+
+
+def test_tp2_serves_what_one_process_serves_and_dies_cleanly(tmp_path, tiny_path):
+    srv = launch(tmp_path, "-m", str(tiny_path), "-tp", "2", "--dtype", "float32", "--kv-cache-memory",
+                 str(8 << 20), "--max-num-batched-tokens", "64", "--served-model-name", "tiny")
+    try:
+        log = srv.log()
+        assert "tensor parallel over 2 ranks: 2 of 4 attention heads, 1 KV heads" in log, log
+        assert re.search(r"a KV cache of \d+ tokens \(\d+ blocks", log)
+        (rank1,) = [int(p) for p in re.search(r"ranks 1\.\.1 in processes ([\d, ]+),", log).group(1).split(",")]
+        client = OpenAI(base_url=f"{srv.url}/v1", api_key="none", max_retries=0, timeout=120)
+        got = []
+        for prompt in PROMPTS:  # a shared prefix (the prefix cache), prompts over 64 tokens' chunks
+            r = client.completions.create(model="tiny", prompt=prompt * 12, max_tokens=16, temperature=0)
+            stream = client.completions.create(model="tiny", prompt=prompt, max_tokens=16, temperature=0, stream=True)
+            got.append((r.choices[0].text, "".join(c.choices[0].text for c in stream)))
+        with LLM(str(tiny_path), dtype="float32", kv_cache_memory=16 << 20) as llm:
+            greedy = SamplingParams(max_tokens=16, temperature=0)
+            want = [(llm.generate(p * 12, greedy)[0].outputs[0].text, llm.generate(p, greedy)[0].outputs[0].text)
+                    for p in PROMPTS]
+        assert got == want
+
+        events: list[str] = []
+        first = threading.Event()
+
+        def stream() -> None:
+            body = {"model": "tiny", "prompt": "Once upon a time", "max_tokens": 900, "ignore_eos": True,
+                    "stream": True}
+            with httpx.stream("POST", f"{srv.url}/v1/completions", json=body, timeout=60) as r:
+                for line in r.iter_lines():
+                    if line.startswith("data:"):
+                        events.append(line)
+                        first.set()
+
+        reader = threading.Thread(target=stream)
+        reader.start()
+        assert first.wait(60)
+        killed = time.monotonic()
+        os.kill(rank1, signal.SIGKILL)
+        reader.join(30)
+        assert not reader.is_alive()
+        errors = [json.loads(e[5:]) for e in events if e != "data: [DONE]" and "error" in json.loads(e[5:])]
+        assert errors and errors[0]["error"]["code"] == "engine_dead", events[-3:]
+        assert str(rank1) in errors[0]["error"]["message"]
+        health = None
+        while time.monotonic() - killed < 10:
+            try:
+                health = httpx.get(f"{srv.url}/health", timeout=2).status_code
+            except httpx.HTTPError:
+                health = "gone" if srv.proc.poll() is not None else health
+            if health in (503, "gone"):
+                break
+            time.sleep(0.05)
+        took = time.monotonic() - killed
+        code = srv.proc.wait(30)
+        print(f"rank killed: stream ended with an error event, /health {health} after {took:.2f}s, exit {code}")
+        assert health in (503, "gone") and took < 10 and code == 3
+        assert not process_alive(rank1)
+    finally:
+        srv.stop()
