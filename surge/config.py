@@ -131,6 +131,8 @@ class ModelConfig:
     norm_topk_prob: bool = False  # renormalise the chosen experts' probabilities to sum to 1
     # layers whose MLP is dense (Qwen's mlp_only_layers / decoder_sparse_step)
     dense_mlp_layers: tuple[int, ...] = ()
+    # the experts this process holds, first..end-1 (expert parallelism: each rank its share); None: all
+    expert_range: tuple[int, int] | None = None
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
     # dtype the weights are stored in, as a name ("float32", ...); "auto" resolution uses it.
@@ -297,6 +299,7 @@ class ParallelConfig:
     data_parallel_size: int = 1  # with autoscaling: the replicas started with (within its bounds)
     distributed_executor_backend: str = "uni"
     autoscaling: AutoscalingConfig | None = None
+    enable_expert_parallel: bool = False  # MoE experts split whole between the tensor-parallel ranks
     replica_health_timeout: float = 10.0  # seconds without a replica's heartbeat before it is restarted
     ray_address: str | None = None  # backend "ray": the cluster to join ("auto", HOST:PORT); None: start one
 
@@ -310,6 +313,9 @@ class ParallelConfig:
                                        f"got {self.tensor_parallel_size}")
         if self.pipeline_parallel_size != 1:
             raise InvalidArgumentError("pipeline_parallel_size must be 1: pipeline parallelism is not built yet")
+        if self.enable_expert_parallel and self.tensor_parallel_size == 1:
+            raise InvalidArgumentError("enable_expert_parallel splits the experts between the tensor-parallel ranks: "
+                                       "it needs tensor_parallel_size above 1")
         if self.tensor_parallel_size > 1 and self.distributed_executor_backend == "ray":
             raise InvalidArgumentError("tensor_parallel_size above 1 runs its ranks as local processes (the "
                                        "uni or mp backend); ranks placed by Ray are not built yet")

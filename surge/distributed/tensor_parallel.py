@@ -32,7 +32,7 @@ from surge.distributed.comm import Communicator
 from surge.errors import InvalidArgumentError
 from surge.layers.quantization.formats import QUANTIZED_TYPES, block_values, cols_of, rows_of, split_rows, take_cols
 
-STYLES = ("qkv", "column", "row", "row_bias", "vocab")
+STYLES = ("qkv", "column", "row", "row_bias", "row_in_block", "vocab", "experts_column", "experts_row")
 
 
 @dataclass(frozen=True)
@@ -42,6 +42,16 @@ class TensorParallelLayout:
     config: ModelConfig
     rank: int
     size: int
+    expert_parallel: bool = False  # MoE: whole experts per rank (else each expert split like the MLP)
+
+    @property
+    def expert_range(self) -> tuple[int, int]:
+        """The experts this rank holds: its share under expert parallelism, else all."""
+        experts = self.config.num_experts
+        if not self.expert_parallel:
+            return 0, experts
+        per = experts // self.size
+        return self.rank * per, (self.rank + 1) * per
 
     @property
     def heads(self) -> int:
@@ -73,24 +83,48 @@ class TensorParallelLayout:
         """The model configuration of this rank's share."""
         start, end = self.vocab_range()
         c = self.config
+        moe = {}
+        if c.num_experts:
+            moe = dict(shared_expert_intermediate_size=c.shared_expert_intermediate_size // self.size)
+            if self.expert_parallel:
+                moe["expert_range"] = self.expert_range
+            else:
+                moe["moe_intermediate_size"] = c.moe_intermediate_size // self.size
         return dataclasses.replace(c, num_attention_heads=self.heads, num_key_value_heads=self.kv_heads,
                                    intermediate_size=c.intermediate_size // self.size, vocab_size=end - start,
-                                   head_dim=c.head_dim)
+                                   head_dim=c.head_dim, **moe)
 
     def describe(self) -> str:
         c = self.config
         kv = (f"{self.kv_heads} KV heads" if c.num_key_value_heads >= self.size else
               f"1 KV head (each of the {c.num_key_value_heads} replicated on {self.size // c.num_key_value_heads} ranks)")
+        experts = ""
+        if c.num_experts:
+            first, end = self.expert_range
+            experts = (f", {end - first} of {c.num_experts} experts (expert parallel)" if self.expert_parallel else
+                       f", {c.moe_intermediate_size // self.size} of {c.moe_intermediate_size} rows of each expert")
         return (f"tensor parallel over {self.size} ranks: {self.heads} of {c.num_attention_heads} attention heads, "
-                f"{kv}, {c.intermediate_size // self.size} of {c.intermediate_size} MLP rows and "
+                f"{kv}, {c.intermediate_size // self.size} of {c.intermediate_size} MLP rows{experts} and "
                 f"{self.vocab_per_rank} of {c.vocab_size} vocabulary rows per rank")
 
 
 def check_tensor_parallel(config: ModelConfig, size: int, plan: tuple[tuple[str, str], ...] | None,
-                          architecture: str) -> None:
+                          architecture: str, expert_parallel: bool = False) -> None:
     """One line on why `config` cannot be split `size` ways, if it cannot."""
     if size == 1:
         return
+    if expert_parallel and not config.num_experts:
+        raise InvalidArgumentError(f"enable_expert_parallel: the {architecture} model has no experts")
+    if config.num_experts:
+        if expert_parallel and config.num_experts % size:
+            raise InvalidArgumentError(f"tensor_parallel_size {size} does not divide the model's {config.num_experts} "
+                                       "experts (expert parallelism gives each rank a whole share)")
+        if not expert_parallel and config.moe_intermediate_size % size:
+            raise InvalidArgumentError(f"tensor_parallel_size {size} does not divide the experts' width "
+                                       f"{config.moe_intermediate_size}")
+        if config.shared_expert_intermediate_size % size:
+            raise InvalidArgumentError(f"tensor_parallel_size {size} does not divide the shared expert's width "
+                                       f"{config.shared_expert_intermediate_size}")
     if plan is None:
         raise InvalidArgumentError(f"tensor_parallel_size {size}: tensor parallelism is not available for the "
                                    f"{architecture} architecture yet")
@@ -117,6 +151,19 @@ class TensorParallelShards:
         self.plan = [(re.compile(pattern), style) for pattern, style in plan]
         assert all(style in STYLES for _, style in plan)
 
+    def expert(self, name: str, expert: int | None, shard: int, tensor):  # noqa: ANN001, ANN201
+        """(the expert's index among this rank's, its share) of one expert's matrix, or None where
+        the expert is another rank's (expert parallelism)."""
+        if expert is None:
+            raise InvalidArgumentError(f"{name}: experts stored as one stacked tensor (a GGUF's ffn_*_exps) are not "
+                                       "split between tensor-parallel ranks yet")
+        first, end = self.layout.expert_range
+        if not first <= expert < end:
+            return None
+        if self.layout.expert_parallel:
+            return expert - first, tensor
+        return expert, self(name, shard, tensor)
+
     def style(self, name: str) -> str | None:
         for pattern, style in self.plan:
             if pattern.search(name):
@@ -130,7 +177,7 @@ class TensorParallelShards:
         lay, c = self.layout, self.layout.config
         if style == "row_bias":
             return tensor if lay.rank == 0 else torch.zeros_like(tensor)
-        if style == "row":
+        if style in ("row", "row_in_block", "experts_row"):
             cols = cols_of(tensor) if isinstance(tensor, QUANTIZED_TYPES) else int(tensor.shape[-1])
             part = cols // lay.size
             block = block_values(tensor) if isinstance(tensor, QUANTIZED_TYPES) else 1
@@ -142,10 +189,11 @@ class TensorParallelShards:
         if style == "vocab":
             start, end = lay.vocab_range()
             return _rows(tensor, start, end)
-        if style == "column":
+        if style in ("column", "experts_column"):
             per = _rows_count(tensor) // lay.size
             return _rows(tensor, lay.rank * per, (lay.rank + 1) * per)
-        # qkv: shard 0 holds the query heads, 1 and 2 the key and value heads
+        assert style == "qkv", style
+        # shard 0 holds the query heads, 1 and 2 the key and value heads
         d = c.head_dim
         if shard == 0:
             return _rows(tensor, lay.rank * lay.heads * d, (lay.rank + 1) * lay.heads * d)
@@ -178,13 +226,12 @@ def _rows(tensor, start: int, end: int):  # noqa: ANN001, ANN202
 
 
 class RowParallel(nn.Module):
-    """A row-parallel linear: this rank's partial product, summed over the ranks."""
+    """A row-parallel linear (or an MoE block): this rank's partial output, summed over the ranks."""
 
     def __init__(self, inner: nn.Module, comm: Communicator):
         super().__init__()
         self.inner = inner
         self.comm = comm
-        self.in_features, self.out_features = inner.in_features, inner.out_features
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.comm.all_reduce(self.inner(x))
@@ -239,10 +286,12 @@ class GatheredLogits(nn.Module):
 def parallelize(model: nn.Module, layout: TensorParallelLayout, comm: Communicator) -> None:
     """Wrap a loaded rank's model (its linears already packed or quantized) so its forward sums
     the row-parallel products and the embedding, and compute_logits gathers the vocabulary."""
+    from surge.layers.moe import SparseMoeBlock
+
     shards = TensorParallelShards(layout, model.tp_plan)
     for path, module in list(model.named_modules()):
-        if shards.style(f"{path}.weight") == "row":
-            _replace(model, path, RowParallel(module, comm))
+        if shards.style(f"{path}.weight") == "row" or isinstance(module, SparseMoeBlock):
+            _replace(model, path, RowParallel(module, comm))  # (an MoE block's output: its ranks' parts summed)
     start, _ = layout.vocab_range()
     embedding = model.get_submodule(model.embedding)
     _replace(model, model.embedding, VocabParallelEmbedding(embedding, start, layout.config.vocab_size, comm))

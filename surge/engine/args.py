@@ -146,6 +146,9 @@ class EngineArgs:
         1, "split the model over N processes (ranks joined by torch.distributed: gloo on CPU, NCCL on CUDA): "
         "each holds 1/N of the attention heads, MLP and vocabulary and its heads' KV cache; rank 0 runs in "
         "this process and samples", COUNT, flags=("--tensor-parallel-size", "-tp"), metavar="N")
+    enable_expert_parallel: bool = setting(
+        False, "with -tp N on a mixture-of-experts model: each rank holds 1/N of the experts whole and runs "
+        "them on the step's tokens (default: every expert split N ways, like the MLP)", BOOL)
     data_parallel_size: int = setting(
         1, "serve N replicas of the engine, each a process of its own with its scheduler, KV cache and "
         "--threads (default: the machine's cores split between them), behind the one endpoint; requests go "
@@ -263,6 +266,7 @@ class EngineArgs:
                 self.max_num_seqs, self.max_num_batched_tokens, max_model_len, self.enable_chunked_prefill,
                 self.long_prefill_token_threshold, self.scheduling_policy, model.attention_parity_tokens),
             parallel=ParallelConfig(tensor_parallel_size=self.tensor_parallel_size,
+                                    enable_expert_parallel=self.enable_expert_parallel,
                                     data_parallel_size=self.data_parallel_size,
                                     distributed_executor_backend=self.distributed_executor_backend,
                                     autoscaling=self._autoscaling(), ray_address=self.ray_address,
@@ -286,7 +290,7 @@ class EngineArgs:
 
         from surge.loader import check_tensor_parallel
 
-        check_tensor_parallel(model, size)
+        check_tensor_parallel(model, size, self.enable_expert_parallel)
         if self.quantization == "int4":  # groups are cut from each rank's columns of o_proj and down_proj
             for what, cols in (("o_proj", model.num_attention_heads * model.head_dim),
                                ("down_proj", model.intermediate_size)):

@@ -74,9 +74,14 @@ class FusedExperts(nn.Module):
     """E gated MLPs (act(x G^T) * x U^T) D^T with stacked weights; forward runs the experts
     that received tokens and sums their outputs weighted by the router."""
 
-    def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int, act: str, dtype: torch.dtype | None = None):
+    def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int, act: str, dtype: torch.dtype | None = None,
+                 first_expert: int = 0, router_experts: int | None = None):
         super().__init__()
+        # experts first_expert.. first_expert + num_experts - 1 of the router's (expert parallelism:
+        # a rank's share; the tokens routed elsewhere are another rank's)
         self.num_experts, self.intermediate_size = num_experts, intermediate_size
+        self.first_expert = first_expert
+        self.partial = router_experts not in (None, num_experts)
         self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * intermediate_size, hidden_size, dtype=dtype))
         self.down_proj = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size, dtype=dtype))
         self.act = get_activation(act)
@@ -118,8 +123,11 @@ class FusedExperts(nn.Module):
     def run(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         top_k = ids.shape[1]
         flat = ids.reshape(-1)
+        if self.partial:
+            flat = flat - self.first_expert
+            flat = torch.where((flat >= 0) & (flat < self.num_experts), flat, self.num_experts)  # others: last bin
         order = torch.argsort(flat, stable=True)  # (token, slot) pairs grouped by expert
-        counts = torch.bincount(flat, minlength=self.num_experts).tolist()
+        counts = torch.bincount(flat, minlength=self.num_experts).tolist()[: self.num_experts]
         pair_weights = weights.reshape(-1)
         out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
         start = 0
@@ -139,10 +147,13 @@ class SparseMoeBlock(nn.Module):
     sigmoid(x g) (Qwen2-MoE). `shared_expert` is any MLP module (the model's own)."""
 
     def __init__(self, hidden_size: int, num_experts: int, top_k: int, intermediate_size: int, act: str,
-                 renormalize: bool, shared_expert: nn.Module | None = None):
+                 renormalize: bool, shared_expert: nn.Module | None = None,
+                 expert_range: tuple[int, int] | None = None):
         super().__init__()
         self.gate = TopKRouter(hidden_size, num_experts, top_k, renormalize)
-        self.experts = FusedExperts(num_experts, hidden_size, intermediate_size, act)
+        first, end = expert_range or (0, num_experts)
+        self.experts = FusedExperts(end - first, hidden_size, intermediate_size, act, first_expert=first,
+                                    router_experts=num_experts)
         self.shared_expert = shared_expert
         self.shared_expert_gate = FloatLinear(hidden_size, 1) if shared_expert is not None else None
 

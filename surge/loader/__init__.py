@@ -58,11 +58,11 @@ def build_meta_model(config: ModelConfig) -> torch.nn.Module:
         return cls(config)
 
 
-def check_tensor_parallel(config: ModelConfig, size: int) -> None:
+def check_tensor_parallel(config: ModelConfig, size: int, expert_parallel: bool = False) -> None:
     """InvalidArgumentError, in one line, where the model cannot be split `size` ways."""
     from surge.distributed.tensor_parallel import check_tensor_parallel as check
 
-    check(config, size, get_model_class(config.architecture).tp_plan, config.architecture)
+    check(config, size, get_model_class(config.architecture).tp_plan, config.architecture, expert_parallel)
 
 
 def estimate_model_bytes(config: ModelConfig, dtype: torch.dtype, quantization: str) -> int:

@@ -24,6 +24,8 @@ from surge.layers.quantization.formats import QUANTIZED_TYPES, QuantizedWeight, 
 from surge.models.interfaces import CausalLM
 
 Pending = dict[str, dict[int, QuantizedWeight]]
+# share(parameter, shard, tensor) -> this process's part; share.expert(parameter, expert, shard, tensor)
+# -> (its index here, its part) or None (surge.distributed.tensor_parallel.TensorParallelShards)
 Share = Callable[[str, int, "torch.Tensor | QuantizedWeight"], "torch.Tensor | QuantizedWeight"]
 
 
@@ -85,8 +87,14 @@ def load_weights(model: CausalLM, weights: Iterable[tuple[str, torch.Tensor | Qu
         # a checkpoint that stores the fused tensor itself (Phi-3's qkv_proj, gate_up_proj) fills every shard
         whole = stacked is None and len(sizes) > 1 and name == checkpoint_name
         if share is not None:
-            assert stacked is None and not whole, "a family whose tensors are not cut per rank (tp_plan)"
-            tensor = share(name, shard, tensor)
+            assert not whole, "a family whose tensors are not cut per rank (tp_plan)"
+            if stacked is None:
+                tensor = share(name, shard, tensor)
+            else:
+                mine = share.expert(name, expert, shard, tensor)  # type: ignore[attr-defined]
+                if mine is None:
+                    continue  # another rank's expert
+                expert, tensor = mine
         if expert is not None and not 0 <= expert < param.shape[0]:
             raise ModelFormatError(f"{source}: tensor {checkpoint_name!r} is expert {expert}, the model has "
                                    f"{param.shape[0]}")

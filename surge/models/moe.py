@@ -9,7 +9,7 @@ from torch import nn
 
 from surge.config import ModelConfig
 from surge.layers.moe import SparseMoeBlock
-from surge.models.llama import LlamaDecoderLayer, LlamaMLP
+from surge.models.llama import LlamaDecoderLayer, LlamaForCausalLM, LlamaMLP
 
 # llama.cpp's names of the MoE tensors of block N -> checkpoint names (the stacked experts
 # as one tensor each, [E, rows, K])
@@ -38,7 +38,7 @@ class MoeDecoderLayer(LlamaDecoderLayer):
         return SparseMoeBlock(
             config.hidden_size, config.num_experts, config.num_experts_per_tok, config.moe_intermediate_size,
             config.hidden_act, config.norm_topk_prob,
-            shared_expert=LlamaMLP(config, shared) if shared else None,
+            shared_expert=LlamaMLP(config, shared) if shared else None, expert_range=config.expert_range,
         )
 
 
@@ -47,7 +47,16 @@ class MoeShardSizes:
     gate/up, the shared expert's gate/up), the family's own shard sizes for the rest."""
 
     config: ModelConfig
-    tp_plan = None  # experts split between ranks: not built yet
+    # tensor parallelism: each expert split like the MLP ("experts"), or whole experts per rank
+    # (expert parallelism); the shared expert split like the MLP; the block's output is summed
+    # over the ranks once (SparseMoeBlock), so neither down projection sums on its own
+    tp_plan = (
+        (r"\.mlp\.experts\.gate_up_proj$", "experts_column"),
+        (r"\.mlp\.experts\.down_proj$", "experts_row"),
+        (r"\.mlp\.shared_expert\.gate_up_proj\.weight$", "column"),
+        (r"\.mlp\.shared_expert\.down_proj\.weight$", "row_in_block"),
+        *LlamaForCausalLM.tp_plan,
+    )
 
     def shard_sizes(self, name: str) -> list[int]:
         if name.endswith(".mlp.experts.gate_up_proj"):

@@ -32,7 +32,8 @@ class Worker:
         self.comm: Communicator | None = None
         self.device = config.device.device
         tp = config.parallel.tensor_parallel_size
-        self.layout = TensorParallelLayout(config.model, rank, tp) if tp > 1 else None
+        self.layout = (TensorParallelLayout(config.model, rank, tp, config.parallel.enable_expert_parallel)
+                       if tp > 1 else None)
         # the model this worker holds: its rank's share under tensor parallelism
         self.model_config = self.layout.local_config() if self.layout is not None else config.model
         self.model: torch.nn.Module | None = None

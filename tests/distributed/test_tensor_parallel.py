@@ -72,6 +72,29 @@ def test_tp2_equals_one_process(tiny_path):
         assert all(abs(w[t] - h[t]) <= 1e-4 * scale for t in w), (w, h)
 
 
+@pytest.fixture(scope="module", params=["mixtral", "qwen2_moe"])
+def moe_path(request, tmp_path_factory, tiny_tokenizer_dir):
+    return build_tiny_model(request.param, tmp_path_factory.mktemp("tp-moe") / request.param, tiny_tokenizer_dir)
+
+
+@pytest.mark.parametrize("expert_parallel", [False, True], ids=["experts-split", "expert-parallel"])
+def test_moe_tp2_and_ep2_equal_one_process(moe_path, expert_parallel):
+    """Each expert split in two (and Qwen2-MoE's shared expert), or half the experts whole on
+    each rank: the single-process tokens and logprobs, with prefix caching, chunked prefill and
+    preemption; expert parallelism holds half the experts' weights on each rank."""
+    per_block = _block_bytes(moe_path)
+    ref, _, ref_info = _run(moe_path, kv_cache_memory=20 * per_block)
+    got, stats, info = _run(moe_path, kv_cache_memory=10 * per_block, tensor_parallel_size=2,
+                            enable_expert_parallel=expert_parallel)
+    assert stats.num_preemptions > 0 and stats.prefix_cache_hits > 0
+    assert info.weight_bytes < 0.6 * ref_info.weight_bytes
+    assert [o.outputs[0].token_ids for o in got] == [o.outputs[0].token_ids for o in ref]
+    want, have = _logprob_values(ref), _logprob_values(got)
+    scale = max(abs(v) for row in want for v in row.values())
+    for w, h in zip(want, have):
+        assert w.keys() == h.keys() and all(abs(w[t] - h[t]) <= 1e-4 * scale for t in w), (w, h)
+
+
 @pytest.mark.slow
 def test_tp3_on_the_default_models_4bit_gguf():
     """9 heads / 3 KV heads over 3 ranks, the GGUF's Q4_1 blocks cut between blocks (o_proj: 576
@@ -170,6 +193,8 @@ def _children() -> list[int]:
     (dict(tensor_parallel_size=0), "tensor_parallel_size"),
     (dict(tensor_parallel_size=2, compile=True), "--compile with tensor_parallel_size"),
     (dict(tensor_parallel_size=2, pipeline_parallel_size=2), "pipeline_parallel_size"),
+    (dict(tensor_parallel_size=2, enable_expert_parallel=True), "the LlamaForCausalLM model has no experts"),
+    (dict(enable_expert_parallel=True), "it needs tensor_parallel_size above 1"),
 ])
 def test_sizes_that_cannot_work_are_refused_at_start(llama_path, settings, message):
     with pytest.raises(InvalidArgumentError, match=re.escape(message)):
