@@ -133,6 +133,9 @@ class ModelConfig:
     dense_mlp_layers: tuple[int, ...] = ()
     # the experts this process holds, first..end-1 (expert parallelism: each rank its share); None: all
     expert_range: tuple[int, int] | None = None
+    # the decoder layers this process holds, first..end-1 (a pipeline stage's); None: all. The
+    # stage holding layer 0 also holds the embedding, the final norm and the LM head.
+    layer_range: tuple[int, int] | None = None
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
     # dtype the weights are stored in, as a name ("float32", ...); "auto" resolution uses it.
@@ -188,6 +191,16 @@ class ModelConfig:
         if self.layer_types is not None:
             return self.layer_types[layer]
         return "sliding_attention" if self.sliding_window else "full_attention"
+
+    @property
+    def local_layers(self) -> range:
+        """The decoder layers this process holds."""
+        return range(*self.layer_range) if self.layer_range is not None else range(self.num_hidden_layers)
+
+    @property
+    def holds_ends(self) -> bool:
+        """This process holds the embedding, final norm and LM head (the first pipeline stage)."""
+        return self.layer_range is None or self.layer_range[0] == 0
 
     @property
     def q_size(self) -> int:
@@ -289,10 +302,10 @@ MAX_TENSOR_PARALLEL = 64
 @dataclass(frozen=True)
 class ParallelConfig:
     """How many workers run the model and where: the executor backend (the worker in this
-    process or a spawned one), tensor-parallel ranks (one model split over processes joined by
-    torch.distributed: executor/distributed.py) and data-parallel replicas (whole engines, each a
+    process or a spawned one), tensor-parallel ranks and pipeline stages (one model split over
+    processes joined by torch.distributed: executor/distributed.py) and data-parallel replicas (whole engines, each a
     process of its own, behind one front: engine/data_parallel.py), their number fixed or
-    autoscaled. Pipeline parallelism (a size above 1) is not built yet."""
+    autoscaled. Pipeline stages split the layers; a stage is a tensor-parallel group."""
 
     tensor_parallel_size: int = 1
     pipeline_parallel_size: int = 1
@@ -311,14 +324,15 @@ class ParallelConfig:
         if not 1 <= self.tensor_parallel_size <= MAX_TENSOR_PARALLEL:
             raise InvalidArgumentError(f"tensor_parallel_size must be between 1 and {MAX_TENSOR_PARALLEL}, "
                                        f"got {self.tensor_parallel_size}")
-        if self.pipeline_parallel_size != 1:
-            raise InvalidArgumentError("pipeline_parallel_size must be 1: pipeline parallelism is not built yet")
+        if not 1 <= self.pipeline_parallel_size <= MAX_TENSOR_PARALLEL:
+            raise InvalidArgumentError(f"pipeline_parallel_size must be between 1 and {MAX_TENSOR_PARALLEL}, "
+                                       f"got {self.pipeline_parallel_size}")
         if self.enable_expert_parallel and self.tensor_parallel_size == 1:
             raise InvalidArgumentError("enable_expert_parallel splits the experts between the tensor-parallel ranks: "
                                        "it needs tensor_parallel_size above 1")
-        if self.tensor_parallel_size > 1 and self.distributed_executor_backend == "ray":
-            raise InvalidArgumentError("tensor_parallel_size above 1 runs its ranks as local processes (the "
-                                       "uni or mp backend); ranks placed by Ray are not built yet")
+        if self.world_size > 1 and self.distributed_executor_backend == "ray":
+            raise InvalidArgumentError("tensor and pipeline parallel ranks run as local processes (the uni or mp "
+                                       "backend); ranks placed by Ray are not built yet")
         if not 1 <= self.data_parallel_size <= MAX_DATA_PARALLEL:
             raise InvalidArgumentError(f"data_parallel_size must be between 1 and {MAX_DATA_PARALLEL}, "
                                        f"got {self.data_parallel_size}")

@@ -37,28 +37,61 @@ class Rendezvous:
     host: str = RENDEZVOUS_HOST
 
 
+def connect(rendezvous: Rendezvous, rank: int) -> dist.TCPStore:
+    """The rendezvous's store (rank 0 hosts it); groups of some of the ranks meet under prefixes of it."""
+    return dist.TCPStore(rendezvous.host, rendezvous.port, rendezvous.world_size, rank == 0,
+                         timeout=datetime.timedelta(seconds=rendezvous.timeout_s), wait_for_workers=False)
+
+
+class ParallelGroups:
+    """A rank's groups in a grid of `pipeline` stages of `tensor` ranks each (rank = stage *
+    tensor + t): `tensor` the ranks of its stage (all-reduce, gather), `pipeline` the ranks of its
+    column, one a stage (send / recv between stages); None where the size is 1."""
+
+    def __init__(self, rendezvous: Rendezvous, rank: int, tensor: int, pipeline: int, device: str = "cpu"):
+        assert tensor * pipeline == rendezvous.world_size
+        self.store = connect(rendezvous, rank)
+        self.stage, self.tensor_rank = divmod(rank, tensor)
+        self.tensor = (Communicator(self.store, f"tp{self.stage}", self.tensor_rank, tensor, rendezvous, device)
+                       if tensor > 1 else None)
+        self.pipeline = (Communicator(self.store, f"pp{self.tensor_rank}", self.stage, pipeline, rendezvous, device)
+                         if pipeline > 1 else None)
+
+    def close(self) -> None:
+        for comm in (self.tensor, self.pipeline):
+            if comm is not None:
+                comm.close()
+        self.store = None  # type: ignore[assignment]
+
+
 class Communicator:
     """rank / world_size, and all_reduce, gather, all_gather, send, recv, barrier on tensors.
 
     Results equal their definitions: all_reduce leaves the elementwise sum on every rank,
     gather the ranks' tensors in rank order on `dst`, recv what the peer sent."""
 
-    def __init__(self, rendezvous: Rendezvous, rank: int, device: str = "cpu"):
-        self.rank, self.world_size = rank, rendezvous.world_size
+    def __init__(self, store: dist.Store, name: str, rank: int, size: int, rendezvous: Rendezvous,
+                 device: str = "cpu"):
+        """Rank `rank` of the `size` members of group `name`, met through `store`."""
+        self.rank, self.world_size = rank, size
         self.device = device
+        self._store = dist.PrefixStore(f"{name}/", store)
         timeout = datetime.timedelta(seconds=rendezvous.timeout_s)
-        self._store = dist.TCPStore(rendezvous.host, rendezvous.port, rendezvous.world_size, rank == 0,
-                                    timeout=timeout, wait_for_workers=False)
         if device.startswith("cuda"):
             self._reduce_dtypes = None  # NCCL reduces every float dtype itself
-            self.group = dist.ProcessGroupNCCL(self._store, rank, rendezvous.world_size)
+            self.group = dist.ProcessGroupNCCL(self._store, rank, size)
         else:
             self._reduce_dtypes = (torch.float32, torch.float64, torch.int32, torch.int64, torch.uint8, torch.int8)
             options = dist.ProcessGroupGloo._Options()
             options._timeout = timeout
             options._devices = [dist.ProcessGroupGloo.create_device(hostname=rendezvous.host)]
-            self.group = dist.ProcessGroupGloo(self._store, rank, rendezvous.world_size, options)
+            self.group = dist.ProcessGroupGloo(self._store, rank, size, options)
         self.closed = False
+
+    @classmethod
+    def world(cls, rendezvous: Rendezvous, rank: int, device: str = "cpu") -> "Communicator":
+        """Rank `rank` of one group of every rank of the rendezvous."""
+        return cls(connect(rendezvous, rank), "world", rank, rendezvous.world_size, rendezvous, device)
 
     def _wire(self, tensor: torch.Tensor) -> torch.Tensor:
         """The tensor as the backend can reduce it: contiguous, float32 for gloo's missing dtypes."""

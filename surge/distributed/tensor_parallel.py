@@ -292,8 +292,12 @@ def parallelize(model: nn.Module, layout: TensorParallelLayout, comm: Communicat
     for path, module in list(model.named_modules()):
         if shards.style(f"{path}.weight") == "row" or isinstance(module, SparseMoeBlock):
             _replace(model, path, RowParallel(module, comm))  # (an MoE block's output: its ranks' parts summed)
-    start, _ = layout.vocab_range()
+    from surge.models.interfaces import MissingLayer
+
     embedding = model.get_submodule(model.embedding)
+    if isinstance(embedding, MissingLayer):  # a later pipeline stage: no embedding, no LM head
+        return
+    start, _ = layout.vocab_range()
     _replace(model, model.embedding, VocabParallelEmbedding(embedding, start, layout.config.vocab_size, comm))
     _replace(model, model.output_head, GatheredLogits(model.get_submodule(model.output_head), layout, comm))
 

@@ -146,6 +146,10 @@ class EngineArgs:
         1, "split the model over N processes (ranks joined by torch.distributed: gloo on CPU, NCCL on CUDA): "
         "each holds 1/N of the attention heads, MLP and vocabulary and its heads' KV cache; rank 0 runs in "
         "this process and samples", COUNT, flags=("--tensor-parallel-size", "-tp"), metavar="N")
+    pipeline_parallel_size: int = setting(
+        1, "split the model's layers into N contiguous stages, each in processes of its own (times "
+        "--tensor-parallel-size ranks), the hidden states passed stage to stage; the first stage also holds "
+        "the embedding and the LM head and samples", COUNT, flags=("--pipeline-parallel-size", "-pp"), metavar="N")
     enable_expert_parallel: bool = setting(
         False, "with -tp N on a mixture-of-experts model: each rank holds 1/N of the experts whole and runs "
         "them on the step's tokens (default: every expert split N ways, like the MLP)", BOOL)
@@ -266,6 +270,7 @@ class EngineArgs:
                 self.max_num_seqs, self.max_num_batched_tokens, max_model_len, self.enable_chunked_prefill,
                 self.long_prefill_token_threshold, self.scheduling_policy, model.attention_parity_tokens),
             parallel=ParallelConfig(tensor_parallel_size=self.tensor_parallel_size,
+                                    pipeline_parallel_size=self.pipeline_parallel_size,
                                     enable_expert_parallel=self.enable_expert_parallel,
                                     data_parallel_size=self.data_parallel_size,
                                     distributed_executor_backend=self.distributed_executor_backend,
@@ -281,17 +286,20 @@ class EngineArgs:
 
     def _check_tensor_parallel(self, model: Any, device: str) -> None:
         """Sizes that cannot work, refused before any process starts: the model's heads, KV heads,
-        MLP width or vocabulary not split by the size, more ranks than the devices or than two a
-        CPU core, and what the ranks do not run yet (compilation, a draft model)."""
-        size = self.tensor_parallel_size
-        if size == 1:
+        MLP width, experts or vocabulary not split by the tensor-parallel size, more stages than
+        layers, more ranks than the devices or than two a CPU core, and what the ranks do not
+        run yet (compilation, a draft model)."""
+        size, stages = self.tensor_parallel_size, self.pipeline_parallel_size
+        world = size * stages
+        if world == 1:
             return
         import os
 
-        from surge.loader import check_tensor_parallel
+        from surge.loader import check_pipeline_parallel, check_tensor_parallel
 
         check_tensor_parallel(model, size, self.enable_expert_parallel)
-        if self.quantization == "int4":  # groups are cut from each rank's columns of o_proj and down_proj
+        check_pipeline_parallel(model, stages)
+        if size > 1 and self.quantization == "int4":  # groups are cut from each rank's columns of o_proj and down_proj
             for what, cols in (("o_proj", model.num_attention_heads * model.head_dim),
                                ("down_proj", model.intermediate_size)):
                 if (cols // size) % self.group_size:
@@ -299,20 +307,22 @@ class EngineArgs:
                         f"tensor_parallel_size {size}: {what}'s {cols} input columns give {cols // size} a rank, "
                         f"which int4 groups of {self.group_size} would cut; choose a group size dividing "
                         f"{cols // size}")
+        ranks = (f"tensor_parallel_size {size} x pipeline_parallel_size {stages} = {world} ranks" if stages > 1
+                 else f"tensor_parallel_size {size}")
         if device.startswith("cuda"):
             import torch
 
-            if size > torch.cuda.device_count():
-                raise InvalidArgumentError(f"tensor_parallel_size {size} is above the {torch.cuda.device_count()} "
-                                           "CUDA devices of this machine")
-        elif size > 2 * (os.cpu_count() or 1):
-            raise InvalidArgumentError(f"tensor_parallel_size {size} is above twice this machine's "
-                                       f"{os.cpu_count()} CPU cores; ranks would only wait on each other")
+            if world > torch.cuda.device_count():
+                raise InvalidArgumentError(f"{ranks} is above the {torch.cuda.device_count()} CUDA devices of this "
+                                           "machine")
+        elif world > 2 * (os.cpu_count() or 1):
+            raise InvalidArgumentError(f"{ranks} is above twice this machine's {os.cpu_count()} CPU cores; ranks "
+                                       "would only wait on each other")
         if self.compile:
-            raise InvalidArgumentError("--compile with tensor_parallel_size above 1 is not supported yet")
+            raise InvalidArgumentError("--compile with tensor or pipeline parallelism is not supported yet")
         spec = self.speculative_config
         if spec is not None and spec.method == "draft":
-            raise InvalidArgumentError("a draft model with tensor_parallel_size above 1 is not supported yet "
+            raise InvalidArgumentError("a draft model with tensor or pipeline parallelism is not supported yet "
                                        "(the ngram method is)")
 
     def _autoscaling(self) -> AutoscalingConfig | None:

@@ -115,7 +115,7 @@ class DistributedExecutor(Executor):
                 monitor.start()
                 self._monitors.append(monitor)
             self.pids = [link.pid for link in self._ranks.links]
-            logger.info("tensor parallel: rank 0 in this process, ranks 1..%d in processes %s, %d threads each",
+            logger.info("model parallel: rank 0 in this process, ranks 1..%d in processes %s, %d threads each",
                         world - 1, ", ".join(map(str, self.pids)), config.device.threads)
             self.driver = Worker(config, 0, self.rendezvous)
             self._on_all("init_device", (), remote=("init", lambda rank: (config, rank, self.rendezvous)))
@@ -183,13 +183,13 @@ class DistributedExecutor(Executor):
                                "the ranks are out of step")
 
     def initialize_cache(self, num_blocks: int, eos_token_ids: frozenset[int]) -> ModelInfo:
-        info = super().initialize_cache(num_blocks, eos_token_ids)
-        layout = self.driver.layout
-        assert layout is not None
-        logger.info("%s; each rank: %.1f MiB of weights, a KV cache of %d tokens (%d blocks, %.1f MiB) for its "
-                    "heads", layout.describe(), info.weight_bytes / 2**20, num_blocks * self.config.cache.block_size,
-                    num_blocks, info.kv_cache_bytes / 2**20)
-        return info
+        infos = self.collective_rpc("initialize_cache", num_blocks, eos_token_ids)
+        parts = [layout.describe() for layout in (self.driver.layout, self.driver.stages) if layout is not None]
+        logger.info("%s; per rank: weights %s MiB, a KV cache of %d tokens (%d blocks) for its heads and layers, "
+                    "%s MiB", "; ".join(parts), "/".join(f"{i.weight_bytes / 2**20:.1f}" for i in infos),
+                    num_blocks * self.config.cache.block_size, num_blocks,
+                    "/".join(f"{i.kv_cache_bytes / 2**20:.1f}" for i in infos))
+        return infos[0]
 
     def check_health(self) -> None:
         ranks = self._ranks

@@ -65,6 +65,13 @@ def check_tensor_parallel(config: ModelConfig, size: int, expert_parallel: bool 
     check(config, size, get_model_class(config.architecture).tp_plan, config.architecture, expert_parallel)
 
 
+def check_pipeline_parallel(config: ModelConfig, stages: int) -> None:
+    """InvalidArgumentError, in one line, where the model cannot run in `stages` pipeline stages."""
+    from surge.distributed.pipeline_parallel import check_pipeline_parallel as check
+
+    check(config, stages, get_model_class(config.architecture).tp_plan, config.architecture)
+
+
 def estimate_model_bytes(config: ModelConfig, dtype: torch.dtype, quantization: str) -> int:
     """Upper bound of the weights' bytes once loaded, before any is read."""
     from surge.loader.memory import estimate_weight_bytes
@@ -175,6 +182,7 @@ def describe_quantization(net: torch.nn.Module) -> str:
     return ", ".join(f"{k} ({n} linears)" for k, n in sorted(kinds.items())) or "none"
 
 
-__all__ = ["LoadedModel", "ModelSource", "QUANTIZATIONS", "build_meta_model", "check_tensor_parallel",
+__all__ = ["LoadedModel", "ModelSource", "QUANTIZATIONS", "build_meta_model", "check_pipeline_parallel",
+           "check_tensor_parallel",
            "estimate_model_bytes", "load_model",
            "load_tokenizer", "load_weights", "read_model_config", "resolve_model"]

@@ -185,6 +185,19 @@ def gated_expert_weights(module: str, gate: str, up: str, down: str) -> tuple[Ex
     )
 
 
+class MissingLayer(nn.Module):
+    """Where a module of another pipeline stage sits: it keeps the layer's index (and so the
+    names of the layers after it) and holds nothing."""
+
+    def forward(self, *args, **kwargs):  # noqa: ANN002, ANN003, ANN201
+        raise RuntimeError("this module is held by another pipeline stage")
+
+
+def stage_module(held: bool, build: Callable[[], nn.Module]) -> nn.Module:
+    """build() where this process holds the module, else a MissingLayer."""
+    return build() if held else MissingLayer()
+
+
 class CausalLM(nn.Module):
     """Base of surge's decoder-only models; subclasses fill in the contract above."""
 
@@ -215,8 +228,9 @@ class CausalLM(nn.Module):
 
     def tie_weights(self) -> None:
         """Share the output head's weight with the embedding's when the config ties them."""
-        if self.config.tie_word_embeddings:
-            self.get_submodule(self.output_head).weight = self.get_submodule(self.embedding).weight
+        head, embedding = self.get_submodule(self.output_head), self.get_submodule(self.embedding)
+        if self.config.tie_word_embeddings and not isinstance(head, MissingLayer):
+            head.weight = embedding.weight
 
     def prepare_compile(self, max_positions: int) -> None:
         """Build what a compiled forward must find ready (tables for every position)."""
@@ -228,5 +242,7 @@ class CausalLM(nn.Module):
     @property
     def dtype(self) -> torch.dtype:
         embedding = self.get_submodule(self.embedding)
+        if isinstance(embedding, MissingLayer):  # a later pipeline stage: its norms' dtype
+            return next(p.dtype for p in self.parameters() if p.is_floating_point())
         weight = getattr(embedding, "weight", None)  # a table looked up from quantized rows has none
         return weight.dtype if weight is not None else embedding.dtype

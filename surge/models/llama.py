@@ -18,7 +18,15 @@ from surge.layers.activation import get_activation
 from surge.layers.attention_layer import Attention
 from surge.layers.norm import RMSNorm
 from surge.layers.rotary import RotaryEmbedding
-from surge.models.interfaces import AttentionSpec, CausalLM, DecoderPlan, GgufNames, LayerPlan, attention_specs
+from surge.models.interfaces import (
+    AttentionSpec,
+    CausalLM,
+    DecoderPlan,
+    GgufNames,
+    LayerPlan,
+    attention_specs,
+    stage_module,
+)
 
 
 class LlamaAttention(nn.Module):
@@ -121,20 +129,29 @@ class LlamaModel(nn.Module):
         self.rotaries = [RotaryEmbedding(rope, dim, config.max_position_embeddings) for rope, dim in ropes]
         self.rotary = self.rotaries[0]
         self.layer_rope = [ropes.index((s.rope, s.head_dim)) for s in specs]
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(self.decoder_layer(config, spec, i, o_bias) for i, spec in enumerate(specs))
-        self.norm = self.norm_class(config.hidden_size, config.rms_norm_eps)
+        # a pipeline stage holds its layers (and, the first, the embedding and final norm)
+        ends, mine = config.holds_ends, config.local_layers
+        self.embed_tokens = stage_module(ends, lambda: nn.Embedding(config.vocab_size, config.hidden_size))
+        self.layers = nn.ModuleList(stage_module(i in mine, lambda: self.decoder_layer(config, spec, i, o_bias))
+                                    for i, spec in enumerate(specs))
+        self.norm = stage_module(ends, lambda: self.norm_class(config.hidden_size, config.rms_norm_eps))
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.embed_tokens(input_ids)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        x = self.embed(input_ids)
-        residual = None
-        tables = [rotary.cos_sin(positions, x.dtype) for rotary in self.rotaries]
-        for layer, rope in zip(self.layers, self.layer_rope):
-            x, residual = layer(x, residual, self.rotaries[rope], tables[rope])
+        x, residual = self.run_layers(self.embed(input_ids), None, positions, range(len(self.layers)))
         return self.norm(x, residual)[0]
+
+    def run_layers(self, x: torch.Tensor, residual: torch.Tensor | None, positions: torch.Tensor,
+                   layers: range) -> tuple[torch.Tensor, torch.Tensor]:
+        """(output, residual) of decoder layers `layers` (a pipeline stage's) from theirs before."""
+        tables = [rotary.cos_sin(positions, x.dtype) for rotary in self.rotaries]
+        for i in layers:
+            rope = self.layer_rope[i]
+            x, residual = self.layers[i](x, residual, self.rotaries[rope], tables[rope])
+        assert residual is not None
+        return x, residual
 
     def plan(self) -> DecoderPlan | None:
         layers = [layer.plan(rope) for layer, rope in zip(self.layers, self.layer_rope)]
@@ -189,7 +206,8 @@ class LlamaForCausalLM(CausalLM):
     def __init__(self, config: ModelConfig):
         super().__init__(config)
         self.model = self.model_class(config, o_bias=config.attention_bias and self.o_proj_bias)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = stage_module(config.holds_ends,
+                                    lambda: nn.Linear(config.hidden_size, config.vocab_size, bias=False))
         self.tie_weights()
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:

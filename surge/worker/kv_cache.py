@@ -39,7 +39,7 @@ def row_size(model: ModelConfig, dtype: torch.dtype) -> int:
 
 def bytes_per_block(model: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
     element = torch.tensor([], dtype=dtype).element_size()
-    return 2 * model.num_hidden_layers * block_size * model.num_key_value_heads * row_size(model, dtype) * element
+    return 2 * len(model.local_layers) * block_size * model.num_key_value_heads * row_size(model, dtype) * element
 
 
 def kv_cache_budget(cache: CacheConfig, device: str) -> int:
@@ -70,4 +70,7 @@ def allocate_kv_caches(
     model: ModelConfig, num_blocks: int, block_size: int, dtype: torch.dtype, device: str
 ) -> list[torch.Tensor]:
     shape = (2, num_blocks, block_size, model.num_key_value_heads, row_size(model, dtype))
-    return [torch.zeros(shape, dtype=dtype, device=device) for _ in range(model.num_hidden_layers)]
+    mine = model.local_layers  # a pipeline stage's; the others' places hold empty tensors
+    empty = (2, 0, block_size, model.num_key_value_heads, row_size(model, dtype))
+    return [torch.zeros(shape if i in mine else empty, dtype=dtype, device=device)
+            for i in range(model.num_hidden_layers)]

@@ -39,8 +39,11 @@ class ModelRunner:
         decoder: NativeDecoder | None = None,
         drafter: DraftProposer | None = None,
         driver: bool = True,
+        holds_head: bool = True,
     ):
         self.model = model
+        # a later pipeline stage runs its layers and hands on: no LM head, nothing to sample
+        self.holds_head = holds_head
         # the rank that samples; under tensor parallelism the others run the same forward and
         # LM-head calls (their collectives) and return nothing
         self.driver = driver
@@ -178,6 +181,10 @@ class ModelRunner:
         input_ids, positions, meta, sample_rows = self.prepare(output)
         t1 = time.perf_counter()
         hidden = self.forward(input_ids, positions, meta)
+        if not self.holds_head:
+            clock.prepare += t1 - t0
+            clock.forward += time.perf_counter() - t1
+            return result
         sampled = [r for r in output.requests if r.sample]
         if any(self.requests[r.request_id].params.pooling for r in output.requests):
             if self.driver:

@@ -16,7 +16,8 @@ import torch
 from surge.config import EngineConfig
 from surge.core.runner_output import ModelRunnerOutput
 from surge.core.scheduler_output import SchedulerOutput
-from surge.distributed.comm import Communicator, Rendezvous
+from surge.distributed.comm import Communicator, ParallelGroups, Rendezvous
+from surge.distributed.pipeline_parallel import PipelineLayout
 from surge.distributed.tensor_parallel import TensorParallelLayout
 from surge.errors import InvalidArgumentError
 from surge.worker.reports import MemoryEstimate, ModelInfo, StepTimings
@@ -28,14 +29,21 @@ class Worker:
     def __init__(self, config: EngineConfig, rank: int = 0, rendezvous: Rendezvous | None = None):
         self.config = config
         self.rank = rank
-        self.rendezvous = rendezvous  # where the ranks of a tensor-parallel group meet (world size > 1)
-        self.comm: Communicator | None = None
+        self.rendezvous = rendezvous  # where the ranks of a tensor / pipeline parallel grid meet (world size > 1)
+        self.groups: ParallelGroups | None = None
+        self.comm: Communicator | None = None  # the tensor-parallel group's
         self.device = config.device.device
-        tp = config.parallel.tensor_parallel_size
-        self.layout = (TensorParallelLayout(config.model, rank, tp, config.parallel.enable_expert_parallel)
+        parallel = config.parallel
+        tp, pp = parallel.tensor_parallel_size, parallel.pipeline_parallel_size
+        stage, tensor_rank = divmod(rank, tp)
+        self.layout = (TensorParallelLayout(config.model, tensor_rank, tp, parallel.enable_expert_parallel)
                        if tp > 1 else None)
-        # the model this worker holds: its rank's share under tensor parallelism
-        self.model_config = self.layout.local_config() if self.layout is not None else config.model
+        self.stages = PipelineLayout(config.model.num_hidden_layers, stage, pp) if pp > 1 else None
+        # the model this worker holds: its rank's share of each layer, its stage's layers
+        model_config = self.layout.local_config() if self.layout is not None else config.model
+        if self.stages is not None:
+            model_config = dataclasses.replace(model_config, layer_range=self.stages.layer_range())
+        self.model_config = model_config
         self.model: torch.nn.Module | None = None
         self.runner = None  # a ModelRunner once the cache is allocated
         self.compiled = None  # the CompiledModel with --compile
@@ -54,7 +62,10 @@ class Worker:
             if self.device.startswith("cuda"):  # a device per rank
                 self.device = f"cuda:{self.rank}"
                 torch.cuda.set_device(self.rank)
-            self.comm = Communicator(self.rendezvous, self.rank, self.device)
+            parallel = self.config.parallel
+            self.groups = ParallelGroups(self.rendezvous, self.rank, parallel.tensor_parallel_size,
+                                         parallel.pipeline_parallel_size, self.device)
+            self.comm = self.groups.tensor
 
     @property
     def dtype(self) -> torch.dtype:
@@ -85,7 +96,7 @@ class Worker:
             from surge.distributed.tensor_parallel import TensorParallelShards
             from surge.models.registry import get_model_class
 
-            assert self.comm is not None, "init_device() first"
+            assert self.groups is not None, "init_device() first"
             share = TensorParallelShards(self.layout, get_model_class(self.config.model.architecture).tp_plan)
         self.model = load_weights(source, self.config.model, self.dtype, self.device, quant.method, quant.group_size,
                                   share=share, model_config=self.model_config)
@@ -93,6 +104,11 @@ class Worker:
             from surge.distributed.tensor_parallel import parallelize
 
             parallelize(self.model, self.layout, self.comm)
+        if self.stages is not None:
+            from surge.distributed.pipeline_parallel import pipeline
+
+            assert self.groups is not None and self.groups.pipeline is not None
+            pipeline(self.model, self.stages, self.groups.pipeline)
         self.info = ModelInfo(load.name, load.path, self.config.model.architecture, load.dtype,
                               describe_quantization(self.model))
         logger.info("loaded %s (%s, %s) in %.1fs", load.name, self.config.model.architecture, load.dtype,
@@ -140,7 +156,7 @@ class Worker:
         decoder = self._native_decoder(self.model, self.kv_caches)
         drafter = self._drafter(num_blocks, kv_dtype) if self.draft_model is not None else None
         self.runner = ModelRunner(model, self.kv_caches, cache.block_size, self.device, eos_token_ids, decoder,
-                                  drafter, driver=self.rank == 0)
+                                  drafter, driver=self.rank == 0, holds_head=self.model_config.holds_ends)
         weights, caches = module_bytes(self.model), tensor_bytes(self.kv_caches)
         if self.draft_model is not None:
             weights += module_bytes(self.draft_model)
@@ -150,8 +166,8 @@ class Worker:
 
     def _native_decoder(self, model: torch.nn.Module, kv_caches: list[torch.Tensor]):  # noqa: ANN202
         """A model's decode-only step in one native call over its caches, unless turned off."""
-        if not self.config.compilation.native_decode or self.comm is not None:
-            return None  # (its one call runs every layer: no place for a tensor-parallel all-reduce)
+        if not self.config.compilation.native_decode or self.config.parallel.world_size > 1:
+            return None  # (its one call runs every layer: no place for an all-reduce or a stage's hand-over)
         from surge.layers.native_decoder import build_native_decoder
 
         return build_native_decoder(model, kv_caches)
@@ -197,8 +213,8 @@ class Worker:
         """Raises if the worker cannot serve (an in-process worker always can)."""
 
     def shutdown(self) -> None:
-        if self.comm is not None:
-            self.comm.close()
+        if self.groups is not None:
+            self.groups.close()
         self.runner = None
         self.kv_caches = []
         self.model = None

@@ -20,7 +20,7 @@ def _tensor(rank: int, dtype: torch.dtype, shape: tuple[int, ...] = (5, 7)) -> t
 def _check(rank: int, rendezvous: Rendezvous, results: "mp.Queue") -> None:
     try:
         torch.set_num_threads(1)
-        comm = Communicator(rendezvous, rank)
+        comm = Communicator.world(rendezvous, rank)
         world = rendezvous.world_size
         for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.int64):
             mine = _tensor(rank, dtype)
@@ -75,7 +75,7 @@ def test_collectives_equal_their_definitions(world: int) -> None:
 
 
 def test_world_of_one_is_the_identity() -> None:
-    comm = Communicator(Rendezvous(free_port(), 1), 0)
+    comm = Communicator.world(Rendezvous(free_port(), 1), 0)
     x = torch.arange(6.0)
     assert comm.all_reduce(x) is x and comm.gather(x)[0] is x and comm.all_gather(x)[0] is x
     comm.close()

@@ -96,23 +96,25 @@ def test_moe_tp2_and_ep2_equal_one_process(moe_path, expert_parallel):
 
 
 @pytest.mark.slow
-def test_tp3_on_the_default_models_4bit_gguf():
+def test_tp3_and_pp2_on_the_default_models_4bit_gguf():
     """9 heads / 3 KV heads over 3 ranks, the GGUF's Q4_1 blocks cut between blocks (o_proj: 576
-    columns, 192 a rank): the single-process engine's greedy tokens, logprobs within 1e-4 of their
-    scale; each rank holds about a third of the weights."""
+    columns, 192 a rank); and 30 layers in two stages of 15: the single-process engine's greedy
+    tokens, logprobs within 1e-4 of their scale; a TP rank holds about a third of the weights, the
+    first stage under three quarters (its 15 layers, and the embedding and LM head)."""
     texts = ["The capital of France is", "def fibonacci(n):", "List three colors:"]
     params = SamplingParams(max_tokens=16, temperature=0, logprobs=3)
     with LLM(dtype="float32", kv_cache_memory=32 << 20) as llm:
         ref, ref_info = llm.generate(texts, params), llm.engine.model_info
-    with LLM(dtype="float32", kv_cache_memory=32 << 20, tensor_parallel_size=3) as llm:
-        got, info = llm.generate(texts, params), llm.engine.model_info
-    assert "int4" in info.quantization and info.quantization == ref_info.quantization
-    assert info.weight_bytes < 0.4 * ref_info.weight_bytes
-    assert [o.outputs[0].token_ids for o in got] == [o.outputs[0].token_ids for o in ref]
-    want, have = _logprob_values(ref), _logprob_values(got)
-    scale = max(abs(v) for row in want for v in row.values())
-    for w, h in zip(want, have):
-        assert all(abs(w[t] - h[t]) <= 1e-4 * scale for t in w.keys() & h.keys())
+    for settings, share in ((dict(tensor_parallel_size=3), 0.4), (dict(pipeline_parallel_size=2), 0.75)):
+        with LLM(dtype="float32", kv_cache_memory=32 << 20, **settings) as llm:
+            got, info = llm.generate(texts, params), llm.engine.model_info
+        assert "int4" in info.quantization, settings
+        assert info.weight_bytes < share * ref_info.weight_bytes, settings
+        assert [o.outputs[0].token_ids for o in got] == [o.outputs[0].token_ids for o in ref], settings
+        want, have = _logprob_values(ref), _logprob_values(got)
+        scale = max(abs(v) for row in want for v in row.values())
+        for w, h in zip(want, have):
+            assert all(abs(w[t] - h[t]) <= 1e-4 * scale for t in w.keys() & h.keys()), settings
 
 
 @pytest.fixture(scope="module")
@@ -123,10 +125,13 @@ def llama_path(tmp_path_factory, tiny_tokenizer_dir):
 TINY = dict(dtype="float32", kv_cache_memory=16 << 20, tensor_parallel_size=2)
 
 
-@pytest.mark.parametrize("sig, cause", [(signal.SIGKILL, "killed by signal 9"),
-                                        (signal.SIGSTOP, "stopped responding")])
-def test_a_rank_killed_or_hung_mid_stream_ends_the_stream_with_an_error(llama_path, sig, cause):
-    llm = LLM(str(llama_path), **TINY)
+@pytest.mark.parametrize("sig, cause, settings", [
+    (signal.SIGKILL, "killed by signal 9", {}),
+    (signal.SIGSTOP, "stopped responding", {}),
+    (signal.SIGKILL, "killed by signal 9", dict(tensor_parallel_size=1, pipeline_parallel_size=2)),
+], ids=["tp2-kill", "tp2-stop", "pp2-kill"])
+def test_a_rank_killed_or_hung_mid_stream_ends_the_stream_with_an_error(llama_path, sig, cause, settings):
+    llm = LLM(str(llama_path), **{**TINY, **settings})
     pid = llm.engine.core.executor.pids[0]
     tokens, error, took = stream_until_killed(llm, pid, sig)
     print(f"{signal.Signals(sig).name}: stream ended {took:.2f}s after the signal")
@@ -192,7 +197,7 @@ def _children() -> list[int]:
     (dict(tensor_parallel_size=64), "does not divide"),
     (dict(tensor_parallel_size=0), "tensor_parallel_size"),
     (dict(tensor_parallel_size=2, compile=True), "--compile with tensor_parallel_size"),
-    (dict(tensor_parallel_size=2, pipeline_parallel_size=2), "pipeline_parallel_size"),
+    (dict(pipeline_parallel_size=3), "pipeline_parallel_size 3 is above the model's 2 layers"),
     (dict(tensor_parallel_size=2, enable_expert_parallel=True), "the LlamaForCausalLM model has no experts"),
     (dict(enable_expert_parallel=True), "it needs tensor_parallel_size above 1"),
 ])
@@ -230,3 +235,24 @@ def test_a_split_that_cuts_a_quantized_block_is_refused_with_the_numbers(llama_p
                                                    r"has 64 input columns in blocks of 32 \(int8 groups, Q8_0\); "
                                                    r"4 shares of 16 would cut a block"):
         LLM(str(gguf_path), dtype="float32", tensor_parallel_size=4)
+
+
+@pytest.mark.parametrize("tp, pp", [(1, 2), (2, 2)], ids=["pp2", "tp2-pp2"])
+def test_pipeline_stages_equal_one_process(tiny_path, tp, pp):
+    """Two stages of one layer each (and, with TP=2, 4 processes: 2 stages of 2 ranks): the
+    single-process tokens and logprobs with prefix caching, chunked prefill and preemption; each
+    stage's cache holds its layer only."""
+    if tp > 1 and tiny_path.name != "kv2":
+        pytest.skip("one of the two checkpoints is enough for the 4-process grid")
+    per_block = _block_bytes(tiny_path)
+    ref, _, ref_info = _run(tiny_path, kv_cache_memory=20 * per_block)
+    stage_block = per_block // 2 // tp
+    got, stats, info = _run(tiny_path, kv_cache_memory=20 * stage_block, tensor_parallel_size=tp,
+                            pipeline_parallel_size=pp)
+    assert stats.num_preemptions > 0 and stats.prefix_cache_hits > 0
+    assert info.kv_cache_bytes == 20 * stage_block
+    assert [o.outputs[0].token_ids for o in got] == [o.outputs[0].token_ids for o in ref]
+    want, have = _logprob_values(ref), _logprob_values(got)
+    scale = max(abs(v) for row in want for v in row.values())
+    for w, h in zip(want, have):
+        assert w.keys() == h.keys() and all(abs(w[t] - h[t]) <= 1e-4 * scale for t in w), (w, h)
