@@ -4,12 +4,15 @@ definition exactly. Integer-valued tensors, so a float sum is exact in any order
 from __future__ import annotations
 
 import multiprocessing as mp
+import os
+import time
 import traceback
 
 import pytest
 import torch
 
 from surge.distributed.comm import Communicator, Rendezvous, free_port
+from surge.distributed.shm_allreduce import SHM_DIR
 
 
 def _tensor(rank: int, dtype: torch.dtype, shape: tuple[int, ...] = (5, 7)) -> torch.Tensor:
@@ -44,6 +47,9 @@ def _check(rank: int, rendezvous: Rendezvous, results: "mp.Queue") -> None:
                 got = comm.recv(mine, prev)
                 comm.send(mine, nxt)
             assert got.dtype == dtype and torch.equal(got, _tensor(prev, dtype)), f"send/recv {dtype}"
+        # past the shared-memory path's size: the backend's all-reduce, the same sums
+        big = _tensor(rank, torch.float32, (600, 512))
+        assert torch.equal(comm.all_reduce(big.clone()), sum(_tensor(r, torch.float32, (600, 512)) for r in range(world)))
         # a non-contiguous view reduces like its contiguous copy
         view = _tensor(rank, torch.float32, (7, 5)).t()
         assert torch.equal(comm.all_reduce(view), sum(_tensor(r, torch.float32, (7, 5)) for r in range(world)).t())
@@ -54,8 +60,10 @@ def _check(rank: int, rendezvous: Rendezvous, results: "mp.Queue") -> None:
         results.put((rank, traceback.format_exc()))
 
 
+@pytest.mark.parametrize("shm", ["1", "0"], ids=["shared-memory", "gloo-only"])
 @pytest.mark.parametrize("world", [2, 3])
-def test_collectives_equal_their_definitions(world: int) -> None:
+def test_collectives_equal_their_definitions(world: int, shm: str, monkeypatch) -> None:
+    monkeypatch.setenv("SURGE_SHM_ALLREDUCE", shm)
     ctx = mp.get_context("spawn")
     rendezvous = Rendezvous(free_port(), world, timeout_s=30)
     results = ctx.Queue()
@@ -72,6 +80,26 @@ def test_collectives_equal_their_definitions(world: int) -> None:
     failures = {rank: tb for rank, tb in reports.items() if tb}
     assert not failures, "\n".join(f"rank {r}:\n{tb}" for r, tb in failures.items())
     assert all(p.exitcode == 0 for p in procs)
+    assert not [f for f in os.listdir(SHM_DIR) if f.startswith("surge-allreduce-")], "a segment was left behind"
+
+
+def test_a_peer_that_dies_fails_the_shared_memory_all_reduce_at_once() -> None:
+    ctx = mp.get_context("spawn")
+    rendezvous = Rendezvous(free_port(), 2, timeout_s=30)
+    peer = ctx.Process(target=_join_and_exit, args=(rendezvous,))
+    peer.start()
+    comm = Communicator.world(rendezvous, 0)
+    peer.join(30)
+    start = time.monotonic()
+    with pytest.raises(RuntimeError, match="rank 1 left the group"):
+        comm.all_reduce(torch.ones(4))
+    assert time.monotonic() - start < 5
+    comm.close()
+
+
+def _join_and_exit(rendezvous: Rendezvous) -> None:
+    Communicator.world(rendezvous, 1)
+    os._exit(0)
 
 
 def test_world_of_one_is_the_identity() -> None:

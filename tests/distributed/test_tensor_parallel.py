@@ -196,7 +196,7 @@ def _children() -> list[int]:
     (dict(tensor_parallel_size=3), "tensor_parallel_size 3 does not divide the model's 4 attention heads"),
     (dict(tensor_parallel_size=64), "does not divide"),
     (dict(tensor_parallel_size=0), "tensor_parallel_size"),
-    (dict(tensor_parallel_size=2, compile=True), "--compile with tensor_parallel_size"),
+    (dict(tensor_parallel_size=2, compile=True), "--compile with tensor or pipeline parallelism"),
     (dict(pipeline_parallel_size=3), "pipeline_parallel_size 3 is above the model's 2 layers"),
     (dict(tensor_parallel_size=2, enable_expert_parallel=True), "the LlamaForCausalLM model has no experts"),
     (dict(enable_expert_parallel=True), "it needs tensor_parallel_size above 1"),
