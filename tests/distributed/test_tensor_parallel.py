@@ -256,3 +256,17 @@ def test_pipeline_stages_equal_one_process(tiny_path, tp, pp):
     scale = max(abs(v) for row in want for v in row.values())
     for w, h in zip(want, have):
         assert w.keys() == h.keys() and all(abs(w[t] - h[t]) <= 1e-4 * scale for t in w), (w, h)
+
+
+@pytest.mark.parametrize("kind", ["qwen3", "gemma3"])
+def test_other_families_split_equal_one_process(kind, tmp_path, tiny_tokenizer_dir):
+    """Per-head q/k norms (Qwen3); Gemma 3's sliding-window layers, (1 + w) norms around attention
+    and MLP and scaled embeddings: TP=2 and PP=2 give the single-process greedy tokens."""
+    path = build_tiny_model(kind, tmp_path / kind, tiny_tokenizer_dir)
+    batch = prompts(6, 5, 60, seed=4)
+    params = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True)
+    with LLM(str(path), dtype="float32", kv_cache_memory=4 << 20) as llm:
+        want = [o.outputs[0].token_ids for o in llm.generate(batch, params)]
+    for settings in (dict(tensor_parallel_size=2), dict(pipeline_parallel_size=2)):
+        with LLM(str(path), dtype="float32", kv_cache_memory=4 << 20, **settings) as llm:
+            assert [o.outputs[0].token_ids for o in llm.generate(batch, params)] == want, settings

@@ -30,6 +30,27 @@ def tiny_path(tmp_path_factory, tiny_tokenizer_dir):
 
 
 @pytest.fixture(scope="module")
+def moe_path(tmp_path_factory, tiny_tokenizer_dir):
+    return build_tiny_model("qwen2_moe", tmp_path_factory.mktemp("tp-serve-moe") / "m", tiny_tokenizer_dir)
+
+
+def test_expert_parallel_serves_what_one_process_serves(tmp_path, moe_path):
+    """A tiny Qwen2-MoE, 30 of its 60 experts whole on each of two ranks, through the OpenAI client."""
+    srv = launch(tmp_path, "-m", str(moe_path), "-tp", "2", "--enable-expert-parallel", "--dtype", "float32",
+                 "--kv-cache-memory", str(8 << 20), "--served-model-name", "moe")
+    try:
+        assert "30 of 60 experts (expert parallel)" in srv.log()
+        client = OpenAI(base_url=f"{srv.url}/v1", api_key="none", max_retries=0, timeout=120)
+        got = [client.completions.create(model="moe", prompt=p, max_tokens=12, temperature=0).choices[0].text
+               for p in PROMPTS]
+    finally:
+        srv.stop()
+    with LLM(str(moe_path), dtype="float32", kv_cache_memory=16 << 20) as llm:
+        greedy = SamplingParams(max_tokens=12, temperature=0)
+        assert got == [llm.generate(p, greedy)[0].outputs[0].text for p in PROMPTS]
+
+
+@pytest.fixture(scope="module")
 def want(tiny_path):
     with LLM(str(tiny_path), dtype="float32", kv_cache_memory=16 << 20) as llm:
         greedy = SamplingParams(max_tokens=16, temperature=0)
