@@ -141,11 +141,15 @@ class OutputProcessor:
             if entry is not None and entry[0].request_id in self._parents:
                 outputs.append(self.fail(entry[0], exc))
         touched: dict[str, _Parent] = {}
+        starts = {r.request_id: r.start_position for r in scheduled.requests}
         for request_id, scores in result.prompt_logprobs.items():
             parent, _ = self._child_parent[request_id]
             assert parent.prompt_logprobs is not None
+            # scores of positions start + 1 ..; a prompt recomputed after a preemption scores
+            # again positions it already has
+            known = len(parent.prompt_logprobs) - (starts.get(request_id, 0) + 1)
             try:
-                parent.prompt_logprobs.extend(self._position_logprobs(s) for s in scores)
+                parent.prompt_logprobs.extend(self._position_logprobs(s) for s in scores[max(0, known):])
             except BaseException as exc:  # this request fails alone
                 check_recoverable(exc)
                 outputs.append(self.fail(parent, exc))

@@ -115,6 +115,29 @@ def test_prompt_logprobs_in_slices_equal_one_slice(llm, monkeypatch):
             assert a[t].rank == b[t].rank and abs(a[t].logprob - b[t].logprob) < 1e-4
 
 
+def test_prompt_logprobs_once_per_position_when_the_prompt_is_recomputed(tmp_path, tiny_tokenizer_dir):
+    """A request preempted (its prompt recomputed) scores each prompt position once, as it would
+    without the preemption."""
+    import random
+
+    path = build_tiny_model("llama", tmp_path / "m", tiny_tokenizer_dir)
+    rng = random.Random(5)
+    batch = [[rng.randrange(3, 384) for _ in range(rng.randint(60, 120))] for _ in range(8)]
+    params = [SamplingParams(max_tokens=24, temperature=0, ignore_eos=True, prompt_logprobs=1 if i % 2 else None)
+              for i in range(len(batch))]
+    with LLM(str(path), dtype="float32", kv_cache_memory=16 << 20) as roomy:
+        want = [o.prompt_logprobs for o in roomy.generate(batch, params)]
+        per_block = roomy.engine.model_info.kv_cache_bytes // roomy.engine.scheduler.pool.num_blocks
+    with LLM(str(path), dtype="float32", kv_cache_memory=20 * per_block, max_num_batched_tokens=24) as tight:
+        got = [o.prompt_logprobs for o in tight.generate(batch, params)]
+        assert tight.engine.stats().num_preemptions > 0
+    for prompt, w, g in zip(batch, want, got):
+        if w is None:
+            continue
+        assert len(g) == len(w) == len(prompt)
+        assert [sorted(d) if d else d for d in g] == [sorted(d) if d else d for d in w]
+
+
 PROMPTS = [f"Request number {i}: tell me about {word}" for i, word in
            enumerate(["cats", "dogs", "rain", "code", "tea", "maps", "jazz", "salt"] * 2)]
 
