@@ -54,8 +54,11 @@ class SchedulerStats:
 
 class Scheduler:
     def __init__(self, config: SchedulerConfig, cache: CacheConfig, num_blocks: int,
-                 speculative: SpeculativeConfig | None = None):
+                 speculative: SpeculativeConfig | None = None, max_in_flight: int = 1):
         self.config = config
+        # steps the executor works on at once (a pipeline's stages): each step takes its share of
+        # the requests, so the next one has some to run while this one is in the pipe
+        self.max_in_flight = max_in_flight
         # proposes tokens for decoding requests; the runner verifies them (speculative decoding)
         self.speculator = Speculator(speculative) if speculative is not None else None
         self.long_prefill_token_threshold = config.long_prefill_token_threshold
@@ -74,6 +77,10 @@ class Scheduler:
         self._seq: dict[str, int] = {}
         self._sent: set[str] = set()  # requests the runner has seen
         self._finished_ids: list[str] = []
+        # requests in a step whose result has not come back (update): never scheduled again, never
+        # preempted until it has; the runner hears of one finished meanwhile once its step is back
+        self.in_flight: set[str] = set()
+        self._finished_in_flight: set[str] = set()
 
     @property
     def pool(self):
@@ -126,7 +133,10 @@ class Scheduler:
             self.speculator.forget(request.request_id)
         if request.request_id in self._sent:
             self._sent.discard(request.request_id)
-            self._finished_ids.append(request.request_id)
+            if request.request_id in self.in_flight:
+                self._finished_in_flight.add(request.request_id)
+            else:
+                self._finished_ids.append(request.request_id)
 
     def _preempt(self, request: Request) -> None:
         self.running.remove(request)
@@ -162,9 +172,15 @@ class Scheduler:
         cap = self.long_prefill_token_threshold if decoding else 0
         drafts = self._plan_drafts(decoding, cap, budget)  # request id -> proposed tokens to verify
 
+        share = self.max_num_seqs
+        if self.max_in_flight > 1:
+            share = max(1, -(-(len(self.running) + len(self.waiting)) // self.max_in_flight))
         i = 0
-        while i < len(self.running) and budget > 0:
+        while i < len(self.running) and budget > 0 and len(granted) < share:
             request = self.running[i]
+            if request.request_id in self.in_flight:  # its tokens are not back yet
+                i += 1
+                continue
             remaining = request.num_tokens - request.num_computed_tokens
             draft = drafts.get(request.request_id)
             if draft and remaining < budget:  # a decoding request: its proposals as far as the budget goes
@@ -178,6 +194,10 @@ class Scheduler:
                 continue
             while self.kv.allocate_slots(request, num_new) is None:
                 victim = max(self.running, key=self._key)
+                if victim.request_id in self.in_flight:  # it is in a step not back yet: wait for it
+                    drafts.pop(request.request_id, None)
+                    i += 1
+                    break
                 victim_index = self.running.index(victim)
                 self._preempt(victim)
                 preempted.append(victim)
@@ -193,7 +213,7 @@ class Scheduler:
                 i += 1
 
         if not preempted:
-            while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+            while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs and len(granted) < share:
                 request = self.waiting[0]
                 computed, num_cached = self.kv.get_computed_blocks(request)
                 num_new = self._chunk(request.num_tokens - num_cached, budget, cap and self._prefill_cap(num_cached))
@@ -236,6 +256,7 @@ class Scheduler:
                 )
             )
         out.preempted_request_ids = [r.request_id for r in preempted]
+        self.in_flight.update(r.request_id for r in out.requests)
         return out
 
     def _plan_drafts(self, decoding: list[Request], cap: int, budget: int) -> dict[str, list[int]]:
@@ -254,6 +275,11 @@ class Scheduler:
         accepted proposals and the one after them); its refused proposals are not computed: their
         KV is written over when those positions are computed again. `num_proposed`: requests
         that verified fewer proposals than scheduled (a draft model doubted the rest)."""
+        for scheduled in output.requests:  # back: schedulable again (or, finished meanwhile, forgotten)
+            self.in_flight.discard(scheduled.request_id)
+            if scheduled.request_id in self._finished_in_flight:
+                self._finished_in_flight.discard(scheduled.request_id)
+                self._finished_ids.append(scheduled.request_id)
         by_id = {r.request_id: r for r in self.running}
         more_tokens = more_tokens or {}
         num_proposed = num_proposed or {}

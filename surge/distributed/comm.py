@@ -15,6 +15,7 @@ from __future__ import annotations
 import datetime
 import os
 import socket
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -150,6 +151,12 @@ class Communicator:
 
     def send(self, tensor: torch.Tensor, dst: int, tag: int = 0) -> None:
         self.group.send([self._wire(tensor)], dst, tag).wait()
+
+    def isend(self, tensor: torch.Tensor, dst: int, tag: int = 0) -> Callable[[], None]:
+        """Start sending; the returned call waits until the tensor has gone (keep it until then)."""
+        wire = self._wire(tensor)
+        work = self.group.send([wire], dst, tag)
+        return lambda: (work.wait(), wire)[0]
 
     def recv(self, like: torch.Tensor, src: int, tag: int = 0) -> torch.Tensor:
         """A tensor of `like`'s shape and dtype, as `src` sent it."""

@@ -15,6 +15,7 @@ passes its copy of the (replicated) hidden states to the same rank of the next s
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -60,10 +61,12 @@ def check_pipeline_parallel(config: ModelConfig, stages: int, plan: object, arch
 
 
 class PipelineStage(nn.Module):
-    """A stage's decoder (a LlamaModel holding its layers): forward(ids, positions) runs them on
-    what the previous stage sent (the first: on the embedding) and sends the result on; on the
-    first stage it returns the last stage's output after the final norm, elsewhere its own
-    output (which nobody reads)."""
+    """A stage's decoder (a LlamaModel holding its layers). begin(ids, positions) runs its layers
+    on what the previous stage sent (the first stage: on the embedding) and starts sending the
+    result on; end(tokens), on the first stage, receives the last stage's output and applies the
+    final norm. forward() is both (a step at a time). Sends do not wait for the receiver: a stage
+    waits for its previous send only before the next one, so stages with several steps in flight
+    never wait on each other in a circle."""
 
     def __init__(self, inner: nn.Module, layout: PipelineLayout, comm: Communicator, hidden_size: int,
                  dtype: torch.dtype):
@@ -71,22 +74,37 @@ class PipelineStage(nn.Module):
         self.inner = inner
         self.layout, self.comm = layout, comm
         self.hidden_size, self.dtype = hidden_size, dtype
+        self._sending: Callable[[], None] | None = None
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    def _like(self, tokens: int, device: torch.device) -> torch.Tensor:
+        return torch.empty((2, tokens, self.hidden_size), dtype=self.dtype, device=device)
+
+    def begin(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         lay, inner = self.layout, self.inner
-        like = torch.empty((2, input_ids.shape[0], self.hidden_size), dtype=self.dtype, device=input_ids.device)
         if lay.stage == 0:
             x, residual = inner.embed(input_ids), None
         else:
-            x, residual = self.comm.recv(like, src=lay.stage - 1).unbind(0)
+            x, residual = self.comm.recv(self._like(input_ids.shape[0], input_ids.device), src=lay.stage - 1).unbind(0)
         x, residual = inner.run_layers(x, residual, positions, range(*lay.layer_range()))
-        self.comm.send(torch.stack([x, residual]), dst=(lay.stage + 1) % lay.stages)
-        if lay.stage != 0:
-            return x
-        x, residual = self.comm.recv(like, src=lay.stages - 1).unbind(0)
-        return inner.norm(x, residual)[0]
+        if self._sending is not None:
+            self._sending()
+        self._sending = self.comm.isend(torch.stack([x, residual]), dst=(lay.stage + 1) % lay.stages)
+        return x
+
+    def end(self, tokens: int) -> torch.Tensor:
+        assert self.layout.stage == 0
+        x, residual = self.comm.recv(self._like(tokens, self.inner.norm.weight.device),
+                                     src=self.layout.stages - 1).unbind(0)
+        return self.inner.norm(x, residual)[0]
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """The first stage: the final hidden states (the last stage's, normed); the others: their
+        own output, which nobody reads."""
+        x = self.begin(input_ids, positions)
+        return self.end(input_ids.shape[0]) if self.layout.stage == 0 else x
 
 
-def pipeline(model: nn.Module, layout: PipelineLayout, comm: Communicator) -> None:
+def pipeline(model: nn.Module, layout: PipelineLayout, comm: Communicator) -> PipelineStage:
     """Make a loaded stage's model run its stage: its decoder wrapped in a PipelineStage."""
     model.model = PipelineStage(model.model, layout, comm, model.config.hidden_size, model.dtype)
+    return model.model

@@ -54,7 +54,8 @@ class EngineCore:
         except BaseException:
             self.executor.shutdown()
             raise
-        self.scheduler = Scheduler(config.scheduler, config.cache, num_blocks, config.speculative)
+        self.scheduler = Scheduler(config.scheduler, config.cache, num_blocks, config.speculative,
+                                   self.executor.max_in_flight)
         self.timings = StepTimings()  # the engine's side of each step; the workers keep theirs
         self.num_compiles = 0
         self._failed_steps = 0  # consecutive steps whose every request failed

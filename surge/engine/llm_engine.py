@@ -13,11 +13,14 @@ from __future__ import annotations
 import itertools
 import logging
 import time
+from collections import deque
 from dataclasses import dataclass
+from typing import Any
 
 from surge.config import SELF_DRAFTS, DraftModelConfig, EngineConfig
 from surge.core.kv_cache_manager import PrefixCacheStats
 from surge.core.scheduler import SchedulerStats
+from surge.core.scheduler_output import SchedulerOutput
 from surge.core.speculation import acceptance_rate, mean_accepted_length
 from surge.engine.args import EngineArgs
 from surge.engine.engine_core import MAX_FAILED_STEPS, EngineBrokenError, EngineCore, ReserveHook
@@ -159,6 +162,8 @@ class LLMEngine:
             check_draft_tokenizer(self.tokenizer, config.draft)
         self.core = EngineCore(config, self.eos_ids, reserve)
         self.scheduler = self.core.scheduler
+        # steps submitted and not collected yet (a pipeline works on up to max_in_flight at once)
+        self._in_flight: deque[tuple[SchedulerOutput, Any, float]] = deque()
         self.model_info: ModelInfo = self.core.model_info
         self.structured = StructuredOutputManager(self.tokenizer, config.model.vocab_size, self.eos_ids)
         self.processor = OutputProcessor(self.tokenizer, self.scheduler, self.eos_ids, self.structured)
@@ -207,7 +212,7 @@ class LLMEngine:
         self.processor.abort_request(request_id)
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished()
+        return self.scheduler.has_unfinished() or bool(self._in_flight)
 
     def token_text(self, token_id: int) -> str:
         return self.processor.token_text(token_id)
@@ -216,6 +221,8 @@ class LLMEngine:
 
     def step(self) -> list[RequestOutput]:
         """Run one scheduled batch; return outputs of the requests that progressed."""
+        if self.core.executor.max_in_flight > 1:
+            return self._step_pipelined()
         t0 = time.perf_counter()
         scheduled = self.scheduler.schedule()
         if not scheduled.requests and not scheduled.finished_request_ids:
@@ -236,6 +243,35 @@ class LLMEngine:
                 speculator.observe(rows, t2 - t1 - result.draft_seconds)
             speculator.observe_draft(result.draft_passes, result.draft_pass_seconds)
         outputs = self.processor.process(scheduled, result, culprits)
+        clock.postprocess += time.perf_counter() - t2
+        clock.steps += 1
+        return outputs
+
+    def _step_pipelined(self) -> list[RequestOutput]:
+        """One call of the engine loop with steps in flight: submit a step while the pipeline has
+        room and the scheduler has work (it never schedules a request whose step is not back),
+        else collect the oldest step and return its outputs."""
+        clock = self.core.timings
+        if len(self._in_flight) < self.core.executor.max_in_flight:
+            t0 = time.perf_counter()
+            scheduled = self.scheduler.schedule()
+            if scheduled.requests or scheduled.finished_request_ids:
+                if self.structured.active:
+                    self.structured.fill(scheduled, deferred=self.core.executor.in_process)
+                t1 = time.perf_counter()
+                clock.schedule += t1 - t0
+                self._in_flight.append((scheduled, self.core.executor.submit(scheduled), t1))
+                clock.execute += time.perf_counter() - t1
+                if scheduled.requests and len(self._in_flight) < self.core.executor.max_in_flight:
+                    return []  # room for another step: the caller comes back at once
+        if not self._in_flight:
+            return []
+        scheduled, handle, _ = self._in_flight.popleft()
+        t1 = time.perf_counter()
+        result = self.core.executor.collect(handle)
+        t2 = time.perf_counter()
+        clock.execute += t2 - t1
+        outputs = self.processor.process(scheduled, result, [])
         clock.postprocess += time.perf_counter() - t2
         clock.steps += 1
         return outputs

@@ -86,6 +86,18 @@ class Executor(ABC):
     def finish_warmup(self) -> None:
         self.collective_rpc("finish_warmup")
 
+    # ---- steps in flight (a pipeline's stages work on several) -----------------------------
+
+    max_in_flight = 1  # steps that may be submitted before the oldest is collected
+
+    def submit(self, scheduled: SchedulerOutput) -> Any:
+        """Start a step; collect(the handle) returns its result. Steps are collected in the order
+        they were submitted; at most max_in_flight are out at a time."""
+        return scheduled
+
+    def collect(self, handle: Any) -> ModelRunnerOutput:
+        return self.execute_model(handle)
+
     def on_failure(self, callback: Callable[[BaseException], None]) -> None:
         """Call `callback(error)` (from any thread) once a worker is lost."""
         self._failure_callbacks.append(callback)

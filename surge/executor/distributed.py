@@ -34,7 +34,7 @@ from surge.distributed.comm import Rendezvous, free_port
 from surge.errors import EngineDeadError
 from surge.executor.abstract import Executor
 from surge.executor.multiproc import SHUTDOWN_TIMEOUT_S, _describe_exit, _Link, start_worker_process
-from surge.worker.reports import ModelInfo
+from surge.worker.reports import ModelInfo, StepTimings
 from surge.worker.worker import Worker
 
 logger = logging.getLogger(__name__)
@@ -181,6 +181,75 @@ class DistributedExecutor(Executor):
         raise self._ranks.fail(f"a step failed on some tensor-parallel ranks only ({where}"
                                f"{f'; rank 0: {error}' if error is not None and failed else ''}); "
                                "the ranks are out of step")
+
+    # ---- steps in flight (pipeline parallelism) -------------------------------------------
+
+    @property
+    def max_in_flight(self) -> int:  # type: ignore[override]
+        """A pipeline of M stages works on up to M steps: each stage on another one."""
+        return self.config.parallel.pipeline_parallel_size
+
+    def submit(self, scheduled: SchedulerOutput) -> Any:
+        """Every rank runs its stage's part of the step and hands it on; rank 0's part is the
+        first stage's (embedding and its layers). The answers are read by collect()."""
+        if self.max_in_flight == 1:
+            return scheduled
+        with self._lock:
+            if self._ranks.dead is not None:
+                raise self._ranks.dead
+            remote = _for_remote(scheduled)
+            for link in self._ranks.links:
+                link.post("execute_start", (remote,))
+            try:
+                self.driver.execute_start(scheduled)
+            except BaseException as exc:
+                raise self._fail_in_flight("rank 0", exc) from exc
+        return scheduled
+
+    def collect(self, handle: Any) -> ModelRunnerOutput:
+        """The oldest submitted step's result: rank 0 receives the last stage's output, samples;
+        every rank's answers to that step's calls are read and must be fine (a failed pipelined
+        step leaves the stages out of step: the engine is dead)."""
+        if self.max_in_flight == 1:
+            return self.execute_model(handle)
+        with self._lock:
+            if self._ranks.dead is not None:
+                raise self._ranks.dead
+            tp = self.config.parallel.tensor_parallel_size
+            first_stage = self._ranks.links[: tp - 1]  # rank 0's peers: they finish the step with it
+            for link in first_stage:
+                link.post("execute_finish", ())
+            error: BaseException | None = None
+            where = "rank 0"
+            try:
+                result = self.driver.execute_finish()
+            except BaseException as exc:
+                error = exc
+            try:
+                # a first-stage rank: every answer not read yet, in order (this step's start, the
+                # starts submitted since, this step's finish, the last call posted); a later
+                # stage's rank: this step's start only (it may be at work on the next step already)
+                for rank, link in enumerate(self._ranks.links, 1):
+                    for _ in range(link.posted if rank < tp else 1):
+                        status, value = link.take()
+                        if status == "error" and error is None:
+                            error, where = value, f"rank {rank}"
+            except EngineDeadError as exc:
+                self._ranks.lost(exc)
+                raise self._ranks.dead or exc
+            if error is not None:
+                raise self._fail_in_flight(where, error) from error
+        return result
+
+    def _fail_in_flight(self, where: str, error: BaseException) -> EngineDeadError:
+        return self._ranks.fail(f"a pipelined step failed on {where} ({type(error).__name__}: {error}); "
+                                "the stages are out of step")
+
+    def timings(self) -> StepTimings:
+        return self.driver.timings()  # rank 0's, the one that samples (no call while steps are in flight)
+
+    def reset_timings(self) -> None:
+        self.driver.reset_timings()
 
     def initialize_cache(self, num_blocks: int, eos_token_ids: frozenset[int]) -> ModelInfo:
         infos = self.collective_rpc("initialize_cache", num_blocks, eos_token_ids)

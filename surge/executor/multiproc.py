@@ -72,6 +72,7 @@ class _Link:
         self.lock = threading.Lock()
         self.dead: EngineDeadError | None = None
         self.closing = False
+        self.posted = 0  # calls sent with post() whose answers take() has not read
 
     def exit_code(self) -> int | None:
         try:
@@ -131,6 +132,7 @@ class _Link:
         try:
             if self.dead is not None:
                 raise self.dead
+            assert not self.posted, "a call while posted calls are unanswered"
             self.conn.send((method, args))
         except BaseException as exc:
             self.lock.release()
@@ -143,6 +145,31 @@ class _Link:
         """("ok", result) or ("error", the worker's exception) of the call begun; EngineDeadError
         when the worker is lost first."""
         try:
+            return self._receive(method, timeout)
+        finally:
+            self.lock.release()
+
+    def post(self, method: str, args: tuple) -> None:
+        """Send a call without waiting: answers come back in order, each read by take()."""
+        with self.lock:
+            if self.dead is not None:
+                raise self.dead
+            try:
+                self.conn.send((method, args))
+            except (EOFError, OSError) as exc:
+                raise self.dead or self.fail(f"the worker process {self.pid} "
+                                             f"{_describe_exit(self.exit_code())}") from exc
+            self.posted += 1
+
+    def take(self) -> tuple[str, Any]:
+        """The answer of the oldest posted call (see end())."""
+        with self.lock:
+            assert self.posted > 0
+            self.posted -= 1
+            return self._receive("a posted call", None)
+
+    def _receive(self, method: str, timeout: float | None) -> tuple[str, Any]:
+        try:
             deadline = None if timeout is None else time.monotonic() + timeout
             while not self.conn.poll(POLL_S):
                 if self.dead is not None:
@@ -154,8 +181,6 @@ class _Link:
         except (EOFError, OSError) as exc:
             raise self.dead or self.fail(f"the worker process {self.pid} "
                                          f"{_describe_exit(self.exit_code())}") from exc
-        finally:
-            self.lock.release()
 
     def close(self) -> None:
         """Ask the worker to exit, kill it if it does not; idempotent (also the finalizer)."""

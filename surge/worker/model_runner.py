@@ -9,6 +9,9 @@ resumes its random stream where it stopped.
 from __future__ import annotations
 
 import time
+from collections import deque
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -21,6 +24,23 @@ from surge.layers.rejection_sampler import verify
 from surge.layers.sampler import Sampler, SamplingRow, token_logprobs
 from surge.worker.draft_runner import DraftProposer
 from surge.worker.reports import StepTimings
+
+if TYPE_CHECKING:
+    from surge.distributed.pipeline_parallel import PipelineStage
+
+
+@dataclass(slots=True)
+class _Step:
+    """A step between its start (inputs prepared) and its finish (hidden states in)."""
+
+    output: SchedulerOutput
+    result: ModelRunnerOutput
+    input_ids: torch.Tensor
+    positions: torch.Tensor
+    meta: AttentionMetadata
+    sample_rows: list[int]
+    t0: float
+    t1: float
 
 
 PROMPT_LOGPROBS_ROWS = 256  # prompt positions scored per LM-head call (256 x 49k vocab: ~50 MB)
@@ -40,8 +60,12 @@ class ModelRunner:
         drafter: DraftProposer | None = None,
         driver: bool = True,
         holds_head: bool = True,
+        stage: "PipelineStage | None" = None,
     ):
         self.model = model
+        # the model's decoder when it is a pipeline stage: steps may start and finish apart
+        self.stage = stage
+        self._started: deque[_Step | None] = deque()
         # a later pipeline stage runs its layers and hands on: no LM head, nothing to sample
         self.holds_head = holds_head
         # the rank that samples; under tensor parallelism the others run the same forward and
@@ -164,11 +188,40 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, output: SchedulerOutput) -> ModelRunnerOutput:
+        step = self._start(output)
+        if step is None:
+            return ModelRunnerOutput()
+        hidden = self.forward(step.input_ids, step.positions, step.meta)
+        return self._finish(step, hidden if self.holds_head else None)
+
+    @torch.inference_mode()
+    def start(self, output: SchedulerOutput) -> None:
+        """The first half of a step whose forward is a pipeline's (`self.stage`): this stage's part
+        of the forward, handed on; finish() completes the oldest step started. Steps start and
+        finish in order, several may be between the two (batches in flight)."""
+        assert self.stage is not None
+        step = self._start(output)
+        if step is not None:
+            with set_forward_context(ForwardContext(self.kv_caches, step.meta)):
+                self.stage.begin(step.input_ids, step.positions)
+        self._started.append(step)
+
+    @torch.inference_mode()
+    def finish(self) -> ModelRunnerOutput:
+        assert self.stage is not None
+        step = self._started.popleft()
+        if step is None:
+            return ModelRunnerOutput()
+        if not self.holds_head:  # a later stage: its part was all of it
+            return self._finish(step, None)
+        return self._finish(step, self.stage.end(step.input_ids.shape[0]))
+
+    def _start(self, output: SchedulerOutput) -> _Step | None:
+        """A step's inputs (None: nothing to run), the requests' states brought up to date."""
         self._update_states(output)
         result = ModelRunnerOutput()
         if not output.requests:
-            return result
-        clock = self.timings
+            return None
         if self.drafter is not None and any(r.num_draft for r in output.requests):
             start = time.perf_counter()
             contexts = {r.request_id: self.requests[r.request_id].context() for r in output.requests if r.num_draft}
@@ -176,13 +229,18 @@ class ModelRunner:
             result.draft_seconds = time.perf_counter() - start
             result.draft_passes, result.draft_pass_seconds = self.drafter.decode_passes, self.drafter.decode_seconds
             result.num_proposed = dict(self.drafter.proposed)
-            clock.draft += result.draft_seconds
+            self.timings.draft += result.draft_seconds
         t0 = time.perf_counter()
         input_ids, positions, meta, sample_rows = self.prepare(output)
-        t1 = time.perf_counter()
-        hidden = self.forward(input_ids, positions, meta)
-        if not self.holds_head:
-            clock.prepare += t1 - t0
+        return _Step(output, result, input_ids, positions, meta, sample_rows, t0, time.perf_counter())
+
+    def _finish(self, step: _Step, hidden: torch.Tensor | None) -> ModelRunnerOutput:
+        """Logits, pooling, prompt logprobs and sampling of a step from its final hidden states
+        (None on a pipeline stage without the LM head: nothing left to do)."""
+        output, result, meta, sample_rows, t1 = step.output, step.result, step.meta, step.sample_rows, step.t1
+        clock = self.timings
+        if hidden is None:
+            clock.prepare += t1 - step.t0
             clock.forward += time.perf_counter() - t1
             return result
         sampled = [r for r in output.requests if r.sample]
@@ -200,7 +258,7 @@ class ModelRunner:
         if logits is not None and logits.device.type != "cpu":
             logits = logits.cpu()
         t2 = time.perf_counter()
-        clock.prepare += t1 - t0
+        clock.prepare += t1 - step.t0
         clock.forward += t2 - t1
         self._prompt_logprobs(output, hidden, meta, result)
         if logits is None or not self.driver:

@@ -44,6 +44,7 @@ class Worker:
         if self.stages is not None:
             model_config = dataclasses.replace(model_config, layer_range=self.stages.layer_range())
         self.model_config = model_config
+        self.stage = None  # the model's PipelineStage once loaded (pipeline parallelism)
         self.model: torch.nn.Module | None = None
         self.runner = None  # a ModelRunner once the cache is allocated
         self.compiled = None  # the CompiledModel with --compile
@@ -108,7 +109,7 @@ class Worker:
             from surge.distributed.pipeline_parallel import pipeline
 
             assert self.groups is not None and self.groups.pipeline is not None
-            pipeline(self.model, self.stages, self.groups.pipeline)
+            self.stage = pipeline(self.model, self.stages, self.groups.pipeline)
         self.info = ModelInfo(load.name, load.path, self.config.model.architecture, load.dtype,
                               describe_quantization(self.model))
         logger.info("loaded %s (%s, %s) in %.1fs", load.name, self.config.model.architecture, load.dtype,
@@ -156,7 +157,8 @@ class Worker:
         decoder = self._native_decoder(self.model, self.kv_caches)
         drafter = self._drafter(num_blocks, kv_dtype) if self.draft_model is not None else None
         self.runner = ModelRunner(model, self.kv_caches, cache.block_size, self.device, eos_token_ids, decoder,
-                                  drafter, driver=self.rank == 0, holds_head=self.model_config.holds_ends)
+                                  drafter, driver=self.rank == 0, holds_head=self.model_config.holds_ends,
+                                  stage=self.stage)
         weights, caches = module_bytes(self.model), tensor_bytes(self.kv_caches)
         if self.draft_model is not None:
             weights += module_bytes(self.draft_model)
@@ -195,6 +197,16 @@ class Worker:
         if self.compiled is not None:
             out.num_compiles = self.compiled.num_compiles
         return out
+
+    def execute_start(self, scheduled: SchedulerOutput) -> None:
+        """The first half of a pipelined step (this stage's part, handed on); execute_finish()
+        completes the oldest step started."""
+        assert self.runner is not None, "initialize_cache() first"
+        self.runner.start(scheduled)
+
+    def execute_finish(self) -> ModelRunnerOutput:
+        assert self.runner is not None, "initialize_cache() first"
+        return self.runner.finish()
 
     def timings(self) -> StepTimings:
         return self.runner.timings if self.runner is not None else StepTimings()
