@@ -5,21 +5,15 @@ behind."""
 
 from __future__ import annotations
 
-import json
-import os
 import re
-import signal
-import threading
-import time
 
-import httpx
 import pytest
 from openai import OpenAI
 
 from surge import LLM, SamplingParams
 from tests.conftest import build_tiny_model
 from tests.helpers import process_alive
-from tests.server.conftest import launch
+from tests.server.conftest import kill_mid_stream, launch
 
 PROMPTS = ["The capital of France is", "def fibonacci(n):", "The capital of France is a city"]
 
@@ -81,41 +75,12 @@ def test_ranks_serve_what_one_process_serves_and_die_cleanly(tmp_path, tiny_path
             got.append((r.choices[0].text, "".join(c.choices[0].text for c in stream)))
         assert got == want
 
-        events: list[str] = []
-        first = threading.Event()
-
-        def stream() -> None:
-            body = {"model": "tiny", "prompt": "Once upon a time", "max_tokens": 900, "ignore_eos": True,
-                    "stream": True}
-            with httpx.stream("POST", f"{srv.url}/v1/completions", json=body, timeout=60) as r:
-                for line in r.iter_lines():
-                    if line.startswith("data:"):
-                        events.append(line)
-                        first.set()
-
-        reader = threading.Thread(target=stream)
-        reader.start()
-        assert first.wait(60)
-        killed = time.monotonic()
-        os.kill(rank1, signal.SIGKILL)
-        reader.join(30)
-        assert not reader.is_alive()
-        errors = [json.loads(e[5:]) for e in events if e != "data: [DONE]" and "error" in json.loads(e[5:])]
-        assert errors and errors[0]["error"]["code"] == "engine_dead", events[-3:]
-        assert str(rank1) in errors[0]["error"]["message"]
-        health = None
-        while time.monotonic() - killed < 10:
-            try:
-                health = httpx.get(f"{srv.url}/health", timeout=2).status_code
-            except httpx.HTTPError:
-                health = "gone" if srv.proc.poll() is not None else health
-            if health in (503, "gone"):
-                break
-            time.sleep(0.05)
-        took = time.monotonic() - killed
-        code = srv.proc.wait(30)
-        print(f"rank killed: stream ended with an error event, /health {health} after {took:.2f}s, exit {code}")
-        assert health in (503, "gone") and took < 10 and code == 3
+        seen = kill_mid_stream(srv, "tiny", rank1)
+        assert seen.errors and seen.errors[0]["error"]["code"] == "engine_dead", seen.events[-3:]
+        assert str(rank1) in seen.errors[0]["error"]["message"]
+        print(f"rank killed: stream ended with an error event, /health {seen.health} after {seen.took:.2f}s, "
+              f"exit {seen.code}")
+        assert seen.health in (503, "gone") and seen.took < 10 and seen.code == 3
         assert not any(process_alive(p) for p in ranks)
     finally:
         srv.stop()

@@ -98,6 +98,56 @@ def wait_ready(server: LiveServer, timeout: float = 180.0) -> None:
     raise RuntimeError(f"server not ready after {timeout}s:\n{server.log()}")
 
 
+@dataclass
+class KilledEngine:
+    """What a client and the server showed after an engine's process was killed mid-stream."""
+
+    events: list[str]  # the stream's `data:` lines
+    errors: list[dict]  # its error events
+    health: int | str | None  # /health's last answer (503), or "gone" once the server exited
+    took: float  # seconds from the kill to that answer
+    code: int  # the server's exit code
+
+
+def kill_mid_stream(server: LiveServer, model: str, pid: int, headers: dict[str, str] | None = None) -> KilledEngine:
+    """Start a long streamed completion of `model`, SIGKILL `pid` once it streams, then watch
+    /health (at most 10 s) and wait for the server to exit."""
+    import json
+    import signal
+    import threading
+
+    events: list[str] = []
+    first = threading.Event()
+
+    def stream() -> None:
+        body = {"model": model, "prompt": "Once upon a time", "max_tokens": 900, "ignore_eos": True, "stream": True}
+        with httpx.stream("POST", f"{server.url}/v1/completions", json=body, timeout=60, headers=headers or {}) as r:
+            for line in r.iter_lines():
+                if line.startswith("data:"):
+                    events.append(line)
+                    first.set()
+
+    reader = threading.Thread(target=stream)
+    reader.start()
+    assert first.wait(60)
+    killed = time.monotonic()
+    os.kill(pid, signal.SIGKILL)
+    reader.join(30)
+    assert not reader.is_alive()
+    errors = [json.loads(e[5:]) for e in events if e != "data: [DONE]" and "error" in json.loads(e[5:])]
+    health = None
+    while time.monotonic() - killed < 10:
+        try:
+            health = httpx.get(f"{server.url}/health", timeout=2).status_code
+        except httpx.HTTPError:
+            health = "gone" if server.proc.poll() is not None else health
+        if health in (503, "gone"):
+            break
+        time.sleep(0.05)
+    took = time.monotonic() - killed
+    return KilledEngine(events, errors, health, took, server.proc.wait(30))
+
+
 @pytest.fixture(scope="session")
 def server(tmp_path_factory):
     srv = start_server(tmp_path_factory.mktemp("server"), "--api-key", API_KEY)

@@ -7,18 +7,15 @@ from __future__ import annotations
 import json
 import os
 import re
-import signal
-import threading
 import time
 
-import httpx
 import pytest
 from openai import OpenAI
 
 from surge import LLM, SamplingParams
 from tests.conftest import build_tiny_model
 from tests.helpers import process_alive
-from tests.server.conftest import API_KEY, MODEL_NAME, launch, put
+from tests.server.conftest import API_KEY, MODEL_NAME, kill_mid_stream, launch, put
 
 pytestmark = pytest.mark.slow
 
@@ -73,46 +70,17 @@ def test_mp_serves_what_uni_serves(mp_server, server, tiny_path):
 
 def test_a_killed_worker_ends_the_stream_and_the_server(mp_server):
     """Runs last in the module: it kills the server's engine."""
-    events: list[str] = []
-    first = threading.Event()
-
-    def stream() -> None:
-        body = {"model": "tiny", "prompt": "Once upon a time", "max_tokens": 900, "ignore_eos": True, "stream": True}
-        with httpx.stream("POST", f"{mp_server.url}/v1/completions", json=body, timeout=60,
-                          headers={"Authorization": f"Bearer {API_KEY}"}) as r:
-            for line in r.iter_lines():
-                if line.startswith("data:"):
-                    events.append(line)
-                    first.set()
-
-    reader = threading.Thread(target=stream)
-    reader.start()
-    assert first.wait(60)
     pids = worker_pids(mp_server.log())
     (victim,) = worker_pids(mp_server.log(), "tiny")
-    killed = time.monotonic()
-    os.kill(victim, signal.SIGKILL)
-    reader.join(30)
-    assert not reader.is_alive()
-    errors = [json.loads(e[5:]) for e in events if e != "data: [DONE]" and "error" in json.loads(e[5:])]
-    assert errors and errors[0]["error"]["code"] == "engine_dead", events[-3:]
-    assert f"worker process {victim}" in errors[0]["error"]["message"]
-    assert events[-1] == "data: [DONE]"
+    seen = kill_mid_stream(mp_server, "tiny", victim, {"Authorization": f"Bearer {API_KEY}"})
+    assert seen.errors and seen.errors[0]["error"]["code"] == "engine_dead", seen.events[-3:]
+    assert f"worker process {victim}" in seen.errors[0]["error"]["message"]
+    assert seen.events[-1] == "data: [DONE]"
     # /health answers 503 until the process is gone (exit code 3), which the watch makes quick
-    health = None
-    while time.monotonic() - killed < 10:
-        try:
-            health = httpx.get(f"{mp_server.url}/health", timeout=2).status_code
-        except httpx.HTTPError:
-            health = "gone" if mp_server.proc.poll() is not None else health
-        if health in (503, "gone"):
-            break
-        time.sleep(0.05)
-    took = time.monotonic() - killed
-    code = mp_server.proc.wait(30)
-    print(f"worker killed: stream ended with an error event, /health {health} after {took:.2f}s, exit code {code}")
-    assert health in (503, "gone") and took < 10
-    assert code == 3, mp_server.log()
+    print(f"worker killed: stream ended with an error event, /health {seen.health} after {seen.took:.2f}s, "
+          f"exit code {seen.code}")
+    assert seen.health in (503, "gone") and seen.took < 10
+    assert seen.code == 3, mp_server.log()
     deadline = time.monotonic() + 10
     while any(process_alive(p) for p in pids) and time.monotonic() < deadline:
         time.sleep(0.1)
