@@ -1,20 +1,25 @@
-"""Tensor-parallel ranks (--tensor-parallel-size N): rank 0's worker in the engine's process, ranks
-1..N-1 in worker processes of their own, joined by torch.distributed (surge/distributed/comm.py).
+"""Model-parallel ranks (--tensor-parallel-size N x --pipeline-parallel-size M): rank 0's worker in
+the engine's process, ranks 1..N*M-1 in worker processes of their own, joined by torch.distributed
+(surge/distributed/comm.py); rank r is tensor rank r % N of stage r // N.
 
     engine process                              worker processes (python -m surge.executor.worker_process)
     DistributedExecutor                         Worker(config, rank r, rendezvous)
-      ── each step's SchedulerOutput ──>        ... forward, LM head (the same collectives) ... -> None
-      rank 0's Worker: forward, LM head, samples ── all-reduce / gather (gloo, 127.0.0.1) ──
+      ── each step's SchedulerOutput ──>        ... their part of the forward, LM head ... -> None
+      rank 0's Worker: forward, LM head, samples ── all-reduce / gather / send-recv (127.0.0.1) ──
 
 Every call goes to every rank: the remote ones are sent first, rank 0 runs its own, then the
 remote answers are read (each rank's result, in rank order). Only rank 0 samples: the tokens come
-back in the next step's schedule, so the others keep no sampler state.
+back in the next step's schedule, so the others keep no sampler state. With pipeline stages,
+steps are submitted and collected apart (up to M in flight): `execute_start` on every rank, and
+`execute_finish` on the first stage's ranks when the step is collected; a later stage's answer
+to a step's start is read then, without waiting for the steps after it.
 
 Failure: each worker's heartbeat is watched (multiproc.py's link); one that dies or goes quiet
 (kill -9, SIGSTOP) kills every other rank, so a collective rank 0 waits in fails at once (its
 peers' connections close) and the executor turns dead: every call raises EngineDeadError naming
 the rank. A step that fails on every rank alike (bad input the same everywhere) is an ordinary
-failed step; one that fails on some ranks only leaves the group out of step: dead.
+failed step; one that fails on some ranks only leaves the group out of step: dead; a pipelined
+step that fails at all: dead.
 """
 
 from __future__ import annotations
@@ -34,7 +39,7 @@ from surge.distributed.comm import Rendezvous, free_port
 from surge.errors import EngineDeadError
 from surge.executor.abstract import Executor
 from surge.executor.multiproc import SHUTDOWN_TIMEOUT_S, _describe_exit, _Link, start_worker_process
-from surge.worker.reports import ModelInfo, StepTimings
+from surge.worker.reports import MemoryEstimate, ModelInfo, StepTimings
 from surge.worker.worker import Worker
 
 logger = logging.getLogger(__name__)
@@ -251,14 +256,21 @@ class DistributedExecutor(Executor):
     def reset_timings(self) -> None:
         self.driver.reset_timings()
 
+    def estimate_memory(self) -> MemoryEstimate:
+        """Every rank's share, summed: they all live on this machine."""
+        estimates = self.collective_rpc("estimate_memory")
+        return MemoryEstimate(sum(e.weight_bytes for e in estimates), sum(e.kv_cache_bytes for e in estimates))
+
     def initialize_cache(self, num_blocks: int, eos_token_ids: frozenset[int]) -> ModelInfo:
-        infos = self.collective_rpc("initialize_cache", num_blocks, eos_token_ids)
+        infos = self.rank_infos = self.collective_rpc("initialize_cache", num_blocks, eos_token_ids)
         parts = [layout.describe() for layout in (self.driver.layout, self.driver.stages) if layout is not None]
         logger.info("%s; per rank: weights %s MiB, a KV cache of %d tokens (%d blocks) for its heads and layers, "
                     "%s MiB", "; ".join(parts), "/".join(f"{i.weight_bytes / 2**20:.1f}" for i in infos),
                     num_blocks * self.config.cache.block_size, num_blocks,
                     "/".join(f"{i.kv_cache_bytes / 2**20:.1f}" for i in infos))
-        return infos[0]
+        # the engine's footprint: every rank's weights and cache (the ranks share this machine)
+        return dataclasses.replace(infos[0], weight_bytes=sum(i.weight_bytes for i in infos),
+                                   kv_cache_bytes=sum(i.kv_cache_bytes for i in infos))
 
     def check_health(self) -> None:
         ranks = self._ranks

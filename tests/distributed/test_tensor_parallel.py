@@ -37,12 +37,17 @@ def _run(path, **settings):
     with LLM(str(path), dtype="float32", max_num_batched_tokens=24, **settings) as llm:
         outs = llm.generate(batch, params)
         stats = llm.engine.stats()
-        return outs, stats, llm.engine.model_info
+        return outs, stats, rank0(llm)
+
+
+def rank0(llm: LLM):
+    """Rank 0's weights and cache (the engine's model_info counts every rank's)."""
+    return getattr(llm.engine.core.executor, "rank_infos", [llm.engine.model_info])[0]
 
 
 def _block_bytes(path, **settings) -> int:
     with LLM(str(path), dtype="float32", kv_cache_memory=1 << 20, **settings) as llm:
-        return llm.engine.model_info.kv_cache_bytes // llm.engine.scheduler.pool.num_blocks
+        return rank0(llm).kv_cache_bytes // llm.engine.scheduler.pool.num_blocks
 
 
 def _logprob_values(outs) -> list[dict[int, float]]:
@@ -104,10 +109,11 @@ def test_tp3_and_pp2_on_the_default_models_4bit_gguf():
     texts = ["The capital of France is", "def fibonacci(n):"]
     params = SamplingParams(max_tokens=12, temperature=0, logprobs=3)
     with LLM(dtype="float32", kv_cache_memory=32 << 20) as llm:
-        ref, ref_info = llm.generate(texts, params), llm.engine.model_info
+        ref, ref_info = llm.generate(texts, params), rank0(llm)
     for settings, share in ((dict(tensor_parallel_size=3), 0.4), (dict(pipeline_parallel_size=2), 0.75)):
         with LLM(dtype="float32", kv_cache_memory=32 << 20, **settings) as llm:
-            got, info = llm.generate(texts, params), llm.engine.model_info
+            got, info, total = llm.generate(texts, params), rank0(llm), llm.engine.model_info
+        assert total.weight_bytes > info.weight_bytes and total.kv_cache_bytes > info.kv_cache_bytes
         assert "int4" in info.quantization, settings
         assert info.weight_bytes < share * ref_info.weight_bytes, settings
         assert [o.outputs[0].token_ids for o in got] == [o.outputs[0].token_ids for o in ref], settings
