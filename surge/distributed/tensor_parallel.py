@@ -8,6 +8,9 @@ join the ranks' shares again.
                      the bias is rank 0's alone
     vocab-parallel   the embedding (each rank looks up its own rows, the rest are zero, summed)
                      and the LM head (each rank's logits, gathered on rank 0)
+    experts          each expert's rows split like the MLP, or (expert parallelism) whole experts
+                     per rank, each running its own on the step's tokens; an MoE block's output
+                     (with a shared expert's, split like the MLP) summed once
 
 A model states its split in its contract (`tp_plan`: parameter-name patterns -> style). Weights are
 cut as they are read, before any is packed or quantized, so a rank never holds more than its share;

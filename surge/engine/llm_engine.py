@@ -163,7 +163,7 @@ class LLMEngine:
         self.core = EngineCore(config, self.eos_ids, reserve)
         self.scheduler = self.core.scheduler
         # steps submitted and not collected yet (a pipeline works on up to max_in_flight at once)
-        self._in_flight: deque[tuple[SchedulerOutput, Any, float]] = deque()
+        self._in_flight: deque[tuple[SchedulerOutput, Any]] = deque()
         self.model_info: ModelInfo = self.core.model_info
         self.structured = StructuredOutputManager(self.tokenizer, config.model.vocab_size, self.eos_ids)
         self.processor = OutputProcessor(self.tokenizer, self.scheduler, self.eos_ids, self.structured)
@@ -260,13 +260,13 @@ class LLMEngine:
                     self.structured.fill(scheduled, deferred=self.core.executor.in_process)
                 t1 = time.perf_counter()
                 clock.schedule += t1 - t0
-                self._in_flight.append((scheduled, self.core.executor.submit(scheduled), t1))
+                self._in_flight.append((scheduled, self.core.executor.submit(scheduled)))
                 clock.execute += time.perf_counter() - t1
                 if scheduled.requests and len(self._in_flight) < self.core.executor.max_in_flight:
                     return []  # room for another step: the caller comes back at once
         if not self._in_flight:
             return []
-        scheduled, handle, _ = self._in_flight.popleft()
+        scheduled, handle = self._in_flight.popleft()
         t1 = time.perf_counter()
         result = self.core.executor.collect(handle)
         t2 = time.perf_counter()
