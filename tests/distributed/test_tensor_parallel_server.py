@@ -1,7 +1,8 @@
-"""`surge serve -tp 2`, `-pp 2`, `-tp 2 -pp 2`: the ranks answer what the single-process engine
-answers through the OpenAI client, the layout is logged, and a rank killed mid-stream ends the
-stream with an error event, /health with 503 and the server with exit code 3, leaving no process
-behind."""
+"""`surge serve -tp 2` and `-tp 2 -pp 2`: the ranks answer what the single-process engine answers
+through the OpenAI client (shared prefixes, prompts over 64 tokens' chunks, streamed and not), the
+layout is logged, and a rank killed mid-stream ends the stream with an error event, /health with
+503 and the server with exit code 3, leaving no process behind. (Every other split, served:
+test_parallel_repository.py.)"""
 
 from __future__ import annotations
 
@@ -24,27 +25,6 @@ def tiny_path(tmp_path_factory, tiny_tokenizer_dir):
 
 
 @pytest.fixture(scope="module")
-def moe_path(tmp_path_factory, tiny_tokenizer_dir):
-    return build_tiny_model("qwen2_moe", tmp_path_factory.mktemp("tp-serve-moe") / "m", tiny_tokenizer_dir)
-
-
-def test_expert_parallel_serves_what_one_process_serves(tmp_path, moe_path):
-    """A tiny Qwen2-MoE, 30 of its 60 experts whole on each of two ranks, through the OpenAI client."""
-    srv = launch(tmp_path, "-m", str(moe_path), "-tp", "2", "--enable-expert-parallel", "--dtype", "float32",
-                 "--kv-cache-memory", str(8 << 20), "--served-model-name", "moe")
-    try:
-        assert "30 of 60 experts (expert parallel)" in srv.log()
-        client = OpenAI(base_url=f"{srv.url}/v1", api_key="none", max_retries=0, timeout=120)
-        got = [client.completions.create(model="moe", prompt=p, max_tokens=12, temperature=0).choices[0].text
-               for p in PROMPTS]
-    finally:
-        srv.stop()
-    with LLM(str(moe_path), dtype="float32", kv_cache_memory=16 << 20) as llm:
-        greedy = SamplingParams(max_tokens=12, temperature=0)
-        assert got == [llm.generate(p, greedy)[0].outputs[0].text for p in PROMPTS]
-
-
-@pytest.fixture(scope="module")
 def want(tiny_path):
     with LLM(str(tiny_path), dtype="float32", kv_cache_memory=16 << 20) as llm:
         greedy = SamplingParams(max_tokens=16, temperature=0)
@@ -54,10 +34,9 @@ def want(tiny_path):
 
 @pytest.mark.parametrize("flags, layout", [
     (("-tp", "2"), "tensor parallel over 2 ranks: 2 of 4 attention heads, 1 KV heads"),
-    (("-pp", "2"), "pipeline of 2 stages, layers 0..0, 1..1"),
     (("-tp", "2", "-pp", "2"), "tensor parallel over 2 ranks: 2 of 4 attention heads, 1 KV heads, 64 of 128 MLP "
                                "rows and 192 of 384 vocabulary rows per rank; pipeline of 2 stages"),
-], ids=["tp2", "pp2", "tp2-pp2"])
+], ids=["tp2", "tp2-pp2"])
 def test_ranks_serve_what_one_process_serves_and_die_cleanly(tmp_path, tiny_path, want, flags, layout):
     srv = launch(tmp_path, "-m", str(tiny_path), *flags, "--dtype", "float32", "--kv-cache-memory",
                  str(8 << 20), "--max-num-batched-tokens", "64", "--served-model-name", "tiny")
