@@ -109,7 +109,10 @@ class DistributedExecutor(Executor):
         super().__init__(config)
         self.rendezvous = Rendezvous(free_port(), world, COLLECTIVE_TIMEOUT_S)
         self._ranks = _Ranks(self._failure_callbacks)
-        self._finalizer = weakref.finalize(self, self._ranks.close)
+        self.driver = Worker(config, 0, self.rendezvous)
+        # collected or exiting: rank 0's worker gives back what it took (its groups, torch's
+        # thread count in this process), the others are stopped
+        self._finalizer = weakref.finalize(self, _close, self.driver, self._ranks)
         self._lock = threading.Lock()  # one call at a time goes to the ranks
         self._monitors: list[threading.Thread] = []
         try:
@@ -122,7 +125,6 @@ class DistributedExecutor(Executor):
             self.pids = [link.pid for link in self._ranks.links]
             logger.info("model parallel: rank 0 in this process, ranks 1..%d in processes %s, %d threads each",
                         world - 1, ", ".join(map(str, self.pids)), config.device.threads)
-            self.driver = Worker(config, 0, self.rendezvous)
             self._on_all("init_device", (), remote=("init", lambda rank: (config, rank, self.rendezvous)))
         except BaseException:
             self.shutdown()
@@ -282,12 +284,15 @@ class DistributedExecutor(Executor):
                                  f"{_describe_exit(link.proc.returncode)}")
 
     def shutdown(self) -> None:
-        if getattr(self, "driver", None) is not None:
-            self.driver.shutdown()
         self._finalizer()
         for monitor in self._monitors:
             if monitor is not threading.current_thread():
                 monitor.join(SHUTDOWN_TIMEOUT_S)
+
+
+def _close(driver: Worker, ranks: _Ranks) -> None:
+    driver.shutdown()
+    ranks.close()
 
 
 def _for_remote(scheduled: SchedulerOutput) -> SchedulerOutput:

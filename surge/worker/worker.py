@@ -45,6 +45,7 @@ class Worker:
             model_config = dataclasses.replace(model_config, layer_range=self.stages.layer_range())
         self.model_config = model_config
         self.stage = None  # the model's PipelineStage once loaded (pipeline parallelism)
+        self._threads_before: int | None = None  # torch's thread count before init_device set ours
         self.model: torch.nn.Module | None = None
         self.runner = None  # a ModelRunner once the cache is allocated
         self.compiled = None  # the CompiledModel with --compile
@@ -57,7 +58,8 @@ class Worker:
 
     def init_device(self) -> None:
         threads = self.config.device.threads
-        if threads is not None:
+        if threads is not None:  # process-wide: given back at shutdown (a worker in the caller's process)
+            self._threads_before = torch.get_num_threads()
             torch.set_num_threads(threads)
         if self.rendezvous is not None and self.rendezvous.world_size > 1:
             if self.device.startswith("cuda"):  # a device per rank
@@ -227,6 +229,10 @@ class Worker:
     def shutdown(self) -> None:
         if self.groups is not None:
             self.groups.close()
+            self.groups = None
+        if self._threads_before is not None:
+            torch.set_num_threads(self._threads_before)
+            self._threads_before = None
         self.runner = None
         self.kv_caches = []
         self.model = None

@@ -276,3 +276,19 @@ def test_other_families_split_equal_one_process(kind, tmp_path, tiny_tokenizer_d
     for settings in (dict(tensor_parallel_size=2), dict(pipeline_parallel_size=2)):
         with LLM(str(path), dtype="float32", kv_cache_memory=4 << 20, **settings) as llm:
             assert [o.outputs[0].token_ids for o in llm.generate(batch, params)] == want, settings
+
+
+def test_rank_0_gives_the_callers_torch_threads_back(llama_path):
+    """Rank 0 runs in the caller's process with its share of the threads (a process-wide torch
+    setting): shutting the engine down, or dropping it, gives the caller's count back."""
+    import gc
+
+    import torch
+
+    before = torch.get_num_threads()
+    with LLM(str(llama_path), **{**TINY, "threads": before + 1}):
+        assert torch.get_num_threads() == before + 1
+    assert torch.get_num_threads() == before
+    LLM(str(llama_path), **{**TINY, "threads": before + 1})
+    gc.collect()
+    assert torch.get_num_threads() == before
