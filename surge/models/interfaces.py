@@ -15,9 +15,9 @@
     hf_names           a family's checkpoint names -> the model's, and which are stored [in, out]
     attention_specs(config)  per layer: heads, head size, sliding window, RoPE parameters
     embedding / output_head  module names (tied weights; quantization keeps the head in int8 groups)
-    tp_plan            parameter-name patterns -> how tensor parallelism splits them (qkv, column,
-                       row, row_bias, vocab: surge/distributed/tensor_parallel.py); None: the
-                       family does not run tensor-parallel
+    tp_plan            parameter-name patterns -> how tensor parallelism splits them (the STYLES of
+                       surge/distributed/tensor_parallel.py); None: the family runs in one
+                       process only (no tensor or pipeline split)
     decoder_plan()     the decoder's layers as plain parts (norms, linears, attention, MLP) for the
                        native decode step (surge/layers/native_decoder.py), or None where the
                        model's layers are not of those parts (experts): it then decodes eagerly
