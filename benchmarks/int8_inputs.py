@@ -11,8 +11,8 @@ llama.cpp rounds its Q8_0 inputs (per run of --block values along K, scale = max
 codes rounded half to even), then dequantized and rounded to bf16 again. That last rounding is
 one an int8 x codes kernel would not make, so the figures are a little pessimistic. What this
 answers: would a kernel on int8 inputs (AVX-512 VNNI, twice the products an instruction of the
-bf16 dot product) keep a model within the quantization bar (teacher-forced top-1 >= 95% against
-float, docs/quantization.md)? docs/performance.md keeps the results.
+bf16 dot product) keep a model within the bar the quantization tests hold every scheme to
+(teacher-forced top-1 >= 95% against float)? docs/performance.md keeps the results.
 """
 
 from __future__ import annotations
