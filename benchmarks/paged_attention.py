@@ -13,11 +13,14 @@ int8 cache (`--kv-cache-dtype int8`: rows of D int8 values and an fp16 scale), e
 against float64 on the unquantized values.
 
 With --prefill, prompt chunks instead (S sequences of n new tokens after c cached ones), through
-surge's `paged_attention` both ways: gather + SDPA per sequence (the path for chunks with more
-than NATIVE_PREFILL_MAX_CONTEXT tokens of context) against the chunk's tokens as rows of the
-native kernel, each row attending its own prefix.
+surge's `paged_attention` three ways: gather + SDPA per sequence (the path, without the
+prompt-chunk kernel, for chunks with more than NATIVE_PREFILL_MAX_CONTEXT tokens of context),
+the chunk's tokens as rows of the native decode kernel, each row attending its own prefix, and
+the prompt-chunk kernel (csrc/prefill_attention.cpp: bf16 only). --heads HQ,HK,D picks other
+head shapes (Gemma 3 270M: 4,1,256; Qwen2.5-1.5B: 12,2,128).
 
-    python benchmarks/paged_attention.py [--threads 2] [--dtype bfloat16] [--prefill | --kv-int8] [--json out.json]
+    python benchmarks/paged_attention.py [--threads 2] [--dtype bfloat16] [--prefill [--heads 9,3,64] | --kv-int8]
+                                         [--json out.json]
 """
 
 from __future__ import annotations
@@ -105,12 +108,13 @@ def prefill_case(seqs: int, new: int, cached: int, dtype: torch.dtype, gen: torc
     return q, cache, meta
 
 
-def with_limit(meta: AttentionMetadata, limit: int) -> AttentionMetadata:
-    """The step split as it is with NATIVE_PREFILL_MAX_CONTEXT = limit."""
+def with_limit(meta: AttentionMetadata, limit: int, chunk_kernel: bool = False) -> AttentionMetadata:
+    """The step split as it is with NATIVE_PREFILL_MAX_CONTEXT = limit (and the prompt-chunk
+    kernel, or not)."""
     saved = attention.NATIVE_PREFILL_MAX_CONTEXT
     attention.NATIVE_PREFILL_MAX_CONTEXT = limit
     try:
-        meta.split_decode(native=True)
+        meta.split_decode(native=True, native_prefill=chunk_kernel)
         return dataclasses.replace(meta)
     finally:
         attention.NATIVE_PREFILL_MAX_CONTEXT = saved
@@ -132,24 +136,31 @@ def prefill_reference(q, cache, meta, scale):
 def run_prefill(dtype: torch.dtype, gen: torch.Generator) -> list[dict]:
     scale = D**-0.5
     rows = []
-    print(f"{'S x n after c':>18} {'gather+sdpa us':>15} {'native rows us':>15} {'ratio':>6} {'native err':>10} {'sdpa err':>8}")
+    chunk_kernel = dtype == torch.bfloat16 and attention.native_prefill(torch.empty(1, D, dtype=dtype))
+    print(f"heads {HQ} / {HK}, head size {D}: us per call (max abs error against float64)")
+    print(f"{'S x n after c':>18} {'gather+sdpa':>20} {'native rows':>20} {'chunk kernel':>20}")
     for seqs, new, cached in PREFILL_SHAPES:
         q, cache, meta = prefill_case(seqs, new, cached, dtype, gen)
         ref = prefill_reference(q, cache, meta, scale)
         metas = {"gather_sdpa": with_limit(meta, 0), "native_rows": with_limit(meta, 1 << 30)}
+        if chunk_kernel:
+            metas["chunk_kernel"] = with_limit(meta, 1 << 30, chunk_kernel=True)
         errs = {k: (paged_attention(q, cache, m, scale).double() - ref).abs().max().item() for k, m in metas.items()}
         t = {k: time_us(paged_attention, q, cache, m, scale) for k, m in metas.items()}
         rows.append({"seqs": seqs, "new": new, "cached": cached, "us": t, "max_abs_err": errs})
-        print(f"{seqs:>5} x {new:<4} after {cached:<4} {t['gather_sdpa']:>15.0f} {t['native_rows']:>15.0f} "
-              f"{t['gather_sdpa'] / t['native_rows']:>5.2f}x {errs['native_rows']:>10.1e} {errs['gather_sdpa']:>8.1e}")
+        cells = [f"{t[k]:>9.0f} ({errs[k]:.1e})" if k in t else f"{'-':>20}"
+                 for k in ("gather_sdpa", "native_rows", "chunk_kernel")]
+        print(f"{seqs:>5} x {new:<4} after {cached:<4} " + " ".join(f"{c:>20}" for c in cells))
     return rows
 
 
 def main() -> None:
+    global HQ, HK, D
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     ap.add_argument("--prefill", action="store_true", help="prompt chunks instead of decoding sequences")
+    ap.add_argument("--heads", default=f"{HQ},{HK},{D}", help="with --prefill: query heads, KV heads, head size")
     ap.add_argument("--kv-int8", action="store_true", help="the native kernel on bf16 against int8 caches")
     ap.add_argument("--json", help="write the rows here")
     args = ap.parse_args()
@@ -159,6 +170,12 @@ def main() -> None:
         raise SystemExit("the native kernels could not be built (see the warning above)")
     gen = torch.Generator().manual_seed(0)
     if args.prefill:
+        try:
+            HQ, HK, D = (int(x) for x in args.heads.split(","))
+        except ValueError:
+            raise SystemExit(f"--heads {args.heads!r}: expected three integers, e.g. 9,3,64") from None
+        if HQ % HK or D <= 0:
+            raise SystemExit(f"--heads {args.heads!r}: query heads must be a multiple of KV heads")
         rows = run_prefill(dtype, gen)
     elif args.kv_int8:
         rows = run_kv_int8(gen)
@@ -167,6 +184,7 @@ def main() -> None:
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"threads": args.threads, "dtype": args.dtype, "prefill": args.prefill, "kv_int8": args.kv_int8,
+                       "heads": [HQ, HK, D],
                        "rows": rows}, f, indent=2)
 
 

@@ -26,19 +26,33 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from surge.layers.native import native_ops
+from surge.layers.native import has_avx512_bf16, native_ops
 
 _NATIVE_CACHE_DTYPES = (torch.bfloat16, torch.float16, torch.float32, torch.int8)
 INT8_SCALE_BYTES = 2  # an int8 cache row ends with its scale as fp16
-# Prompt chunks whose context is at most this many tokens are attended a token per row by the
-# native kernel; longer ones by SDPA, whose matmuls win on the quadratic work (measured
-# crossover, docs/performance.md).
+# Without the prompt-chunk kernel (float32 or int8 caches, head sizes it does not take, no
+# AVX-512 BF16): prompt chunks whose context is at most this many tokens are attended a token
+# per row by the decode kernel; longer ones by SDPA, whose matmuls win on the quadratic work
+# (measured crossover, docs/performance.md).
 NATIVE_PREFILL_MAX_CONTEXT = 1024
+# With the prompt-chunk kernel, chunks of at most this many new tokens (and context within the
+# limit above) still go a token per row: as fast there (the kernel's tiles pay off over more
+# rows), and a verification of a few proposed tokens then attends with the decode kernel's
+# arithmetic, as plain decoding does.
+NATIVE_ROWS_MAX_NEW = 8
 
 
 def native_decode(kv_cache: torch.Tensor) -> bool:
     """True where surge_native.paged_decode_attention serves this cache (CPU, float dtypes, built)."""
     return kv_cache.device.type == "cpu" and kv_cache.dtype in _NATIVE_CACHE_DTYPES and native_ops() is not None
+
+
+def native_prefill(kv_cache: torch.Tensor) -> bool:
+    """True where surge_native.prefill_attention attends prompt chunks from this cache: bf16 on
+    a CPU with AVX-512 BF16, a head size that is a multiple of 32 (at most 512)."""
+    head_dim = kv_cache.shape[-1]
+    return (kv_cache.device.type == "cpu" and kv_cache.dtype == torch.bfloat16 and head_dim % 32 == 0
+            and head_dim <= 512 and has_avx512_bf16() and native_ops() is not None)
 
 
 def quantize_kv(x: torch.Tensor) -> torch.Tensor:
@@ -90,27 +104,35 @@ class AttentionMetadata:
     decode_width: int = 0  # the longest context among them
     all_decode: bool = False  # every sequence has exactly one new token, all in these rows
     prefill_seqs: list[int] | None = None  # the other sequences, looped over
+    # With the prompt-chunk kernel, those other sequences in one call: [P, 3] int64 (first row,
+    # new tokens, context length) and their block tables [P, blocks to cover the longest]
+    prefill_spans: torch.Tensor | None = None
+    prefill_tables: torch.Tensor | None = None
 
     @property
     def num_seqs(self) -> int:
         return len(self.seq_lens)
 
-    def split_decode(self, native: bool = False) -> None:
+    def split_decode(self, native: bool = False, native_prefill: bool = False) -> None:
         """Fill the per-row / per-sequence split from query_start_loc and seq_lens.
 
         With the native kernel every decoding sequence takes the per-row path, and so does every
         prompt chunk whose context is at most NATIVE_PREFILL_MAX_CONTEXT tokens (there one SDPA
-        call per sequence costs more than attending its tokens one by one). Without it a lone
-        decoding sequence is faster through `single_decode_attention` than through the gathered
-        batch.
+        call per sequence costs more than attending its tokens one by one), unless the
+        prompt-chunk kernel serves the cache (`native_prefill`): then chunks of more than
+        NATIVE_ROWS_MAX_NEW tokens, whatever their context, go to it, all in one call. Without
+        the native kernel a lone decoding sequence is faster through `single_decode_attention`
+        than through the gathered batch.
         """
         starts, lens = self.query_start_loc, self.seq_lens
         self.decode_seqs = self.decode_rows = self.decode_seq_lens = self.decode_tables = None
+        self.prefill_spans = self.prefill_tables = None
         self.decode_width, self.all_decode = 0, False
         new = [starts[i + 1] - starts[i] for i in range(self.num_seqs)]
         if native:
-            chosen = [i for i in range(self.num_seqs)
-                      if new[i] == 1 or (new[i] > 1 and lens[i] <= NATIVE_PREFILL_MAX_CONTEXT)]
+            most = NATIVE_ROWS_MAX_NEW if native_prefill else None
+            chosen = [i for i in range(self.num_seqs) if new[i] == 1 or (
+                new[i] > 1 and lens[i] <= NATIVE_PREFILL_MAX_CONTEXT and (most is None or new[i] <= most))]
         else:
             chosen = [i for i in range(self.num_seqs) if new[i] == 1]
             if len(chosen) < 2:
@@ -120,6 +142,13 @@ class AttentionMetadata:
             return
         picked = set(chosen)
         self.prefill_seqs = [i for i in range(self.num_seqs) if new[i] > 0 and i not in picked]
+        if native and native_prefill and self.prefill_seqs:
+            dev = self.block_tables.device
+            chunks = self.prefill_seqs
+            self.prefill_spans = torch.tensor([[starts[i], new[i], lens[i]] for i in chunks], dtype=torch.int64,
+                                              device=dev)
+            blocks = -(-max(lens[i] for i in chunks) // self.block_size)
+            self.prefill_tables = self.block_tables[torch.tensor(chunks, dtype=torch.int64, device=dev), :blocks]
         if not chosen:
             return
         rows: list[int] = []
@@ -285,10 +314,14 @@ def paged_attention(
         decode = (kv_cache, meta.decode_tables, meta.decode_seq_lens, meta.decode_width, scale, sliding_window)
         if not meta.prefill_seqs:
             return paged_decode_attention(q, *decode)
-        out = torch.empty_like(q)
+        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
         out[meta.decode_rows] = paged_decode_attention(q[meta.decode_rows], *decode)
     else:
-        out = torch.empty_like(q)
+        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    if meta.prefill_spans is not None and q.dtype == kv_cache.dtype == torch.bfloat16 and q.stride(-1) == 1:
+        window = sliding_window if sliding_window is not None else -1
+        native_ops().prefill_attention(q, kv_cache, meta.prefill_tables, meta.prefill_spans, scale, window, out)
+        return out
     block_size = meta.block_size
     num_kv_heads, row = kv_cache.shape[3], kv_cache.shape[4]
     for i in meta.prefill_seqs or ():

@@ -21,7 +21,8 @@ import torch
 logger = logging.getLogger(__name__)
 
 _CSRC = Path(__file__).parent / "csrc"
-_SOURCES = [_CSRC / name for name in ("paged_attention.cpp", "linear.cpp", "sampling.cpp", "decoder.cpp")]
+_SOURCES = [_CSRC / name for name in (
+    "paged_attention.cpp", "prefill_attention.cpp", "linear.cpp", "sampling.cpp", "decoder.cpp")]
 _HEADERS = [_CSRC / "kernels.h"]
 _lock = threading.Lock()
 _state: dict[str, Any] = {}

@@ -17,7 +17,7 @@ import torch
 
 from surge.core.runner_output import ModelRunnerOutput, TokenLogprobs
 from surge.core.scheduler_output import SchedulerOutput
-from surge.layers.attention import AttentionMetadata, native_decode
+from surge.layers.attention import AttentionMetadata, native_decode, native_prefill
 from surge.layers.forward_context import ForwardContext, set_forward_context
 from surge.layers.native_decoder import NativeDecoder
 from surge.layers.rejection_sampler import verify
@@ -83,6 +83,7 @@ class ModelRunner:
         self.timings = StepTimings()
         # Builds (or loads from its cache) the native decode kernel now, at load, not in the first step.
         self.native_decode = bool(kv_caches) and native_decode(kv_caches[0])
+        self.native_prefill = self.native_decode and native_prefill(kv_caches[0])  # prompt chunks in one call
         self.decoder = decoder if self.native_decode else None  # a decode-only step's stack in one call
         self.drafter = drafter  # speculative method "draft": the model that fills in proposals
 
@@ -118,7 +119,7 @@ class ModelRunner:
             seq_lens=seq_lens,
             block_size=bs,
         )
-        meta.split_decode(native=self.native_decode)
+        meta.split_decode(native=self.native_decode, native_prefill=self.native_prefill)
         return (
             torch.tensor(ids, dtype=torch.int64, device=dev),
             torch.tensor(positions, dtype=torch.int64, device=dev),

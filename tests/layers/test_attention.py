@@ -1,5 +1,6 @@
 """Paged attention against a dense float64 reference: a lone decoding sequence, several decoding
-together, and prefill chunks, with grouped heads and a sliding window, in float32 and bf16."""
+together, and prefill chunks, with grouped heads and a sliding window, in float32 and bf16; each
+path a step can take (the decode kernel's rows, the prompt-chunk kernel, SDPA, PyTorch)."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ def reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq_len: int, w
     n = q.shape[0]
     rep = HQ // HK
     kk, vv = k.double().repeat_interleave(rep, 1), v.double().repeat_interleave(rep, 1)
-    scores = torch.einsum("nhd,lhd->hnl", q.double(), kk) * D**-0.5
+    scores = torch.einsum("nhd,lhd->hnl", q.double(), kk) * q.shape[-1] ** -0.5
     q_pos = torch.arange(seq_len - n, seq_len)[:, None]
     k_pos = torch.arange(seq_len)[None, :]
     keep = k_pos <= q_pos
@@ -27,7 +28,8 @@ def reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq_len: int, w
     return torch.einsum("hnl,lhd->nhd", scores.softmax(-1), vv)
 
 
-@pytest.mark.parametrize("native", [True, "native_sdpa_prompts", False], ids=["native", "native_sdpa_prompts", "torch"])
+@pytest.mark.parametrize("native", [True, "native_prefill", "native_sdpa_prompts", False],
+                         ids=["native", "native_prefill", "native_sdpa_prompts", "torch"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("window", [None, 6])
 @pytest.mark.parametrize("layout", [
@@ -37,26 +39,32 @@ def reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq_len: int, w
     [(1, 5), (1, 23), (1, 2)],  # several decoding together
     [(7, 7), (1, 30)],  # a prompt beside one decoding sequence
     [(3, 12), (5, 40), (1, 9), (1, 18)],  # chunks and decodes mixed
+    [(20, 20), (1, 30)],  # a prompt longer than the prompt-chunk kernel's threshold
+    [(12, 40), (9, 9), (3, 14), (1, 3)],  # chunks on both sides of it, and a decode
 ])
 def test_paged_attention_matches_dense_reference(layout, window, dtype, native, monkeypatch):
     if not native:  # the PyTorch path, as on GPUs or where the kernel cannot be built
         monkeypatch.setattr(attention, "native_decode", lambda kv_cache: False)
     if native == "native_sdpa_prompts":  # prompt chunks with more context than the limit take SDPA
         monkeypatch.setattr(attention, "NATIVE_PREFILL_MAX_CONTEXT", 20)
+    prefill_kernel = native == "native_prefill" and attention.native_prefill(torch.empty(1, 64, dtype=dtype))
+    if native == "native_prefill" and dtype == torch.bfloat16:
+        assert prefill_kernel, "the prompt-chunk kernel should serve a bf16 cache of head size 64 here"
+    d = 64 if native == "native_prefill" else D  # the prompt-chunk kernel takes multiples of 32
     gen = torch.Generator().manual_seed(0)
     num_blocks = 64
-    cache = torch.zeros(2, num_blocks, BS, HK, D, dtype=dtype)
+    cache = torch.zeros(2, num_blocks, BS, HK, d, dtype=dtype)
     free = torch.randperm(num_blocks, generator=gen).tolist()
     tables, qs, contexts, starts, seq_lens = [], [], [], [0], []
     for n, seq_len in layout:
         blocks = [free.pop() for _ in range(-(-seq_len // BS))]
-        k = torch.randn(seq_len, HK, D, generator=gen).to(dtype)
-        v = torch.randn(seq_len, HK, D, generator=gen).to(dtype)
+        k = torch.randn(seq_len, HK, d, generator=gen).to(dtype)
+        v = torch.randn(seq_len, HK, d, generator=gen).to(dtype)
         for p in range(seq_len):
             cache[0, blocks[p // BS], p % BS] = k[p]
             cache[1, blocks[p // BS], p % BS] = v[p]
         tables.append(blocks)
-        qs.append(torch.randn(n, HQ, D, generator=gen).to(dtype))
+        qs.append(torch.randn(n, HQ, d, generator=gen).to(dtype))
         contexts.append((k, v))
         starts.append(starts[-1] + n)
         seq_lens.append(seq_len)
@@ -66,9 +74,10 @@ def test_paged_attention_matches_dense_reference(layout, window, dtype, native, 
         block_tables=torch.tensor([t + [0] * (width - len(t)) for t in tables]),
         query_start_loc=starts, seq_lens=seq_lens, block_size=BS,
     )
-    meta.split_decode(native=bool(native))
-    out = paged_attention(torch.cat(qs), cache, meta, D**-0.5, window)
-    assert out.dtype == dtype and out.shape == (starts[-1], HQ, D)
+    meta.split_decode(native=bool(native), native_prefill=prefill_kernel)
+    assert (meta.prefill_spans is not None) == (prefill_kernel and any(n > attention.NATIVE_ROWS_MAX_NEW for n, _ in layout))
+    out = paged_attention(torch.cat(qs), cache, meta, d**-0.5, window)
+    assert out.dtype == dtype and out.shape == (starts[-1], HQ, d)
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     for i, (q, (k, v)) in enumerate(zip(qs, contexts)):
         expected = reference(q, k, v, seq_lens[i], window)
@@ -113,3 +122,15 @@ def test_short_prompt_chunks_become_rows_of_the_native_kernel(monkeypatch):
     assert meta.prefill_seqs == [0] and meta.decode_rows.tolist() == [3] and meta.decode_seq_lens.tolist() == [9]
     meta.split_decode(native=False)
     assert meta.prefill_seqs == [0, 1] and meta.decode_rows is None
+    # With the prompt-chunk kernel a chunk of a few tokens stays rows (a verification of
+    # proposed tokens attends as plain decoding does); a longer one goes to it, whatever its
+    # context: (first row, new tokens, context length) and its block table.
+    monkeypatch.setattr(attention, "NATIVE_PREFILL_MAX_CONTEXT", 1024)
+    meta.split_decode(native=True, native_prefill=True)
+    assert meta.prefill_seqs == [] and meta.prefill_spans is None and meta.decode_rows.tolist() == [0, 1, 2, 3]
+    monkeypatch.setattr(attention, "NATIVE_ROWS_MAX_NEW", 2)
+    meta.split_decode(native=True, native_prefill=True)
+    assert meta.prefill_seqs == [0] and meta.decode_rows.tolist() == [3]
+    assert meta.prefill_spans.tolist() == [[0, 3, 12]] and meta.prefill_tables.tolist() == [[0, 1, 2]]
+    meta.split_decode(native=True)  # a later split without it clears them
+    assert meta.prefill_spans is None and meta.prefill_tables is None
