@@ -10,11 +10,15 @@
 //   out     [T, Hq, D] bf16: the chunks' rows are written, the others left as they are
 //
 // The decode kernel (paged_attention.cpp) attends a prompt a token at a time, a horizontal sum
-// per score and the output in memory: ~60-100 GFLOP/s, as SDPA is. Here the scores of up to 8
-// query rows against 32 keys come from vdpbf16ps over the head's pairs (the key tile transposed
-// once to [D/2][32 keys] pairs, bf16 products exact, float sums); the running max and sum per
-// row rescale the output; probabilities times V are float FMAs (V converted to float once per
-// tile), so only the order of the sums differs from the decode kernel's float math.
+// per score and the output in memory: ~60-100 GFLOP/s, as SDPA is. Here both products run on
+// vdpbf16ps (bf16 pairs, exact products, float sums): the scores of up to 8 query rows against
+// 32 keys over the head's pairs (the key tile transposed once to [D/2][32 keys] pairs), and the
+// probabilities times V a pair of keys at a time (the value tile interleaved once to
+// [16 key pairs][D][2]). The running max and sum per row rescale the output. Probabilities are
+// rounded to bf16 for V, as flash attention does, and the row's sum is of the rounded values,
+// so the weights that multiply V are the ones that normalize it. Teacher-forced against
+// float32 weights this path agrees as closely as the decode kernel's rows and SDPA do
+// (docs/performance.md).
 //
 // Work items are (chunk, KV head, tile of query tokens): a tile's query rows are its tokens
 // times the head's G grouped query heads (about 64 rows), which share each key tile. Items
@@ -67,21 +71,24 @@ inline void tile_scores(const uint16_t* const* q, const uint32_t* kp, int64_t pa
 }
 
 // o[r] = o[r] * alpha[r] + sum over the tile's keys of p[r][i] v[i], for R rows and C vectors
-// of the head (starting at column c0); v [keys][D] float.
+// of the head (starting at column c0): p [R][32] bf16 probabilities, taken a pair of keys at a
+// time against vp [key pairs][D][2], the pair's values interleaved.
 template <int R, int C>
-inline void tile_values(float* o, int64_t D, const float* p, const float* alpha, const float* v, int64_t keys,
-                        int64_t c0) {
+inline void tile_values(float* o, int64_t D, const uint16_t* p, const float* alpha, const uint16_t* vp,
+                        int64_t key_pairs, int64_t c0) {
   __m512 acc[R][C];
   for (int r = 0; r < R; ++r) {
     const __m512 a = _mm512_set1_ps(alpha[r]);
     for (int c = 0; c < C; ++c) acc[r][c] = _mm512_mul_ps(_mm512_loadu_ps(o + r * D + c0 + 16 * c), a);
   }
-  for (int64_t i = 0; i < keys; ++i) {
-    __m512 vv[C];
-    for (int c = 0; c < C; ++c) vv[c] = _mm512_loadu_ps(v + i * D + c0 + 16 * c);
+  for (int64_t i = 0; i < key_pairs; ++i) {
+    __m512bh vv[C];
+    for (int c = 0; c < C; ++c) vv[c] = (__m512bh)_mm512_loadu_si512(vp + 2 * (i * D + c0 + 16 * c));
     for (int r = 0; r < R; ++r) {
-      const __m512 pb = _mm512_set1_ps(p[r * kKeys + i]);
-      for (int c = 0; c < C; ++c) acc[r][c] = _mm512_fmadd_ps(pb, vv[c], acc[r][c]);
+      int32_t bits;
+      std::memcpy(&bits, p + r * kKeys + 2 * i, sizeof bits);
+      const __m512bh pb = (__m512bh)_mm512_set1_epi32(bits);
+      for (int c = 0; c < C; ++c) acc[r][c] = _mm512_dpbf16_ps(acc[r][c], pb, vv[c]);
     }
   }
   for (int r = 0; r < R; ++r)
@@ -89,14 +96,14 @@ inline void tile_values(float* o, int64_t D, const float* p, const float* alpha,
 }
 
 template <int C>
-void values_rows(float* o, int64_t D, const float* p, const float* alpha, const float* v, int64_t keys, int64_t c0,
-                 int64_t rows) {
+void values_rows(float* o, int64_t D, const uint16_t* p, const float* alpha, const uint16_t* vp, int64_t key_pairs,
+                 int64_t c0, int64_t rows) {
   int64_t r = 0;
-  for (; r + 4 <= rows; r += 4) tile_values<4, C>(o + r * D, D, p + r * kKeys, alpha + r, v, keys, c0);
+  for (; r + 4 <= rows; r += 4) tile_values<4, C>(o + r * D, D, p + r * kKeys, alpha + r, vp, key_pairs, c0);
   switch (rows - r) {
-    case 3: tile_values<3, C>(o + r * D, D, p + r * kKeys, alpha + r, v, keys, c0); break;
-    case 2: tile_values<2, C>(o + r * D, D, p + r * kKeys, alpha + r, v, keys, c0); break;
-    case 1: tile_values<1, C>(o + r * D, D, p + r * kKeys, alpha + r, v, keys, c0); break;
+    case 3: tile_values<3, C>(o + r * D, D, p + r * kKeys, alpha + r, vp, key_pairs, c0); break;
+    case 2: tile_values<2, C>(o + r * D, D, p + r * kKeys, alpha + r, vp, key_pairs, c0); break;
+    case 1: tile_values<1, C>(o + r * D, D, p + r * kKeys, alpha + r, vp, key_pairs, c0); break;
     default: break;
   }
 }
@@ -116,23 +123,18 @@ void scores_rows(const uint16_t* const* q, const uint32_t* kp, int64_t pairs, fl
   }
 }
 
-inline float bf16_to_float(uint16_t h) {
-  const uint32_t bits = static_cast<uint32_t>(h) << 16;
-  float f;
-  std::memcpy(&f, &bits, sizeof f);
-  return f;
-}
-
 // One work item's buffers, per thread.
 struct Scratch {
   std::vector<uint32_t> kp;        // [D/2][32] the key tile's pairs, transposed
-  std::vector<float> v;            // [32][D] the value tile in float
-  std::vector<float> s;            // [rows][32] scores, then probabilities
+  std::vector<uint16_t> vp;        // [16 key pairs][D][2] the value tile, pairs of keys interleaved
+  std::vector<float> s;            // [rows][32] scores
+  std::vector<uint16_t> p;         // [rows][32] probabilities in bf16
   std::vector<float> o;            // [rows][D] unnormalized outputs
   std::vector<float> max, sum, alpha;
   std::vector<const uint16_t*> q;  // each row's query
   Scratch(int64_t rows, int64_t D)
-      : kp(D / 2 * kKeys), v(kKeys * D), s(rows * kKeys), o(rows * D), max(rows), sum(rows), alpha(rows), q(rows) {}
+      : kp(D / 2 * kKeys), vp(kKeys * D), s(rows * kKeys), p(rows * kKeys), o(rows * D), max(rows), sum(rows),
+        alpha(rows), q(rows) {}
 };
 
 struct Shape {
@@ -159,23 +161,33 @@ void attend_item(const Shape& sh, const uint16_t* q, int64_t qs0, int64_t qs1, u
   std::fill(w.o.begin(), w.o.begin() + rows * D, 0.f);
   const __m512i lane = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
   const __m512 neg_inf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+  const __m512i interleave = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7,
+                                              22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
   for (int64_t k0 = k_lo; k0 < k_hi; k0 += kKeys) {
     const int64_t kt = std::min(kKeys, k_hi - k0);
-    // the tile's keys transposed to pairs, its values to float
+    // the tile's keys transposed to pairs; its values interleaved a pair of keys at a time
+    const int64_t key_pairs = (kt + 1) / 2;
+    const uint16_t* key_row[kKeys];
     for (int64_t i = 0; i < kKeys; ++i) {
       if (i >= kt) {
+        key_row[i] = nullptr;
         for (int64_t p = 0; p < pairs; ++p) w.kp[p * kKeys + i] = 0;
         continue;
       }
       const int64_t t = k0 + i;
-      const uint16_t* key = sh.keys + (table[t / sh.BS] * sh.BS + t % sh.BS) * sh.token_stride + h * D;
-      const uint32_t* kw = reinterpret_cast<const uint32_t*>(key);
+      key_row[i] = sh.keys + (table[t / sh.BS] * sh.BS + t % sh.BS) * sh.token_stride + h * D;
+      const uint32_t* kw = reinterpret_cast<const uint32_t*>(key_row[i]);
       for (int64_t p = 0; p < pairs; ++p) w.kp[p * kKeys + i] = kw[p];
-      const uint16_t* value = key + sh.values;
-      float* vf = w.v.data() + i * D;
+    }
+    for (int64_t i = 0; i < key_pairs; ++i) {
+      const uint16_t* v0 = key_row[2 * i] + sh.values;
+      const uint16_t* v1 = key_row[2 * i + 1] ? key_row[2 * i + 1] + sh.values : nullptr;
+      uint16_t* dst = w.vp.data() + 2 * i * D;
       for (int64_t d = 0; d < D; d += 16) {
-        const __m256i hv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(value + d));
-        _mm512_storeu_ps(vf + d, _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(hv), 16)));
+        const __m256i a = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(v0 + d));
+        const __m256i b = v1 ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(v1 + d)) : _mm256_setzero_si256();
+        const __m512i both = _mm512_inserti64x4(_mm512_castsi256_si512(a), b, 1);
+        _mm512_storeu_si512(dst + 2 * d, _mm512_permutexvar_epi16(interleave, both));
       }
     }
     scores_rows(w.q.data(), w.kp.data(), pairs, sh.scale, w.s.data(), rows);
@@ -185,8 +197,9 @@ void attend_item(const Shape& sh, const uint16_t* q, int64_t qs0, int64_t qs1, u
       const int64_t lo = sh.window >= 0 ? std::max<int64_t>(0, pos + 1 - sh.window) : 0;
       const int64_t hi = std::min(pos + 1, k0 + kt);  // keys [lo, hi) of this row
       float* s = w.s.data() + m * kKeys;
+      uint16_t* pm = w.p.data() + m * kKeys;
       if (hi <= std::max(lo, k0)) {  // none of this tile's keys: the row is unchanged
-        std::fill(s, s + kKeys, 0.f);
+        std::fill(pm, pm + kKeys, 0);
         w.alpha[m] = 1.f;
         continue;
       }
@@ -203,22 +216,27 @@ void attend_item(const Shape& sh, const uint16_t* q, int64_t qs0, int64_t qs1, u
       w.alpha[m] = std::exp(w.max[m] - new_max);  // 0 for a row's first keys (max -inf)
       w.max[m] = new_max;
       const __m512 shift = _mm512_set1_ps(new_max);
-      float total = 0.f;
+      __m512 e[2];
       for (int half = 0; half < 2; ++half) {
         // masked lanes get exp of a finite stand-in, then zero
         const __m512 centred = _mm512_mask_sub_ps(_mm512_set1_ps(-100.f), keep[half], x[half], shift);
-        const __m512 e = _mm512_maskz_mov_ps(keep[half], __m512(Vec(centred).exp_u20()));
-        _mm512_storeu_ps(s + 16 * half, e);
-        total += _mm512_reduce_add_ps(e);
+        e[half] = _mm512_maskz_mov_ps(keep[half], __m512(Vec(centred).exp_u20()));
       }
-      w.sum[m] = w.sum[m] * w.alpha[m] + total;
+      // rounded to bf16 for the products with V; the row's sum is of the rounded values, so the
+      // weights that multiply V are the ones that normalize it
+      const __m512i rounded = (__m512i)_mm512_cvtne2ps_pbh(e[1], e[0]);
+      _mm512_storeu_si512(pm, rounded);
+      const __m512 lo16 = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_castsi512_si256(rounded)), 16));
+      const __m512 hi16 = _mm512_castsi512_ps(
+          _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64(rounded, 1)), 16));
+      w.sum[m] = w.sum[m] * w.alpha[m] + _mm512_reduce_add_ps(_mm512_add_ps(lo16, hi16));
     }
     // o = o alpha + p v, four vectors of the head at a time (D is a multiple of 32)
     for (int64_t c0 = 0; c0 < D; c0 += 64) {
       if (D - c0 >= 64) {
-        values_rows<4>(w.o.data(), D, w.s.data(), w.alpha.data(), w.v.data(), kt, c0, rows);
+        values_rows<4>(w.o.data(), D, w.p.data(), w.alpha.data(), w.vp.data(), key_pairs, c0, rows);
       } else {
-        values_rows<2>(w.o.data(), D, w.s.data(), w.alpha.data(), w.v.data(), kt, c0, rows);
+        values_rows<2>(w.o.data(), D, w.p.data(), w.alpha.data(), w.vp.data(), key_pairs, c0, rows);
       }
     }
   }
