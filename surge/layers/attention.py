@@ -305,8 +305,9 @@ def paged_attention(
 
     Decoding sequences (one new token) and, with the native kernel, short prompt chunks go
     through `paged_decode_attention` together, a row per token (a lone decoding sequence
-    without it through `single_decode_attention`); the others gather their blocks and call
-    SDPA one by one. Query token j of a sequence with n new tokens and context length L sits at
+    without it through `single_decode_attention`); the other chunks through the prompt-chunk
+    kernel in one call where it serves the cache (`meta.prefill_spans`), else each gathers its
+    blocks and calls SDPA. Query token j of a sequence with n new tokens and context length L sits at
     position L - n + j and sees keys 0..L-n+j (and only the last `sliding_window` of them
     when the model has a window).
     """
@@ -318,7 +319,8 @@ def paged_attention(
         out[meta.decode_rows] = paged_decode_attention(q[meta.decode_rows], *decode)
     else:
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    if meta.prefill_spans is not None and q.dtype == kv_cache.dtype == torch.bfloat16 and q.stride(-1) == 1:
+    if (meta.prefill_spans is not None and q.dtype == kv_cache.dtype == torch.bfloat16 and q.stride(-1) == 1
+            and native_prefill(kv_cache)):  # this layer's cache too (a model's layers could differ)
         window = sliding_window if sliding_window is not None else -1
         native_ops().prefill_attention(q, kv_cache, meta.prefill_tables, meta.prefill_spans, scale, window, out)
         return out
