@@ -41,14 +41,22 @@ def _isa_flags() -> list[str]:
     return []
 
 
+def _runs_avx512() -> bool:
+    """ATen runs its AVX-512 code here, so the kernels are built for it (`_isa_flags`); a CPU
+    that has AVX-512 runs lower code where ATEN_CPU_CAPABILITY says so (avx2, default)."""
+    return torch.backends.cpu.get_cpu_capability().startswith("AVX512")
+
+
 def has_avx512_bf16() -> bool:
-    """The CPU has AVX-512 BF16 (vdpbf16ps), which the linear kernels (csrc/linear.cpp) are built on."""
-    return torch.cpu._is_avx512_bf16_supported()
+    """The CPU has AVX-512 BF16 (vdpbf16ps), which the linear kernels (csrc/linear.cpp) are built
+    on, and the kernels are built for it."""
+    return _runs_avx512() and torch.cpu._is_avx512_bf16_supported()
 
 
 def has_avx512_vnni() -> bool:
-    """The CPU has AVX-512 VNNI (vpdpbusd), which the few-row W8A8 kernel is built on."""
-    return torch.cpu._is_vnni_supported()
+    """The CPU has AVX-512 VNNI (vpdpbusd), which the few-row W8A8 kernel is built on, and the
+    kernels are built for it."""
+    return _runs_avx512() and torch.cpu._is_vnni_supported()
 
 
 def w8a8_ops() -> Any | None:

@@ -229,3 +229,16 @@ def test_without_the_kernel_surge_keeps_the_torch_path(monkeypatch, caplog, case
         assert native.native_ops() is None
     assert ("c++: command not found" in caplog.text) if case == "no_compiler" else ("disabled" in caplog.text)
     assert not attention.native_decode(torch.zeros(2, 1, BS, 3, 64))
+
+
+def test_a_lowered_aten_capability_turns_the_avx512_kernels_off(monkeypatch):
+    # ATEN_CPU_CAPABILITY=avx2 on an AVX-512 CPU: the kernels are built for AVX2 then, so the
+    # linears, the W8A8 kernel and the prompt-chunk kernel must not be chosen (they would raise
+    # "this build has no AVX-512 BF16" in the first step)
+    from surge.layers import attention, native
+
+    monkeypatch.setattr(native.torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
+    assert not native.has_avx512_bf16() and not native.has_avx512_vnni()
+    assert native.linear_ops() is None and native.w8a8_ops() is None
+    assert not attention.native_prefill(torch.zeros(2, 1, BS, 1, 64, dtype=torch.bfloat16))
+    assert "-mavx512bf16" not in native._isa_flags()
