@@ -319,7 +319,7 @@ def paged_attention(
         out[meta.decode_rows] = paged_decode_attention(q[meta.decode_rows], *decode)
     else:
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    if (meta.prefill_spans is not None and q.dtype == kv_cache.dtype == torch.bfloat16 and q.stride(-1) == 1
+    if (meta.prefill_spans is not None and q.dtype == torch.bfloat16 and q.stride(-1) == 1
             and native_prefill(kv_cache)):  # this layer's cache too (a model's layers could differ)
         window = sliding_window if sliding_window is not None else -1
         native_ops().prefill_attention(q, kv_cache, meta.prefill_tables, meta.prefill_spans, scale, window, out)

@@ -138,7 +138,7 @@ struct Scratch {
 };
 
 struct Shape {
-  int64_t Hq, Hk, G, D, BS, token_stride;  // token_stride: elements per cache token (Hk * D)
+  int64_t G, D, BS, token_stride;  // token_stride: elements per cache token (Hk * D)
   const uint16_t* keys;                      // the cache's K half, then V at + values
   int64_t values;
   float scale;
@@ -290,7 +290,7 @@ void prefill_attention(const at::Tensor& q, const at::Tensor& kv_cache, const at
 #if defined(__AVX512BF16__)
   const int64_t G = Hq / Hk, tokens = std::max<int64_t>(1, kRows / G);
   const auto* cache = reinterpret_cast<const uint16_t*>(kv_cache.data_ptr());
-  const Shape sh{Hq, Hk, G, D, BS, Hk * D, cache, NB * BS * Hk * D, static_cast<float>(scale), window};
+  const Shape sh{G, D, BS, Hk * D, cache, NB * BS * Hk * D, static_cast<float>(scale), window};
   // items (chunk, head, query tile) and their cost: keys seen times rows
   struct ItemRef {
     int64_t c, h, j0, j1;
